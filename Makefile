@@ -1,0 +1,17 @@
+# The two commands of the README: `make run` and `make test`.
+.PHONY: setup run test lint demo-model bench
+
+setup:
+	./scripts/setup.sh
+
+run: setup
+	./scripts/run.sh
+
+test: setup
+	.venv/bin/python -m pytest
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+
+demo-model: setup
+	.venv/bin/python scripts/make_demo_models.py

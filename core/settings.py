@@ -1,0 +1,174 @@
+"""Settings from environment variables, validated once at start-up.
+
+The reference server's names are kept (``MODEL_SERVE_SPEC``, ``TOTALSEG_WEIGHTS_PATH``,
+``NNUNET_SERVE_PORT``); everything of ours starts with ``NNUNET_NODE_``. Build a :class:`Settings`
+in the composition root (app factory, command line) and pass it down: no module reads the
+environment on its own, so tests can build as many differently configured nodes as they like.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.errors import ConfigError
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, 16 chars
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+def _split(value: object, sep: str) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(sep) if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the node. Field docs name the environment variable."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # --- the reference server's names -------------------------------------------------
+    model_serve_spec: Path = Field(
+        Path("model-serve-spec.yaml"), validation_alias=_env("MODEL_SERVE_SPEC", "model_serve_spec")
+    )
+    """``MODEL_SERVE_SPEC``: the model-serve spec (models, routes, destinations)."""
+    totalseg_weights_path: Path | None = Field(
+        None, validation_alias=_env("TOTALSEG_WEIGHTS_PATH", "totalseg_weights_path")
+    )
+    """``TOTALSEG_WEIGHTS_PATH``: TotalSegmentator weights; default ``<model_folder>/totalseg``."""
+    http_port: int = Field(
+        12345, ge=1, le=65535, validation_alias=_env("NNUNET_SERVE_PORT", "http_port")
+    )
+    """``NNUNET_SERVE_PORT``: the HTTP port."""
+
+    # --- ours ---------------------------------------------------------------------------
+    http_host: str = Field("127.0.0.1", validation_alias=_env("NNUNET_NODE_HOST", "http_host"))
+    data_dir: Path = Field(Path("data"), validation_alias=_env("NNUNET_NODE_DATA", "data_dir"))
+    """``NNUNET_NODE_DATA``: archive, job outputs, uploads and the default SQLite file."""
+    db_url: str | None = Field(None, validation_alias=_env("NNUNET_NODE_DB_URL", "db_url"))
+    """``NNUNET_NODE_DB_URL``: any SQLAlchemy URL; default SQLite in the data folder."""
+    log_level: str = Field("INFO", validation_alias=_env("NNUNET_NODE_LOG_LEVEL", "log_level"))
+
+    # DIMSE
+    dicom_enabled: bool = Field(
+        True, validation_alias=_env("NNUNET_NODE_DICOM_ENABLED", "dicom_enabled")
+    )
+    ae_title: str = Field("NNUNET_NODE", validation_alias=_env("NNUNET_NODE_AE_TITLE", "ae_title"))
+    dicom_host: str = Field("0.0.0.0", validation_alias=_env("NNUNET_NODE_DICOM_HOST", "dicom_host"))
+    dicom_port: int = Field(
+        11112, ge=0, le=65535, validation_alias=_env("NNUNET_NODE_DICOM_PORT", "dicom_port")
+    )
+    allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("NNUNET_NODE_ALLOWED_AES", "allowed_calling_aes")
+    )
+    """``NNUNET_NODE_ALLOWED_AES``: comma-separated calling AE titles; empty allows any."""
+    min_free_disk_mb: int = Field(
+        500, ge=0, validation_alias=_env("NNUNET_NODE_MIN_FREE_DISK_MB", "min_free_disk_mb")
+    )
+    """Below this much free space in the data folder, C-STORE and STOW answer out of resources."""
+    series_quiet_s: float = Field(
+        10.0, ge=0, validation_alias=_env("NNUNET_NODE_SERIES_QUIET_S", "series_quiet_s")
+    )
+
+    # HTTP safety
+    api_key: str | None = Field(None, validation_alias=_env("NNUNET_NODE_API_KEY", "api_key"))
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("NNUNET_NODE_ALLOWED_ROOTS", "allowed_roots")
+    )
+    """``NNUNET_NODE_ALLOWED_ROOTS``: ``:``-separated; paths in requests must lie inside one."""
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("NNUNET_NODE_CORS_ORIGINS", "cors_origins")
+    )
+    max_upload_mb: int = Field(
+        2048, ge=1, validation_alias=_env("NNUNET_NODE_MAX_UPLOAD_MB", "max_upload_mb")
+    )
+    max_extract_mb: int = Field(
+        8192, ge=1, validation_alias=_env("NNUNET_NODE_MAX_EXTRACT_MB", "max_extract_mb")
+    )
+    rate_limit_per_minute: int = Field(
+        600, ge=0, validation_alias=_env("NNUNET_NODE_RATE_LIMIT", "rate_limit_per_minute")
+    )
+    """Requests per minute per client address; 0 turns the limit off."""
+
+    # Inference
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", validation_alias=_env("NNUNET_NODE_DEVICE", "device")
+    )
+    gpu_wait_s: float = Field(600.0, ge=0, validation_alias=_env("NNUNET_NODE_GPU_WAIT_S", "gpu_wait_s"))
+    cache_ttl_s: float = Field(300.0, gt=0, validation_alias=_env("NNUNET_NODE_CACHE_TTL_S", "cache_ttl_s"))
+    cache_sweep_s: float = Field(
+        60.0, gt=0, validation_alias=_env("NNUNET_NODE_CACHE_SWEEP_S", "cache_sweep_s")
+    )
+    cache_max_entries: int = Field(
+        4, ge=1, validation_alias=_env("NNUNET_NODE_CACHE_MAX_ENTRIES", "cache_max_entries")
+    )
+    workers: int = Field(1, ge=1, validation_alias=_env("NNUNET_NODE_WORKERS", "workers"))
+
+    @field_validator("allowed_calling_aes", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value, ",")
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _colon_list(cls, value: object) -> object:
+        return _split(value, ":")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        if not _AE_TITLE.match(value) or not value.strip():
+            raise ValueError("must be 1 to 16 printable characters without a backslash")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        data = self.data_dir.expanduser().resolve()
+        object.__setattr__(self, "data_dir", data)
+        if not self.allowed_roots:
+            object.__setattr__(self, "allowed_roots", [data])
+        else:
+            object.__setattr__(
+                self, "allowed_roots", [p.expanduser().resolve() for p in self.allowed_roots]
+            )
+        object.__setattr__(self, "model_serve_spec", self.model_serve_spec.expanduser().resolve())
+        return self
+
+    # --- derived --------------------------------------------------------------------------
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'nnunet-node.db'}"
+
+    @property
+    def archive_dir(self) -> Path:
+        """Where received instances are filed: ``<archive>/<Study>/<Series>/<SOP>.dcm``."""
+        return self.data_dir / "dicom"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Each job's working folder and default output folder: ``<jobs>/<job_id>/``."""
+        return self.data_dir / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (and ``overrides``), or raise :class:`ConfigError` naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,1 @@
+"""DICOM outputs: segment descriptions, DICOM-SEG (binary, fractional) and RTSTRUCT."""

@@ -1,0 +1,1 @@
+"""nnU-Net inference: the spec and registry, request normalisation, the predictor cache, devices, cascades."""

@@ -1,0 +1,1 @@
+"""The command line: the composition root of ``nnunet-node`` outside the app factory."""

@@ -1,0 +1,1 @@
+"""The database (engine, sessions, ORM models, migrations), the file store and ingest."""

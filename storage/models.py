@@ -1,0 +1,227 @@
+"""ORM models: the DICOM index (patient, study, series, instance), jobs and their outputs.
+
+The index holds the attributes that C-FIND (PS3.4 C.6) and QIDO-RS (PS3.18 10.6) match on, plus
+where each instance lies and how it arrived. Alembic migrations (``alembic/``) are the only way the
+schema is made; change this module and add a migration together.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters
+TS = DateTime(timezone=True)
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    series_date: Mapped[str] = mapped_column(String(8), default="")
+    series_time: Mapped[str] = mapped_column(String(16), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
+    # Arrival bookkeeping for series completion (DESIGN.md, data flow 2).
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    first_received_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(TS, default=utcnow, index=True)
+    completion_handled_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    """When routing last looked at this series; unhandled while older than ``last_received_at``."""
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID, default="")
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(String(512))
+    """Relative to the archive folder: ``<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``."""
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+    source: Mapped[str] = mapped_column(String(16), default="")
+    """How it arrived: ``dimse``, ``stow``, ``job`` (a result of ours) or ``import``."""
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """A UUID4 in hex; also the name of the job's folder."""
+    source: Mapped[str] = mapped_column(String(16), index=True)
+    """``http`` (/infer, /infer_file, /jobs), ``dimse`` or ``stow`` (a routing rule fired)."""
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=JobStatus.QUEUED,
+        index=True,
+    )
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The request as the client sent it (HTTP) or as the route built it (DIMSE)."""
+    models: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    """Canonical model ids, one per stage."""
+    series: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    """What the job reads: series folders (HTTP) or series instance UIDs (archive)."""
+    route_name: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    output_dir: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """``{"stage": i, "stages": n, "step": "...", "fraction": 0..1}``."""
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """The response body the reference's /infer would answer, once done."""
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    superseded_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TS, default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+
+    artifacts: Mapped[list[JobArtifact]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobArtifact.id"
+    )
+    dispatches: Mapped[list[Dispatch]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Dispatch.id"
+    )
+
+    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+
+
+class JobArtifact(Base):
+    __tablename__ = "job_artifacts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(48))
+    """The response field it is listed under: ``nifti_prediction``, ``dicom_segmentation``, ..."""
+    stage: Mapped[int] = mapped_column(Integer, default=0)
+    path: Mapped[str] = mapped_column(String(1024))
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class DispatchStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Dispatch(Base):
+    """One destination a job's DICOM results go to (a routing rule's ``destinations``)."""
+
+    __tablename__ = "dispatches"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    status: Mapped[DispatchStatus] = mapped_column(
+        Enum(
+            DispatchStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+        ),
+        default=DispatchStatus.PENDING,
+        index=True,
+    )
+    attempts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    """Every attempt: ``{"at": iso time, "ok": bool, "error": str | None, "sent": n}``."""
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="dispatches")

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.errors import ConfigError
+from core.settings import load_settings
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = load_settings()
+    assert s.http_port == 12345
+    assert s.dicom_port == 11112
+    assert s.ae_title == "NNUNET_NODE"
+    assert s.data_dir == (tmp_path / "data").resolve()
+    assert s.database_url == f"sqlite:///{tmp_path.resolve() / 'data' / 'nnunet-node.db'}"
+    assert s.allowed_roots == [s.data_dir]
+
+
+def test_environment_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NNUNET_SERVE_PORT", "8080")
+    monkeypatch.setenv("MODEL_SERVE_SPEC", str(tmp_path / "spec.yaml"))
+    monkeypatch.setenv("NNUNET_NODE_ALLOWED_ROOTS", f"{tmp_path}/a:{tmp_path}/b")
+    monkeypatch.setenv("NNUNET_NODE_ALLOWED_AES", "SCANNER1, PACS")
+    s = load_settings()
+    assert s.http_port == 8080
+    assert s.model_serve_spec == tmp_path / "spec.yaml"
+    assert s.allowed_roots == [tmp_path / "a", tmp_path / "b"]
+    assert s.allowed_calling_aes == ["SCANNER1", "PACS"]
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "named"),
+    [
+        ("NNUNET_SERVE_PORT", "not-a-port", "NNUNET_SERVE_PORT"),
+        ("NNUNET_SERVE_PORT", "70000", "NNUNET_SERVE_PORT"),
+        ("NNUNET_NODE_AE_TITLE", "A" * 17, "NNUNET_NODE_AE_TITLE"),
+        ("NNUNET_NODE_DEVICE", "tpu", "NNUNET_NODE_DEVICE"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=named):
+        load_settings()
