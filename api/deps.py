@@ -1,0 +1,76 @@
+"""Dependencies shared by the routers, as ``Annotated`` aliases (``ContextDep``, ``ApiKeyDep``).
+
+The API key guards every route but the health probes (DESIGN.md, "Security defaults"). It is sent as
+``X-API-Key`` (the issue's header) or, for viewers such as OHIF that send bearer tokens, as
+``Authorization: Bearer <key>``; both are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.context import NodeContext
+    from pipeline.jobs import JobService
+
+API_KEY_HEADER = "X-API-Key"
+_api_key_header = APIKeyHeader(
+    name=API_KEY_HEADER,
+    auto_error=False,
+    description="The node's API key (NNUNET_NODE_API_KEY); not needed when none is configured.",
+)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_context(request: Request) -> NodeContext:
+    context = getattr(request.app.state, "context", None)
+    if context is None:  # only between create_app and the lifespan's start
+        raise HTTPException(503, "the node is starting")
+    return context  # type: ignore[no-any-return]
+
+
+def get_job_service(request: Request) -> JobService:
+    return get_context(request).job_service
+
+
+def _presented_key(request: Request, header_key: str | None) -> str | None:
+    if header_key:
+        return header_key
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def require_api_key(
+    request: Request, header_key: Annotated[str | None, Security(_api_key_header)] = None
+) -> None:
+    """Refuse (401) a request without the configured key; allow all when no key is configured."""
+    expected = get_settings(request).api_key
+    if not expected:
+        return
+    presented = _presented_key(request, header_key)
+    if presented is None or not secrets.compare_digest(
+        presented.encode("utf-8"), expected.encode("utf-8")
+    ):
+        raise HTTPException(
+            401,
+            f"missing or wrong API key (send it as {API_KEY_HEADER})",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ContextDep = Annotated["NodeContext", Depends(get_context)]
+JobServiceDep = Annotated["JobService", Depends(get_job_service)]
+ApiKeyDep = Annotated[None, Depends(require_api_key)]
+"""Add ``_: ApiKeyDep`` to a route, or ``dependencies=[Depends(require_api_key)]`` to a router."""

@@ -1,0 +1,101 @@
+"""Every error the HTTP API answers is JSON ``{"status": "failed", "error": "..."}``.
+
+The seed document gives that shape for /infer's 400 and 500 answers; we use it for every status so a
+client needs one parser. :class:`core.errors.ClientError` subclasses carry their own status code;
+request validation stays 422 (FastAPI's convention) with the same shape plus ``details``; anything
+unexpected is logged with its traceback and answered 500 with a generic message, so internals
+(paths, SQL) do not leak to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import ClientError, NodeError
+
+LOGGER = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "internal server error; the node's log has the details"
+
+
+def error_body(message: str, **extra: Any) -> dict[str, Any]:
+    return {"status": "failed", "error": message, **extra}
+
+
+def error_response(
+    status_code: int, message: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse(
+        jsonable_encoder(error_body(message, **extra)), status_code=status_code, headers=headers
+    )
+
+
+_ERROR_SCHEMA = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["status", "error"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["failed"]},
+                    "error": {"type": "string"},
+                },
+            }
+        }
+    }
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error codes a route can answer."""
+    text = {
+        400: "Invalid request",
+        401: "Missing or wrong API key",
+        404: "Not found",
+        409: "Conflict with the job's state",
+        413: "Upload too large",
+        429: "Rate limit exceeded",
+        500: "Inference or server failure",
+    }
+    return {code: {"description": text.get(code, "Error"), **_ERROR_SCHEMA} for code in codes}
+
+
+async def _client_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ClientError)
+    extra = getattr(exc, "extra", None) or {}
+    return error_response(exc.status_code, str(exc), **extra)
+
+
+async def _node_error(request: Request, exc: Exception) -> JSONResponse:
+    # A NodeError that is not the client's fault (inference, export, config): say what failed.
+    LOGGER.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+    return error_response(500, str(exc) or type(exc).__name__)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = exc.errors()
+    first = details[0] if details else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
+    return error_response(422, message, details=details)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientError, _client_error)
+    app.add_exception_handler(NodeError, _node_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Anything else is answered by api.middleware.CatchAllMiddleware.
