@@ -1,1 +1,22 @@
-"""DICOM outputs: segment descriptions, DICOM-SEG (binary, fractional) and RTSTRUCT."""
+"""DICOM outputs: segment descriptions, DICOM-SEG (binary, fractional) and RTSTRUCT.
+
+Knows nothing of HTTP, DIMSE or SQL: takes arrays in a source series' geometry, the source
+datasets and the model's metadata, and returns pydicom datasets.
+"""
+
+from export.files import check_suffix, dicom_output_name, write_dataset
+from export.metadata import SegmentationMetadata, SegmentInfo, parse_metadata
+from export.rtstruct import make_rtstruct
+from export.seg import make_binary_seg, make_fractional_seg
+
+__all__ = [
+    "SegmentInfo",
+    "SegmentationMetadata",
+    "check_suffix",
+    "dicom_output_name",
+    "make_binary_seg",
+    "make_fractional_seg",
+    "make_rtstruct",
+    "parse_metadata",
+    "write_dataset",
+]
