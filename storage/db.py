@@ -1,7 +1,8 @@
 """Engine and sessions: one engine and one sessionmaker per process, a session per unit of work.
 
 SQLite runs in WAL mode with a busy timeout so that the DIMSE threads, the HTTP workers and the job
-workers write without ``database is locked`` errors; any other SQLAlchemy URL (PostgreSQL) works as is.
+workers write without ``database is locked`` errors; any other SQLAlchemy URL (PostgreSQL) works
+as is.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -30,7 +32,7 @@ def make_engine(url: str) -> Engine:
     )
 
     @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         # pysqlite's own transaction handling defers BEGIN; take it over so that a writer
         # takes the lock at BEGIN IMMEDIATE and waits there (busy timeout) instead of failing
         # on lock upgrade half-way through a transaction.
@@ -43,7 +45,7 @@ def make_engine(url: str) -> Engine:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    def _sqlite_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -41,7 +41,7 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters
@@ -68,7 +68,9 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
-    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    patient_pk: Mapped[int] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), index=True
+    )
     study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
     study_time: Mapped[str] = mapped_column(String(16), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
@@ -148,7 +150,9 @@ class Job(Base):
     source: Mapped[str] = mapped_column(String(16), index=True)
     """``http`` (/infer, /infer_file, /jobs), ``dimse`` or ``stow`` (a routing rule fired)."""
     status: Mapped[JobStatus] = mapped_column(
-        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        Enum(
+            JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+        ),
         default=JobStatus.QUEUED,
         index=True,
     )
@@ -214,7 +218,10 @@ class Dispatch(Base):
     destination: Mapped[str] = mapped_column(String(64))
     status: Mapped[DispatchStatus] = mapped_column(
         Enum(
-            DispatchStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+            DispatchStatus,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
         ),
         default=DispatchStatus.PENDING,
         index=True,

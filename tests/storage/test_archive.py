@@ -1,0 +1,302 @@
+"""Ingest: file and index rows as one unit; refusals leave nothing behind."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import InvalidDicom, StorageFull
+from storage.archive import Archive, is_valid_uid
+from storage.models import Instance, Patient, Series, Study
+
+
+def _count(sessions: sessionmaker[Session], model: type) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(model)) or 0
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_ingest_files_and_indexes(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    data = make_instance(
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
+        StudyDescription="Head",
+        SeriesDescription="Phantom CT",
+        AccessionNumber="A1",
+    )
+    result = archive.ingest(data, source="dimse", calling_ae="SCANNER", called_ae="NODE")
+
+    assert result.path == archive.root / study / series / f"{sop}.dcm"
+    assert result.path.read_bytes() == data
+    assert not result.duplicate
+    assert (result.study_instance_uid, result.series_instance_uid) == (study, series)
+    assert list(archive.incoming.iterdir()) == []
+    with index_sessions() as s:
+        inst = s.scalars(select(Instance)).one()
+        assert archive.path_for(inst) == result.path
+        assert inst.size_bytes == len(data)
+        assert inst.transfer_syntax_uid == pydicom.uid.ExplicitVRLittleEndian
+        assert (inst.rows, inst.columns, inst.instance_number) == (4, 4, 1)
+        assert (inst.source, inst.calling_ae, inst.called_ae) == ("dimse", "SCANNER", "NODE")
+        assert inst.series.series_description == "Phantom CT"
+        assert inst.series.modality == "CT"
+        assert (inst.series.calling_ae, inst.series.called_ae) == ("SCANNER", "NODE")
+        assert inst.series.study.study_description == "Head"
+        assert inst.series.study.accession_number == "A1"
+        assert inst.series.study.patient.patient_name == "Doe^Jane"
+
+
+def test_ingest_from_a_path(
+    archive: Archive, tmp_path: Path, make_instance: Callable[..., bytes]
+) -> None:
+    source = tmp_path / "in.dcm"
+    source.write_bytes(make_instance())
+    result = archive.ingest(source, source="import")
+    assert result.path.read_bytes() == source.read_bytes()
+
+
+def test_resent_instance_keeps_one_row_and_newer_copy(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "sop_uid": generate_uid()}
+    first = archive.ingest(make_instance(**uids, InstanceNumber=1), source="dimse")
+    newer = make_instance(**uids, InstanceNumber=7, StudyDescription="Later")
+    second = archive.ingest(newer, source="stow")
+
+    assert second.duplicate and not first.duplicate
+    assert second.path == first.path
+    assert second.path.read_bytes() == newer
+    assert _count(index_sessions, Instance) == 1
+    with index_sessions() as s:
+        inst = s.scalars(select(Instance)).one()
+        assert (inst.instance_number, inst.source) == (7, "stow")
+        assert inst.series.study.study_description == "Later"
+    assert _files(archive.root) == [first.path]
+
+
+def test_resent_instance_under_another_series_moves(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    sop = generate_uid()
+    first = archive.ingest(make_instance(sop_uid=sop), source="dimse")
+    second = archive.ingest(make_instance(sop_uid=sop), source="dimse")
+    assert second.duplicate and second.path != first.path
+    assert _files(archive.root) == [second.path]
+    assert _count(index_sessions, Instance) == 1
+
+
+def test_instances_group_into_patient_study_series(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    study, series = generate_uid(), generate_uid()
+    for n in range(3):
+        data = make_instance(study_uid=study, series_uid=series, InstanceNumber=n)
+        archive.ingest(data, source="x")
+    archive.ingest(make_instance(study_uid=study), source="x")  # a second series
+    archive.ingest(make_instance(PatientID="P1", IssuerOfPatientID="OTHER"), source="x")
+    archive.ingest(make_instance(PatientID="P2"), source="x")
+    assert _count(index_sessions, Instance) == 6
+    assert _count(index_sessions, Series) == 4
+    assert _count(index_sessions, Study) == 3
+    # Patients are matched by (PatientID, IssuerOfPatientID).
+    assert _count(index_sessions, Patient) == 3
+
+
+def test_empty_value_does_not_erase_a_known_attribute(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    study = generate_uid()
+    archive.ingest(make_instance(study_uid=study, StudyDescription="Chest"), source="x")
+    archive.ingest(make_instance(study_uid=study), source="x")
+    with index_sessions() as s:
+        assert s.scalars(select(Study)).one().study_description == "Chest"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not dicom at all" * 20,
+        b"\x00" * 128 + b"DICM" + b"\xff" * 40,
+    ],
+    ids=["empty", "text", "broken-meta"],
+)
+def test_corrupt_bytes_are_refused_and_leave_nothing(
+    archive: Archive, index_sessions: sessionmaker[Session], data: bytes
+) -> None:
+    with pytest.raises(InvalidDicom):
+        archive.ingest(data, source="dimse")
+    assert _files(archive.root) == []
+    assert _count(index_sessions, Instance) == 0
+
+
+def test_truncated_header_is_refused(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    data = make_instance()
+    with pytest.raises(InvalidDicom):
+        archive.ingest(data[:200], source="dimse")
+    assert _files(archive.root) == []
+    assert _count(index_sessions, Instance) == 0
+
+
+@pytest.mark.parametrize(
+    "keyword", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"]
+)
+def test_missing_uid_is_refused(
+    archive: Archive,
+    index_sessions: sessionmaker[Session],
+    make_dataset: Callable[..., pydicom.Dataset],
+    keyword: str,
+) -> None:
+    ds = make_dataset()
+    delattr(ds, keyword)
+    if keyword in ("SOPInstanceUID", "SOPClassUID"):
+        # pydicom fills the file meta from these; keep the meta valid, the dataset without.
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    import io
+
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    with pytest.raises(InvalidDicom, match=keyword):
+        archive.ingest(buffer.getvalue(), source="dimse")
+    assert _files(archive.root) == []
+    assert _count(index_sessions, Instance) == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "uid"),
+    [
+        ("study_uid", "../.."),
+        ("series_uid", "1.2/../3"),
+        ("sop_uid", "1.2.3/../../../etc/passwd"),
+        ("study_uid", "/tmp/x"),
+        ("series_uid", "1..2"),
+        ("sop_uid", "1.2."),
+        ("sop_uid", "1." + "2" * 70),
+        ("study_uid", "1.2.abc"),
+    ],
+)
+def test_hostile_uids_are_refused(
+    archive: Archive,
+    index_sessions: sessionmaker[Session],
+    make_instance: Callable[..., bytes],
+    tmp_path: Path,
+    field: str,
+    uid: str,
+) -> None:
+    data = make_instance(**{field: uid})
+    with pytest.raises(InvalidDicom, match="UID"):
+        archive.ingest(data, source="dimse")
+    assert _files(tmp_path.parent) == _files(tmp_path.parent)  # nothing raised on the way
+    assert [p for p in _files(tmp_path) if p.suffix in (".dcm", ".tmp")] == []
+    assert _count(index_sessions, Instance) == 0
+
+
+def test_uid_rule() -> None:
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert is_valid_uid("0")
+    assert not is_valid_uid("")
+    assert not is_valid_uid(".1")
+    assert not is_valid_uid("1.2 ")
+    assert not is_valid_uid("1" * 65)
+    assert is_valid_uid("1" * 64)
+
+
+def test_below_free_space_floor_is_refused(
+    tmp_path: Path, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    archive = Archive(tmp_path / "dicom", index_sessions, min_free_bytes=2**62)
+    with pytest.raises(StorageFull):
+        archive.ingest(make_instance(), source="dimse")
+    assert _files(archive.root) == []
+    assert _count(index_sessions, Instance) == 0
+
+
+def test_ingest_dataset_writes_a_part10_file(
+    archive: Archive, make_dataset: Callable[..., pydicom.Dataset]
+) -> None:
+    ds = make_dataset(Modality="SEG")
+    del ds.file_meta
+    result = archive.ingest_dataset(ds)
+    back = pydicom.dcmread(result.path)
+    assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.SOPInstanceUID == result.sop_instance_uid
+    assert "file_meta" not in ds.__dict__ or ds.get("file_meta") is None
+
+
+def test_concurrent_writers_lose_nothing(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    """8 threads x 50 instances into the same few series: every row, no lock error."""
+    study = generate_uid()
+    series = [generate_uid() for _ in range(3)]
+    payloads = [
+        [make_instance(study_uid=study, series_uid=series[(t + i) % 3]) for i in range(50)]
+        for t in range(8)
+    ]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def work(items: list[bytes]) -> None:
+        barrier.wait()
+        try:
+            for data in items:
+                archive.ingest(data, source="dimse", calling_ae="A")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _count(index_sessions, Instance) == 400
+    assert _count(index_sessions, Series) == 3
+    assert _count(index_sessions, Study) == 1
+    assert _count(index_sessions, Patient) == 1
+    assert len([p for p in _files(archive.root) if p.suffix == ".dcm"]) == 400
+
+
+def test_concurrent_resend_of_one_instance_keeps_one_row(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "sop_uid": generate_uid()}
+    copies = [make_instance(**uids, InstanceNumber=n) for n in range(6)]
+    errors: list[BaseException] = []
+
+    def work(data: bytes) -> None:
+        try:
+            archive.ingest(data, source="dimse")
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in copies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _count(index_sessions, Instance) == 1
+    with index_sessions() as s:
+        inst = s.scalars(select(Instance)).one()
+        # The file in place is the copy the row describes.
+        on_disk = pydicom.dcmread(archive.path_for(inst), stop_before_pixels=True)
+        assert on_disk.InstanceNumber == inst.instance_number
