@@ -1,0 +1,87 @@
+"""The node's parts, built once per process and handed to the HTTP app and the DIMSE node.
+
+:func:`build_context` is called by the app factory (``api.app``) and by the standalone DIMSE node
+(``nnunet-node dicom``). It builds; it starts nothing: the caller starts the job workers
+(``context.job_service.start()``) and any service, and calls :meth:`NodeContext.close` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import Settings
+from inference.cache import PredictorCache
+from inference.device import DevicePolicy
+from inference.engine import InferenceEngine
+from pipeline.jobs import JobService
+from pipeline.spec import NodeSpec
+from storage.archive import Archive
+from storage.db import make_engine, make_sessionmaker
+from storage.migrations import upgrade
+
+LOGGER = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class NodeContext:
+    settings: Settings
+    engine_sql: Engine
+    session_factory: sessionmaker[Session]
+    archive: Archive
+    spec: NodeSpec
+    job_service: JobService
+    inference_engine: InferenceEngine
+
+    def close(self) -> None:
+        """Stop the workers (if started), empty the model cache and close the database pool."""
+        self.job_service.stop()
+        cache = getattr(self.inference_engine, "cache", None)
+        if cache is not None:
+            cache.stop()
+            cache.clear()
+        self.engine_sql.dispose()
+
+
+def build_context(settings: Settings, *, migrate: bool = True, recover: bool = True) -> NodeContext:
+    """Everything the node needs, wired: database (migrated unless ``migrate`` is false), archive
+    (half-done writes of a crash finished or dropped when ``recover``), spec, inference engine with
+    its predictor cache, and the job service (workers not started)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    if migrate:
+        upgrade(settings.database_url)
+    engine_sql = make_engine(settings.database_url)
+    try:
+        sessions = make_sessionmaker(engine_sql)
+        archive = Archive(
+            settings.archive_dir, sessions, min_free_bytes=settings.min_free_disk_mb * MIB
+        )
+        if recover:
+            archive.recover()
+        spec = NodeSpec.load(settings)
+        cache = PredictorCache(
+            ttl_s=settings.cache_ttl_s,
+            max_entries=settings.cache_max_entries,
+            sweep_s=settings.cache_sweep_s,
+        )
+        device = DevicePolicy(settings.device, settings.gpu_wait_s)
+        inference_engine = InferenceEngine(cache, device)
+        job_service = JobService(settings, sessions, spec, archive, inference_engine)
+    except BaseException:
+        engine_sql.dispose()
+        raise
+    return NodeContext(
+        settings=settings,
+        engine_sql=engine_sql,
+        session_factory=sessions,
+        archive=archive,
+        spec=spec,
+        job_service=job_service,
+        inference_engine=inference_engine,
+    )

@@ -1,0 +1,601 @@
+"""The job service: validate, queue, run in worker threads, wait, cancel (DESIGN.md, data flow 4-5).
+
+HTTP (``/infer``, ``/infer_file``, ``/jobs``), DIMSE and STOW jobs all pass through here, so they
+share one queue, one history and one runner. A job is a database row before anything runs; workers
+claim rows (``storage.jobs.JobStore.claim_next``), so queued jobs survive a restart and several
+processes may share the queue. Inference runs in the worker threads, never in the event loop:
+:meth:`JobService.wait` is a coroutine that sleeps on an asyncio event the worker sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import ClientError, InvalidRequest, JobCancelled, NodeError, NotFound
+from core.paths import resolve_inside
+from core.settings import Settings
+from inference.request import Plan, normalise
+from pipeline.outputs import build_zip
+from pipeline.runner import JobRunner, job_folder
+from pipeline.spec import NodeSpec
+from storage.archive import Archive, is_valid_uid
+from storage.db import unit_of_work
+from storage.jobs import ArtifactRecord, JobFilters, JobStore, as_utc, is_terminal
+from storage.models import Job, JobStatus, Patient, Series, Study
+
+LOGGER = logging.getLogger(__name__)
+
+_SERIES_PLACEHOLDER = re.compile(r"^\{series(?:\[(\d+)\])?\}$")
+
+
+# --- views ----------------------------------------------------------------------------------
+class ArtifactView(BaseModel):
+    kind: str
+    stage: int
+    path: str
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+
+
+class DispatchView(BaseModel):
+    id: int
+    destination: str
+    status: str
+    attempts: list[Any]
+    next_attempt_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class JobView(BaseModel):
+    """A job as the API and the DIMSE side see it. Datetimes are UTC."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    source: str
+    status: str
+    request: dict[str, Any]
+    models: list[Any]
+    series: list[Any]
+    route_name: str | None = None
+    study_instance_uid: str | None = None
+    patient_id: str | None = None
+    output_dir: str | None = None
+    progress: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int
+    superseded_by: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    artifacts: list[ArtifactView]
+    dispatches: list[DispatchView]
+
+    @property
+    def finished(self) -> bool:
+        return is_terminal(self.status)
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        created = as_utc(job.created_at)
+        assert created is not None
+        return cls(
+            id=job.id,
+            source=job.source,
+            status=JobStatus(job.status).value,
+            request=dict(job.request or {}),
+            models=list(job.models or []),
+            series=list(job.series or []),
+            route_name=job.route_name,
+            study_instance_uid=job.study_instance_uid,
+            patient_id=job.patient_id,
+            output_dir=job.output_dir,
+            progress=dict(job.progress or {}),
+            result=job.result,
+            error=job.error,
+            attempts=job.attempts,
+            superseded_by=job.superseded_by,
+            created_at=created,
+            started_at=as_utc(job.started_at),
+            finished_at=as_utc(job.finished_at),
+            artifacts=[
+                ArtifactView(
+                    kind=a.kind,
+                    stage=a.stage,
+                    path=a.path,
+                    sop_instance_uid=a.sop_instance_uid,
+                    series_instance_uid=a.series_instance_uid,
+                )
+                for a in job.artifacts
+            ],
+            dispatches=[
+                DispatchView(
+                    id=d.id,
+                    destination=d.destination,
+                    status=str(getattr(d.status, "value", d.status)),
+                    attempts=list(d.attempts or []),
+                    next_attempt_at=as_utc(d.next_attempt_at),
+                    updated_at=as_utc(d.updated_at),
+                )
+                for d in job.dispatches
+            ],
+        )
+
+
+# --- the service ----------------------------------------------------------------------------
+class JobService:
+    """Validate and queue jobs, run them in ``settings.workers`` threads, report on them.
+
+    ``on_done`` holds callables ``(job_id) -> None`` run in the worker thread after a job finished
+    with status ``done`` (dispatch registers one to send results on); their errors are logged and
+    never change the job.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        spec: NodeSpec,
+        archive: Archive,
+        engine: Any,
+        *,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.spec = spec
+        self.archive = archive
+        self.engine = engine
+        self.store = JobStore(session_factory)
+        self.runner = JobRunner(settings, session_factory, spec, archive, engine, self.check_paths)
+        self.on_done: list[Callable[[str], None]] = []
+        self.poll_s = poll_s
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._abort = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._running: dict[str, threading.Event] = {}
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._lock = threading.Lock()
+
+    # --- validation --------------------------------------------------------------------------
+    def validate(
+        self,
+        request: dict[str, Any],
+        *,
+        study_path_required: bool = True,
+        study_path: Path | None = None,
+        output_dir: Path | None = None,
+        archive_inputs: Path | None = None,
+    ) -> Plan:
+        """Normalise ``request`` into a plan and check every path it names against the allowed
+        roots (links followed). Raises :class:`ClientError` subclasses naming the field.
+
+        ``study_path`` / ``output_dir`` override the request's (an upload's extraction folder,
+        the job folder); ``archive_inputs`` is the folder an archive job's series are exported to.
+        """
+        if not isinstance(request, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        effective = dict(request)
+        if study_path is not None:
+            effective["study_path"] = str(study_path)
+        if archive_inputs is not None:
+            effective["study_path"] = str(archive_inputs)
+        if output_dir is not None:
+            effective["output_dir"] = str(output_dir)
+        if study_path_required and not effective.get("study_path"):
+            raise InvalidRequest("study_path: field required")
+        plan = normalise(effective, self.spec.registry)
+        self.check_paths(plan, archive_inputs=archive_inputs)
+        if plan.is_dicom:
+            for stage in plan.stages:
+                self.spec.metadata_for(stage.model.id)
+        return plan
+
+    def check_paths(self, plan: Plan, *, archive_inputs: Path | None = None) -> None:
+        """Every path of ``plan`` inside the allowed roots; series and masks must exist."""
+        roots = list(self.settings.allowed_roots)
+        own_roots = [*roots, self.settings.jobs_dir]
+        study: Path | None = None
+        if plan.study_path is not None:
+            if archive_inputs is not None:
+                study = resolve_inside(plan.study_path, own_roots, field="study_path")
+            else:
+                study = resolve_inside(plan.study_path, roots, field="study_path")
+                if not study.is_dir():
+                    raise InvalidRequest(f"study_path: {plan.study_path!r} is not a folder")
+        out: Path | None = None
+        if plan.output_dir is not None:
+            out = resolve_inside(plan.output_dir, own_roots, field="output_dir")
+            if out.exists() and not out.is_dir():
+                raise InvalidRequest(f"output_dir: {plan.output_dir!r} is not a folder")
+        for field_name, raw in plan.paths():
+            if field_name in ("study_path", "output_dir"):
+                continue
+            if field_name == "tmp_dir":
+                base = out or self.settings.jobs_dir
+                resolve_inside(raw, [*own_roots, base], base=base, field="tmp_dir")
+                continue
+            base_roots = own_roots if archive_inputs is not None else roots
+            if study is None:
+                path = resolve_inside(raw, base_roots, field=field_name)
+            else:
+                path = resolve_inside(raw, base_roots, base=study, field=field_name)
+            if archive_inputs is None and not path.exists():
+                raise InvalidRequest(f"{field_name}: {raw!r} does not exist under the study")
+
+    # --- submission --------------------------------------------------------------------------
+    def submit(
+        self,
+        request: dict[str, Any],
+        *,
+        source: str = "http",
+        study_path: Path | None = None,
+        output_dir: Path | None = None,
+        series_uids: list[str] | None = None,
+        route_name: str | None = None,
+    ) -> str:
+        """Validate ``request`` and queue it; return the job id (the row exists when this returns).
+
+        HTTP jobs read ``study_path`` (the request's, or the override for uploads). Archive jobs
+        (``series_uids`` given, sources ``dimse``/``stow``) read those series from the archive:
+        the runner exports them to ``<jobs>/<id>/inputs/<SeriesInstanceUID>/``. Their request's
+        ``series_folders`` defaults to the series UIDs; entries ``{series}`` / ``{series[i]}``
+        stand for the first / i-th series (a route can so feed cascades, e.g.
+        ``["{series}", "from:phantom"]``). Outputs go to ``output_dir`` (override or request)
+        or ``<jobs>/<id>/``.
+        """
+        if not isinstance(request, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        job_id = uuid.uuid4().hex
+        effective = dict(request)
+        archive_inputs: Path | None = None
+        study_uid: str | None = None
+        patient_id: str | None = None
+        series: list[str]
+        if series_uids is not None:
+            if not series_uids:
+                raise InvalidRequest("series_uids: at least one series is needed")
+            bad = [uid for uid in series_uids if not is_valid_uid(uid)]
+            if bad:
+                raise InvalidRequest(f"series_uids: not valid UIDs: {bad}")
+            study_uid, patient_id = self._series_owner(series_uids)
+            effective.pop("study_path", None)
+            effective["series_folders"] = _archive_series_folders(effective, series_uids)
+            effective.setdefault("is_dicom", True)
+            archive_inputs = job_folder(self.settings, job_id) / "inputs"
+            series = list(series_uids)
+        plan = self.validate(
+            effective,
+            study_path_required=series_uids is None,
+            study_path=study_path,
+            output_dir=output_dir,
+            archive_inputs=archive_inputs,
+        )
+        if study_path is not None:
+            effective["study_path"] = str(study_path)
+        if series_uids is None:
+            series = [ref.raw for stage in plan.stages for ref in stage.inputs if ref.is_series]
+            series = list(dict.fromkeys(series))
+        out = output_dir or (Path(plan.output_dir) if plan.output_dir else None)
+        out_resolved = (
+            resolve_inside(out, [*self.settings.allowed_roots, self.settings.jobs_dir])
+            if out is not None
+            else job_folder(self.settings, job_id)
+        )
+        self.store.create(
+            job_id=job_id,
+            source=source,
+            request=effective,
+            models=plan.model_ids,
+            series=series,
+            route_name=route_name,
+            study_instance_uid=study_uid,
+            patient_id=patient_id,
+            output_dir=str(out_resolved),
+        )
+        self._wake.set()
+        return job_id
+
+    def _series_owner(self, series_uids: list[str]) -> tuple[str | None, str | None]:
+        """Study UID and patient id of archived series (every one must be in the archive)."""
+        with unit_of_work(self.session_factory) as session:
+            rows = session.execute(
+                select(Series.series_instance_uid, Study.study_instance_uid, Patient.patient_id)
+                .join(Study, Series.study_pk == Study.id)
+                .join(Patient, Study.patient_pk == Patient.id)
+                .where(Series.series_instance_uid.in_(series_uids))
+            ).all()
+        found = {row[0]: (row[1], row[2]) for row in rows}
+        missing = [uid for uid in series_uids if uid not in found]
+        if missing:
+            raise NotFound(f"series_uids: not in the archive: {missing}")
+        study_uid, patient_id = found[series_uids[0]]
+        return study_uid, patient_id
+
+    # --- reading -----------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobView:
+        return JobView.of(self.store.get(job_id))
+
+    def list(
+        self,
+        *,
+        status: str | list[str] | None = None,
+        model: str | None = None,
+        source: str | None = None,
+        patient_id: str | None = None,
+        study_instance_uid: str | None = None,
+        route_name: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[JobView], int]:
+        """Job history, newest first. ``model`` may be an id, name or alias."""
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            known = {s.value for s in JobStatus}
+            bad = [s for s in wanted if s not in known]
+            if bad:
+                raise InvalidRequest(f"status: {bad} not among {sorted(known)}")
+        if model:
+            # a model no longer in the spec still names its old jobs
+            with contextlib.suppress(ClientError):
+                model = self.spec.registry.resolve(model).id
+        items, total = self.store.list(
+            JobFilters(
+                status=status,
+                model=model,
+                source=source,
+                patient_id=patient_id,
+                study_instance_uid=study_instance_uid,
+                route_name=route_name,
+                created_after=created_after,
+                created_before=created_before,
+            ),
+            limit=limit,
+            offset=offset,
+        )
+        return [JobView.of(j) for j in items], total
+
+    def cancel(self, job_id: str) -> JobView:
+        """Cancel a queued job; a running one stops at its next check (cooperative)."""
+        job = self.store.cancel(job_id)
+        with self._lock:
+            flag = self._running.get(job_id)
+        if flag is not None:
+            flag.set()
+        self._notify(job_id)
+        return JobView.of(job)
+
+    def supersede(self, old_job_id: str, new_job_id: str) -> JobView:
+        """Mark ``old_job_id`` replaced by ``new_job_id`` (a DIMSE re-run of the same series)."""
+        job = self.store.supersede(old_job_id, new_job_id)
+        with self._lock:
+            flag = self._running.get(old_job_id)
+        if flag is not None:
+            flag.set()
+        self._notify(old_job_id)
+        return JobView.of(job)
+
+    def zip_path(self, job_id: str) -> Path:
+        """The zip of a finished job's outputs, built once and kept in the job folder."""
+        job = self.store.get(job_id)
+        return build_zip(self.settings, job)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobView:
+        """Wait until the job is finished (done, failed, cancelled, superseded) without blocking
+        the event loop; after ``timeout`` seconds return it as it is then."""
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        entry = (loop, event)
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(entry)
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                view = await asyncio.to_thread(self.get, job_id)
+                if view.finished:
+                    return view
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return view
+                step = self.poll_s if remaining is None else min(self.poll_s, remaining)
+                event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=step)
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(job_id)
+                if waiters is not None:
+                    waiters.discard(entry)
+                    if not waiters:
+                        del self._waiters[job_id]
+
+    def _notify(self, job_id: str) -> None:
+        with self._lock:
+            waiters = list(self._waiters.get(job_id, ()))
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(event.set)
+
+    # --- workers -----------------------------------------------------------------------------
+    def start(self, *, recover: bool = True) -> None:
+        """Start the workers; first requeue (or fail) jobs a dead process left running."""
+        if self._threads:
+            return
+        if recover:
+            self.store.recover_after_restart()
+        self._stopping.clear()
+        self._abort.clear()
+        for n in range(self.settings.workers):
+            thread = threading.Thread(target=self._work, name=f"job-worker-{n}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        LOGGER.info("%d job worker(s) started", len(self._threads))
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the workers. A running job may finish for ``timeout`` seconds; then it is asked
+        to stop and goes back to the queue (queued jobs stay queued and run after a restart)."""
+        if not self._threads:
+            return
+        self._stopping.set()
+        self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(left)
+        if any(t.is_alive() for t in self._threads):
+            LOGGER.warning("job workers still busy after %.0f s: asking them to stop", timeout)
+            self._abort.set()
+            with self._lock:
+                for flag in self._running.values():
+                    flag.set()
+            for thread in self._threads:
+                thread.join(60.0)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._threads:
+            LOGGER.error("%d job worker(s) did not stop", len(self._threads))
+        LOGGER.info("job workers stopped")
+
+    def wake(self) -> None:
+        """Tell idle workers to look at the queue now."""
+        self._wake.set()
+
+    def run_pending(self) -> int:
+        """Claim and run queued jobs in this thread until none is left (tools and tests)."""
+        count = 0
+        while (job := self.store.claim_next()) is not None:
+            self._execute(job)
+            count += 1
+        return count
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.store.claim_next()
+            except Exception:  # the database is away: try again later
+                LOGGER.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        flag = threading.Event()
+        with self._lock:
+            self._running[job.id] = flag
+        last_check = [time.monotonic()]
+
+        def should_stop() -> bool:
+            if flag.is_set() or self._abort.is_set():
+                return True
+            now = time.monotonic()
+            if now - last_check[0] >= self.poll_s:
+                last_check[0] = now
+                try:
+                    if self.store.status(job.id) != JobStatus.RUNNING:  # cancelled elsewhere
+                        flag.set()
+                except NodeError:
+                    flag.set()
+            return flag.is_set()
+
+        def progress(info: dict[str, Any]) -> None:
+            try:
+                self.store.set_progress(job.id, info)
+            except Exception:
+                LOGGER.exception("job %s: progress not recorded", job.id)
+
+        try:
+            outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
+            final = self.store.finish(
+                job.id, outcome.result, outcome.artifacts, progress=outcome.progress
+            )
+            if final.status == JobStatus.DONE:
+                self._run_hooks(job.id)
+        except JobCancelled:
+            if self._abort.is_set() and self.store.requeue(job.id):
+                LOGGER.info("job %s interrupted by shutdown: back in the queue", job.id)
+            else:
+                LOGGER.info("job %s stopped: %s", job.id, self.store.status(job.id).value)
+                if self.store.status(job.id) == JobStatus.RUNNING:
+                    self.store.cancel(job.id, reason="stopped")
+        except ClientError as exc:
+            self.store.fail(job.id, str(exc))
+        except NodeError as exc:
+            self.store.fail(job.id, str(exc))
+        except Exception as exc:
+            LOGGER.exception("job %s crashed", job.id)
+            self.store.fail(job.id, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._running.pop(job.id, None)
+            self._notify(job.id)
+
+    def _run_hooks(self, job_id: str) -> None:
+        for hook in list(self.on_done):
+            try:
+                hook(job_id)
+            except Exception:
+                LOGGER.exception("job %s: on_done hook %r failed", job_id, hook)
+
+    # --- housekeeping ------------------------------------------------------------------------
+    def delete_job_folder(self, job_id: str) -> None:
+        """Remove ``<jobs>/<id>/`` (inputs, default outputs, zip); the row stays."""
+        folder = job_folder(self.settings, job_id)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _archive_series_folders(request: dict[str, Any], series_uids: list[str]) -> list[Any]:
+    """``series_folders`` of an archive job: the request's with ``{series}`` placeholders filled,
+    or by default every series for each model."""
+    given = request.get("series_folders")
+    n_models = len(request["nnunet_id"]) if isinstance(request.get("nnunet_id"), list) else 1
+
+    def fill(entry: Any) -> Any:
+        if isinstance(entry, list):
+            return [fill(e) for e in entry]
+        if isinstance(entry, str):
+            match = _SERIES_PLACEHOLDER.match(entry.strip())
+            if match:
+                index = int(match.group(1) or 0)
+                if index >= len(series_uids):
+                    raise InvalidRequest(
+                        f"series_folders: {entry!r} but the job has {len(series_uids)} series"
+                    )
+                return series_uids[index]
+        return entry
+
+    if given is None:
+        return list(series_uids) if n_models == 1 else [list(series_uids)] * n_models
+    if not isinstance(given, list):
+        raise InvalidRequest("series_folders: must be a list")
+    return [fill(e) for e in given]
+
+
+__all__ = [
+    "ArtifactRecord",
+    "ArtifactView",
+    "DispatchView",
+    "JobService",
+    "JobView",
+]

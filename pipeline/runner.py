@@ -1,0 +1,294 @@
+"""Runs one job: inputs, inference, DICOM outputs, archive, the /infer response (data flow 5-6).
+
+HTTP jobs read their series under ``study_path``. Archive jobs (DIMSE, STOW: the request has no
+``study_path`` and ``job.series`` holds SeriesInstanceUIDs) first export their series from the
+archive into ``<jobs>/<id>/inputs/<SeriesInstanceUID>/`` (hard links where the file system allows)
+and run there. Each stage writes under ``<output_dir>/stage_<i>/``; for DICOM inputs the runner adds
+the binary SEG, the fractional SEG (``save_proba_map``) and the RTSTRUCT (``save_rt_struct_output``)
+of each stage, referencing that stage's own source series, and files them in the archive as new
+series of the source study. ``job.result`` is the body the reference's ``/infer`` answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import ExportError, InvalidRequest, JobCancelled, NotFound
+from core.settings import Settings
+from export.files import dicom_output_name, write_dataset
+from export.metadata import SegmentationMetadata
+from export.rtstruct import make_rtstruct
+from export.seg import make_binary_seg, make_fractional_seg
+from inference.request import Plan, normalise
+from pipeline.spec import NodeSpec
+from storage.archive import Archive
+from storage.db import unit_of_work
+from storage.jobs import ArtifactRecord
+from storage.models import Instance, Job, Series
+
+LOGGER = logging.getLogger(__name__)
+
+RESULT_FILE_KINDS = (
+    "nifti_prediction",
+    "nifti_proba",
+    "nifti_inputs",
+    "dicom_segmentation",
+    "dicom_struct",
+    "dicom_fractional_segmentation",
+)
+
+
+class StageResultLike(Protocol):
+    index: int
+    model_id: str
+    folder: Path
+    prediction: sitk.Image
+    probabilities: np.ndarray | None
+    labels: list[int]
+    files: dict[str, list[Path]]
+    is_dicom: bool
+    source_dicom_files: list[Path]
+
+
+def job_folder(settings: Settings, job_id: str) -> Path:
+    """``<jobs>/<job_id>/``: inputs of archive jobs, default outputs, the download zip."""
+    return settings.jobs_dir / job_id
+
+
+@dataclass
+class RunOutcome:
+    result: dict[str, Any]
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+    progress: dict[str, Any] = field(default_factory=dict)
+
+
+class JobRunner:
+    """Turns a claimed job row into files, archive entries and a result."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        spec: NodeSpec,
+        archive: Archive,
+        engine: Any,
+        check_paths: Callable[..., None],
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.spec = spec
+        self.archive = archive
+        self.engine = engine
+        self.check_paths = check_paths
+
+    def run(
+        self,
+        job: Job,
+        *,
+        progress: Callable[[dict[str, Any]], None],
+        should_stop: Callable[[], bool],
+    ) -> RunOutcome:
+        started = time.monotonic()
+        request = dict(job.request)
+        output_dir = Path(job.output_dir) if job.output_dir else job_folder(self.settings, job.id)
+        archive_job = not request.get("study_path")
+
+        def stop_check() -> None:
+            if should_stop():
+                raise JobCancelled(f"job {job.id} was stopped")
+
+        progress({"step": "preparing", "stage": None, "fraction": 0.0})
+        if archive_job:
+            inputs = job_folder(self.settings, job.id) / "inputs"
+            self._export_series(list(job.series), inputs, stop_check)
+            run_request = {**request, "study_path": str(inputs), "output_dir": str(output_dir)}
+            plan = normalise(run_request, self.spec.registry)
+            self.check_paths(plan, archive_inputs=inputs)
+            study_path = inputs
+        else:
+            run_request = {**request, "output_dir": str(output_dir)}
+            plan = normalise(run_request, self.spec.registry)
+            self.check_paths(plan)
+            study_path = Path(str(plan.study_path)).resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stop_check()
+
+        stages_total = len(plan.stages)
+
+        def engine_progress(info: dict[str, Any]) -> None:
+            progress({"stages": stages_total, **info})
+
+        results: Sequence[StageResultLike] = self.engine.run(
+            plan,
+            study_path,
+            output_dir,
+            progress=engine_progress,
+            should_stop=should_stop,
+        )
+        stop_check()
+
+        files: dict[str, list[str]] = {kind: [] for kind in RESULT_FILE_KINDS}
+        artifacts: list[ArtifactRecord] = []
+        warnings: list[str] = []
+        for stage in results:
+            for kind in ("nifti_prediction", "nifti_proba", "nifti_inputs"):
+                for path in stage.files.get(kind, []):
+                    files[kind].append(str(path))
+                    artifacts.append(ArtifactRecord(kind, str(path), stage.index))
+        if plan.is_dicom:
+            for stage in results:
+                stop_check()
+                progress(
+                    {
+                        "stages": stages_total,
+                        "stage": stage.index,
+                        "step": "dicom export",
+                        "fraction": 0.95,
+                    }
+                )
+                self._export_dicom(job, plan, stage, files, artifacts, warnings)
+
+        result: dict[str, Any] = {
+            "time_elapsed": round(time.monotonic() - started, 3),
+            "nnunet_path": _one_or_list([str(s.model.folder) for s in plan.stages]),
+            "metadata": _one_or_list([s.model.metadata for s in plan.stages])
+            if plan.is_dicom
+            else None,
+            "request": request,
+            "status": "done",
+            **files,
+            "warnings": warnings,
+        }
+        final = {"stages": stages_total, "stage": stages_total - 1, "step": "done", "fraction": 1.0}
+        return RunOutcome(result=result, artifacts=artifacts, progress=final)
+
+    # --- archive inputs ---------------------------------------------------------------------
+    def _export_series(
+        self, series_uids: list[str], inputs: Path, stop_check: Callable[[], None]
+    ) -> None:
+        """Link (or copy) each series' files into ``inputs/<SeriesInstanceUID>/``."""
+        if not series_uids:
+            raise InvalidRequest("the job names no series to read from the archive")
+        if inputs.exists():
+            shutil.rmtree(inputs)  # a retried job starts from a clean copy
+        for uid in series_uids:
+            stop_check()
+            with unit_of_work(self.session_factory) as session:
+                instances = list(
+                    session.scalars(
+                        select(Instance)
+                        .join(Series, Instance.series_pk == Series.id)
+                        .where(Series.series_instance_uid == uid)
+                        .order_by(Instance.instance_number, Instance.sop_instance_uid)
+                    )
+                )
+            if not instances:
+                raise NotFound(f"series {uid} is not in the archive (or has no instances)")
+            folder = inputs / uid
+            folder.mkdir(parents=True, exist_ok=True)
+            for instance in instances:
+                source = self.archive.path_for(instance)
+                if not source.is_file():
+                    raise NotFound(
+                        f"series {uid}: file of instance {instance.sop_instance_uid} is missing"
+                    )
+                target = folder / f"{instance.sop_instance_uid}.dcm"
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copy2(source, target)
+            LOGGER.info("series %s: %d instance(s) exported to %s", uid, len(instances), folder)
+
+    # --- DICOM outputs ----------------------------------------------------------------------
+    def _export_dicom(
+        self,
+        job: Job,
+        plan: Plan,
+        stage: StageResultLike,
+        files: dict[str, list[str]],
+        artifacts: list[ArtifactRecord],
+        warnings: list[str],
+    ) -> None:
+        if not stage.source_dicom_files:
+            raise ExportError(
+                f"stage {stage.index} ({stage.model_id}): its first input is not a DICOM series, "
+                "so no DICOM-SEG or RTSTRUCT can reference it"
+            )
+        metadata = self.spec.metadata_for(stage.model_id)
+        sources = [pydicom.dcmread(p) for p in stage.source_dicom_files]
+        label_map = sitk.GetArrayFromImage(stage.prediction)
+        stage_dir = Path(stage.folder)
+
+        def uids(kind: str) -> dict[str, str]:
+            # Derived from the job: a retried job re-files the same objects instead of new ones.
+            seed = [job.id, str(stage.index), kind]
+            return {
+                "series_instance_uid": generate_uid(entropy_srcs=[*seed, "series"]),
+                "sop_instance_uid": generate_uid(entropy_srcs=[*seed, "instance"]),
+            }
+
+        def keep(ds: Dataset | None, kind: str, name_kind: str, what: str) -> None:
+            if ds is None:
+                warnings.append(
+                    f"stage {stage.index} ({stage.model_id}): empty {what}, no {kind} written"
+                )
+                return
+            path = write_dataset(ds, stage_dir / dicom_output_name(name_kind, plan.suffix))  # type: ignore[arg-type]
+            ingested = self.archive.ingest_dataset(ds, source="job")
+            files[kind].append(str(path))
+            artifacts.append(
+                ArtifactRecord(
+                    kind,
+                    str(path),
+                    stage.index,
+                    sop_instance_uid=ingested.sop_instance_uid,
+                    series_instance_uid=ingested.series_instance_uid,
+                )
+            )
+
+        seg = make_binary_seg(label_map, sources, metadata, **uids("seg"))
+        keep(seg, "dicom_segmentation", "seg", "prediction")
+        if plan.save_proba_map and stage.probabilities is not None:
+            proba, labels = _foreground_probabilities(stage, metadata)
+            if labels:
+                frac = make_fractional_seg(proba, labels, sources, metadata, **uids("fractional"))
+                keep(frac, "dicom_fractional_segmentation", "fractional", "probability map")
+        if plan.save_rt_struct_output:
+            rt = make_rtstruct(label_map, sources, metadata, **uids("rtstruct"))
+            keep(rt, "dicom_struct", "rtstruct", "prediction")
+
+
+def _foreground_probabilities(
+    stage: StageResultLike, metadata: SegmentationMetadata
+) -> tuple[np.ndarray, list[int]]:
+    """The kept probability channels without background, and the label value of each."""
+    proba = np.asarray(stage.probabilities, dtype=np.float32)
+    labels = [int(v) for v in stage.labels if int(v) != 0]
+    if proba.shape[0] == len(labels) + 1:
+        proba = proba[1:]
+    elif proba.shape[0] != len(labels):
+        raise ExportError(
+            f"stage {stage.index} ({stage.model_id}): {proba.shape[0]} probability channels for "
+            f"labels {labels}"
+        )
+    return proba, labels
+
+
+def _one_or_list(values: list[Any]) -> Any:
+    """The reference answers a single value for one model and a list for several."""
+    return values[0] if len(values) == 1 else values

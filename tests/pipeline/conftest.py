@@ -1,0 +1,118 @@
+"""Fixtures for the job tests: a migrated SQLite database, settings in a temporary data folder, a
+spec with a stand-in model folder (for queue mechanics) or the committed demo models (end to end).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.settings import Settings
+from storage.migrations import upgrade
+
+REPO = Path(__file__).resolve().parents[2]
+
+TOY_METADATA: dict[str, Any] = {
+    "algorithm_name": "toy",
+    "algorithm_version": "1",
+    "manufacturer": "tests",
+    "series_description": "Toy segmentation",
+    "segment_names": [
+        {
+            "name": "Toy thing",
+            "label": "Thing",
+            "number": 1,
+            "code": "THING",
+            "scheme": "99TEST",
+            "category": "260787004",
+        }
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def jobs_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One database migrated to head per session; each test copies it."""
+    path = tmp_path_factory.mktemp("jobs-template") / "node.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+def make_toy_model(folder: Path, channels: int = 1) -> Path:
+    """A model folder with the files the registry looks for (no usable weights): enough for
+    request validation; jobs on it run through a stand-in engine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {str(i): f"CT{i}" for i in range(channels)},
+                "labels": {"background": 0, "thing": 1},
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    (folder / "plans.json").write_text("{}")
+    (folder / "fold_0").mkdir(exist_ok=True)
+    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture
+def toy_settings(tmp_path: Path, jobs_db_template: Path) -> Settings:
+    """Settings of a node in ``tmp_path/data`` whose spec holds the stand-in model ``toy``;
+    requests may name paths under ``tmp_path/studies`` and the data folder."""
+    models = tmp_path / "models"
+    make_toy_model(models / "toy")
+    spec = {
+        "model_folder": str(models),
+        "models": [
+            {
+                "id": "toy",
+                "name": "Toy model",
+                "aliases": ["toy_alias"],
+                "rel_path": "toy",
+                "default_args": {"tta": False},
+                "metadata": TOY_METADATA,
+            }
+        ],
+        "routes": [],
+    }
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(jobs_db_template, data / "nnunet-node.db")
+    (tmp_path / "studies").mkdir()
+    return Settings(
+        data_dir=data,
+        model_serve_spec=spec_path,
+        allowed_roots=[tmp_path / "studies", data],
+        workers=2,
+        min_free_disk_mb=0,
+    )
+
+
+@pytest.fixture
+def demo_settings(tmp_path: Path, jobs_db_template: Path) -> Iterator[Settings]:
+    """Settings of a node on the committed demo models (``model-serve-spec.yaml``)."""
+    spec = REPO / "model-serve-spec.yaml"
+    if not (REPO / "models").is_dir():
+        pytest.skip("the demo models are not built (make demo-model)")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(jobs_db_template, data / "nnunet-node.db")
+    (tmp_path / "studies").mkdir()
+    yield Settings(
+        data_dir=data,
+        model_serve_spec=spec,
+        allowed_roots=[tmp_path / "studies", data],
+        workers=1,
+        min_free_disk_mb=0,
+        device="cpu",
+    )
