@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom import Dataset
+from export_helpers import Series
 
-from core.phantom import Phantom, make_phantom, write_dicom_series
+from core.phantom import make_phantom, write_dicom_series
 from export.metadata import SegmentationMetadata, parse_metadata
 
 
@@ -26,17 +23,9 @@ def _rotation(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
 
 # SimpleITK order: column j is the patient direction of index axis j (x, y, z).
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-# Rows run anterior->posterior, columns head->feet, slices right->left... (x, y, z) = (+Y, -Z, -X).
+# Sagittal: rows run anterior->posterior (+Y), columns head->feet (-Z), slices left->right (-X).
 SAGITTAL = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 OBLIQUE = tuple(float(v) for v in (_rotation((1.0, 2.0, 0.5), 33.0)).ravel())
-
-
-@dataclass
-class Series:
-    name: str
-    phantom: Phantom
-    datasets: list[Dataset]  # in the z order of phantom.labels
-    paths: list[Path]
 
 
 def _series(
@@ -80,15 +69,3 @@ def phantom_metadata() -> SegmentationMetadata:
         base_dir=Path("."),
         model_id="phantom",
     )
-
-
-_ERROR = re.compile(r"^\s*Error", re.MULTILINE)
-
-
-def dciodvfy(path: Path) -> list[str]:
-    """Run dicom3tools' validator; return its error lines (warnings are allowed)."""
-    proc = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    out = proc.stdout + proc.stderr
-    return [line for line in out.splitlines() if "Error" in line]
