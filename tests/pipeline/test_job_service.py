@@ -171,7 +171,7 @@ def test_links_out_of_the_roots_are_refused(service: JobService, tmp_path: Path)
 
 
 def test_archive_job_for_unknown_series_is_refused(service: JobService) -> None:
-    with pytest.raises(NotFound, match="1.2.3.4"):
+    with pytest.raises(NotFound, match=r"1\.2\.3\.4"):
         service.submit({"nnunet_id": "toy"}, source="dimse", series_uids=["1.2.3.4"])
     with pytest.raises(InvalidRequest, match="series_uids"):
         service.submit({"nnunet_id": "toy"}, source="dimse", series_uids=["../x"])
