@@ -28,11 +28,7 @@ def _label_map_back(
 ) -> np.ndarray:
     """Per source instance, the segments combined and mapped back to label values by their label."""
     by_label = {info.label: value for value, info in metadata.segments.items()}
-    numbers = (
-        [d.segment_number for d in seg.get_segment_descriptions()]
-        if hasattr(seg, "get_segment_descriptions")
-        else list(seg.segment_numbers)
-    )
+    numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence]
     lut = np.zeros(max(numbers) + 1, dtype=np.int32)
     for n in numbers:
         lut[n] = by_label[seg.get_segment_description(n).segment_label]
