@@ -1,0 +1,53 @@
+"""What the DICOMweb routes share: the service's base URL, the archive, UID checks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from core.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from core.settings import Settings
+    from storage.archive import Archive
+
+PREFIX = "/dicom-web"
+
+_UID_CHARS = frozenset("0123456789.")
+
+
+def service_url(request: Request) -> str:
+    """The absolute URL of the DICOMweb service root, as the client reached it.
+
+    PS3.18 8.3.1: Retrieve URLs and Bulk Data URIs in answers are absolute; ``root_path`` keeps
+    them right behind a reverse proxy that mounts the node under a path.
+    """
+    base = str(request.base_url).rstrip("/")
+    return f"{base}{PREFIX}"
+
+
+def study_url(base: str, study: str) -> str:
+    return f"{base}/studies/{study}"
+
+
+def series_url(base: str, study: str, series: str) -> str:
+    return f"{base}/studies/{study}/series/{series}"
+
+
+def instance_url(base: str, study: str, series: str, sop: str) -> str:
+    return f"{base}/studies/{study}/series/{series}/instances/{sop}"
+
+
+def check_uid(value: str, what: str) -> str:
+    """A UID from the path (PS3.5 9.1): digits and dots, at most 64 characters, else 400."""
+    if not value or len(value) > 64 or not set(value) <= _UID_CHARS:
+        raise InvalidRequest(f"{what} {value[:80]!r} is not a valid UID")
+    return value
+
+
+def context_parts(context: Any) -> tuple[Settings, sessionmaker[Session], Archive]:
+    """The settings, sessionmaker and archive of the node's pipeline context."""
+    return context.settings, context.session_factory, context.archive

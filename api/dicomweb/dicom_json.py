@@ -1,0 +1,140 @@
+"""The DICOM JSON Model (PS3.18 Annex F) for QIDO-RS results, WADO-RS metadata and STOW-RS answers.
+
+pydicom writes the model (``Dataset.to_json_dict``); this module decides what goes inline and what
+is referred to by a ``BulkDataURI`` (PS3.18 F.2.6): pixel data always, and any other top-level
+element that was too large to read (files are read with ``defer_size``, so pixel data and other
+large values never enter memory for a metadata request).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
+
+LOGGER = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/dicom+json"
+PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float, Double Float, Pixel Data
+DEFER_BYTES = 4096
+"""Values longer than this are not read for metadata and become bulk data."""
+BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+
+# PS3.18 Annex I (Store Instances Response Module) and I.2.2 (Failure Reason).
+FAILURE_PROCESSING = 0x0110
+FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122
+FAILURE_OUT_OF_RESOURCES = 0xA700
+FAILURE_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+FAILURE_STUDY_UID_MISMATCH = 0xC409
+"""Implementation-specific (PS3.18 I.2.2 allows them; in the Cxxx "cannot understand" range): the
+instance belongs to another study than the request's target resource (PS3.18 10.5.1). The same
+value dcm4chee uses; 0xC122 is already "Referenced Transfer Syntax not supported"."""
+
+
+def tag_hex(tag: int) -> str:
+    return f"{int(tag):08X}"
+
+
+def dataset_to_json(ds: Dataset, *, bulk_base: str | None = None) -> dict[str, Any]:
+    """The JSON model of ``ds``; top-level deferred or pixel values become ``bulk_base/<tag>``.
+
+    Without ``bulk_base`` such values are left out (QIDO-RS answers carry no bulk data).
+    Sequences are written inline whole: their items are small (codes, references, icons).
+    """
+    out: dict[str, Any] = {}
+    for tag in sorted(ds.keys()):
+        if tag.group == 0x0002 or tag.element == 0x0000:
+            continue  # File Meta and group lengths are not part of the model (PS3.18 F.2.1)
+        raw = ds.get_item(tag, keep_deferred=True)
+        if raw is None:
+            continue
+        deferred = isinstance(raw, RawDataElement) and raw.value is None
+        if deferred or int(tag) in PIXEL_DATA_TAGS:
+            if bulk_base is None:
+                continue
+            vr = raw.VR or ("OB" if int(tag) in PIXEL_DATA_TAGS else "UN")
+            if isinstance(raw, RawDataElement) and int(raw.length) == 0xFFFFFFFF:
+                vr = "OB"  # encapsulated pixel data
+            out[tag_hex(tag)] = {"vr": vr, "BulkDataURI": f"{bulk_base}/{tag_hex(tag)}"}
+            continue
+        elem: DataElement = ds[tag]
+        try:
+            out[tag_hex(tag)] = elem.to_json_dict(
+                bulk_data_element_handler=None, bulk_data_threshold=2**62
+            )
+        except Exception as exc:  # a malformed value in a stored file must not hide the rest
+            LOGGER.warning("leaving out %s from the JSON model: %s", tag_hex(tag), exc)
+    return out
+
+
+def read_metadata(path: Path, *, bulk_base: str | None) -> dict[str, Any]:
+    """The JSON model of one stored instance, reading only the values under ``DEFER_BYTES``."""
+    ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+    return dataset_to_json(ds, bulk_base=bulk_base)
+
+
+@dataclass(frozen=True)
+class StoredRef:
+    """One instance stored by STOW-RS, for the Referenced SOP Sequence."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    retrieve_url: str
+
+
+@dataclass(frozen=True)
+class FailedRef:
+    """One part STOW-RS did not store, for the Failed SOP Sequence; UIDs empty if unreadable."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    reason: int
+    message: str = ""
+
+
+def store_response(
+    stored: Iterable[StoredRef], failed: Iterable[FailedRef], *, study_url: str | None
+) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Annex I) as DICOM JSON."""
+    ds = Dataset()
+    ds.RetrieveURL = study_url or ""
+    failed_items = []
+    for ref in failed:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ref.sop_class_uid
+        item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+        item.FailureReason = ref.reason
+        failed_items.append(item)
+    stored_items = []
+    for ref in stored:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ref.sop_class_uid
+        item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+        item.RetrieveURL = ref.retrieve_url
+        stored_items.append(item)
+    if failed_items:
+        ds.FailedSOPSequence = failed_items
+    if stored_items:
+        ds.ReferencedSOPSequence = stored_items
+    return ds.to_json_dict()
+
+
+def keyword_or_tag(key: str) -> BaseTag | None:
+    """``PatientID`` or ``00100020`` to a tag; ``None`` if the dictionary has no such attribute."""
+    key = key.strip()
+    if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
+        return Tag(int(key, 16))
+    try:
+        tag = Tag(key)
+    except (ValueError, TypeError):
+        return None
+    return tag if pydicom.datadict.dictionary_has_tag(tag) else None

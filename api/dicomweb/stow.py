@@ -1,0 +1,177 @@
+"""STOW-RS, the Studies Store transaction (PS3.18 10.5).
+
+Each part of the ``multipart/related; type="application/dicom"`` body goes through
+:meth:`storage.archive.Archive.ingest` (``source="stow"``), the path C-STORE takes, so that series
+completion and routing treat both alike. Parts are ingested one by one as they arrive (the body is
+never held whole) in a worker thread (ingest fsyncs and writes the index). A part that fails is
+listed in the Failed SOP Sequence and costs no other part.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import pydicom
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ContextDep
+from api.dicomweb.common import check_uid, context_parts, instance_url, service_url, study_url
+from api.dicomweb.dicom_json import (
+    FAILURE_CANNOT_UNDERSTAND,
+    FAILURE_OUT_OF_RESOURCES,
+    FAILURE_PROCESSING,
+    FAILURE_STUDY_UID_MISMATCH,
+    MEDIA_TYPE,
+    FailedRef,
+    StoredRef,
+    store_response,
+)
+from api.dicomweb.multipart import Part, boundary_of, iter_parts, parse_media_type
+from core.errors import InvalidDicom, InvalidRequest, PayloadTooLarge, StorageFull
+from storage.archive import Archive, IngestResult, read_header
+
+LOGGER = logging.getLogger(__name__)
+
+router = APIRouter()
+
+DICOM = "application/dicom"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A STOW-RS body that is not ``multipart/related; type="application/dicom"`` (HTTP 415)."""
+
+    status_code = 415
+
+
+def _check_content_type(raw: str | None) -> bytes:
+    if not raw:
+        raise UnsupportedMediaType('send multipart/related; type="application/dicom"')
+    media = parse_media_type(raw)
+    part_type = (media.param("type") or DICOM).lower()
+    if media.type != "multipart/related" or part_type != DICOM:
+        raise UnsupportedMediaType(
+            f'{raw[:100]!r} is not supported; send multipart/related; type="application/dicom" '
+            "(PS3.18 10.5.1; the metadata and bulk data form is not supported)"
+        )
+    return boundary_of(media)
+
+
+def _uids_of(part: Part) -> tuple[str, str]:
+    """SOP Class and Instance UIDs of a failed part, as far as they can be read."""
+    try:
+        source: Any = part.path if part.path is not None else io.BytesIO(part.data or b"")
+        ds = pydicom.dcmread(
+            source, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+        )
+        return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+    except Exception:
+        return "", ""
+
+
+def _store_part(archive: Archive, part: Part, study: str | None) -> IngestResult:
+    """Ingest one part; raise ``_Refused`` with the Failure Reason when it is not stored."""
+    ctype = part.content_type
+    if ctype is not None and ctype.type not in (DICOM, "application/octet-stream"):
+        raise _Refused(FAILURE_CANNOT_UNDERSTAND, f"part of type {ctype.type}")
+    payload = part.payload()
+    try:
+        if study is not None:
+            header = read_header(payload)
+            if header.study_instance_uid != study:
+                raise _Refused(
+                    FAILURE_STUDY_UID_MISMATCH,
+                    f"study {header.study_instance_uid} is not the target study {study}",
+                    header.sop_class_uid,
+                    header.sop_instance_uid,
+                )
+        return archive.ingest(payload, source="stow")
+    except InvalidDicom as exc:
+        raise _Refused(FAILURE_CANNOT_UNDERSTAND, str(exc)) from exc
+    except StorageFull as exc:
+        raise _Refused(FAILURE_OUT_OF_RESOURCES, str(exc)) from exc
+
+
+class _Refused(Exception):
+    def __init__(self, reason: int, message: str, sop_class: str = "", sop: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.sop_class = sop_class
+        self.sop = sop
+
+
+async def _store(request: Request, context: Any, study: str | None) -> JSONResponse:
+    settings, _, archive = context_parts(context)
+    boundary = _check_content_type(request.headers.get("content-type"))
+    max_bytes = settings.max_upload_mb * 1024 * 1024
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise PayloadTooLarge(f"the request body is over the limit of {settings.max_upload_mb} MB")
+    base = service_url(request)
+    stored: list[StoredRef] = []
+    failed: list[FailedRef] = []
+    studies: set[str] = set()
+    async for part in iter_parts(
+        request.stream(), boundary, max_bytes=max_bytes, spill_dir=settings.uploads_dir
+    ):
+        try:
+            result = await run_in_threadpool(_store_part, archive, part, study)
+        except _Refused as refused:
+            sop_class, sop = refused.sop_class, refused.sop
+            if not sop:
+                sop_class, sop = await run_in_threadpool(_uids_of, part)
+            LOGGER.info("STOW-RS part %d refused (0x%04X): %s", part.index, refused.reason, refused)
+            failed.append(FailedRef(sop_class, sop, refused.reason, str(refused)))
+        except Exception:
+            LOGGER.exception("STOW-RS part %d failed", part.index)
+            sop_class, sop = await run_in_threadpool(_uids_of, part)
+            failed.append(FailedRef(sop_class, sop, FAILURE_PROCESSING))
+        else:
+            studies.add(result.study_instance_uid)
+            stored.append(
+                StoredRef(
+                    result.sop_class_uid,
+                    result.sop_instance_uid,
+                    instance_url(
+                        base,
+                        result.study_instance_uid,
+                        result.series_instance_uid,
+                        result.sop_instance_uid,
+                    ),
+                )
+            )
+        finally:
+            part.discard()
+    if not stored and not failed:
+        raise InvalidRequest("the request holds no part")
+    target = study or (next(iter(studies)) if len(studies) == 1 else None)
+    body = store_response(stored, failed, study_url=study_url(base, target) if target else None)
+    # PS3.18 10.5.3: 200 all stored, 202 some stored, 409 none stored.
+    status = 200 if not failed else (202 if stored else 409)
+    LOGGER.info("STOW-RS: %d stored, %d failed", len(stored), len(failed))
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "All instances stored (Store Instances Response, DICOM JSON)"},
+    202: {"description": "Some instances stored, some failed (FailedSOPSequence says why)"},
+    409: {"description": "No instance stored (FailedSOPSequence says why)"},
+    400: {"description": "Malformed multipart body"},
+    413: {"description": "Body over the upload limit"},
+    415: {"description": 'Not multipart/related; type="application/dicom"'},
+}
+
+
+@router.post("/studies", responses=_RESPONSES, response_class=JSONResponse)
+async def store_instances(request: Request, context: ContextDep) -> JSONResponse:
+    """STOW-RS: store the instances of a ``multipart/related; type="application/dicom"`` body."""
+    return await _store(request, context, None)
+
+
+@router.post("/studies/{study}", responses=_RESPONSES, response_class=JSONResponse)
+async def store_study_instances(request: Request, context: ContextDep, study: str) -> JSONResponse:
+    """STOW-RS: store instances of one study; parts of other studies fail with 0xC409."""
+    return await _store(request, context, check_uid(study, "StudyInstanceUID"))
