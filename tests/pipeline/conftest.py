@@ -116,3 +116,14 @@ def demo_settings(tmp_path: Path, jobs_db_template: Path) -> Iterator[Settings]:
         min_free_disk_mb=0,
         device="cpu",
     )
+
+
+@pytest.fixture
+def toy_model() -> Any:
+    """The function that writes a stand-in model folder (``make_toy_model``)."""
+    return make_toy_model
+
+
+@pytest.fixture
+def toy_metadata() -> dict[str, Any]:
+    return json.loads(json.dumps(TOY_METADATA))
