@@ -8,16 +8,14 @@ The API key guards every route but the health probes (DESIGN.md, "Security defau
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
 from core.settings import Settings
-
-if TYPE_CHECKING:
-    from pipeline.context import NodeContext
-    from pipeline.jobs import JobService
+from pipeline.context import NodeContext
+from pipeline.jobs import JobService
 
 API_KEY_HEADER = "X-API-Key"
 _api_key_header = APIKeyHeader(
@@ -70,7 +68,7 @@ def require_api_key(
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ContextDep = Annotated["NodeContext", Depends(get_context)]
-JobServiceDep = Annotated["JobService", Depends(get_job_service)]
+ContextDep = Annotated[NodeContext, Depends(get_context)]
+JobServiceDep = Annotated[JobService, Depends(get_job_service)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
 """Add ``_: ApiKeyDep`` to a route, or ``dependencies=[Depends(require_api_key)]`` to a router."""

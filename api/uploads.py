@@ -96,7 +96,7 @@ async def receive_multipart(
     fields: dict[str, str] = {}
     parts: list[_Part] = []
     state: dict[str, object] = {"header_field": b"", "header_value": b""}
-    pending: list[tuple[str, bytes]] = []  # events produced by one parser.write()
+    pending: list[tuple[_Part, str, bytes]] = []  # events of one parser.write(), in order
 
     def on_part_begin() -> None:
         parts.append(_Part())
@@ -124,10 +124,10 @@ async def receive_multipart(
         part.is_file = part.name == file_field
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        pending.append(("data", data[start:end]))
+        pending.append((parts[-1], "data", data[start:end]))
 
     def on_part_end() -> None:
-        pending.append(("end", b""))
+        pending.append((parts[-1], "end", b""))
 
     parser = MultipartParser(
         params[b"boundary"],
@@ -155,8 +155,7 @@ async def receive_multipart(
                 raise
             except Exception as exc:  # python-multipart raises its own parse errors
                 raise InvalidRequest(f"malformed multipart body: {exc}") from exc
-            for kind, data in pending:
-                part = parts[-1]
+            for part, kind, data in pending:
                 if part.is_file:
                     if kind == "data":
                         if file_done:

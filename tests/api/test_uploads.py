@@ -6,12 +6,14 @@ import io
 import stat
 import tarfile
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
-from api.uploads import extract_archive, member_parts, study_root
-from core.errors import InvalidRequest, UnsafeArchive
+from api.uploads import extract_archive, member_parts, receive_multipart, study_root
+from core.errors import InvalidRequest, PayloadTooLarge, UnsafeArchive
 
 MB = 1024 * 1024
 
@@ -223,3 +225,62 @@ def test_study_root_descends_into_a_single_top_folder(tmp_path: Path) -> None:
     (tmp_path / "x" / "study01" / "ct").mkdir(parents=True)
     assert study_root(tmp_path / "x", "ct") == tmp_path / "x" / "study01"
     assert study_root(tmp_path / "x", "study01/ct") == tmp_path / "x"
+
+
+# --- multipart streaming ------------------------------------------------------------------------
+def _multipart(boundary: str, request: str, payload: bytes) -> bytes:
+    return (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n\r\n{request}\r\n'
+            f"--{boundary}\r\nContent-Disposition: form-data; "
+            'name="file"; filename="../../x.zip"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096, 10**7])
+def test_multipart_parts_survive_any_chunking(tmp_path: Path, chunk: int) -> None:
+    payload = bytes(range(256)) * 40 + b"\r\n--not-the-boundary\r\n"
+    body = _multipart("xyz", '{"nnunet_id": "phantom"}', payload)
+    upload = anyio.run(
+        lambda: receive_multipart(
+            "multipart/form-data; boundary=xyz", _chunks(body, chunk), tmp_path, max_bytes=MB
+        )
+    )
+    assert upload.fields == {"request": '{"nnunet_id": "phantom"}'}
+    assert upload.file_path is not None and upload.file_path.parent == tmp_path
+    assert upload.file_path.read_bytes() == payload
+    assert upload.file_size == len(payload)
+    assert "x.zip" not in upload.file_path.name
+    upload.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_multipart_over_the_limit_removes_the_partial_file(tmp_path: Path) -> None:
+    body = _multipart("xyz", "{}", b"\1" * (3 * MB))
+    with pytest.raises(PayloadTooLarge):
+        anyio.run(
+            lambda: receive_multipart(
+                "multipart/form-data; boundary=xyz",
+                _chunks(body, 65536),
+                tmp_path,
+                max_bytes=2 * MB,
+            )
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "multipart/form-data", "text/plain; boundary=x"]
+)
+def test_multipart_needs_form_data_with_a_boundary(tmp_path: Path, content_type: str) -> None:
+    with pytest.raises(InvalidRequest, match="multipart"):
+        anyio.run(lambda: receive_multipart(content_type, _chunks(b"", 1), tmp_path, max_bytes=MB))

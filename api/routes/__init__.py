@@ -1,0 +1,1 @@
+"""One router per resource: health probes, models, inference (seed endpoints), jobs."""

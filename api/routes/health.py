@@ -1,0 +1,62 @@
+"""Health probes: liveness (``/healthz``) and readiness (``/readyz``), without the API key."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+LOGGER = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, Any]:
+    """Liveness: the event loop answers (inference runs in workers, never here)."""
+    return {"status": "ok"}
+
+
+def _readiness(request: Request) -> tuple[bool, dict[str, Any]]:
+    context = getattr(request.app.state, "context", None)
+    if context is None:
+        return False, {"error": "the node is starting"}
+    problems: list[str] = []
+    try:
+        with context.session_factory() as session:
+            session.execute(text("SELECT 1"))
+        database = {"reachable": True}
+    except Exception as exc:  # report, do not raise: this is the probe's answer
+        LOGGER.warning("readiness: database unreachable: %s", exc)
+        database = {"reachable": False, "error": str(exc)}
+        problems.append("database unreachable")
+    engine = context.inference_engine
+    models = context.spec.registry.models
+    available = [m.id for m in models if context.spec.registry.files(m).available]
+    if not models:
+        problems.append("no models in the spec")
+    body: dict[str, Any] = {
+        "spec": {
+            "path": str(context.settings.model_serve_spec),
+            "models": [m.id for m in models],
+            "available": available,
+        },
+        "database": database,
+        "device": engine.device_policy.status(),
+        "cache": engine.cache.snapshot(),
+        "workers": context.settings.workers,
+    }
+    if problems:
+        body["error"] = "; ".join(problems)
+    return not problems, body
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready (database, spec)"}})
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: spec loaded, database reachable, device state and cached models."""
+    ready, body = await run_in_threadpool(_readiness, request)
+    return JSONResponse({"status": "ok" if ready else "failed", **body}, 200 if ready else 503)

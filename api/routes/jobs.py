@@ -1,0 +1,97 @@
+"""Jobs, which the reference lacks: queue without waiting, status, history, cancel."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from api.deps import JobServiceDep
+from api.errors import responses
+from api.routes.infer import REQUEST_BODY, JsonObject
+from pipeline.jobs import JobView
+from storage.jobs import MAX_PAGE
+
+LOGGER = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    status: str
+    url: str
+
+
+class JobPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[JobView]
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobCreated,
+    openapi_extra=REQUEST_BODY,
+    responses=responses(400, 401, 422, 429),
+)
+async def create_job(body: JsonObject, jobs: JobServiceDep) -> JSONResponse:
+    """Queue an inference job (same body as /infer) and answer 202 with its id at once."""
+    job_id = await run_in_threadpool(lambda: jobs.submit(body, source="http"))
+    url = f"/jobs/{job_id}"
+    return JSONResponse(
+        JobCreated(job_id=job_id, status="queued", url=url).model_dump(),
+        status_code=202,
+        headers={"Location": url},
+    )
+
+
+@router.get("", response_model=JobPage, responses=responses(400, 401, 422, 429))
+async def list_jobs(
+    jobs: JobServiceDep,
+    status: Annotated[list[str] | None, Query(description="Repeat for several")] = None,
+    model: Annotated[str | None, Query(description="Id, name or alias of any stage")] = None,
+    source: Annotated[str | None, Query(description="http, dimse or stow")] = None,
+    patient_id: str | None = None,
+    study_uid: Annotated[str | None, Query(description="StudyInstanceUID")] = None,
+    route: Annotated[str | None, Query(description="Routing rule name")] = None,
+    created_after: Annotated[datetime | None, Query(description="ISO 8601; naive = UTC")] = None,
+    created_before: Annotated[datetime | None, Query(description="ISO 8601; naive = UTC")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+) -> dict[str, Any]:
+    """Job history, newest first, filtered and paged; total counts every match."""
+    items, total = await run_in_threadpool(
+        lambda: jobs.list(
+            status=status,
+            model=model,
+            source=source,
+            patient_id=patient_id,
+            study_instance_uid=study_uid,
+            route_name=route,
+            created_after=created_after,
+            created_before=created_before,
+            limit=limit,
+            offset=offset,
+        )
+    )
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+
+@router.get("/{job_id}", response_model=JobView, responses=responses(401, 404, 429))
+async def get_job(job_id: str, jobs: JobServiceDep) -> JobView:
+    """A job: status, progress per stage, result, outputs, dispatches, timings."""
+    return await run_in_threadpool(jobs.get, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobView, responses=responses(401, 404, 409, 429))
+async def cancel_job(job_id: str, jobs: JobServiceDep) -> JobView:
+    """Cancel a queued job, or ask a running one to stop; 409 once it has finished."""
+    return await run_in_threadpool(jobs.cancel, job_id)

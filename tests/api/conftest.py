@@ -1,0 +1,158 @@
+"""Fixtures for the HTTP API tests: the real app served by uvicorn on a free loopback port.
+
+Each :class:`LiveNode` is ``create_app(settings)`` run by a real uvicorn server in a thread, with
+the real lifespan (migrations on a SQLite file, job workers, the committed demo models). Tests talk
+to it over TCP with httpx, as any client would. Tests get the helpers through fixtures
+(``make_node``, ``make_study``), not imports: test folders are not packages.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from api.app import create_app
+from core.phantom import make_phantom, write_dicom_series, write_nifti
+from core.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = REPO / "model-serve-spec.yaml"
+PHANTOM_SHAPE = (40, 40, 40)
+
+
+def node_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test node: its own data folder, the demo spec, CPU, no DIMSE, no limit."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "model_serve_spec": SPEC,
+        "dicom_enabled": False,
+        "device": "cpu",
+        "rate_limit_per_minute": 0,
+        "workers": 1,
+        "gpu_wait_s": 0,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+class LiveNode:
+    """The app served by uvicorn in a thread; ``client`` is an httpx client bound to it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="on", ws="none", loop="asyncio"
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=120.0)
+
+    def start(self) -> LiveNode:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the node did not start (see the log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the node did not start within 60 s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self._thread.join(90)
+        self._sock.close()
+        assert not self._thread.is_alive(), "the node did not stop"
+
+    @property
+    def context(self) -> Any:
+        return self.app.state.context
+
+    def __enter__(self) -> LiveNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Study:
+    """A phantom study on disk: ``root`` holds ``ct_nifti/image.nii.gz`` and ``ct_dicom/*.dcm``."""
+
+    root: Path
+    nifti: str = "ct_nifti"
+    dicom: str = "ct_dicom"
+
+
+def write_study(root: Path, seed: int = 3) -> Study:
+    phantom = make_phantom(seed, shape=PHANTOM_SHAPE)
+    write_nifti(phantom, root / "ct_nifti" / "image.nii.gz")
+    write_dicom_series(phantom, root / "ct_dicom", patient_id=f"PH{seed}")
+    return Study(root)
+
+
+NodeFactory = Callable[..., LiveNode]
+
+
+@pytest.fixture(scope="session")
+def make_node() -> NodeFactory:
+    """``make_node(data_dir, **settings)``: a :class:`LiveNode`, not started (use ``with``)."""
+
+    def factory(data_dir: Path, **overrides: Any) -> LiveNode:
+        return LiveNode(node_settings(data_dir, **overrides))
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def make_study() -> Callable[..., Study]:
+    """``make_study(root, seed=3)``: write a phantom study (NIfTI and DICOM) under ``root``."""
+    return write_study
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("node-data")
+
+
+@pytest.fixture(scope="module")
+def study(data_dir: Path) -> Study:
+    """A phantom study inside the node's data folder (the default allowed root)."""
+    return write_study(data_dir / "studies" / "study01")
+
+
+@pytest.fixture(scope="module")
+def node(data_dir: Path, study: Study) -> Iterator[LiveNode]:
+    """One running node for the module: no API key, no rate limit, no DIMSE."""
+    with LiveNode(node_settings(data_dir)) as live:
+        yield live
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` (none when it does not exist)."""
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def list_files() -> Callable[[Path], list[str]]:
+    return files_under
