@@ -53,6 +53,41 @@ def check_sources(shape: tuple[int, ...], sources: Sequence[Dataset], what: str)
                 raise ExportError(f"{what}: source image {index} lacks {keyword}")
 
 
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+# highdicom copies from the first source image and that some senders leave out entirely.
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def with_type2_defaults(sources: Sequence[Dataset]) -> list[Dataset]:
+    """The sources, with absent type 2 patient/study attributes present and empty (PS3.5 7.4.5).
+
+    Images that lack one are replaced by new datasets over the same elements, so the caller's
+    datasets are never modified (pydicom's copy.copy would share their element dictionary)."""
+    missing = [k for k in TYPE2_PATIENT_STUDY if any(k not in ds for ds in sources)]
+    if not missing:
+        return list(sources)
+    out = []
+    for ds in sources:
+        new = Dataset({tag: ds[tag] for tag in ds.keys()})  # noqa: SIM118 (iter gives elements)
+        if hasattr(ds, "file_meta"):
+            new.file_meta = ds.file_meta
+        for keyword in missing:
+            if keyword not in new:
+                setattr(new, keyword, "")
+        out.append(new)
+    return out
+
+
 def labels_present(label_map: np.ndarray) -> list[int]:
     if not np.issubdtype(label_map.dtype, np.integer) and label_map.dtype != np.bool_:
         raise ExportError(f"label map must hold integers, got {label_map.dtype}")

@@ -22,7 +22,14 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
 from core.errors import ExportError
-from export.common import check_sources, labels_present, now_or, software_version, stable_uid
+from export.common import (
+    check_sources,
+    labels_present,
+    now_or,
+    software_version,
+    stable_uid,
+    with_type2_defaults,
+)
 from export.metadata import SegmentationMetadata, SegmentInfo
 
 LOGGER = logging.getLogger(__name__)
@@ -190,7 +197,7 @@ def _segmentation(
         series_description = f"{series_description} ({description_suffix})"[:64]
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(sources),
+            source_images=with_type2_defaults(sources),
             pixel_array=pixel_array,
             segmentation_type=segmentation_type,
             segment_descriptions=descriptions,

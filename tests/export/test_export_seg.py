@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from export_helpers import Series, blank_volatile, dciodvfy
 from pydicom import Dataset
 
 from core.errors import ExportError
-from export import dicom_output_name, make_binary_seg, make_fractional_seg, write_dataset
+from export import (
+    dicom_output_name,
+    make_binary_seg,
+    make_fractional_seg,
+    make_rtstruct,
+    write_dataset,
+)
 from export.metadata import SegmentationMetadata
 
 
@@ -228,3 +235,21 @@ def test_fractional_seg_validates_its_input(
         make_fractional_seg(bad, [1], axial.datasets, phantom_metadata)
     with pytest.raises(ExportError, match="label 5 has no segment"):
         make_fractional_seg(np.ones((1, *shape), np.float32), [5], axial.datasets, phantom_metadata)
+
+
+def test_sources_without_type2_patient_study_attributes(
+    axial: Series, phantom_metadata: SegmentationMetadata, tmp_path: Path
+) -> None:
+    """Senders may leave out type 2 attributes; the objects are still valid and the caller's
+    datasets are left as they were."""
+    sources = [copy.deepcopy(ds) for ds in axial.datasets]
+    for ds in sources:
+        for keyword in ("AccessionNumber", "PatientSex", "StudyID", "PatientName", "StudyDate"):
+            delattr(ds, keyword)
+    seg = make_binary_seg(axial.phantom.labels, sources, phantom_metadata)
+    rt = make_rtstruct(axial.phantom.labels, sources, phantom_metadata)
+    assert seg is not None and rt is not None
+    for name, ds in (("prediction.dcm", seg), ("struct.dcm", rt)):
+        assert dciodvfy(write_dataset(ds, tmp_path / name)) == []
+        assert ds.AccessionNumber == "" and ds.PatientID == "PHANTOM"
+    assert all("AccessionNumber" not in ds for ds in sources)
