@@ -26,6 +26,16 @@ def service_url(request: Request) -> str:
     them right behind a reverse proxy that mounts the node under a path.
     """
     base = str(request.base_url).rstrip("/")
+    # dicomweb-client (0.61) sends ``Host`` without the port; on a direct connection (no proxy
+    # headers) to a non-default port, put the port the client connected to back in.
+    url = request.base_url
+    server = request.scope.get("server")
+    proxy_headers = ("x-forwarded-host", "x-forwarded-for", "forwarded")
+    proxied = any(h in request.headers for h in proxy_headers)
+    if url.port is None and server and server[1] and not proxied:
+        default = {"http": 80, "https": 443}.get(url.scheme)
+        if server[1] != default and url.hostname:
+            base = str(url.replace(port=server[1])).rstrip("/")
     return f"{base}{PREFIX}"
 
 
