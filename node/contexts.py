@@ -1,0 +1,84 @@
+"""The presentation contexts the node accepts (PS3.8 9.3.2.2, PS3.4 Annexes A, B, C).
+
+Storage takes every storage SOP class pynetdicom knows, in the uncompressed and the common
+compressed transfer syntaxes: the node files the bytes as received and never decodes pixels, so a
+compressed syntax costs nothing to accept. Storage contexts also accept the SCP role (PS3.7 D.3.3.4)
+so that a C-GET requestor can receive its instances over the same association.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AllStoragePresentationContexts, build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+STORAGE_SYNTAXES = [
+    *UNCOMPRESSED,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+QUERY_RETRIEVE = [
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+]
+FIND_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelFind): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelFind): "STUDY",
+}
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
+}
+GET_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelGet): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
+}
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Verification, every storage SOP class (SCU and SCP roles) and Q/R FIND, MOVE, GET."""
+    contexts = [build_context(Verification, UNCOMPRESSED)]
+    for storage in AllStoragePresentationContexts:
+        cx = build_context(storage.abstract_syntax, STORAGE_SYNTAXES)
+        cx.scu_role = True
+        cx.scp_role = True
+        contexts.append(cx)
+    contexts.extend(build_context(uid, UNCOMPRESSED) for uid in QUERY_RETRIEVE)
+    return contexts

@@ -1,0 +1,125 @@
+"""The DIMSE side of the node as a service: AE, series-completion watcher and dispatcher.
+
+``build_service`` is the ``nnunet_node.services`` entry point (``dimse``): the app factory calls
+it with the process's :class:`~pipeline.context.NodeContext` and awaits ``start()`` / ``stop()``
+in its lifespan. ``run_standalone`` is ``nnunet-node dicom``: the same service plus the job
+workers, without HTTP, until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+from core.settings import Settings
+from node.ae import DicomNode
+from pipeline.completion import CompletionWatcher
+from pipeline.context import NodeContext, build_context
+from pipeline.dispatch import Dispatcher
+from pipeline.routing import RoutingTable
+
+LOGGER = logging.getLogger(__name__)
+
+
+class DimseService:
+    """Routing table from the spec (checked: a bad rule fails start-up), the AE (unless
+    ``NNUNET_NODE_DICOM_ENABLED`` is false), the completion watcher and the dispatcher."""
+
+    def __init__(self, context: NodeContext, *, port: int | None = None) -> None:
+        self.context = context
+        settings = context.settings
+        self.routing = RoutingTable.from_spec(context.spec.raw)
+        self.routing.check_models(context.spec.registry.resolve)
+        self.node = (
+            DicomNode(settings, context.archive, self.routing, port=port)
+            if settings.dicom_enabled
+            else None
+        )
+        jobs = context.job_service
+        self.completion = CompletionWatcher(
+            context.session_factory,
+            context.archive.root,
+            self.routing,
+            submit=jobs.submit,
+            supersede=jobs.supersede,
+            default_quiet_s=settings.series_quiet_s,
+        )
+        self.dispatcher = Dispatcher(
+            context.session_factory,
+            self.routing,
+            calling_ae=settings.ae_title,
+            archive_dir=context.archive.root,
+        )
+        self._started = False
+
+    @property
+    def port(self) -> int | None:
+        return self.node.port if self.node else None
+
+    def start_sync(self) -> None:
+        if self._started:
+            return
+        self.context.job_service.on_done.append(self.dispatcher.on_job_done)
+        self.dispatcher.start()
+        self.completion.start()
+        if self.node is not None:
+            self.node.start()
+        self._started = True
+
+    def stop_sync(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self.node is not None:
+            self.node.stop()
+        self.completion.stop()
+        self.dispatcher.stop()
+        with contextlib.suppress(ValueError):
+            self.context.job_service.on_done.remove(self.dispatcher.on_job_done)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.start_sync)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_sync)
+
+
+def build_service(context: NodeContext) -> DimseService:
+    """Entry point ``nnunet_node.services:dimse``."""
+    return DimseService(context)
+
+
+def run_standalone(settings: Settings, *, ready: Any = None) -> int:
+    """``nnunet-node dicom``: DIMSE node, completion, dispatch and job workers until a signal.
+
+    ``ready`` (a callable taking the service) is called once everything listens: tests use it.
+    """
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        LOGGER.info("signal %d: stopping", signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    context = build_context(settings)
+    service = DimseService(context)
+    try:
+        context.job_service.start()
+        service.start_sync()
+        LOGGER.info("nnunet-node dicom: ready (AE %s, port %s)", settings.ae_title, service.port)
+        print(
+            f"nnunet-node dicom: {settings.ae_title} listening on port {service.port}", flush=True
+        )
+        if ready is not None:
+            ready(service)
+        stop.wait()
+    finally:
+        service.stop_sync()
+        context.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

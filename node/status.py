@@ -1,0 +1,125 @@
+"""The one place where exceptions become DIMSE statuses, and are logged.
+
+Handlers are thin: they raise the node's exceptions (``core.errors``) and :func:`dimse_service`
+turns them into the failure statuses of PS3.4:
+
+=============  ===================  =====================================================
+service        exception            status
+=============  ===================  =====================================================
+C-STORE        StorageFull          0xA700 Refused: out of resources (PS3.4 B.2.3)
+C-STORE        InvalidDicom         0xC000 Error: cannot understand (PS3.4 B.2.3)
+C-STORE        OSError              0xA701 Refused: out of resources (disk or database I/O)
+C-STORE        anything else        0xC001 Error: cannot understand (processing failure)
+C-FIND/GET     ClientError          0xA900 Identifier does not match SOP class (C.4.1.1.4)
+C-FIND/GET     anything else        0xC001 Unable to process
+C-MOVE         ClientError          0xA900
+C-MOVE         anything else        0xC001 Unable to process
+=============  ===================  =====================================================
+
+A C-MOVE to an AE title that is not one of the spec's ``destinations`` is answered 0xA801 by the
+handler itself (pynetdicom sends it when the handler yields no address).
+
+For the query/retrieve generators the status is yielded as the final response once the handler
+has yielded what pynetdicom needs first (C-MOVE: destination and count; C-GET: count). An error
+before that point is logged here and re-raised: pynetdicom then answers its own "unable to
+process" status (0xC4xx/0xC5xx), still a failure in the range PS3.4 gives.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from core.errors import ClientError, InvalidDicom, StorageFull
+
+LOGGER = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+OUT_OF_RESOURCES_IO = 0xA701
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+UNABLE_TO_PROCESS = 0xC001
+
+# Yields a handler makes before pynetdicom accepts a status as the final response.
+_PREAMBLE = {"C-ECHO": 0, "C-STORE": 0, "C-FIND": 0, "C-GET": 1, "C-MOVE": 2}
+
+
+def status_for(service: str, exc: BaseException) -> int:
+    """The failure status for ``exc`` raised while serving ``service`` (table above)."""
+    if service == "C-STORE":
+        if isinstance(exc, StorageFull):
+            return OUT_OF_RESOURCES
+        if isinstance(exc, InvalidDicom):
+            return CANNOT_UNDERSTAND
+        if isinstance(exc, OSError):
+            return OUT_OF_RESOURCES_IO
+        return UNABLE_TO_PROCESS
+    if isinstance(exc, ClientError):
+        return IDENTIFIER_DOES_NOT_MATCH
+    return UNABLE_TO_PROCESS
+
+
+def _log(service: str, status: int, exc: BaseException, event: Any) -> None:
+    peer = _peer(event)
+    expected = isinstance(exc, InvalidDicom | StorageFull | ClientError)
+    if expected:
+        LOGGER.warning("%s from %s: 0x%04X: %s", service, peer, status, exc)
+    else:
+        LOGGER.error("%s from %s: 0x%04X", service, peer, status, exc_info=exc)
+
+
+def _peer(event: Any) -> str:
+    try:
+        requestor = event.assoc.requestor
+        return f"{requestor.ae_title}@{requestor.address}"
+    except AttributeError:
+        return "?"
+
+
+def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an event handler so that what it raises becomes ``service``'s failure status."""
+
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isgeneratorfunction(handler):
+
+            @functools.wraps(handler)
+            def guarded_generator(*args: Any) -> Iterator[Any]:
+                event = args[-1]  # handlers may be methods: the event comes last
+                yielded = 0
+                inner = handler(*args)
+                while True:
+                    try:
+                        item = next(inner)
+                    except StopIteration:
+                        return
+                    except Exception as exc:
+                        status = status_for(service, exc)
+                        _log(service, status, exc, event)
+                        if yielded < _PREAMBLE[service]:
+                            raise
+                        yield status, None
+                        return
+                    yielded += 1
+                    yield item
+
+            return guarded_generator
+
+        @functools.wraps(handler)
+        def guarded(*args: Any) -> Any:
+            try:
+                return handler(*args)
+            except Exception as exc:
+                status = status_for(service, exc)
+                _log(service, status, exc, args[-1])
+                return status
+
+        return guarded
+
+    return decorate

@@ -1,0 +1,246 @@
+"""Series completion: a series is complete after a quiet period with no new instance.
+
+DIMSE has no "end of series" message (a C-STORE association may carry part of a series, or several
+series), so the node waits until a series has received nothing for ``quiet_seconds`` (the rule's,
+else ``NNUNET_NODE_SERIES_QUIET_S``), then routes it: every rule that matches makes one job.
+
+State is in the database, so a restart in the middle of a quiet period changes nothing:
+
+- ``Series.last_received_at`` is bumped by every ingest; ``Series.completion_handled_at`` is set to
+  the ``last_received_at`` that routing handled. A series is unhandled while
+  ``completion_handled_at < last_received_at``: later instances make it complete again.
+- A rule has fired for the current arrival when one of its jobs (``Job.route_name``) for this
+  series was created after ``last_received_at``; so a crash between creating the job and marking
+  the series handled does not make a second job.
+- For a later arrival, a rule with ``rerun: true`` (the default) runs again and marks its earlier
+  jobs superseded; with ``rerun: false`` the earlier job stands.
+
+Series of our own results (instances with source ``job``) never trigger rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import ClientError, NodeError
+from pipeline.routing import Route, RoutingTable, series_attributes
+from storage.db import unit_of_work
+from storage.models import Instance, Job, JobStatus, Series, Study
+
+LOGGER = logging.getLogger(__name__)
+
+TRIGGER_SOURCES = ("dimse", "stow")
+"""Instance sources that make a series routable; ``job`` (our results) and ``import`` do not."""
+SUPERSEDABLE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
+
+Submit = Callable[..., str]
+Supersede = Callable[[str, str], Any]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored datetime is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    pk: int
+    uid: str
+    study_uid: str
+    last_received_at: datetime
+    called_ae: str
+    calling_ae: str
+
+
+class CompletionWatcher:
+    """Routes complete series: ``check()`` does one pass, ``start()`` runs passes in a thread."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        archive_dir: Path,
+        routing: RoutingTable,
+        *,
+        submit: Submit,
+        supersede: Supersede,
+        default_quiet_s: float,
+        poll_s: float | None = None,
+    ) -> None:
+        self._sessions = session_factory
+        self._archive_dir = archive_dir
+        self._routing = routing
+        self._submit = submit
+        self._supersede = supersede
+        self._default_quiet_s = default_quiet_s
+        quiet = [r.quiet_period(default_quiet_s) for r in routing.routes] or [default_quiet_s]
+        self._min_quiet_s = min(quiet)
+        self._poll_s = poll_s if poll_s is not None else max(0.1, min(1.0, self._min_quiet_s / 4))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- one pass ------------------------------------------------------------------------
+    def check(self, now: datetime | None = None) -> list[str]:
+        """Route every series that is complete at ``now``; return the ids of the jobs made."""
+        now = now or utcnow()
+        made: list[str] = []
+        for candidate in self._candidates(now):
+            try:
+                made.extend(self._handle(candidate, now))
+            except Exception:
+                # Left unhandled: the next pass tries again (a locked database, a full disk).
+                LOGGER.exception("series %s: routing failed; will try again", candidate.uid)
+        return made
+
+    def _candidates(self, now: datetime) -> list[_Candidate]:
+        horizon = now - timedelta(seconds=self._min_quiet_s)
+        with self._sessions() as session:
+            rows = session.execute(
+                select(
+                    Series.id,
+                    Series.series_instance_uid,
+                    Study.study_instance_uid,
+                    Series.last_received_at,
+                    Series.called_ae,
+                    Series.calling_ae,
+                )
+                .join(Study, Series.study_pk == Study.id)
+                .where(
+                    or_(
+                        Series.completion_handled_at.is_(None),
+                        Series.completion_handled_at < Series.last_received_at,
+                    ),
+                    Series.last_received_at <= horizon,
+                )
+                .order_by(Series.last_received_at)
+                .limit(500)
+            ).all()
+        return [
+            _Candidate(pk, uid, study, as_utc(last), called or "", calling or "")
+            for pk, uid, study, last, called, calling in rows
+        ]
+
+    def _handle(self, series: _Candidate, now: datetime) -> list[str]:
+        source, header = self._first_instance(series)
+        made: list[str] = []
+        waiting = False
+        if source in TRIGGER_SOURCES and header is not None:
+            attributes = series_attributes(
+                header,
+                called_ae=series.called_ae,
+                calling_ae=series.calling_ae,
+                keywords=self._routing.match_keywords(),
+            )
+            for route in self._routing.matching(attributes):
+                quiet = route.quiet_period(self._default_quiet_s)
+                if series.last_received_at > now - timedelta(seconds=quiet):
+                    waiting = True  # this rule's quiet period is longer: come back later
+                    continue
+                job_id = self._fire(route, series, source)
+                if job_id:
+                    made.append(job_id)
+        if not waiting:
+            self._mark_handled(series)
+        return made
+
+    def _first_instance(self, series: _Candidate) -> tuple[str, pydicom.Dataset | None]:
+        """The source of the series' first instance and its header (no pixels)."""
+        with self._sessions() as session:
+            row = session.execute(
+                select(Instance.source, Instance.path)
+                .where(Instance.series_pk == series.pk)
+                .order_by(Instance.id)
+                .limit(1)
+            ).first()
+        if row is None:
+            return "", None
+        source, rel_path = row
+        if source not in TRIGGER_SOURCES:
+            return source, None
+        try:
+            header = pydicom.dcmread(self._archive_dir / rel_path, stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            LOGGER.error("series %s: cannot read %s: %s", series.uid, rel_path, exc)
+            return source, None
+        return source, header
+
+    def _fire(self, route: Route, series: _Candidate, source: str) -> str | None:
+        earlier: list[tuple[str, JobStatus]] = []
+        with self._sessions() as session:
+            jobs = session.execute(
+                select(Job.id, Job.status, Job.created_at, Job.series).where(
+                    Job.route_name == route.name,
+                    Job.study_instance_uid == series.study_uid,
+                )
+            ).all()
+        for job_id, status, created_at, job_series in jobs:
+            if series.uid not in (job_series or []):
+                continue
+            if as_utc(created_at) >= series.last_received_at:
+                return None  # already fired for this arrival (a crash before marking handled)
+            earlier.append((job_id, status))
+        if earlier and not route.rerun:
+            LOGGER.info(
+                "series %s: more instances; rule %s does not run again", series.uid, route.name
+            )
+            return None
+        try:
+            job_id = self._submit(
+                route.request(), source=source, series_uids=[series.uid], route_name=route.name
+            )
+        except ClientError as exc:
+            # The rule cannot make a valid job for this series; trying again will not help.
+            LOGGER.error("series %s: rule %s made no job: %s", series.uid, route.name, exc)
+            return None
+        LOGGER.info("series %s complete: rule %s queued job %s", series.uid, route.name, job_id)
+        for old_id, status in earlier:
+            if status in SUPERSEDABLE:
+                try:
+                    self._supersede(old_id, job_id)
+                except NodeError as exc:
+                    LOGGER.warning("job %s could not be superseded: %s", old_id, exc)
+        return job_id
+
+    def _mark_handled(self, series: _Candidate) -> None:
+        # Only if nothing arrived meanwhile: a newer last_received_at keeps the series unhandled.
+        with unit_of_work(self._sessions) as session:
+            session.execute(
+                update(Series)
+                .where(Series.id == series.pk)
+                .values(completion_handled_at=series.last_received_at)
+                .execution_options(synchronize_session=False)
+            )
+
+    # --- thread --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="series-completion", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            try:
+                self.check()
+            except Exception:
+                LOGGER.exception("series completion pass failed; trying again")

@@ -1,0 +1,58 @@
+"""The one table from exceptions to DIMSE statuses (PS3.4 B.2.3, C.4)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from core.errors import InvalidDicom, InvalidRequest, StorageFull
+from node.status import dimse_service, status_for
+
+
+@pytest.mark.parametrize(
+    ("service", "exc", "status"),
+    [
+        ("C-STORE", StorageFull("full"), 0xA700),
+        ("C-STORE", InvalidDicom("bad"), 0xC000),
+        ("C-STORE", OSError("disk"), 0xA701),
+        ("C-STORE", RuntimeError("bug"), 0xC001),
+        ("C-FIND", InvalidRequest("level"), 0xA900),
+        ("C-FIND", RuntimeError("bug"), 0xC001),
+        ("C-MOVE", InvalidRequest("uid"), 0xA900),
+        ("C-GET", RuntimeError("bug"), 0xC001),
+    ],
+)
+def test_status_for(service: str, exc: Exception, status: int) -> None:
+    assert status_for(service, exc) == status
+
+
+EVENT = SimpleNamespace(assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="X", address="h")))
+
+
+def test_plain_handler_returns_the_status() -> None:
+    @dimse_service("C-STORE")
+    def handler(event: object) -> int:
+        raise StorageFull("below the floor")
+
+    assert handler(EVENT) == 0xA700
+
+
+def test_generator_handler_ends_with_the_status_after_its_preamble() -> None:
+    @dimse_service("C-GET")
+    def handler(event: object):  # type: ignore[no-untyped-def]
+        yield 2
+        yield 0xFF00, "first"
+        raise RuntimeError("disk went away")
+
+    assert list(handler(EVENT)) == [2, (0xFF00, "first"), (0xC001, None)]
+
+
+def test_generator_error_before_the_preamble_is_left_to_pynetdicom() -> None:
+    @dimse_service("C-MOVE")
+    def handler(event: object):  # type: ignore[no-untyped-def]
+        raise InvalidRequest("no level")
+        yield
+
+    with pytest.raises(InvalidRequest):
+        list(handler(EVENT))
