@@ -238,7 +238,9 @@ def _insert_or_get(
     try:
         with session.begin_nested():
             result = session.connection().execute(insert(table).values(**key, **values))
-        return int(result.inserted_primary_key[0]), True
+        primary_key = result.inserted_primary_key
+        assert primary_key is not None
+        return int(primary_key[0]), True
     except IntegrityError:
         winner = session.connection().execute(select(table.c.id).where(*where)).scalar_one()
         return int(winner), False
@@ -446,7 +448,7 @@ class Archive:
         now = utcnow()
         calling_ae = _fit(Instance, "calling_ae", calling_ae.strip())
         called_ae = _fit(Instance, "called_ae", called_ae.strip())
-        arrival = {"last_received_at": now}
+        arrival: dict[str, Any] = {"last_received_at": now}
         if calling_ae or called_ae:
             arrival |= {"calling_ae": calling_ae, "called_ae": called_ae}
         with self.session_factory() as session, session.begin():

@@ -1,0 +1,222 @@
+"""Attribute matching for C-FIND and QIDO-RS (PS3.4 C.2.2.2, PS3.18 8.3.4) as small pure functions.
+
+Each function turns one query value into a SQLAlchemy condition on one column, or None for
+universal matching (an empty value, or a lone ``*``: C.2.2.2.3 and C.2.2.2.4). The kinds:
+
+- single value matching (C.2.2.2.1): equality; case-sensitive except for PN (person names),
+  which match case-insensitively as C.2.2.2.1 allows;
+- wildcard matching (C.2.2.2.4): ``*`` any sequence, ``?`` one character. SQL ``LIKE`` with
+  ``%``, ``_`` and the escape character escaped in the value, so they match only themselves. On
+  SQLite, whose ``LIKE`` ignores case, a ``GLOB`` pattern keeps the match case-sensitive (and can
+  use the column's index for a leading literal prefix);
+- range matching (C.2.2.2.5) for DA, TM and DT: ``A-B``, ``-B``, ``A-``; an upper bound of lower
+  precision includes the whole interval it names (``-1015`` includes ``101530``). Empty stored
+  values never match a range;
+- UID list matching (C.2.2.2.2): values separated by backslashes (and, for QIDO-RS, commas);
+- integers (IS) match by value.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, or_
+
+from core.errors import InvalidRequest
+
+LIKE_ESCAPE = "\\"
+
+
+class Kind(enum.Enum):
+    """How an attribute's values match, after its Value Representation."""
+
+    STRING = "string"  # CS, SH, LO, AE, ...: single value and wildcard matching
+    PN = "pn"  # person names: case-insensitive
+    UID = "uid"  # UI: single value and UID list matching
+    DATE = "date"  # DA: single value and range
+    TIME = "time"  # TM: single value (prefix) and range
+    DATETIME = "datetime"  # DT: single value (prefix) and range
+    INT = "int"  # IS, US: single value
+
+
+def is_universal(value: str | None) -> bool:
+    """Empty (C.2.2.2.3) or a lone ``*`` (C.2.2.2.4): every entity matches."""
+    return value is None or value.strip(" \x00") in ("", "*")
+
+
+def has_wildcards(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def wildcard_to_like(value: str, escape: str = LIKE_ESCAPE) -> str:
+    """A DICOM wildcard value as a SQL ``LIKE`` pattern (used with ``ESCAPE escape``)."""
+    out = []
+    for char in value:
+        if char in (escape, "%", "_"):
+            out.append(escape + char)
+        elif char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def wildcard_to_glob(value: str) -> str:
+    """A DICOM wildcard value as an SQLite ``GLOB`` pattern (``*`` and ``?`` mean the same;
+    only ``[`` needs escaping, as the one-character class ``[[]``)."""
+    return value.replace("[", "[[]")
+
+
+def split_values(value: str, *, commas: bool = False) -> list[str]:
+    """Backslash-separated values (PS3.5 6.4), also comma-separated for QIDO-RS UID lists."""
+    text = value.replace(",", "\\") if commas else value
+    return [part.strip(" \x00") for part in text.split("\\") if part.strip(" \x00")]
+
+
+def parse_range(value: str) -> tuple[str | None, str | None] | None:
+    """``A-B``, ``-B`` or ``A-`` as (lower, upper), either None when open; None when the value
+    is not a range. A value with more than one hyphen is refused."""
+    if "-" not in value:
+        return None
+    lower, _, upper = value.partition("-")
+    if "-" in upper:
+        raise InvalidRequest(f"{value!r} is not a valid range (PS3.4 C.2.2.2.5)")
+    return (lower.strip() or None, upper.strip() or None)
+
+
+def normalise_date(value: str) -> str:
+    """YYYYMMDD; the ACR-NEMA form YYYY.MM.DD is accepted."""
+    text = value.strip().replace(".", "")
+    if not (len(text) == 8 and text.isdigit()):
+        raise InvalidRequest(f"{value!r} is not a date (YYYYMMDD)")
+    return text
+
+
+def normalise_time(value: str) -> str:
+    """HHMMSS.FFFFFF with any precision from HH; the ACR-NEMA form HH:MM:SS is accepted."""
+    text = value.strip().replace(":", "")
+    digits = text.split(".", 1)
+    if not (digits[0].isdigit() and len(digits[0]) in (2, 4, 6)) or (
+        len(digits) == 2 and not digits[1].isdigit()
+    ):
+        raise InvalidRequest(f"{value!r} is not a time (HHMMSS.FFFFFF)")
+    return text
+
+
+def normalise_datetime(value: str) -> str:
+    """YYYY[MM[DD[HH[MM[SS[.F]]]]]]; a ``+`` UTC offset is dropped (a ``-`` offset cannot be
+    told from a range's hyphen, so queries must not use one)."""
+    text = value.strip().split("+", 1)[0]
+    head = text.split(".", 1)
+    if not (head[0].isdigit() and len(head[0]) in (4, 6, 8, 10, 12, 14)):
+        raise InvalidRequest(f"{value!r} is not a date-time (YYYYMMDDHHMMSS.FFFFFF)")
+    return text
+
+
+_NORMALISE = {
+    Kind.DATE: normalise_date,
+    Kind.TIME: normalise_time,
+    Kind.DATETIME: normalise_datetime,
+}
+
+
+def _upper_bound(value: str) -> str:
+    # "~" sorts after every digit and ".", so "-1015" includes 10:15:30 and "-2024" all of 2024.
+    return value + "~"
+
+
+def range_condition(column: Any, lower: str | None, upper: str | None) -> ColumnElement[bool]:
+    """C.2.2.2.5 on a text column holding DA, TM or DT values (they sort as they read)."""
+    parts: list[ColumnElement[bool]] = [column != ""]
+    if lower is not None:
+        parts.append(column >= lower)
+    if upper is not None:
+        parts.append(column <= _upper_bound(upper))
+    return and_(*parts)
+
+
+def wildcard_condition(
+    column: Any, value: str, *, dialect: str, case_sensitive: bool = True
+) -> ColumnElement[bool]:
+    """C.2.2.2.4 with the SQL pattern escaped; ``dialect`` picks GLOB on SQLite."""
+    if not case_sensitive:
+        return func.lower(column).like(wildcard_to_like(value.lower()), escape=LIKE_ESCAPE)
+    if dialect == "sqlite":
+        return column.op("GLOB")(wildcard_to_glob(value))
+    return column.like(wildcard_to_like(value), escape=LIKE_ESCAPE)
+
+
+def pn_condition(
+    column: Any, value: str, *, dialect: str, fuzzy: bool = False
+) -> ColumnElement[bool]:
+    """Person names, case-insensitive. ``fuzzy`` (QIDO-RS ``fuzzymatching=true``): the value
+    matches the start of any name component (family, given, middle...)."""
+    if fuzzy:
+        stem = value.rstrip("*")
+        pattern = wildcard_to_like(stem.lower())
+        lowered = func.lower(column)
+        return or_(
+            lowered.like(pattern + "%", escape=LIKE_ESCAPE),
+            lowered.like("%^" + pattern + "%", escape=LIKE_ESCAPE),
+            lowered.like("% " + pattern + "%", escape=LIKE_ESCAPE),
+        )
+    if has_wildcards(value):
+        return wildcard_condition(column, value, dialect=dialect, case_sensitive=False)
+    return func.lower(column) == value.lower()
+
+
+def uid_condition(column: Any, value: str) -> ColumnElement[bool]:
+    """C.2.2.2.2: one UID or a list of them."""
+    uids = split_values(value, commas=True)
+    if len(uids) == 1:
+        return column == uids[0]
+    return column.in_(uids)
+
+
+def value_condition(
+    column: Any,
+    value: str | None,
+    kind: Kind,
+    *,
+    dialect: str = "sqlite",
+    fuzzy: bool = False,
+) -> ColumnElement[bool] | None:
+    """The condition for one attribute of a query, or None for universal matching."""
+    if value is None or is_universal(value):
+        return None
+    text = value.strip(" \x00")
+    col = column  # typed loosely: the kinds below know their column types
+    if kind is Kind.UID:
+        return uid_condition(col, text)
+    if kind is Kind.INT:
+        try:
+            numbers = [int(v) for v in split_values(text)]
+        except ValueError as exc:
+            raise InvalidRequest(f"{value!r} is not an integer") from exc
+        return col == numbers[0] if len(numbers) == 1 else col.in_(numbers)
+    if kind is Kind.PN:
+        return pn_condition(col, text, dialect=dialect, fuzzy=fuzzy)
+    if kind in _NORMALISE:
+        normalise = _NORMALISE[kind]
+        bounds = parse_range(text)
+        if bounds is not None:
+            lower, upper = bounds
+            return range_condition(
+                col,
+                normalise(lower) if lower else None,
+                normalise(upper) if upper else None,
+            )
+        single = normalise(text)
+        if kind is Kind.DATE:
+            return col == single
+        # TM and DT: a value of lower precision names the whole interval (10 = 10:00-10:59).
+        return range_condition(col, single, single)
+    if has_wildcards(text):
+        return wildcard_condition(col, text, dialect=dialect)
+    values = split_values(text)
+    if len(values) > 1:
+        return col.in_(values)
+    return col == text

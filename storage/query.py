@@ -1,0 +1,624 @@
+"""Queries over the index for C-FIND (PS3.4 C.6) and QIDO-RS (PS3.18 10.6), and the file lists
+that C-MOVE, C-GET and WADO-RS send.
+
+A query is a mapping of DICOM keywords (or tags, ``0020000D``) to query values as they arrive
+(matching keys); :mod:`storage.matching` turns each into a condition. Keys that the index does
+not hold are not matched on (they come back empty, as PS3.4 C.2.2.1.2 allows for optional keys).
+Each ``find_*`` returns rows: dicts from keyword to value, one per entity, carrying the entity's
+attributes, those of the levels above it, and the computed attributes (ModalitiesInStudy,
+NumberOf...Related...). :func:`to_dataset` makes a response identifier of the requested keys.
+
+Speed at 100k+ instances: every matched attribute with an index (see storage/models.py), one
+SELECT for the page of entities, then one GROUP BY query per computed attribute for that page
+only (never one query per row).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from sqlalchemy import ColumnElement, Select, exists, func, select
+from sqlalchemy.orm import Session, aliased
+
+from core.errors import InvalidRequest
+from storage.matching import Kind, value_condition
+from storage.models import Instance, Patient, Series, Study
+
+LOGGER = logging.getLogger(__name__)
+
+Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
+Row = dict[str, Any]
+_CHUNK = 500  # keeps IN lists under SQLite's bound-parameter limit
+
+
+@dataclass(frozen=True)
+class Attribute:
+    keyword: str
+    level: Level
+    column: Any  # an ORM column attribute
+    kind: Kind
+
+
+def _attrs(level: Level, *items: tuple[str, Any, Kind]) -> dict[str, Attribute]:
+    return {kw: Attribute(kw, level, col, kind) for kw, col, kind in items}
+
+
+ATTRIBUTES: dict[str, Attribute] = {
+    **_attrs(
+        "PATIENT",
+        ("PatientID", Patient.patient_id, Kind.STRING),
+        ("IssuerOfPatientID", Patient.issuer_of_patient_id, Kind.STRING),
+        ("PatientName", Patient.patient_name, Kind.PN),
+        ("PatientBirthDate", Patient.patient_birth_date, Kind.DATE),
+        ("PatientSex", Patient.patient_sex, Kind.STRING),
+    ),
+    **_attrs(
+        "STUDY",
+        ("StudyInstanceUID", Study.study_instance_uid, Kind.UID),
+        ("StudyDate", Study.study_date, Kind.DATE),
+        ("StudyTime", Study.study_time, Kind.TIME),
+        ("AccessionNumber", Study.accession_number, Kind.STRING),
+        ("StudyID", Study.study_id, Kind.STRING),
+        ("StudyDescription", Study.study_description, Kind.STRING),
+        ("ReferringPhysicianName", Study.referring_physician_name, Kind.PN),
+    ),
+    **_attrs(
+        "SERIES",
+        ("SeriesInstanceUID", Series.series_instance_uid, Kind.UID),
+        ("Modality", Series.modality, Kind.STRING),
+        ("SeriesNumber", Series.series_number, Kind.INT),
+        ("SeriesDescription", Series.series_description, Kind.STRING),
+        ("BodyPartExamined", Series.body_part_examined, Kind.STRING),
+        ("SeriesDate", Series.series_date, Kind.DATE),
+        ("SeriesTime", Series.series_time, Kind.TIME),
+        ("FrameOfReferenceUID", Series.frame_of_reference_uid, Kind.UID),
+    ),
+    **_attrs(
+        "IMAGE",
+        ("SOPInstanceUID", Instance.sop_instance_uid, Kind.UID),
+        ("SOPClassUID", Instance.sop_class_uid, Kind.UID),
+        ("InstanceNumber", Instance.instance_number, Kind.INT),
+        ("Rows", Instance.rows, Kind.INT),
+        ("Columns", Instance.columns, Kind.INT),
+        ("NumberOfFrames", Instance.number_of_frames, Kind.INT),
+        ("AvailableTransferSyntaxUID", Instance.transfer_syntax_uid, Kind.UID),
+    ),
+}
+_ORDER: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+COMPUTED: dict[Level, tuple[str, ...]] = {
+    "PATIENT": (
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+    ),
+    "STUDY": (
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ),
+    "SERIES": ("NumberOfSeriesRelatedInstances",),
+    "IMAGE": (),
+}
+"""Computed attributes (PS3.4 C.3.4, C.3.5) available on rows of each level."""
+
+
+def keyword_of(key: str) -> str:
+    """A query key as a keyword: ``PatientID``, ``00100020`` and ``(0010,0020)`` alike."""
+    text = key.strip()
+    compact = text.strip("()").replace(",", "")
+    if len(compact) == 8 and all(c in "0123456789abcdefABCDEF" for c in compact):
+        keyword = keyword_for_tag(int(compact, 16))
+        if not keyword:
+            raise InvalidRequest(f"unknown attribute tag {key!r}")
+        return keyword
+    if tag_for_keyword(text) is None:
+        raise InvalidRequest(f"unknown attribute {key!r}")
+    return text
+
+
+def _normalise_query(query: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in query.items():
+        keyword = keyword_of(key)
+        if value is None:
+            continue
+        if isinstance(value, list | tuple):
+            value = "\\".join(str(v) for v in value)
+        out[keyword] = str(value)
+    return out
+
+
+def _conditions(
+    query: Mapping[str, str], levels: Collection[Level], *, dialect: str, fuzzy: bool
+) -> list[ColumnElement[bool]]:
+    conditions = []
+    for keyword, value in query.items():
+        attr = ATTRIBUTES.get(keyword)
+        if attr is None or attr.level not in levels:
+            continue
+        condition = value_condition(attr.column, value, attr.kind, dialect=dialect, fuzzy=fuzzy)
+        if condition is not None:
+            conditions.append(condition)
+    return conditions
+
+
+def _study_computed_conditions(
+    query: Mapping[str, str], *, dialect: str
+) -> list[ColumnElement[bool]]:
+    """ModalitiesInStudy and SOPClassesInStudy as keys: a study matches when one of its
+    series (instances) matches one of the values."""
+    out: list[ColumnElement[bool]] = []
+    modalities = query.get("ModalitiesInStudy")
+    inner = aliased(Series)
+    cond = value_condition(inner.modality, modalities, Kind.STRING, dialect=dialect)
+    if cond is not None:
+        out.append(exists().where(inner.study_pk == Study.id, cond))
+    classes = query.get("SOPClassesInStudy")
+    s2, i2 = aliased(Series), aliased(Instance)
+    cond = value_condition(i2.sop_class_uid, classes, Kind.UID, dialect=dialect)
+    if cond is not None:
+        out.append(exists().where(s2.study_pk == Study.id, i2.series_pk == s2.id, cond))
+    return out
+
+
+def _columns(levels: Iterable[Level]) -> list[Any]:
+    return [a.column.label(a.keyword) for a in ATTRIBUTES.values() if a.level in levels]
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _page(stmt: Select[Any], limit: int | None, offset: int) -> Select[Any]:
+    if offset < 0 or (limit is not None and limit < 0):
+        raise InvalidRequest("limit and offset must not be negative")
+    if offset:
+        stmt = stmt.offset(offset)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return stmt
+
+
+def _rows(session: Session, stmt: Select[Any]) -> list[Row]:
+    rows = []
+    for record in session.execute(stmt):
+        row = dict(record._mapping)
+        row["InstanceAvailability"] = "ONLINE"
+        rows.append(row)
+    return rows
+
+
+def _chunks(values: Sequence[int]) -> Iterable[Sequence[int]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _grouped(session: Session, stmt_for: Any, keys: Sequence[int]) -> dict[int, Any]:
+    """Run a GROUP BY query (``stmt_for(chunk)``) over the page's keys, chunk by chunk."""
+    out: dict[int, Any] = {}
+    for chunk in _chunks(keys):
+        for key, value in session.execute(stmt_for(chunk)):
+            out[key] = value
+    return out
+
+
+def _wanted(include: Collection[str] | None, level: Level) -> set[str]:
+    """The computed attributes to add: all of the level's when ``include`` is None, else only
+    those named (QIDO-RS passes its requested fields so that nothing unasked is counted)."""
+    names = set(COMPUTED[level])
+    return names if include is None else names & set(include)
+
+
+# --- the four levels -------------------------------------------------------------------------
+
+
+def find_patients(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """PATIENT level (Patient Root C-FIND): patients with a matching key, by arrival."""
+    q = _normalise_query(query)
+    conds = _conditions(q, {"PATIENT"}, dialect=_dialect(session), fuzzy=fuzzy)
+    stmt = select(Patient.id.label("_pk"), *_columns(("PATIENT",))).where(*conds)
+    rows = _rows(session, _page(stmt.order_by(Patient.id), limit, offset))
+    wanted = _wanted(include, "PATIENT")
+    pks = [r["_pk"] for r in rows]
+    counts: dict[str, dict[int, Any]] = {}
+    if "NumberOfPatientRelatedStudies" in wanted:
+        counts["NumberOfPatientRelatedStudies"] = _grouped(
+            session,
+            lambda c: (
+                select(Study.patient_pk, func.count())
+                .where(Study.patient_pk.in_(c))
+                .group_by(Study.patient_pk)
+            ),
+            pks,
+        )
+    if "NumberOfPatientRelatedSeries" in wanted:
+        counts["NumberOfPatientRelatedSeries"] = _grouped(
+            session,
+            lambda c: (
+                select(Study.patient_pk, func.count())
+                .join(Series, Series.study_pk == Study.id)
+                .where(Study.patient_pk.in_(c))
+                .group_by(Study.patient_pk)
+            ),
+            pks,
+        )
+    if "NumberOfPatientRelatedInstances" in wanted:
+        counts["NumberOfPatientRelatedInstances"] = _grouped(
+            session,
+            lambda c: (
+                select(Study.patient_pk, func.count())
+                .join(Series, Series.study_pk == Study.id)
+                .join(Instance, Instance.series_pk == Series.id)
+                .where(Study.patient_pk.in_(c))
+                .group_by(Study.patient_pk)
+            ),
+            pks,
+        )
+    for row in rows:
+        for name, by_pk in counts.items():
+            row[name] = by_pk.get(row["_pk"], 0)
+    return rows
+
+
+def find_studies(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """STUDY level (C-FIND both roots, QIDO-RS ``/studies``): patient and study keys match,
+    plus ModalitiesInStudy and SOPClassesInStudy. Ordered by arrival (stable for paging)."""
+    q = _normalise_query(query)
+    dialect = _dialect(session)
+    conds = _conditions(q, ("PATIENT", "STUDY"), dialect=dialect, fuzzy=fuzzy)
+    conds += _study_computed_conditions(q, dialect=dialect)
+    stmt = (
+        select(Study.id.label("_pk"), *_columns(("PATIENT", "STUDY")))
+        .join(Patient, Patient.id == Study.patient_pk)
+        .where(*conds)
+        .order_by(Study.id)
+    )
+    rows = _rows(session, _page(stmt, limit, offset))
+    _add_study_computed(session, rows, _wanted(include, "STUDY"), pk_key="_pk")
+    return rows
+
+
+def _add_study_computed(session: Session, rows: list[Row], wanted: set[str], pk_key: str) -> None:
+    pks = sorted({r[pk_key] for r in rows})
+    if not pks or not wanted:
+        return
+    values: dict[str, dict[int, Any]] = {}
+    if "NumberOfStudyRelatedSeries" in wanted:
+        values["NumberOfStudyRelatedSeries"] = _grouped(
+            session,
+            lambda c: (
+                select(Series.study_pk, func.count())
+                .where(Series.study_pk.in_(c))
+                .group_by(Series.study_pk)
+            ),
+            pks,
+        )
+    if "NumberOfStudyRelatedInstances" in wanted:
+        values["NumberOfStudyRelatedInstances"] = _grouped(
+            session,
+            lambda c: (
+                select(Series.study_pk, func.count())
+                .join(Instance, Instance.series_pk == Series.id)
+                .where(Series.study_pk.in_(c))
+                .group_by(Series.study_pk)
+            ),
+            pks,
+        )
+    if "ModalitiesInStudy" in wanted:
+        modalities: dict[int, list[str]] = defaultdict(list)
+        for chunk in _chunks(pks):
+            stmt = (
+                select(Series.study_pk, Series.modality)
+                .where(Series.study_pk.in_(chunk), Series.modality != "")
+                .group_by(Series.study_pk, Series.modality)
+                .order_by(Series.study_pk, Series.modality)
+            )
+            for pk, modality in session.execute(stmt):
+                modalities[pk].append(modality)
+        values["ModalitiesInStudy"] = modalities
+    if "SOPClassesInStudy" in wanted:
+        classes: dict[int, list[str]] = defaultdict(list)
+        for chunk in _chunks(pks):
+            stmt = (
+                select(Series.study_pk, Instance.sop_class_uid)
+                .join(Instance, Instance.series_pk == Series.id)
+                .where(Series.study_pk.in_(chunk))
+                .group_by(Series.study_pk, Instance.sop_class_uid)
+                .order_by(Series.study_pk, Instance.sop_class_uid)
+            )
+            for pk, uid in session.execute(stmt):
+                classes[pk].append(uid)
+        values["SOPClassesInStudy"] = classes
+    for row in rows:
+        for name, by_pk in values.items():
+            default: Any = [] if name in ("ModalitiesInStudy", "SOPClassesInStudy") else 0
+            row[name] = by_pk.get(row[pk_key], default)
+
+
+def find_series(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """SERIES level (C-FIND, QIDO-RS ``/series`` and ``/studies/{study}/series``): patient,
+    study and series keys match. Rows carry the study's attributes too. Ordered by study, then
+    Series Number, then arrival."""
+    q = _normalise_query(query)
+    dialect = _dialect(session)
+    conds = _conditions(q, ("PATIENT", "STUDY", "SERIES"), dialect=dialect, fuzzy=fuzzy)
+    conds += _study_computed_conditions(q, dialect=dialect)
+    stmt = (
+        select(
+            Series.id.label("_pk"),
+            Study.id.label("_study_pk"),
+            *_columns(("PATIENT", "STUDY", "SERIES")),
+        )
+        .join(Study, Study.id == Series.study_pk)
+        .join(Patient, Patient.id == Study.patient_pk)
+        .where(*conds)
+        .order_by(Series.study_pk, Series.series_number, Series.id)
+    )
+    rows = _rows(session, _page(stmt, limit, offset))
+    if "NumberOfSeriesRelatedInstances" in _wanted(include, "SERIES") and rows:
+        counts = _grouped(
+            session,
+            lambda c: (
+                select(Instance.series_pk, func.count())
+                .where(Instance.series_pk.in_(c))
+                .group_by(Instance.series_pk)
+            ),
+            [r["_pk"] for r in rows],
+        )
+        for row in rows:
+            row["NumberOfSeriesRelatedInstances"] = counts.get(row["_pk"], 0)
+    _add_study_computed(session, rows, _wanted(include, "STUDY"), pk_key="_study_pk")
+    return rows
+
+
+def find_instances(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """IMAGE level (C-FIND, QIDO-RS ``/instances`` and the study- and series-scoped forms):
+    every level's keys match. Rows carry the series and study attributes too, and ``_path``
+    (relative to the archive). Within one series ordered by Instance Number, else by arrival."""
+    q = _normalise_query(query)
+    dialect = _dialect(session)
+    conds = _conditions(q, _ORDER, dialect=dialect, fuzzy=fuzzy)
+    conds += _study_computed_conditions(q, dialect=dialect)
+    one_series = "SeriesInstanceUID" in q and "\\" not in q["SeriesInstanceUID"]
+    order = (Instance.instance_number, Instance.id) if one_series else (Instance.id,)
+    stmt = (
+        select(
+            Instance.id.label("_pk"),
+            Series.id.label("_series_pk"),
+            Study.id.label("_study_pk"),
+            Instance.path.label("_path"),
+            Instance.size_bytes.label("_size"),
+            *_columns(_ORDER),
+        )
+        .join(Series, Series.id == Instance.series_pk)
+        .join(Study, Study.id == Series.study_pk)
+        .join(Patient, Patient.id == Study.patient_pk)
+        .where(*conds)
+        .order_by(*order)
+    )
+    rows = _rows(session, _page(stmt, limit, offset))
+    if "NumberOfSeriesRelatedInstances" in _wanted(include, "SERIES") and rows:
+        counts = _grouped(
+            session,
+            lambda c: (
+                select(Instance.series_pk, func.count())
+                .where(Instance.series_pk.in_(c))
+                .group_by(Instance.series_pk)
+            ),
+            sorted({r["_series_pk"] for r in rows}),
+        )
+        for row in rows:
+            row["NumberOfSeriesRelatedInstances"] = counts.get(row["_series_pk"], 0)
+    _add_study_computed(session, rows, _wanted(include, "STUDY"), pk_key="_study_pk")
+    return rows
+
+
+def find(
+    session: Session,
+    level: str,
+    query: Mapping[str, Any],
+    **options: Any,
+) -> list[Row]:
+    """C-FIND at ``level`` (the Query/Retrieve Level, PS3.4 C.4.1.1.3.1)."""
+    finders = {
+        "PATIENT": find_patients,
+        "STUDY": find_studies,
+        "SERIES": find_series,
+        "IMAGE": find_instances,
+    }
+    finder = finders.get(level.strip().upper())
+    if finder is None:
+        raise InvalidRequest(f"unknown query/retrieve level {level!r}")
+    return finder(session, query, **options)
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC"}
+_TEXT_VRS |= {"UI", "UR", "UT"}
+
+
+def to_dataset(row: Mapping[str, Any], keys: Iterable[str]) -> Dataset:
+    """A response identifier with the requested keys: the row's value, or an empty value when
+    the index does not hold the attribute (PS3.4 C.4.1.1.3.2). Rows' private ``_`` keys and
+    unknown keywords are skipped. Non-ASCII text sets Specific Character Set to UTF-8."""
+    ds = Dataset()
+    non_ascii = False
+    for key in keys:
+        if key.startswith("_"):
+            continue
+        try:
+            keyword = keyword_of(key)
+        except InvalidRequest:
+            continue
+        if keyword in ("SpecificCharacterSet", "QueryRetrieveLevel"):
+            continue
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        vr = dictionary_VR(tag)
+        if vr == "SQ":
+            ds.add_new(tag, vr, [])
+            continue
+        value = row.get(keyword)
+        if value is None or value == "" or value == []:
+            ds.add_new(tag, vr, "" if vr in _TEXT_VRS else None)
+            continue
+        if isinstance(value, str) and not value.isascii():
+            non_ascii = True
+        if vr == "IS" and isinstance(value, int):
+            value = str(value)
+        ds.add_new(tag, vr, value)
+    if non_ascii:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+# --- retrieve --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One file to send (C-MOVE, C-GET, WADO-RS)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: str
+    """Relative to the archive folder."""
+    size_bytes: int
+
+
+_RETRIEVE_KEY = {
+    "PATIENT": Patient.patient_id,
+    "STUDY": Study.study_instance_uid,
+    "SERIES": Series.series_instance_uid,
+    "IMAGE": Instance.sop_instance_uid,
+}
+
+
+def instance_refs(
+    session: Session,
+    level: str,
+    uids: str | Sequence[str],
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+) -> list[InstanceRef]:
+    """Every instance under the entities named by ``uids`` at ``level`` (PATIENT: Patient IDs;
+    STUDY, SERIES, IMAGE: UIDs), ordered by study, series number and instance number.
+    ``study_uid``/``series_uid`` narrow the search, as a C-MOVE identifier or a WADO-RS URL
+    does (``/studies/{s}/series/{x}``)."""
+    column = _RETRIEVE_KEY.get(level.strip().upper())
+    if column is None:
+        raise InvalidRequest(f"unknown query/retrieve level {level!r}")
+    values = [uids] if isinstance(uids, str) else list(uids)
+    values = [v for value in values for v in value.replace(",", "\\").split("\\") if v]
+    if not values:
+        return []
+    out: list[InstanceRef] = []
+    for start in range(0, len(values), _CHUNK):
+        stmt = (
+            select(
+                Instance.sop_instance_uid,
+                Instance.sop_class_uid,
+                Instance.transfer_syntax_uid,
+                Series.series_instance_uid,
+                Study.study_instance_uid,
+                Instance.path,
+                Instance.size_bytes,
+            )
+            .join(Series, Series.id == Instance.series_pk)
+            .join(Study, Study.id == Series.study_pk)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(column.in_(values[start : start + _CHUNK]))
+            .order_by(Study.id, Series.series_number, Series.id)
+            .order_by(Instance.instance_number, Instance.id)
+        )
+        if study_uid:
+            stmt = stmt.where(Study.study_instance_uid == study_uid)
+        if series_uid:
+            stmt = stmt.where(Series.series_instance_uid == series_uid)
+        out.extend(InstanceRef(*record) for record in session.execute(stmt))
+    return out
+
+
+def instance_paths(
+    session: Session, level: str, uids: str | Sequence[str], **narrow: str | None
+) -> list[Path]:
+    """The files (relative to the archive folder) under the named entities; see
+    :func:`instance_refs`."""
+    return [Path(ref.path) for ref in instance_refs(session, level, uids, **narrow)]
+
+
+def instance_files(
+    session: Session,
+    archive_root: Path,
+    level: str,
+    uids: str | Sequence[str],
+    **narrow: str | None,
+) -> list[Path]:
+    """Absolute paths of the files under the named entities; see :func:`instance_refs`."""
+    return [Path(archive_root) / ref.path for ref in instance_refs(session, level, uids, **narrow)]
+
+
+__all__ = [
+    "ATTRIBUTES",
+    "COMPUTED",
+    "InstanceRef",
+    "Level",
+    "Row",
+    "find",
+    "find_instances",
+    "find_patients",
+    "find_series",
+    "find_studies",
+    "instance_files",
+    "instance_paths",
+    "instance_refs",
+    "keyword_of",
+    "to_dataset",
+]
