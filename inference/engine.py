@@ -1,0 +1,473 @@
+"""Runs a :class:`~inference.request.Plan`: series in, one label map (and files) per stage out.
+
+nnU-Net is called in-process: its preprocessor and ``predict_logits_from_preprocessed_data`` on a
+predictor from the :class:`~inference.cache.PredictorCache`, never ``predict_from_files`` (it spawns
+worker processes, which die inside daemon threads and services; nnU-Net issues #2744, #1572). The
+predictor's network holds one fold's weights at a time, so each loaded predictor has a lock; its
+mirroring setting is part of the cache key, so no request changes another's ``use_mirroring``.
+
+Outputs of stage ``i`` go to ``<output_dir>/stage_<i>/`` (``prediction[_suffix].nii.gz``,
+``proba[_suffix].nii.gz``, ``input_<j>[_suffix].nii.gz``), all in the geometry of the stage's first
+input. Each stage is written under ``tmp_dir`` first and moved into place when complete, so a failed or
+cancelled job leaves no half-written stage. Paths were checked by the caller; nothing is written
+outside ``output_dir`` except the scratch folder under ``tmp_dir`` (inside ``output_dir`` unless the
+request gave an absolute path), which is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from core.errors import InferenceError, InvalidRequest, JobCancelled
+from inference.cache import PredictorCache
+from inference.device import DevicePolicy
+from inference.postprocess import ComponentFilter, filter_components, labels_from_probabilities
+from inference.request import InputRef, Plan, Stage
+from inference.volumes import (
+    Series,
+    array_onto_grid,
+    bounding_box,
+    intersect_boxes,
+    onto_grid,
+    read_series,
+    to_image,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class StageResult:
+    """What one stage produced. ``labels[i]`` is the label value of ``probabilities[i + 1]``
+    (channel 0 is background); with ``class_idx`` only the kept classes are there."""
+
+    index: int
+    model_id: str
+    folder: Path
+    prediction: sitk.Image
+    probabilities: np.ndarray | None
+    labels: list[int]
+    files: dict[str, list[Path]]
+    is_dicom: bool
+    source_dicom_files: list[Path]
+    options: Stage
+    dropped_components: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label_array(self) -> np.ndarray:
+        return sitk.GetArrayFromImage(self.prediction)
+
+
+@dataclass
+class LoadedModel:
+    """A ready predictor and the lock that serialises its use (its network holds one fold at a time)."""
+
+    predictor: Any
+    lock: threading.Lock
+    label_values: list[int]
+    has_regions: bool
+    device: torch.device
+
+
+def cache_key(stage: Stage, device: torch.device) -> tuple[Any, ...]:
+    return (
+        str(stage.model.folder),
+        tuple(str(f) for f in stage.use_folds),
+        stage.checkpoint_name,
+        stage.tta,
+        str(device),
+    )
+
+
+def load_model(
+    folder: Path, folds: tuple[int | str, ...], checkpoint: str, tta: bool, device: torch.device
+) -> LoadedModel:
+    """An initialised ``nnUNetPredictor`` for the model folder (slow: reads the checkpoints)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=tta,
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    try:
+        predictor.initialize_from_trained_model_folder(
+            str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint
+        )
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        raise InferenceError(f"cannot load the model in {folder}: {exc}") from exc
+    label_manager = predictor.label_manager
+    values = [int(v) for v in label_manager.all_labels]
+    return LoadedModel(
+        predictor=predictor,
+        lock=threading.Lock(),
+        label_values=values,
+        has_regions=bool(label_manager.has_regions),
+        device=device,
+    )
+
+
+class InferenceEngine:
+    """Runs plans with predictors from ``cache`` on the devices ``device_policy`` picks."""
+
+    def __init__(
+        self,
+        cache: PredictorCache,
+        device_policy: DevicePolicy,
+        *,
+        loader: Callable[..., LoadedModel] = load_model,
+    ) -> None:
+        self.cache = cache
+        self.device_policy = device_policy
+        self._loader = loader
+
+    # --- public -------------------------------------------------------------------------------
+    def model_for(self, stage: Stage, should_stop: Callable[[], bool] | None = None) -> LoadedModel:
+        device = self.device_policy.choose(stage.model.min_mem, should_stop=should_stop)
+        return self.cache.get(
+            cache_key(stage, device),
+            lambda: self._loader(
+                stage.model.folder, stage.use_folds, stage.checkpoint_name, stage.tta, device
+            ),
+        )
+
+    def run(
+        self,
+        plan: Plan,
+        study_path: Path,
+        output_dir: Path,
+        *,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[StageResult]:
+        """Run every stage in order; raise :class:`JobCancelled` when ``should_stop()`` turns true."""
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp_root = Path(plan.tmp_dir)
+        if not tmp_root.is_absolute():
+            tmp_root = output_dir / tmp_root
+        made_tmp_root = not tmp_root.exists()
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="run-", dir=tmp_root))
+        need_proba = {r.stage for s in plan.stages for r in s.inputs if r.channel is not None}
+        run = _Run(
+            self, plan, Path(study_path), output_dir, scratch, need_proba, progress, should_stop
+        )
+        try:
+            return [run.stage(stage) for stage in plan.stages]
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if made_tmp_root:
+                try:
+                    tmp_root.rmdir()
+                except OSError:
+                    pass
+
+
+class _Run:
+    """The state of one :meth:`InferenceEngine.run` call."""
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        plan: Plan,
+        study_path: Path,
+        output_dir: Path,
+        scratch: Path,
+        need_proba: set[int | None],
+        progress: Progress | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.study_path = study_path
+        self.output_dir = output_dir
+        self.scratch = scratch
+        self.need_proba = need_proba
+        self._progress = progress
+        self._should_stop = should_stop
+        self.results: list[StageResult] = []
+        self._series_cache: dict[Path, Series] = {}
+
+    # --- helpers ------------------------------------------------------------------------------
+    def report(self, stage: Stage, step: str, within: float) -> None:
+        if self._should_stop is not None and self._should_stop():
+            raise JobCancelled(f"cancelled during stage {stage.index} ({stage.model.id}) at {step}")
+        if self._progress is not None:
+            n = len(self.plan.stages)
+            self._progress(
+                {
+                    "stage": stage.index,
+                    "stages": n,
+                    "model": stage.model.id,
+                    "step": step,
+                    "fraction": round((stage.index + within) / n, 4),
+                }
+            )
+
+    def path(self, raw: str) -> Path:
+        p = Path(raw).expanduser()
+        return p if p.is_absolute() else self.study_path / p
+
+    def series(self, raw: str, what: str) -> Series:
+        path = self.path(raw)
+        if path not in self._series_cache:
+            self._series_cache[path] = read_series(path, what=what)
+        return self._series_cache[path]
+
+    def mask(self, raw: str, reference: sitk.Image, what: str) -> np.ndarray:
+        image = self.series(raw, what).image
+        return sitk.GetArrayFromImage(onto_grid(image, reference, is_mask=True)) > 0
+
+    def upstream_mask(self, ref_stage: int, label: int | None, reference: sitk.Image) -> np.ndarray:
+        result = self.results[ref_stage]
+        arr = result.label_array
+        mask = (arr == label) if label is not None else (arr > 0)
+        return (
+            array_onto_grid(mask.astype(np.uint8), result.prediction, reference, is_mask=True) > 0
+        )
+
+    # --- one stage ------------------------------------------------------------------------------
+    def stage(self, stage: Stage) -> StageResult:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.report(stage, "load", 0.0)
+        where = f"series_folders[{stage.index}]"
+        first = self.series(stage.inputs[0].raw, f"{where}[0]")
+        reference = first.image
+        channels: list[np.ndarray] = []
+        input_images: list[sitk.Image] = []
+        for j, ref in enumerate(stage.inputs):
+            image = self.input_image(ref, reference, f"{where}[{j}]")
+            input_images.append(image)
+            channels.append(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
+        data = np.stack(channels)
+        spacing_zyx = tuple(float(s) for s in reversed(reference.GetSpacing()))
+        shape = data.shape[1:]
+
+        # Masks that crop the input or filter the output, all on this stage's grid.
+        upstream: np.ndarray | None = None
+        if stage.upstream:
+            labels_by_stage = {r.stage: r.label for r in stage.inputs if r.stage is not None}
+            upstream = np.zeros(shape, dtype=bool)
+            for u in stage.upstream:
+                upstream |= self.upstream_mask(u, labels_by_stage.get(u), reference)
+        crop_mask = (
+            self.mask(stage.crop_from, reference, f"crop_from[{stage.index}]")
+            if stage.crop_from
+            else None
+        )
+        intersect_masks: list[np.ndarray] = []
+        if stage.intersect_with:
+            intersect_masks.append(
+                self.mask(stage.intersect_with, reference, f"intersect_with[{stage.index}]")
+            )
+        if upstream is not None and stage.cascade_mode == "intersect":
+            intersect_masks.append(upstream)
+        box: tuple[slice, slice, slice] | None = (
+            slice(0, shape[0]),
+            slice(0, shape[1]),
+            slice(0, shape[2]),
+        )
+        if crop_mask is not None:
+            box = intersect_boxes(box, bounding_box(crop_mask, stage.crop_padding))
+        if upstream is not None and stage.cascade_mode == "crop":
+            box = intersect_boxes(box, bounding_box(upstream, stage.crop_padding))
+        timings["load_s"] = time.perf_counter() - t0
+
+        # Prediction.
+        want_proba = (
+            stage.save_proba_map
+            or stage.proba_threshold is not None
+            or stage.min_confidence is not None
+            or stage.class_idx is not None
+            or stage.index in self.need_proba
+        )
+        self.report(stage, "model", 0.1)
+        t1 = time.perf_counter()
+        model = self.engine.model_for(stage, self._should_stop)
+        timings["model_s"] = time.perf_counter() - t1
+        if stage.class_idx is not None and model.has_regions:
+            raise InvalidRequest(
+                f"class_idx: model {stage.model.id!r} is region-based; class filtering applies to "
+                "label-based models only"
+            )
+        values = [0, *stage.class_idx] if stage.class_idx is not None else list(model.label_values)
+        self.report(stage, "predict", 0.2)
+        t2 = time.perf_counter()
+        label_map = np.zeros(shape, dtype=np.uint16)
+        probabilities: np.ndarray | None = None
+        if want_proba:
+            probabilities = np.zeros((len(values), *shape), dtype=np.float32)
+            probabilities[0] = 1.0
+        if box is not None:
+            cropped = data[(slice(None), *box)]
+            seg, proba = self.predict(model, cropped, spacing_zyx, stage, values, want_proba)
+            label_map[box] = seg
+            if probabilities is not None and proba is not None:
+                probabilities[(slice(None), *box)] = proba
+        timings["predict_s"] = time.perf_counter() - t2
+
+        # Post-processing.
+        self.report(stage, "postprocess", 0.8)
+        dropped: dict[str, int] = {}
+        if probabilities is not None and not model.has_regions:
+            label_map = labels_from_probabilities(probabilities, values, stage.proba_threshold)
+        if stage.filter_components or intersect_masks:
+            label_map, dropped = filter_components(
+                label_map,
+                probabilities,
+                values,
+                ComponentFilter(
+                    threshold=stage.proba_threshold,
+                    min_confidence=stage.min_confidence,
+                    smaller_than=stage.remove_objects_smaller_than,
+                    min_intersection=stage.min_intersection,
+                ),
+                intersect_masks,
+            )
+        dtype = np.uint8 if max(values) < 256 else np.uint16
+        prediction = to_image(label_map.astype(dtype), reference)
+
+        # Outputs.
+        self.report(stage, "write", 0.9)
+        t3 = time.perf_counter()
+        files = self.write(stage, prediction, probabilities, input_images)
+        timings["write_s"] = time.perf_counter() - t3
+        timings["total_s"] = time.perf_counter() - t0
+        result = StageResult(
+            index=stage.index,
+            model_id=stage.model.id,
+            folder=self.output_dir / f"stage_{stage.index}",
+            prediction=prediction,
+            probabilities=probabilities,
+            labels=values[1:],
+            files=files,
+            is_dicom=first.is_dicom,
+            source_dicom_files=list(first.dicom_files),
+            options=stage,
+            dropped_components=dropped,
+            timings=timings,
+        )
+        self.results.append(result)
+        self.report(stage, "done", 1.0)
+        return result
+
+    def input_image(self, ref: InputRef, reference: sitk.Image, what: str) -> sitk.Image:
+        if ref.path is not None:
+            image = self.series(ref.path, what).image
+            return onto_grid(image, reference, is_mask=False)
+        assert ref.stage is not None
+        result = self.results[ref.stage]
+        if ref.channel is not None:
+            if result.probabilities is None:  # pragma: no cover - need_proba guarantees them
+                raise InferenceError(f"{what}: stage {ref.stage} kept no probabilities")
+            if ref.channel >= result.probabilities.shape[0]:
+                raise InvalidRequest(
+                    f"{what}: {ref.raw!r}: stage {ref.stage} has "
+                    f"{result.probabilities.shape[0]} probability channels"
+                )
+            source = to_image(result.probabilities[ref.channel], result.prediction)
+            return onto_grid(source, reference, is_mask=False)
+        arr = result.label_array
+        if ref.label is not None:
+            arr = (arr == ref.label).astype(np.uint8)
+        source = to_image(arr, result.prediction)
+        return sitk.Cast(onto_grid(source, reference, is_mask=True), sitk.sitkFloat32)
+
+    def predict(
+        self,
+        model: LoadedModel,
+        data: np.ndarray,
+        spacing_zyx: tuple[float, ...],
+        stage: Stage,
+        values: list[int],
+        want_proba: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """nnU-Net's own preprocessing and sliding window, in this process."""
+        from nnunetv2.inference.export_prediction import (
+            convert_predicted_logits_to_segmentation_with_correct_shape,
+        )
+
+        predictor = model.predictor
+        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        pre, _, props = preprocessor.run_case_npy(
+            data,
+            None,
+            {"spacing": list(spacing_zyx)},
+            predictor.plans_manager,
+            predictor.configuration_manager,
+            predictor.dataset_json,
+        )
+        with model.lock:
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(pre)).cpu()
+        if stage.class_idx is not None:
+            channels = [model.label_values.index(v) for v in values]
+            logits = logits[channels]
+        out = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits,
+            predictor.plans_manager,
+            predictor.configuration_manager,
+            predictor.label_manager,
+            props,
+            return_probabilities=want_proba,
+            num_threads_torch=torch.get_num_threads(),
+        )
+        if want_proba:
+            seg, proba = out
+            lookup = np.asarray(values, dtype=np.uint16)
+            return lookup[np.asarray(seg)], np.asarray(proba, dtype=np.float32)
+        return np.asarray(out), None
+
+    def write(
+        self,
+        stage: Stage,
+        prediction: sitk.Image,
+        probabilities: np.ndarray | None,
+        inputs: list[sitk.Image],
+    ) -> dict[str, list[Path]]:
+        suffix = f"_{self.plan.suffix}" if self.plan.suffix else ""
+        name = f"stage_{stage.index}"
+        work = self.scratch / name
+        work.mkdir(parents=True)
+        final = self.output_dir / name
+        files: dict[str, list[Path]] = {
+            "nifti_prediction": [],
+            "nifti_proba": [],
+            "nifti_inputs": [],
+        }
+        sitk.WriteImage(prediction, str(work / f"prediction{suffix}.nii.gz"), useCompression=True)
+        files["nifti_prediction"].append(final / f"prediction{suffix}.nii.gz")
+        if stage.save_proba_map and probabilities is not None:
+            image = to_image(probabilities, prediction)
+            sitk.WriteImage(image, str(work / f"proba{suffix}.nii.gz"), useCompression=True)
+            files["nifti_proba"].append(final / f"proba{suffix}.nii.gz")
+        if self.plan.save_nifti_inputs:
+            for j, image in enumerate(inputs):
+                file_name = f"input_{j}{suffix}.nii.gz"
+                sitk.WriteImage(image, str(work / file_name), useCompression=True)
+                files["nifti_inputs"].append(final / file_name)
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.move(str(work), str(final))
+        return files
