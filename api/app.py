@@ -22,6 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from api.deps import API_KEY_HEADER, require_api_key
+from api.dicomweb import router as dicomweb_router
 from api.errors import install_error_handlers
 from api.middleware import CatchAllMiddleware, RateLimitMiddleware
 from api.routes import health, infer, jobs, models
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, dependencies=protected)
     app.include_router(infer.router, dependencies=protected)
     app.include_router(jobs.router, dependencies=protected)
+    app.include_router(dicomweb_router, dependencies=protected)  # carries /dicom-web
 
     # Added innermost first: CORS wraps the rate limit, which wraps the catch-all, so that 429 and
     # 500 answers carry CORS headers too and a browser client (OHIF) can read them.

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.dicomweb import stow, wado
+from api.dicomweb import qido, stow, wado
 from api.dicomweb.common import PREFIX
 
 router = APIRouter(prefix=PREFIX, tags=["dicomweb"])
+router.include_router(qido.router)
 router.include_router(stow.router)
 router.include_router(wado.router)
 

@@ -18,7 +18,6 @@ from typing import Any
 import pydicom
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -43,7 +42,7 @@ from api.dicomweb.negotiate import (
     wants_json,
 )
 from core.errors import InvalidRequest, NotFound
-from storage.models import Instance, Series, Study
+from storage.query import instance_refs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,34 +70,28 @@ def locate(
     series: str | None = None,
     sop: str | None = None,
 ) -> list[Located]:
-    """The stored instances of a study, series or instance, in series and instance order.
-
-    A lookup by exact UIDs (no attribute matching, which is storage.query's job); raises NotFound
-    naming the level that does not exist, so a client tells a wrong series from a wrong study.
-    """
-    stmt = (
-        select(
-            Study.study_instance_uid,
-            Series.series_instance_uid,
-            Instance.sop_instance_uid,
-            Instance.transfer_syntax_uid,
-            Instance.path,
-        )
-        .join(Series, Series.study_pk == Study.id)
-        .join(Instance, Instance.series_pk == Series.id)
-        .where(Study.study_instance_uid == study)
-    )
-    if series is not None:
-        stmt = stmt.where(Series.series_instance_uid == series)
-    if sop is not None:
-        stmt = stmt.where(Instance.sop_instance_uid == sop)
-    stmt = stmt.order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+    """The stored instances of a study, series or instance, in series and instance order
+    (:func:`storage.query.instance_refs`); NotFound when there are none."""
     with factory() as session:
-        rows = session.execute(stmt).all()
-    if not rows:
+        if sop is not None:
+            refs = instance_refs(session, "IMAGE", sop, study_uid=study, series_uid=series)
+        elif series is not None:
+            refs = instance_refs(session, "SERIES", series, study_uid=study)
+        else:
+            refs = instance_refs(session, "STUDY", study)
+    if not refs:
         what = f"instance {sop}" if sop else (f"series {series}" if series else f"study {study}")
         raise NotFound(f"{what} is not in the archive" + (f" (study {study})" if series else ""))
-    return [Located(r[0], r[1], r[2], r[3] or EXPLICIT_LE, archive_root / r[4]) for r in rows]
+    return [
+        Located(
+            r.study_instance_uid,
+            r.series_instance_uid,
+            r.sop_instance_uid,
+            r.transfer_syntax_uid or EXPLICIT_LE,
+            archive_root / r.path,
+        )
+        for r in refs
+    ]
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:

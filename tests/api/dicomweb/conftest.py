@@ -19,11 +19,8 @@ import pytest
 import requests
 import uvicorn
 from dicomweb_client.api import DICOMwebClient
-from fastapi import Depends
 
 from api.app import create_app
-from api.deps import require_api_key
-from api.dicomweb import router as dicomweb_router
 from core.phantom import make_phantom, write_dicom_series
 from core.settings import Settings, load_settings
 
@@ -56,9 +53,6 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        if not any(getattr(r, "path", "").startswith("/dicom-web") for r in self.app.routes):
-            # until api/app.py includes the router itself
-            self.app.include_router(dicomweb_router, dependencies=[Depends(require_api_key)])
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
@@ -101,7 +95,7 @@ class Node:
         return DICOMwebClient(url=self.dicomweb, session=self.session())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     live = Node(dicomweb_settings(tmp_path_factory.mktemp("dicomweb-node"))).start()
     try:
@@ -129,6 +123,19 @@ def write_phantom_study(folder: Path, *, seed: int, patient_id: str) -> PhantomS
     return PhantomStudy(first.StudyInstanceUID, first.SeriesInstanceUID, patient_id, files)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
     return write_phantom_study(tmp_path_factory.mktemp("phantom"), seed=11, patient_id="DW-11")
+
+
+@pytest.fixture(scope="session")
+def stored(node: Node, phantom_study: PhantomStudy) -> PhantomStudy:
+    """The phantom study, stored through dicomweb-client's STOW-RS."""
+    import pydicom
+
+    datasets = [pydicom.dcmread(f) for f in phantom_study.files]
+    response = node.client().store_instances(datasets)
+    assert len(response.ReferencedSOPSequence) == len(phantom_study.files)
+    assert "FailedSOPSequence" not in response
+    assert response.RetrieveURL.endswith(f"/studies/{phantom_study.study_uid}")
+    return phantom_study

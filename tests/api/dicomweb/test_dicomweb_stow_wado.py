@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 import requests
 from conftest import Node, PhantomStudy
 from pydicom.uid import generate_uid
@@ -26,17 +25,6 @@ def _stow(node: Node, body: bytes, *, study: str | None = None) -> requests.Resp
     url = f"{node.dicomweb}/studies" + (f"/{study}" if study else "")
     headers = {"Content-Type": DICOM_PARTS, "Accept": "application/dicom+json"}
     return node.session().post(url, data=body, headers=headers)
-
-
-@pytest.fixture(scope="module")
-def stored(node: Node, phantom_study: PhantomStudy) -> PhantomStudy:
-    datasets = [pydicom.dcmread(f) for f in phantom_study.files]
-    response = node.client().store_instances(datasets)
-    refs = response.ReferencedSOPSequence
-    assert len(refs) == len(phantom_study.files)
-    assert "FailedSOPSequence" not in response
-    assert response.RetrieveURL.endswith(f"/studies/{phantom_study.study_uid}")
-    return phantom_study
 
 
 def test_stored_instances_come_back_byte_for_byte(node: Node, stored: PhantomStudy) -> None:
@@ -179,9 +167,7 @@ def test_wrong_content_types_are_415(node: Node, stored: PhantomStudy) -> None:
         response = session.post(url, data=body, headers={"Content-Type": content_type})
         assert response.status_code == 415, content_type
     assert session.post(url, data=body).status_code == 415  # no content type at all
-    response = session.post(
-        url, data=b"no parts here", headers={"Content-Type": DICOM_PARTS}
-    )
+    response = session.post(url, data=b"no parts here", headers={"Content-Type": DICOM_PARTS})
     assert response.status_code == 400
 
 
