@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from core.settings import Settings
 from node.contexts import supported_contexts
 from node.handlers import NodeHandlers
+from pipeline.dispatch import NodeAE
 from pipeline.routing import RoutingTable
 from storage.archive import Archive
 
@@ -48,7 +48,7 @@ class DicomNode:
         self.host = host if host is not None else settings.dicom_host
         self._requested_port = port if port is not None else settings.dicom_port
         self.handlers = NodeHandlers(archive, routing, max_pdu=max_pdu)
-        self.ae = AE(ae_title=settings.ae_title)
+        self.ae = NodeAE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.maximum_associations = MAX_ASSOCIATIONS
         self.ae.require_calling_aet = list(settings.allowed_calling_aes)

@@ -49,7 +49,7 @@ def node_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A small phantom CT series (12 slices of 40x40)."""
     folder = tmp_path_factory.mktemp("phantom") / "ct"
-    return write_dicom_series(make_phantom(3, shape=(12, 40, 40)), folder)
+    return write_dicom_series(make_phantom(3, shape=(12, 40, 40), spacing=(1.0, 1.0, 3.0)), folder)
 
 
 @pytest.fixture

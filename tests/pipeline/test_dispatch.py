@@ -1,0 +1,173 @@
+"""Dispatch: results C-STOREd to a real dcmtk storescp, retries with backoff recorded in the
+database, a destination that stays down, a manual retry, and the dispatcher thread."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import Conflict
+from core.phantom import make_phantom, write_dicom_series
+from pipeline.dispatch import Dispatcher, SendError, send_files
+from pipeline.routing import RoutingTable
+from storage.db import make_engine, make_sessionmaker, unit_of_work
+from storage.migrations import upgrade
+from storage.models import Dispatch, DispatchStatus, Job, JobArtifact, JobStatus
+from tests.node.peers import free_port, received, storescp
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Stand-ins for a job's DICOM results (any Part 10 files will do)."""
+    files = write_dicom_series(
+        make_phantom(5, shape=(16, 40, 40), spacing=(1.0, 1.0, 2.5)), tmp_path_factory.mktemp("res")
+    )
+    return files[:3]
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _routing(port: int, **retry: object) -> RoutingTable:
+    return RoutingTable.from_spec(
+        {
+            "destinations": {
+                "PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": port, **retry}
+            },
+            "routes": [{"name": "r", "nnunet_id": "m", "destinations": ["PACS"]}],
+        }
+    )
+
+
+def _done_job(sessions: sessionmaker[Session], files: list[Path]) -> str:
+    with unit_of_work(sessions) as session:
+        job = Job(id="j1", source="dimse", status=JobStatus.DONE, request={}, route_name="r")
+        job.artifacts = [JobArtifact(kind="dicom_segmentation", path=str(p)) for p in files]
+        job.artifacts.append(JobArtifact(kind="nifti_prediction", path="/nowhere.nii.gz"))
+        session.add(job)
+    return "j1"
+
+
+def _dispatch(sessions: sessionmaker[Session]) -> Dispatch:
+    with sessions() as session:
+        return session.scalars(select(Dispatch)).one()
+
+
+def test_send_files_to_storescp(tmp_path: Path, results: list[Path]) -> None:
+    with storescp(tmp_path / "pacs") as port:
+        dest = _routing(port).destinations["PACS"]
+        report = send_files(dest, results, calling_ae="NNUNET_NODE")
+    assert report.sent == len(results)
+    got = received(tmp_path / "pacs")
+    assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in got) == sorted(
+        pydicom.dcmread(p).SOPInstanceUID for p in results
+    )
+
+
+def test_send_to_nobody_raises(results: list[Path]) -> None:
+    dest = _routing(free_port()).destinations["PACS"]
+    with pytest.raises(SendError, match="could not be reached"):
+        send_files(dest, results, calling_ae="NNUNET_NODE", timeout_s=2)
+
+
+def test_destination_down_then_back(
+    tmp_path: Path, sessions: sessionmaker[Session], results: list[Path]
+) -> None:
+    port = free_port()
+    dispatcher = Dispatcher(
+        sessions,
+        _routing(port, retry_delay_s=0.2, max_attempts=5),
+        calling_ae="NNUNET_NODE",
+        archive_dir=tmp_path,
+    )
+    job_id = _done_job(sessions, results)
+    dispatcher.on_job_done(job_id)
+    dispatcher.on_job_done(job_id)  # idempotent: one dispatch per destination
+    assert dispatcher.run_due() == 1
+    first = _dispatch(sessions)
+    assert first.status == DispatchStatus.PENDING and len(first.attempts) == 1
+    assert first.attempts[0]["ok"] is False and "could not be reached" in first.attempts[0]["error"]
+    assert dispatcher.run_due() == 0  # not due yet: backoff
+
+    with storescp(tmp_path / "pacs", port=port):
+        deadline = time.monotonic() + 10
+        while _dispatch(sessions).status == DispatchStatus.PENDING and time.monotonic() < deadline:
+            dispatcher.run_due()
+            time.sleep(0.05)
+    final = _dispatch(sessions)
+    assert final.status == DispatchStatus.SENT, final.attempts
+    assert final.attempts[-1] == {**final.attempts[-1], "ok": True, "sent": len(results)}
+    assert len(received(tmp_path / "pacs")) == len(results)
+    with sessions() as session:
+        assert session.get(Job, job_id).status == JobStatus.DONE  # type: ignore[union-attr]
+
+
+def test_destination_that_stays_down_fails_and_can_be_retried(
+    tmp_path: Path, sessions: sessionmaker[Session], results: list[Path]
+) -> None:
+    port = free_port()
+    dispatcher = Dispatcher(
+        sessions,
+        _routing(port, retry_delay_s=0, max_attempts=2),
+        calling_ae="NNUNET_NODE",
+        archive_dir=tmp_path,
+    )
+    dispatcher.on_job_done(_done_job(sessions, results))
+    dispatcher.run_due()
+    dispatcher.run_due()
+    failed = _dispatch(sessions)
+    assert failed.status == DispatchStatus.FAILED and len(failed.attempts) == 2
+    assert failed.next_attempt_at is None
+    with sessions() as session:
+        assert session.get(Job, "j1").status == JobStatus.DONE  # type: ignore[union-attr]
+
+    with storescp(tmp_path / "pacs", port=port):
+        dispatcher.retry(failed.id)
+        dispatcher.run_due()
+    sent = _dispatch(sessions)
+    assert sent.status == DispatchStatus.SENT
+    assert [a.get("retry", False) for a in sent.attempts] == [False, False, True, False]
+    with pytest.raises(Conflict):
+        dispatcher.retry(sent.id)
+
+
+def test_dispatcher_thread_sends_on_its_own(
+    tmp_path: Path, sessions: sessionmaker[Session], results: list[Path]
+) -> None:
+    with storescp(tmp_path / "pacs") as port:
+        dispatcher = Dispatcher(
+            sessions, _routing(port), calling_ae="NNUNET_NODE", archive_dir=tmp_path, poll_s=0.2
+        )
+        dispatcher.start()
+        try:
+            dispatcher.on_job_done(_done_job(sessions, results))
+            deadline = time.monotonic() + 15
+            while _dispatch(sessions).status != DispatchStatus.SENT:
+                assert time.monotonic() < deadline, _dispatch(sessions).attempts
+                time.sleep(0.05)
+        finally:
+            dispatcher.stop()
+    assert len(received(tmp_path / "pacs")) == len(results)
+
+
+def test_job_without_route_destinations_makes_no_dispatch(
+    tmp_path: Path, sessions: sessionmaker[Session], results: list[Path]
+) -> None:
+    dispatcher = Dispatcher(
+        sessions, RoutingTable.from_spec({}), calling_ae="NNUNET_NODE", archive_dir=tmp_path
+    )
+    dispatcher.on_job_done(_done_job(sessions, results))
+    with sessions() as session:
+        assert session.scalars(select(Dispatch)).all() == []
