@@ -25,8 +25,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -42,6 +44,8 @@ from export.common import check_sources, labels_present, now_or, software_versio
 from export.metadata import ANATOMICAL_STRUCTURE, Concept, SegmentationMetadata
 
 LOGGER = logging.getLogger(__name__)
+
+CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 #: PS3.3 C.8.8.5: the "Detached Study Management" class is what RT Referenced Study items name.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
@@ -86,6 +90,8 @@ def make_rtstruct(
     """An RTSTRUCT with one ROI per label value present in ``label_map`` (z, y, x, in the z order
     of ``source_datasets``); ROI Number = label value. None when the map is empty."""
     label_map = np.asarray(label_map)
+    if label_map.dtype == np.bool_:
+        label_map = label_map.astype(np.uint8)
     what = f"model {metadata.model_id!r} RTSTRUCT"
     check_sources(label_map.shape, source_datasets, what)
     labels = labels_present(label_map)
@@ -93,6 +99,7 @@ def make_rtstruct(
         LOGGER.info("model %s: empty label map, no RTSTRUCT written", metadata.model_id)
         return None
     infos = [metadata.segment(v) for v in labels]
+    slices = slices_by_label(label_map)
     planes = [_plane(ds, index, what) for index, ds in enumerate(source_datasets)]
     when = now_or(content_datetime)
     first = source_datasets[0]
@@ -140,7 +147,7 @@ def make_rtstruct(
 
     rois, roi_contours, observations = [], [], []
     for value, info in zip(labels, infos, strict=True):
-        contours = _contours_for_label(label_map, value, planes, source_datasets)
+        contours = _contours_for_label(label_map, value, slices[value], planes, source_datasets)
         roi = Dataset()
         roi.ROINumber = value
         roi.ReferencedFrameOfReferenceUID = frame_uid
@@ -261,34 +268,62 @@ def trace_slice(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def slices_by_label(label_map: np.ndarray) -> dict[int, list[int]]:
+    """For each label value, the slices that hold it (one counting pass per slice)."""
+    out: dict[int, list[int]] = {}
+    for k in range(label_map.shape[0]):
+        counts = np.bincount(label_map[k].ravel())
+        for value in np.flatnonzero(counts[1:]) + 1:
+            out.setdefault(int(value), []).append(k)
+    return out
+
+
 def _contours_for_label(
     label_map: np.ndarray,
     value: int,
+    slices: list[int],
     planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     sources: Sequence[Dataset],
 ) -> list[Dataset]:
     items: list[Dataset] = []
     number = 0
-    for k in range(label_map.shape[0]):
+    for k in slices:
         mask = label_map[k] == value
-        if not mask.any():
-            continue
+        # Trace inside the bounding box only: large images, small structures.
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        r0, c0 = int(rows[0]), int(cols[0])
+        box = mask[r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
         origin, column_step, row_step = planes[k]
-        for points in trace_slice(mask):
-            patient = origin + points[:, 1:2] * column_step + points[:, 0:1] * row_step
+        for points in trace_slice(box):
+            r = points[:, 0:1] + r0
+            c = points[:, 1:2] + c0
+            patient = origin + c * column_step + r * row_step
             number += 1
             item = Dataset()
             item.ContourImageSequence = DicomSequence([_image_ref(sources[k])])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(patient)
             item.ContourNumber = number
-            item.ContourData = [_ds(v) for v in patient.ravel()]
+            item[CONTOUR_DATA] = _contour_data(patient)
             items.append(item)
     return items
 
 
 def _ds(value: float) -> str:
-    """A Decimal String of at most 16 characters (PS3.5 6.2)."""
-    if value == 0:
-        return "0"
-    return format_number_as_ds(float(value))
+    """A Decimal String of at most 16 characters (PS3.5 6.2): the shortest text that reads back as
+    the same float when it fits (so an axial contour's z is the slice's z exactly), else rounded."""
+    text = repr(float(value))
+    if len(text) <= 16 and "n" not in text:  # not nan/inf
+        return text
+    text = f"{value:.10g}"  # at most 16 characters for any coordinate (|v| < 1e100)
+    return text if len(text) <= 16 else format_number_as_ds(float(value))
+
+
+def _contour_data(points: np.ndarray) -> RawDataElement:
+    """ContourData (3006,0050) as an already-encoded element: pydicom would otherwise build and
+    validate one DSfloat per value, which costs more than everything else here together. Written
+    as is in Explicit VR Little Endian (the file's transfer syntax)."""
+    data = "\\".join(_ds(v) for v in points.ravel()).encode("ascii")
+    if len(data) % 2:
+        data += b" "  # even length (PS3.5 7.1.1), DS padded with a space
+    return RawDataElement(CONTOUR_DATA, "DS", len(data), data, 0, False, True)

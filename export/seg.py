@@ -51,6 +51,8 @@ def make_binary_seg(
     """A BINARY SEG with one segment per label value present in ``label_map`` (z, y, x, in the z
     order of ``source_datasets``). Returns None when the map is empty: no object is written then."""
     label_map = np.asarray(label_map)
+    if label_map.dtype == np.bool_:
+        label_map = label_map.astype(np.uint8)
     check_sources(label_map.shape, source_datasets, f"model {metadata.model_id!r} SEG")
     labels = labels_present(label_map)
     if not labels:
