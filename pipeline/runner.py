@@ -53,6 +53,13 @@ RESULT_FILE_KINDS = (
 )
 
 
+_OBJECT_NAMES = {
+    "dicom_segmentation": "SEG",
+    "dicom_fractional_segmentation": "fractional SEG",
+    "dicom_struct": "RTSTRUCT",
+}
+
+
 class StageResultLike(Protocol):
     index: int
     model_id: str
@@ -245,7 +252,8 @@ class JobRunner:
         def keep(ds: Dataset | None, kind: str, name_kind: str, what: str) -> None:
             if ds is None:
                 warnings.append(
-                    f"stage {stage.index} ({stage.model_id}): empty {what}, no {kind} written"
+                    f"stage {stage.index} ({stage.model_id}): empty {what}, "
+                    f"no {_OBJECT_NAMES[kind]} written"
                 )
                 return
             path = write_dataset(ds, stage_dir / dicom_output_name(name_kind, plan.suffix))  # type: ignore[arg-type]
