@@ -31,7 +31,7 @@ from core.paths import resolve_inside
 from core.settings import Settings
 from inference.request import Plan, normalise
 from pipeline.outputs import build_zip
-from pipeline.runner import JobRunner, job_folder
+from pipeline.runner import STUDY_PATH_KEY, JobRunner, archive_inputs, job_folder, public_request
 from pipeline.spec import NodeSpec
 from storage.archive import Archive, is_valid_uid
 from storage.db import unit_of_work
@@ -99,7 +99,7 @@ class JobView(BaseModel):
             id=job.id,
             source=job.source,
             status=JobStatus(job.status).value,
-            request=dict(job.request or {}),
+            request=public_request(job.request or {}),
             models=list(job.models or []),
             series=list(job.series or []),
             route_name=job.route_name,
@@ -182,62 +182,62 @@ class JobService:
         study_path_required: bool = True,
         study_path: Path | None = None,
         output_dir: Path | None = None,
-        archive_inputs: Path | None = None,
     ) -> Plan:
         """Normalise ``request`` into a plan and check every path it names against the allowed
         roots (links followed). Raises :class:`ClientError` subclasses naming the field.
 
-        ``study_path`` / ``output_dir`` override the request's (an upload's extraction folder,
-        the job folder); ``archive_inputs`` is the folder an archive job's series are exported to.
+        ``study_path`` / ``output_dir`` are the server's own choice (an upload's extraction folder,
+        an archive job's input folder) and override the request's; paths relative to such a study
+        must stay inside it or the allowed roots.
         """
         if not isinstance(request, dict):
             raise InvalidRequest("the request body must be a JSON object")
+        reserved = sorted(k for k in request if isinstance(k, str) and k.startswith("_"))
+        if reserved:
+            raise InvalidRequest(f"unknown field {reserved[0]!r}")
         effective = dict(request)
         if study_path is not None:
             effective["study_path"] = str(study_path)
-        if archive_inputs is not None:
-            effective["study_path"] = str(archive_inputs)
         if output_dir is not None:
             effective["output_dir"] = str(output_dir)
         if study_path_required and not effective.get("study_path"):
             raise InvalidRequest("study_path: field required")
         plan = normalise(effective, self.spec.registry)
-        self.check_paths(plan, archive_inputs=archive_inputs)
+        self.check_paths(plan, trusted_study=study_path)
         if plan.is_dicom:
             for stage in plan.stages:
                 self.spec.metadata_for(stage.model.id)
         return plan
 
-    def check_paths(self, plan: Plan, *, archive_inputs: Path | None = None) -> None:
-        """Every path of ``plan`` inside the allowed roots; series and masks must exist."""
+    def check_paths(self, plan: Plan, *, trusted_study: Path | None = None) -> None:
+        """Every path of ``plan`` inside the allowed roots (``trusted_study``, a folder the node
+        chose, counts as one); series and masks must exist once the study folder does."""
         roots = list(self.settings.allowed_roots)
-        own_roots = [*roots, self.settings.jobs_dir]
+        output_roots = [*roots, self.settings.jobs_dir]
         study: Path | None = None
-        if plan.study_path is not None:
-            if archive_inputs is not None:
-                study = resolve_inside(plan.study_path, own_roots, field="study_path")
-            else:
-                study = resolve_inside(plan.study_path, roots, field="study_path")
-                if not study.is_dir():
-                    raise InvalidRequest(f"study_path: {plan.study_path!r} is not a folder")
+        input_roots = roots
+        if trusted_study is not None:
+            study = Path(trusted_study).resolve()
+            input_roots = [*roots, study]
+        elif plan.study_path is not None:
+            study = resolve_inside(plan.study_path, roots, field="study_path")
+            if not study.is_dir():
+                raise InvalidRequest(f"study_path: {plan.study_path!r} is not a folder")
         out: Path | None = None
         if plan.output_dir is not None:
-            out = resolve_inside(plan.output_dir, own_roots, field="output_dir")
+            out = resolve_inside(plan.output_dir, output_roots, field="output_dir")
             if out.exists() and not out.is_dir():
                 raise InvalidRequest(f"output_dir: {plan.output_dir!r} is not a folder")
+        check_exists = study is None or study.is_dir()
         for field_name, raw in plan.paths():
             if field_name in ("study_path", "output_dir"):
                 continue
             if field_name == "tmp_dir":
                 base = out or self.settings.jobs_dir
-                resolve_inside(raw, [*own_roots, base], base=base, field="tmp_dir")
+                resolve_inside(raw, [*output_roots, base], base=base, field="tmp_dir")
                 continue
-            base_roots = own_roots if archive_inputs is not None else roots
-            if study is None:
-                path = resolve_inside(raw, base_roots, field=field_name)
-            else:
-                path = resolve_inside(raw, base_roots, base=study, field=field_name)
-            if archive_inputs is None and not path.exists():
+            path = resolve_inside(raw, input_roots, base=study, field=field_name)
+            if check_exists and not path.exists():
                 raise InvalidRequest(f"{field_name}: {raw!r} does not exist under the study")
 
     # --- submission --------------------------------------------------------------------------
@@ -253,19 +253,19 @@ class JobService:
     ) -> str:
         """Validate ``request`` and queue it; return the job id (the row exists when this returns).
 
-        HTTP jobs read ``study_path`` (the request's, or the override for uploads). Archive jobs
+        HTTP jobs read ``study_path``: the request's, or the node's own folder passed here (an
+        extracted upload), which the job's echoed ``request`` does not show. Archive jobs
         (``series_uids`` given, sources ``dimse``/``stow``) read those series from the archive:
         the runner exports them to ``<jobs>/<id>/inputs/<SeriesInstanceUID>/``. Their request's
         ``series_folders`` defaults to the series UIDs; entries ``{series}`` / ``{series[i]}``
         stand for the first / i-th series (a route can so feed cascades, e.g.
-        ``["{series}", "from:phantom"]``). Outputs go to ``output_dir`` (override or request)
-        or ``<jobs>/<id>/``.
+        ``["{series}", "from:phantom"]``). Outputs go to ``output_dir`` (argument, else the
+        request's) or ``<jobs>/<id>/``.
         """
         if not isinstance(request, dict):
             raise InvalidRequest("the request body must be a JSON object")
         job_id = uuid.uuid4().hex
-        effective = dict(request)
-        archive_inputs: Path | None = None
+        stored = dict(request)
         study_uid: str | None = None
         patient_id: str | None = None
         series: list[str]
@@ -276,23 +276,23 @@ class JobService:
             if bad:
                 raise InvalidRequest(f"series_uids: not valid UIDs: {bad}")
             study_uid, patient_id = self._series_owner(series_uids)
-            effective.pop("study_path", None)
-            effective["series_folders"] = _archive_series_folders(effective, series_uids)
-            effective.setdefault("is_dicom", True)
-            archive_inputs = job_folder(self.settings, job_id) / "inputs"
+            stored.pop("study_path", None)
+            stored["series_folders"] = _archive_series_folders(stored, series_uids)
+            stored.setdefault("is_dicom", True)
+            study_path = archive_inputs(self.settings, job_id)
             series = list(series_uids)
         plan = self.validate(
-            effective,
+            stored,
             study_path_required=series_uids is None,
             study_path=study_path,
             output_dir=output_dir,
-            archive_inputs=archive_inputs,
         )
-        if study_path is not None:
-            effective["study_path"] = str(study_path)
         if series_uids is None:
             series = [ref.raw for stage in plan.stages for ref in stage.inputs if ref.is_series]
             series = list(dict.fromkeys(series))
+            if study_path is not None:
+                stored.pop("study_path", None)
+                stored[STUDY_PATH_KEY] = str(Path(study_path).resolve())
         out = output_dir or (Path(plan.output_dir) if plan.output_dir else None)
         out_resolved = (
             resolve_inside(out, [*self.settings.allowed_roots, self.settings.jobs_dir])
@@ -302,7 +302,7 @@ class JobService:
         self.store.create(
             job_id=job_id,
             source=source,
-            request=effective,
+            request=stored,
             models=plan.model_ids,
             series=series,
             route_name=route_name,

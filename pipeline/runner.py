@@ -72,9 +72,24 @@ class StageResultLike(Protocol):
     source_dicom_files: list[Path]
 
 
+STUDY_PATH_KEY = "_study_path"
+"""Where a job's study lies when the node chose it (an extracted upload): kept in the stored
+request, never shown in the request a job echoes (the client did not send it)."""
+
+
 def job_folder(settings: Settings, job_id: str) -> Path:
     """``<jobs>/<job_id>/``: inputs of archive jobs, default outputs, the download zip."""
     return settings.jobs_dir / job_id
+
+
+def archive_inputs(settings: Settings, job_id: str) -> Path:
+    """Where an archive job's series are exported: ``<jobs>/<id>/inputs/<SeriesInstanceUID>/``."""
+    return job_folder(settings, job_id) / "inputs"
+
+
+def public_request(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as the client (or route) gave it: the node's own keys left out."""
+    return {k: v for k, v in request.items() if not k.startswith("_")}
 
 
 @dataclass
@@ -111,22 +126,26 @@ class JobRunner:
         should_stop: Callable[[], bool],
     ) -> RunOutcome:
         started = time.monotonic()
-        request = dict(job.request)
+        stored = dict(job.request)
+        request = public_request(stored)
         output_dir = Path(job.output_dir) if job.output_dir else job_folder(self.settings, job.id)
-        archive_job = not request.get("study_path")
+        own_study = stored.get(STUDY_PATH_KEY)
+        archive_job = not own_study and not request.get("study_path")
 
         def stop_check() -> None:
             if should_stop():
                 raise JobCancelled(f"job {job.id} was stopped")
 
         progress({"step": "preparing", "stage": None, "fraction": 0.0})
-        if archive_job:
-            inputs = job_folder(self.settings, job.id) / "inputs"
-            self._export_series(list(job.series), inputs, stop_check)
-            run_request = {**request, "study_path": str(inputs), "output_dir": str(output_dir)}
+        if archive_job or own_study:
+            if archive_job:
+                study_path = archive_inputs(self.settings, job.id)
+                self._export_series(list(job.series), study_path, stop_check)
+            else:
+                study_path = Path(str(own_study))
+            run_request = {**request, "study_path": str(study_path), "output_dir": str(output_dir)}
             plan = normalise(run_request, self.spec.registry)
-            self.check_paths(plan, archive_inputs=inputs)
-            study_path = inputs
+            self.check_paths(plan, trusted_study=study_path)
         else:
             run_request = {**request, "output_dir": str(output_dir)}
             plan = normalise(run_request, self.spec.registry)

@@ -384,3 +384,22 @@ def test_history_through_the_service(service: JobService, tmp_path: Path) -> Non
     with pytest.raises(InvalidRequest, match="status"):
         service.list(status="weird")
     assert service.get(ids[1]).status == JobStatus.QUEUED.value
+
+
+def test_a_study_folder_of_the_nodes_own_is_not_echoed(service: JobService, tmp_path: Path) -> None:
+    """/infer_file extracts the upload to a folder of the node's choosing and passes it as
+    ``study_path``: it need not be under the allowed roots, series may not leave it, and the
+    job's request stays the client's."""
+    upload = write_study(tmp_path / "uploads")  # not an allowed root
+    outside = write_study(tmp_path, "elsewhere")
+    request = {"nnunet_id": "toy", "series_folders": ["ct"]}
+    with pytest.raises(PathNotAllowed, match="series_folders"):
+        service.submit({**request, "series_folders": [str(outside / "ct")]}, study_path=upload)
+    with pytest.raises(InvalidRequest, match="_study_path"):
+        service.submit({**request, "_study_path": str(outside)}, study_path=upload)
+    job_id = service.submit(request, study_path=upload)
+    assert service.get(job_id).request == request
+    service.run_pending()
+    view = service.get(job_id)
+    assert view.status == "done", view.error
+    assert view.result is not None and view.result["request"] == request
