@@ -8,15 +8,19 @@ from export.files import check_suffix, dicom_output_name, write_dataset
 from export.metadata import SegmentationMetadata, SegmentInfo, parse_metadata
 from export.rtstruct import make_rtstruct
 from export.seg import make_binary_seg, make_fractional_seg
+from export.stage import StageDicomOutputs, read_sources, write_stage_dicom
 
 __all__ = [
     "SegmentInfo",
     "SegmentationMetadata",
+    "StageDicomOutputs",
     "check_suffix",
     "dicom_output_name",
     "make_binary_seg",
     "make_fractional_seg",
     "make_rtstruct",
     "parse_metadata",
+    "read_sources",
     "write_dataset",
+    "write_stage_dicom",
 ]

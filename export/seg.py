@@ -100,8 +100,11 @@ def make_fractional_seg(
             f"{what}: expected (labels, z, y, x) probabilities, got {probabilities.shape}"
         )
     if len(labels) != probabilities.shape[0]:
+        hint = (
+            " (leave out the background channel)" if len(labels) + 1 == len(probabilities) else ""
+        )
         raise ExportError(
-            f"{what}: {probabilities.shape[0]} probability channels but {len(labels)} labels"
+            f"{what}: {probabilities.shape[0]} probability channels but {len(labels)} labels{hint}"
         )
     if len(set(labels)) != len(labels) or any(int(v) <= 0 for v in labels):
         raise ExportError(f"{what}: labels must be distinct foreground values, got {list(labels)}")
