@@ -84,3 +84,24 @@ def rasterise_rtstruct(
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def rasterise_with_sitk(rt: Dataset, roi_number: int, reference: Any) -> np.ndarray:
+    """Fill the ROI's contours onto the grid of a SimpleITK image (even-odd rule), mapping points
+    with SimpleITK's own physical-to-index transform: a check of the contour geometry that shares
+    nothing with the DICOM Image Plane arithmetic of the writer."""
+    size_x, size_y, size_z = reference.GetSize()
+    mask = np.zeros((size_z, size_y, size_x), dtype=bool)
+    (roi_contour,) = [r for r in rt.ROIContourSequence if r.ReferencedROINumber == roi_number]
+    for contour in roi_contour.ContourSequence:
+        points = np.array([float(v) for v in contour.ContourData]).reshape(-1, 3)
+        index = np.array(
+            [reference.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in points]
+        )
+        k = round(float(index[0, 2]))
+        assert np.abs(index[:, 2] - k).max() < 1e-4, "contour not on an image plane"
+        rr, cc = polygon(index[:, 1], index[:, 0], shape=mask.shape[1:])
+        filled = np.zeros(mask.shape[1:], dtype=bool)
+        filled[rr, cc] = True
+        mask[k] ^= filled
+    return mask

@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from export_helpers import Series, blank_volatile, dciodvfy, dice, rasterise_rtstruct
+from export_helpers import (
+    Series,
+    blank_volatile,
+    dciodvfy,
+    dice,
+    rasterise_rtstruct,
+    rasterise_with_sitk,
+)
 
 from core.errors import ExportError
+from core.phantom import to_sitk
 from export import dicom_output_name, make_rtstruct, write_dataset
 from export.metadata import SegmentationMetadata
 
@@ -27,10 +35,14 @@ def test_contours_rasterise_back_onto_the_mask(
     path = write_dataset(ds, tmp_path / dicom_output_name("rtstruct"))
     assert dciodvfy(path) == []
     back = pydicom.dcmread(path)
+    _, reference = to_sitk(src.phantom)
     for value in (1, 2):
         mask = rasterise_rtstruct(back, value, src.datasets)
         score = dice(mask, labels == value)
         assert score > 0.95, f"{name}: label {value} Dice {score:.4f}"
+        # The same through SimpleITK's geometry of the phantom, independent of the writer's maths.
+        score = dice(rasterise_with_sitk(back, value, reference), labels == value)
+        assert score > 0.95, f"{name}: label {value} Dice {score:.4f} (SimpleITK mapping)"
 
 
 def test_axial_contour_z_is_the_slice_position(
