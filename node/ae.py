@@ -19,7 +19,7 @@ from typing import Any
 from pynetdicom.transport import ThreadedAssociationServer
 
 from core.settings import Settings
-from node.contexts import supported_contexts
+from node.contexts import add_supported_contexts
 from node.handlers import NodeHandlers
 from pipeline.dispatch import NodeAE
 from pipeline.routing import RoutingTable
@@ -53,7 +53,7 @@ class DicomNode:
         self.ae.maximum_associations = MAX_ASSOCIATIONS
         self.ae.require_calling_aet = list(settings.allowed_calling_aes)
         self.ae.require_called_aet = False
-        self.ae.supported_contexts = supported_contexts()
+        add_supported_contexts(self.ae)
         self._server: ThreadedAssociationServer | None = None
 
     @property

@@ -23,8 +23,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AllStoragePresentationContexts, build_context
-from pynetdicom.presentation import PresentationContext
+from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -72,13 +71,15 @@ GET_MODELS = {
 }
 
 
-def supported_contexts() -> list[PresentationContext]:
-    """Verification, every storage SOP class (SCU and SCP roles) and Q/R FIND, MOVE, GET."""
-    contexts = [build_context(Verification, UNCOMPRESSED)]
+def add_supported_contexts(ae: AE) -> None:
+    """Verification, every storage SOP class (SCU and SCP roles) and Q/R FIND, MOVE, GET.
+
+    (``AE.supported_contexts = [...]`` would drop the roles: pynetdicom copies only the syntaxes.)
+    """
+    ae.add_supported_context(Verification, UNCOMPRESSED)
     for storage in AllStoragePresentationContexts:
-        cx = build_context(storage.abstract_syntax, STORAGE_SYNTAXES)
-        cx.scu_role = True
-        cx.scp_role = True
-        contexts.append(cx)
-    contexts.extend(build_context(uid, UNCOMPRESSED) for uid in QUERY_RETRIEVE)
-    return contexts
+        ae.add_supported_context(
+            storage.abstract_syntax, STORAGE_SYNTAXES, scu_role=True, scp_role=True
+        )
+    for uid in QUERY_RETRIEVE:
+        ae.add_supported_context(uid, UNCOMPRESSED)

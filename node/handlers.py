@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
 from pynetdicom import evt
 
 from core.errors import InvalidRequest
@@ -23,6 +21,7 @@ from node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from node.status import CANCEL, PENDING, SUCCESS, dimse_service
 from pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
 from pipeline.routing import RoutingTable
+from storage import query
 from storage.archive import Archive
 
 LOGGER = logging.getLogger(__name__)
@@ -66,6 +65,39 @@ def retrieve_uids(identifier: Dataset, level: str) -> list[str]:
     if not uids or any("*" in u or "?" in u for u in uids):
         raise InvalidRequest(f"{keyword}: a retrieve names exact values, not {value!r}")
     return uids
+
+
+def _single(identifier: Dataset, keyword: str) -> str | None:
+    value = identifier.get(keyword)
+    text = str(value).strip() if isinstance(value, str) else ""
+    return text or None
+
+
+# Keys of an identifier that are not attributes to match (PS3.4 C.4.1.1.3.1).
+_NOT_MATCHED = {"QueryRetrieveLevel", "SpecificCharacterSet"}
+
+
+def query_keys(identifier: Dataset) -> tuple[list[str], dict[str, str]]:
+    """The identifier's keys (to return) and its matching keys (keyword -> query value, an
+    empty value meaning universal matching, PS3.4 C.2.2.2.3); private and sequence elements are
+    returned empty and not matched on."""
+    keys: list[str] = []
+    matching: dict[str, str] = {}
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in _NOT_MATCHED:
+            continue
+        keys.append(keyword)
+        if element.VR == "SQ":
+            continue
+        value = element.value
+        if value is None:
+            matching[keyword] = ""
+        elif isinstance(value, list | tuple | pydicom.multival.MultiValue):
+            matching[keyword] = "\\".join(str(v) for v in value)
+        else:
+            matching[keyword] = str(value)
+    return keys, matching
 
 
 class NodeHandlers:
@@ -114,23 +146,30 @@ class NodeHandlers:
         model = FIND_MODELS[str(event.request.AffectedSOPClassUID)]
         identifier = event.identifier
         level = retrieve_level(identifier, model)
-        from storage import query  # TEMP until storage/query.py lands
-
+        keys, matching = query_keys(identifier)
         with self.archive.session_factory() as session:
-            matches = query.find_for_cfind(session, level, identifier)
-        for dataset in matches:
+            rows = query.find(session, level, matching)
+        charset = identifier.get("SpecificCharacterSet")
+        for row in rows:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, dataset
+            response = query.to_dataset(row, keys)
+            response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
+            if charset and "SpecificCharacterSet" not in response:
+                response.SpecificCharacterSet = charset
+            yield PENDING, response
 
-    def _files(self, identifier: Dataset, model: str) -> list[Path]:
+    def _refs(self, identifier: Dataset, model: str) -> list[query.InstanceRef]:
         level = retrieve_level(identifier, model)
         uids = retrieve_uids(identifier, level)
-        from storage import query  # TEMP until storage/query.py lands
-
+        narrow: dict[str, str | None] = {}
+        if level in ("SERIES", "IMAGE"):
+            narrow["study_uid"] = _single(identifier, "StudyInstanceUID")
+        if level == "IMAGE":
+            narrow["series_uid"] = _single(identifier, "SeriesInstanceUID")
         with self.archive.session_factory() as session:
-            return [Path(p) for p in query.instance_paths(session, level, uids, self.archive.root)]
+            return query.instance_refs(session, level, uids, **narrow)
 
     @dimse_service("C-MOVE")
     def on_move(self, event: evt.Event) -> Iterator[Any]:
@@ -142,30 +181,28 @@ class NodeHandlers:
             yield None, None  # pynetdicom answers 0xA801 Move destination unknown
             return
         model = MOVE_MODELS[str(event.request.AffectedSOPClassUID)]
-        files = self._files(event.identifier, model)
-        metas = [read_file_meta_info(path) for path in files]
-        contexts = storage_contexts(
-            (str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas
-        )
+        refs = self._refs(event.identifier, model)
+        contexts = storage_contexts((r.sop_class_uid, r.transfer_syntax_uid) for r in refs)
         yield (
             destination.host,
             destination.port,
             {"contexts": contexts, "evt_handlers": NODELAY_HANDLERS, "max_pdu": self.max_pdu},
         )
-        yield len(files)
-        yield from self._sub_operations(event, files)
+        yield len(refs)
+        yield from self._sub_operations(event, refs)
 
     @dimse_service("C-GET")
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         model = GET_MODELS[str(event.request.AffectedSOPClassUID)]
-        files = self._files(event.identifier, model)
-        yield len(files)
-        yield from self._sub_operations(event, files)
+        refs = self._refs(event.identifier, model)
+        yield len(refs)
+        yield from self._sub_operations(event, refs)
 
-    @staticmethod
-    def _sub_operations(event: evt.Event, files: list[Path]) -> Iterator[Any]:
-        for path in files:
+    def _sub_operations(self, event: evt.Event, refs: list[query.InstanceRef]) -> Iterator[Any]:
+        """One C-STORE sub-operation per file (PS3.4 C.4.2.3, C.4.3.3); the file is read only
+        when its turn comes."""
+        for ref in refs:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, pydicom.dcmread(path)
+            yield PENDING, pydicom.dcmread(self.archive.root / ref.path)

@@ -1,0 +1,241 @@
+"""C-FIND, C-MOVE and C-GET with dcmtk's findscu, movescu and getscu as the real clients, and a
+dcmtk storescp as the move destination."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.ae import DicomNode
+from tests.node.conftest import NodeFactory, dcmtk
+from tests.node.peers import free_port, received, storescp
+
+
+@dataclass
+class Stored:
+    node: DicomNode
+    pacs_port: int
+    study_uid: str
+    series_uid: str
+    sop_uids: list[str]
+
+
+@pytest.fixture
+def stored(start_node: NodeFactory, phantom_series: list[Path]) -> Stored:
+    pacs_port = free_port()
+    node = start_node(
+        routing={
+            "destinations": {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
+        }
+    )
+    result = dcmtk(
+        "storescu",
+        "+sd",
+        "-aec",
+        "NNUNET_NODE",
+        "127.0.0.1",
+        str(node.port),
+        str(phantom_series[0].parent),
+    )
+    assert result.returncode == 0, result.stdout
+    first = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
+    sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in phantom_series]
+    return Stored(node, pacs_port, first.StudyInstanceUID, first.SeriesInstanceUID, sops)
+
+
+def _find(port: int, model: str, *keys: str) -> list[str]:
+    """Run findscu; return the text of each pending response."""
+    args = ["findscu", "-v", model, "-aec", "NNUNET_NODE"]
+    for key in keys:
+        args += ["-k", key]
+    result = dcmtk(*args, "127.0.0.1", str(port))
+    assert result.returncode == 0, result.stdout
+    assert "Received Final Find Response (Success)" in result.stdout, result.stdout
+    return result.stdout.split("Find Response: ")[1:]
+
+
+def test_findscu_at_study_series_and_image_level(stored: Stored) -> None:
+    port = stored.node.port
+    studies = _find(
+        port,
+        "-S",
+        "QueryRetrieveLevel=STUDY",
+        "PatientID=PHANT*",
+        "StudyInstanceUID",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedInstances",
+    )
+    assert len(studies) == 1
+    assert stored.study_uid in studies[0] and "[12]" in studies[0]
+    series = _find(
+        port,
+        "-S",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={stored.study_uid}",
+        "SeriesInstanceUID",
+        "Modality=CT",
+        "NumberOfSeriesRelatedInstances",
+    )
+    assert len(series) == 1 and stored.series_uid in series[0]
+    images = _find(
+        port,
+        "-S",
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={stored.study_uid}",
+        f"SeriesInstanceUID={stored.series_uid}",
+        "SOPInstanceUID",
+        "InstanceNumber",
+    )
+    assert len(images) == len(stored.sop_uids)
+    pattern = r"\(0008,0018\) UI \[([0-9.]+)"
+    found = {m for text in images for m in re.findall(pattern, text)}
+    assert found == set(stored.sop_uids)
+    assert _find(port, "-S", "QueryRetrieveLevel=STUDY", "PatientID=NOBODY") == []
+
+
+def test_findscu_patient_root_patient_level(stored: Stored) -> None:
+    patients = _find(
+        stored.node.port, "-P", "QueryRetrieveLevel=PATIENT", "PatientID", "PatientName"
+    )
+    assert len(patients) == 1 and "PHANTOM" in patients[0]
+
+
+def test_study_root_refuses_patient_level(stored: Stored) -> None:
+    result = dcmtk(
+        "findscu",
+        "-v",
+        "-S",
+        "-aec",
+        "NNUNET_NODE",
+        "-k",
+        "QueryRetrieveLevel=PATIENT",
+        "-k",
+        "PatientID",
+        "127.0.0.1",
+        str(stored.node.port),
+    )
+    assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # 0xA900
+
+
+def test_movescu_to_storescp_destination(stored: Stored, tmp_path: Path) -> None:
+    with storescp(tmp_path / "pacs", port=stored.pacs_port):
+        result = dcmtk(
+            "movescu",
+            "-v",
+            "-S",
+            "-aec",
+            "NNUNET_NODE",
+            "-aem",
+            "PACS",
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            f"StudyInstanceUID={stored.study_uid}",
+            "-k",
+            f"SeriesInstanceUID={stored.series_uid}",
+            "127.0.0.1",
+            str(stored.node.port),
+        )
+    assert result.returncode == 0, result.stdout
+    assert "Received Final Move Response (Success)" in result.stdout, result.stdout
+    files = received(tmp_path / "pacs")
+    assert len(files) == len(stored.sop_uids)
+    for path in files:
+        dump = dcmtk("dcmdump", "-q", str(path))
+        assert dump.returncode == 0 and "(7fe0,0010)" in dump.stdout, dump.stdout
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in files} == set(stored.sop_uids)
+
+
+def test_move_to_unknown_ae_is_refused(stored: Stored) -> None:
+    result = dcmtk(
+        "movescu",
+        "-v",
+        "-S",
+        "-aec",
+        "NNUNET_NODE",
+        "-aem",
+        "STRANGER",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={stored.study_uid}",
+        "127.0.0.1",
+        str(stored.node.port),
+    )
+    assert "Refused: MoveDestinationUnknown" in result.stdout, result.stdout  # 0xA801
+
+
+def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
+    result = dcmtk(
+        "movescu",
+        "-v",
+        "-S",
+        "-aec",
+        "NNUNET_NODE",
+        "-aem",
+        "PACS",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={stored.study_uid}",
+        "127.0.0.1",
+        str(stored.node.port),
+    )
+    assert "Received Final Move Response" in result.stdout
+    assert "(Success)" not in result.stdout.split("Received Final Move Response")[1]
+
+
+def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:
+    out = tmp_path / "got"
+    out.mkdir()
+    result = dcmtk(
+        "getscu",
+        "-v",
+        "-S",
+        "-aec",
+        "NNUNET_NODE",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={stored.study_uid}",
+        "-k",
+        f"SeriesInstanceUID={stored.series_uid}",
+        "127.0.0.1",
+        str(stored.node.port),
+    )
+    assert result.returncode == 0, result.stdout
+    files = received(out)
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in files} == set(stored.sop_uids)
+
+
+def test_get_one_image_with_patient_root(stored: Stored, tmp_path: Path) -> None:
+    out = tmp_path / "got"
+    out.mkdir()
+    result = dcmtk(
+        "getscu",
+        "-P",
+        "-aec",
+        "NNUNET_NODE",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=IMAGE",
+        "-k",
+        "PatientID=PHANTOM",
+        "-k",
+        f"StudyInstanceUID={stored.study_uid}",
+        "-k",
+        f"SeriesInstanceUID={stored.series_uid}",
+        "-k",
+        f"SOPInstanceUID={stored.sop_uids[3]}",
+        "127.0.0.1",
+        str(stored.node.port),
+    )
+    assert result.returncode == 0, result.stdout
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in received(out)] == [stored.sop_uids[3]]
