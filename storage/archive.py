@@ -13,9 +13,10 @@ done once :meth:`Archive.recover` has run at the next start:
    folder. Crash here: the temporary file has no row, ``recover`` deletes it.
 3. In ONE transaction upsert the patient, study, series and instance rows; commit. Crash after the
    commit: the row exists and the temporary file holds its bytes, ``recover`` moves it into place.
-4. Rename the temporary file to its final name and fsync the folder; only then return, so the
-   caller acknowledges (C-STORE success, STOW-RS reference) only what is in both the files and
-   the index.
+4. Rename the temporary file to its final name; only then return, so the caller acknowledges
+   (C-STORE success, STOW-RS reference) only what is in both the files and the index. The
+   folder is not fsynced after the rename: should a power loss undo the rename, the temporary
+   file (durable, with its committed row) is still there and ``recover`` moves it in.
 
 A re-sent instance (same SOP Instance UID) keeps ONE row: the newer copy replaces the older file and
 the row is updated from it (the sender's latest word wins; ``IngestResult.duplicate`` says so).
@@ -33,26 +34,22 @@ import shutil
 import threading
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Table, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import InvalidDicom, StorageFull
-from storage.models import Base, Instance, Patient, Series, Study, utcnow
+from storage.indexer import Header, Indexer
+from storage.models import Base, Instance, Patient, Series, Study
 
 LOGGER = logging.getLogger(__name__)
 
-_P: Table = Patient.__table__  # type: ignore[assignment]
-_ST: Table = Study.__table__  # type: ignore[assignment]
-_SE: Table = Series.__table__  # type: ignore[assignment]
-_I: Table = Instance.__table__  # type: ignore[assignment]
 
 INCOMING = ".incoming"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -78,25 +75,6 @@ class IngestResult:
     """The file's absolute path in the archive."""
     duplicate: bool
     """True when the instance was already indexed; the new copy replaced the old one."""
-
-
-@dataclass
-class Header:
-    """What the index keeps of one instance, read from its header."""
-
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    patient: dict[str, Any] = field(default_factory=dict)
-    study: dict[str, Any] = field(default_factory=dict)
-    series: dict[str, Any] = field(default_factory=dict)
-    instance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def relative_path(self) -> str:
-        return f"{self.study_instance_uid}/{self.series_instance_uid}/{self.sop_instance_uid}.dcm"
 
 
 # Keyword -> column, per table. Values are only ever overwritten by a non-empty new value.
@@ -130,7 +108,24 @@ INSTANCE_INT_ATTRIBUTES = {
 }
 
 
+def _raw(ds: Dataset, keyword: str) -> Any:
+    """The element's value as read: bytes while pydicom has not converted it yet."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    return None if elem is None else elem.value
+
+
 def _text(ds: Dataset, keyword: str) -> str:
+    """A text value. ASCII values are taken straight from the raw bytes (pydicom's conversion
+    cost more than the rest of the header parse); others are decoded by pydicom with the
+    dataset's Specific Character Set. Multiple values stay backslash-separated."""
+    raw = _raw(ds, keyword)
+    if raw is None:
+        return ""
+    if isinstance(raw, bytes) and raw.isascii():
+        return raw.decode("ascii").strip("\x00 ")
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -141,23 +136,22 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _raw_text(ds: Dataset, keyword: str) -> str:
     """The value as sent, without pydicom's value validation (hostile UIDs are ours to judge)."""
-    tag = pydicom.datadict.tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
+    raw = _raw(ds, keyword)
+    if raw is None:
         return ""
-    elem = ds.get_item(tag)
-    value = elem.value if elem is not None else None
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("ascii", errors="replace").strip("\x00 ")
-    return str(value).strip("\x00 ")
+    if isinstance(raw, bytes):
+        return raw.decode("ascii", errors="replace").strip("\x00 ")
+    return str(raw).strip("\x00 ")
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
+        raw = _raw(ds, keyword)
+        if isinstance(raw, bytes) and pydicom.datadict.dictionary_VR(keyword) == "IS":
+            return int(raw.decode("ascii").strip("\x00 ")) if raw.strip(b"\x00 ") else None
         value = ds.get(keyword)
         return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, UnicodeDecodeError):
         return None
 
 
@@ -218,34 +212,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _changes(current: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """Newer headers refresh the attributes they carry; an empty value never erases one."""
-    return {k: v for k, v in values.items() if v not in ("", None) and current[k] != v}
-
-
-def _insert_or_get(
-    session: Session, table: Table, key: dict[str, Any], values: dict[str, Any]
-) -> tuple[int, bool]:
-    """Insert a row, or take the one with the same unique key. Returns (primary key, created).
-
-    The insert runs in a savepoint: when a concurrent writer (another process, on PostgreSQL)
-    inserted the same key first, the IntegrityError is caught and the winner's row is used.
-    """
-    where = [table.c[k] == v for k, v in key.items()]
-    found = session.connection().execute(select(table.c.id).where(*where)).scalar()
-    if found is not None:
-        return int(found), False
-    try:
-        with session.begin_nested():
-            result = session.connection().execute(insert(table).values(**key, **values))
-        primary_key = result.inserted_primary_key
-        assert primary_key is not None
-        return int(primary_key[0]), True
-    except IntegrityError:
-        winner = session.connection().execute(select(table.c.id).where(*where)).scalar_one()
-        return int(winner), False
-
-
 @dataclass
 class RecoveryReport:
     completed: int = 0
@@ -269,6 +235,10 @@ class Archive:
         self.min_free_bytes = min_free_bytes
         self.incoming = self.root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
+        engine = session_factory.kw.get("bind")
+        if not isinstance(engine, Engine):
+            raise TypeError("Archive needs a sessionmaker bound to an Engine")
+        self._indexer = Indexer(engine)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._dirs_lock = threading.Lock()
 
@@ -413,12 +383,17 @@ class Archive:
         try:
             self._ensure_dir(final.parent)
             with lock:
-                duplicate, old_path = self._index(
-                    header, size, source=source, calling_ae=calling_ae, called_ae=called_ae
+                duplicate, old_path = self._indexer.upsert(
+                    header,
+                    size=size,
+                    source=_fit(Instance, "source", source),
+                    calling_ae=_fit(Instance, "calling_ae", calling_ae.strip()),
+                    called_ae=_fit(Instance, "called_ae", called_ae.strip()),
                 )
                 committed = True
+                # No fsync of the folder after the rename: if a power loss undoes the rename,
+                # the temporary file (durable, with its committed row) is moved in by recover().
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
                 if old_path is not None and old_path != header.relative_path:
                     # The re-sent instance names another series or study: drop the old file.
                     (self.root / old_path).unlink(missing_ok=True)
@@ -436,132 +411,6 @@ class Archive:
             path=final,
             duplicate=duplicate,
         )
-
-    def _index(
-        self, header: Header, size: int, *, source: str, calling_ae: str, called_ae: str
-    ) -> tuple[bool, str | None]:
-        """Upsert the four rows in ONE transaction. Returns (duplicate, the previous path).
-
-        Core statements, not ORM objects: on the hot path (a series that exists) this is one
-        joined SELECT, an UPDATE of the series, one SELECT and one INSERT of the instance.
-        """
-        now = utcnow()
-        calling_ae = _fit(Instance, "calling_ae", calling_ae.strip())
-        called_ae = _fit(Instance, "called_ae", called_ae.strip())
-        arrival: dict[str, Any] = {"last_received_at": now}
-        if calling_ae or called_ae:
-            arrival |= {"calling_ae": calling_ae, "called_ae": called_ae}
-        with self.session_factory() as session, session.begin():
-            conn = session.connection()
-            found = conn.execute(
-                select(_SE.c.id, _SE.c.study_pk, *(_SE.c[c] for c in header.series)).where(
-                    _SE.c.series_instance_uid == header.series_instance_uid
-                )
-            ).first()
-            if found is None:
-                study_pk = self._study(session, header)
-                series_pk, created = _insert_or_get(
-                    session,
-                    _SE,
-                    {"series_instance_uid": header.series_instance_uid},
-                    {
-                        "study_pk": study_pk,
-                        **header.series,
-                        "calling_ae": calling_ae,
-                        "called_ae": called_ae,
-                        "first_received_at": now,
-                        "last_received_at": now,
-                    },
-                )
-                if not created:  # another writer made it meanwhile
-                    conn.execute(update(_SE).where(_SE.c.id == series_pk).values(**arrival))
-            else:
-                series_pk = found.id
-                changes = _changes(found._mapping, header.series) | arrival
-                conn.execute(update(_SE).where(_SE.c.id == series_pk).values(**changes))
-                self._refresh_study(session, found.study_pk, header)
-
-            values = {
-                "series_pk": series_pk,
-                "sop_class_uid": header.sop_class_uid,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                **header.instance,
-                "path": header.relative_path,
-                "size_bytes": size,
-                "received_at": now,
-                "source": _fit(Instance, "source", source),
-                "calling_ae": calling_ae,
-                "called_ae": called_ae,
-            }
-            key = _I.c.sop_instance_uid == header.sop_instance_uid
-            existing = conn.execute(select(_I.c.id, _I.c.path).where(key)).first()
-            if existing is None:
-                _, created = _insert_or_get(
-                    session, _I, {"sop_instance_uid": header.sop_instance_uid}, values
-                )
-                if created:
-                    return False, None
-                existing = conn.execute(select(_I.c.id, _I.c.path).where(key)).one()
-            conn.execute(update(_I).where(_I.c.id == existing.id).values(**values))
-            return True, existing.path
-
-    def _study(self, session: Session, header: Header) -> int:
-        """The study's primary key, made (with its patient) when new."""
-        conn = session.connection()
-        study_pk = conn.execute(
-            select(_ST.c.id).where(_ST.c.study_instance_uid == header.study_instance_uid)
-        ).scalar()
-        if study_pk is not None:
-            self._refresh_study(session, study_pk, header)
-            return int(study_pk)
-        patient_key = {k: header.patient[k] for k in ("patient_id", "issuer_of_patient_id")}
-        patient_values = {k: v for k, v in header.patient.items() if k not in patient_key}
-        patient_pk, created = _insert_or_get(session, _P, patient_key, patient_values)
-        if not created:
-            self._refresh_patient(session, patient_pk, header)
-        study_pk, created = _insert_or_get(
-            session,
-            _ST,
-            {"study_instance_uid": header.study_instance_uid},
-            {"patient_pk": patient_pk, **header.study},
-        )
-        if not created:
-            self._refresh_study(session, study_pk, header)
-        return study_pk
-
-    def _refresh_study(self, session: Session, study_pk: int, header: Header) -> None:
-        """Newer headers refresh the study's attributes (and its patient's, when the patient
-        keys agree: a study never moves to another patient)."""
-        conn = session.connection()
-        row = conn.execute(
-            select(_ST.c.patient_pk, *(_ST.c[c] for c in header.study)).where(_ST.c.id == study_pk)
-        ).one()
-        changes = _changes(row._mapping, header.study)
-        if changes:
-            conn.execute(
-                update(_ST).where(_ST.c.id == study_pk).values(**changes, updated_at=utcnow())
-            )
-        self._refresh_patient(session, row.patient_pk, header)
-
-    def _refresh_patient(self, session: Session, patient_pk: int, header: Header) -> None:
-        conn = session.connection()
-        columns = list(header.patient)
-        row = conn.execute(select(*(_P.c[c] for c in columns)).where(_P.c.id == patient_pk)).one()
-        mine = all(
-            row._mapping[k] == header.patient[k] for k in ("patient_id", "issuer_of_patient_id")
-        )
-        if not mine:
-            LOGGER.warning(
-                "study %s belongs to patient %r; instance %s names %r (kept the first)",
-                header.study_instance_uid,
-                row.patient_id,
-                header.sop_instance_uid,
-                header.patient["patient_id"],
-            )
-            return
-        changes = _changes(row._mapping, header.patient)
-        if changes:
-            conn.execute(update(_P).where(_P.c.id == patient_pk).values(**changes))
 
     def _ensure_dir(self, folder: Path) -> None:
         """Create the study and series folders, fsyncing each parent that gained an entry."""

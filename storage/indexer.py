@@ -1,0 +1,248 @@
+"""The index half of ingest: upsert patient, study, series and instance rows in one transaction.
+
+Statements are built once and executed with bound parameters on a plain Connection: building
+SQLAlchemy statements per call cost more CPU than SQLite spends running them. On the hot path
+(an instance of a series already known) one transaction runs one joined SELECT (series, study,
+patient), one UPDATE of the series (arrival time, AE titles, changed attributes), one SELECT and
+one INSERT (or UPDATE, for a re-sent instance) of the instance.
+
+Creation races (two writers making the same patient, study or series) are settled by the unique
+keys: the INSERT runs in a savepoint, and on IntegrityError the winner's row is used. On SQLite
+writers are serialised anyway (BEGIN IMMEDIATE, storage/db.py); this matters for PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage.models import Instance, Patient, Series, Study, utcnow
+
+LOGGER = logging.getLogger(__name__)
+
+_P: Table = Patient.__table__  # type: ignore[assignment]
+_ST: Table = Study.__table__  # type: ignore[assignment]
+_SE: Table = Series.__table__  # type: ignore[assignment]
+_I: Table = Instance.__table__  # type: ignore[assignment]
+
+PATIENT_KEY = ("patient_id", "issuer_of_patient_id")
+
+
+@dataclass
+class Header:
+    """What the index keeps of one instance, read from its header (see storage.archive)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient: dict[str, Any] = field(default_factory=dict)
+    """patient_id, issuer_of_patient_id, patient_name, patient_birth_date, patient_sex"""
+    study: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+    instance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def relative_path(self) -> str:
+        return f"{self.study_instance_uid}/{self.series_instance_uid}/{self.sop_instance_uid}.dcm"
+
+
+def _changes(current: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Newer headers refresh the attributes they carry; an empty value never erases one."""
+    return {k: v for k, v in values.items() if v not in ("", None) and current[k] != v}
+
+
+def _label(table: Table, prefix: str) -> list[Any]:
+    return [c.label(f"{prefix}{c.name}") for c in table.c]
+
+
+class Indexer:
+    """Upserts the rows of one instance; thread-safe (one connection per call)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # One row with everything the hot path compares: series, its study, the study's patient.
+        self._select_series = (
+            select(*_label(_SE, "se_"), *_label(_ST, "st_"), *_label(_P, "p_"))
+            .join(_ST, _ST.c.id == _SE.c.study_pk)
+            .join(_P, _P.c.id == _ST.c.patient_pk)
+            .where(_SE.c.series_instance_uid == bindparam("uid"))
+        )
+        self._select_study = (
+            select(*_label(_ST, "st_"), *_label(_P, "p_"))
+            .join(_P, _P.c.id == _ST.c.patient_pk)
+            .where(_ST.c.study_instance_uid == bindparam("uid"))
+        )
+        self._select_instance = select(_I.c.id, _I.c.path).where(
+            _I.c.sop_instance_uid == bindparam("uid")
+        )
+        self._select_patient = select(_P.c.id).where(
+            _P.c.patient_id == bindparam("pid"), _P.c.issuer_of_patient_id == bindparam("issuer")
+        )
+        self._select_study_pk = select(_ST.c.id).where(_ST.c.study_instance_uid == bindparam("uid"))
+        self._select_series_pk = select(_SE.c.id).where(
+            _SE.c.series_instance_uid == bindparam("uid")
+        )
+        tables = (_P, _ST, _SE, _I)
+        self._update = {t.name: update(t).where(t.c.id == bindparam("_pk")) for t in tables}
+        self._insert = {t.name: insert(t) for t in tables}
+
+    def upsert(
+        self,
+        header: Header,
+        *,
+        size: int,
+        source: str,
+        calling_ae: str,
+        called_ae: str,
+    ) -> tuple[bool, str | None]:
+        """Index one instance in ONE transaction. Returns (duplicate, the previous path)."""
+        now = utcnow()
+        arrival: dict[str, Any] = {"last_received_at": now}
+        if calling_ae or called_ae:
+            arrival |= {"calling_ae": calling_ae, "called_ae": called_ae}
+        with self.engine.begin() as conn:
+            row = conn.execute(self._select_series, {"uid": header.series_instance_uid}).first()
+            if row is not None:
+                m = row._mapping
+                series_pk = m["se_id"]
+                series_changes = {k: v for k, v in header.series.items() if v not in ("", None)}
+                series_changes = {k: v for k, v in series_changes.items() if m[f"se_{k}"] != v}
+                self._set(conn, _SE, series_pk, series_changes | arrival)
+                self._refresh_study(conn, m, header)
+            else:
+                series_pk = self._new_series(conn, header, now, calling_ae, called_ae, arrival)
+
+            values = {
+                "series_pk": series_pk,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                **header.instance,
+                "path": header.relative_path,
+                "size_bytes": size,
+                "received_at": now,
+                "source": source,
+                "calling_ae": calling_ae,
+                "called_ae": called_ae,
+            }
+            uid = {"uid": header.sop_instance_uid}
+            existing = conn.execute(self._select_instance, uid).first()
+            if existing is None:
+                key = {"sop_instance_uid": header.sop_instance_uid}
+                _, created = self._insert_or_get(conn, _I, key, values, self._select_instance, uid)
+                if created:
+                    return False, None
+                existing = conn.execute(self._select_instance, uid).one()
+            self._set(conn, _I, existing.id, values)
+            return True, existing.path
+
+    # --- helpers ------------------------------------------------------------------------
+    def _set(self, conn: Connection, table: Table, pk: int, values: dict[str, Any]) -> None:
+        if values:
+            conn.execute(self._update[table.name], {"_pk": pk, **values})
+
+    def _insert_or_get(
+        self,
+        conn: Connection,
+        table: Table,
+        key: dict[str, Any],
+        values: dict[str, Any],
+        select_pk: Any,
+        params: dict[str, Any],
+    ) -> tuple[int, bool]:
+        """Insert in a savepoint; if a concurrent writer won the unique key, take its row."""
+        try:
+            with conn.begin_nested():
+                result = conn.execute(self._insert[table.name], {**key, **values})
+        except IntegrityError:
+            return int(conn.execute(select_pk, params).scalars().first()), False  # type: ignore[arg-type]
+        primary_key = result.inserted_primary_key
+        assert primary_key is not None
+        return int(primary_key[0]), True
+
+    def _new_series(
+        self,
+        conn: Connection,
+        header: Header,
+        now: Any,
+        calling_ae: str,
+        called_ae: str,
+        arrival: dict[str, Any],
+    ) -> int:
+        study = conn.execute(self._select_study, {"uid": header.study_instance_uid}).first()
+        if study is not None:
+            study_pk = study._mapping["st_id"]
+            self._refresh_study(conn, study._mapping, header)
+        else:
+            study_pk = self._new_study(conn, header)
+        uid = {"uid": header.series_instance_uid}
+        series_pk, created = self._insert_or_get(
+            conn,
+            _SE,
+            {"series_instance_uid": header.series_instance_uid},
+            {
+                "study_pk": study_pk,
+                **header.series,
+                "calling_ae": calling_ae,
+                "called_ae": called_ae,
+                "first_received_at": now,
+                "last_received_at": now,
+            },
+            self._select_series_pk,
+            uid,
+        )
+        if not created:  # another writer made it meanwhile
+            self._set(conn, _SE, series_pk, arrival)
+        return series_pk
+
+    def _new_study(self, conn: Connection, header: Header) -> int:
+        key = {k: header.patient[k] for k in PATIENT_KEY}
+        others = {k: v for k, v in header.patient.items() if k not in PATIENT_KEY}
+        params = {"pid": key["patient_id"], "issuer": key["issuer_of_patient_id"]}
+        patient_pk = conn.execute(self._select_patient, params).scalar()
+        if patient_pk is None:
+            patient_pk, _ = self._insert_or_get(conn, _P, key, others, self._select_patient, params)
+        else:
+            current = conn.execute(select(*_P.c).where(_P.c.id == patient_pk)).one()._mapping
+            self._set(conn, _P, patient_pk, _changes(current, others))
+        uid = {"uid": header.study_instance_uid}
+        study_pk, created = self._insert_or_get(
+            conn,
+            _ST,
+            {"study_instance_uid": header.study_instance_uid},
+            {"patient_pk": patient_pk, **header.study},
+            self._select_study_pk,
+            uid,
+        )
+        if not created:
+            study = conn.execute(self._select_study, uid).one()
+            self._refresh_study(conn, study._mapping, header)
+        return int(study_pk)
+
+    def _refresh_study(self, conn: Connection, m: Any, header: Header) -> None:
+        """Newer headers refresh the study's attributes, and its patient's when the patient keys
+        agree: a study never moves to another patient (the first one kept, a warning logged)."""
+        study_changes = {k: v for k, v in header.study.items() if v not in ("", None)}
+        study_changes = {k: v for k, v in study_changes.items() if m[f"st_{k}"] != v}
+        if study_changes:
+            self._set(conn, _ST, m["st_id"], study_changes | {"updated_at": utcnow()})
+        if any(m[f"p_{k}"] != header.patient[k] for k in PATIENT_KEY):
+            LOGGER.warning(
+                "study %s belongs to patient %r; instance %s names %r (kept the first)",
+                header.study_instance_uid,
+                m["p_patient_id"],
+                header.sop_instance_uid,
+                header.patient["patient_id"],
+            )
+            return
+        patient_changes = {
+            k: v
+            for k, v in header.patient.items()
+            if k not in PATIENT_KEY and v not in ("", None) and m[f"p_{k}"] != v
+        }
+        self._set(conn, _P, m["p_id"], patient_changes)
