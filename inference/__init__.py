@@ -1,1 +1,2 @@
-"""nnU-Net inference: the spec and registry, request normalisation, the predictor cache, devices, cascades."""
+"""nnU-Net inference: the spec and registry, request normalisation, the predictor cache, devices,
+cascades."""

@@ -1,7 +1,8 @@
 """A TTL cache of loaded predictors whose time-to-live restarts on every use.
 
 Loading a real nnU-Net checkpoint takes seconds; keeping predictors between jobs is what makes a
-node fast. The reference keeps them in a ``cachetools.TTLCache`` whose TTL counts from the insertion,
+node fast. The reference keeps them in a ``cachetools.TTLCache`` whose TTL counts from the
+insertion,
 so a busy model is reloaded every five minutes, and its ``/expire`` only drops entries that have
 already expired. Here an entry lives ``ttl_s`` after its *last* use, a background thread sweeps
 expired entries every ``sweep_s``, :meth:`PredictorCache.clear` empties everything, the number of
@@ -157,7 +158,7 @@ class PredictorCache:
                     "key": _describe(key),
                     "expires_in_s": round(self._used.get(key, now) + self.ttl_s - now, 1),
                 }
-                for key in self._entries.keys()
+                for key in self._entries
             ]
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""Where a model runs: the GPU with the most free memory above the model's ``min_mem``, else the CPU.
+"""Where a model runs: the GPU with the most free memory above the model's ``min_mem``, else the
+CPU.
 
 The reference refuses to start without CUDA and parses ``nvidia-smi`` text; here torch is asked
 (``torch.cuda.mem_get_info``), a job waits up to ``wait_s`` for a GPU with room, and a machine
@@ -76,7 +77,8 @@ class DevicePolicy:
     def choose(
         self, min_mem: int, *, should_stop: Callable[[], bool] | None = None
     ) -> torch.device:
-        """The device to run a model needing ``min_mem`` MiB on; waits up to ``wait_s`` for a GPU."""
+        """The device to run a model needing ``min_mem`` MiB on; waits up to ``wait_s`` for a
+        GPU."""
         if self.mode == "cpu":
             return torch.device("cpu")
         deadline = time.monotonic() + self.wait_s

@@ -8,7 +8,8 @@ mirroring setting is part of the cache key, so no request changes another's ``us
 
 Outputs of stage ``i`` go to ``<output_dir>/stage_<i>/`` (``prediction[_suffix].nii.gz``,
 ``proba[_suffix].nii.gz``, ``input_<j>[_suffix].nii.gz``), all in the geometry of the stage's first
-input. Each stage is written under ``tmp_dir`` first and moved into place when complete, so a failed or
+input. Each stage is written under ``tmp_dir`` first and moved into place when complete, so a
+failed or
 cancelled job leaves no half-written stage. Paths were checked by the caller; nothing is written
 outside ``output_dir`` except the scratch folder under ``tmp_dir`` (inside ``output_dir`` unless the
 request gave an absolute path), which is removed afterwards.
@@ -16,6 +17,7 @@ request gave an absolute path), which is removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -75,7 +77,8 @@ class StageResult:
 
 @dataclass
 class LoadedModel:
-    """A ready predictor and the lock that serialises its use (its network holds one fold at a time)."""
+    """A ready predictor and the lock that serialises its use (its network holds one fold at a
+    time)."""
 
     predictor: Any
     lock: threading.Lock
@@ -160,7 +163,8 @@ class InferenceEngine:
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[StageResult]:
-        """Run every stage in order; raise :class:`JobCancelled` when ``should_stop()`` turns true."""
+        """Run every stage in order; raise :class:`JobCancelled` when ``should_stop()`` turns
+        true."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp_root = Path(plan.tmp_dir)
@@ -178,10 +182,8 @@ class InferenceEngine:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             if made_tmp_root:
-                try:
+                with contextlib.suppress(OSError):
                     tmp_root.rmdir()
-                except OSError:
-                    pass
 
 
 class _Run:

@@ -7,7 +7,8 @@ dropped when
 
 - its maximum probability is under ``min_confidence`` (default: the threshold),
 - it is tiny: fewer than :data:`MIN_COMPONENT_VOXELS` voxels, or smaller than
-  ``remove_objects_smaller_than`` times the largest component of its label,
+  ``remove_objects_smaller_than`` times the largest component of the label map (any label; the
+  reference documents it as a fraction of the maximum object size),
 - less than ``min_intersection`` of it lies inside a reference mask (``intersect_with``, or the
   upstream stage's mask in ``cascade_mode: intersect``): coverage of the component, not IoU.
 """
@@ -60,15 +61,17 @@ def filter_components(
     out = label_map.copy()
     dropped = {"confidence": 0, "size": 0, "intersection": 0}
     min_conf = rules.min_confidence if rules.min_confidence is not None else rules.threshold
+    found = []
     for channel, value in enumerate(label_values):
         if value == 0:
             continue
         components, count = ndimage.label(label_map == value, structure=_STRUCTURE_26)
-        if count == 0:
-            continue
-        index = np.arange(1, count + 1)
-        sizes = ndimage.sum_labels(np.ones_like(components), components, index)
-        largest = float(sizes.max())
+        if count:
+            index = np.arange(1, count + 1)
+            sizes = ndimage.sum_labels(np.ones_like(components), components, index)
+            found.append((channel, components, count, index, sizes))
+    largest = max((float(f[4].max()) for f in found), default=0.0)
+    for channel, components, count, index, sizes in found:
         max_p = (
             ndimage.maximum(probabilities[channel], components, index)
             if probabilities is not None

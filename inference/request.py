@@ -1,16 +1,21 @@
 """The ``/infer`` request body and its normalisation into a :class:`Plan` of stages.
 
-The body keeps the reference server's fields (``seed/nnunet-serve-api.txt``). Normalisation fixes what
+The body keeps the reference server's fields (``seed/nnunet-serve-api.txt``). Normalisation fixes
+what
 the reference gets wrong (``REFERENCE.md``, "Request semantics"):
 
-- a flat ``series_folders`` list for one model is that model's list of series (the reference splits it
+- a flat ``series_folders`` list for one model is that model's list of series (the reference splits
+it
   into characters), and the same holds for ``use_folds``, ``class_idx`` and every per-model field;
 - each model's ``default_args`` are merged *under* the request: a field the request sets wins;
-- cascade references (``from:<model>``, ``from:<model>=<label>``, ``from:<model>[<i>]``) to a model that
-  is not an earlier stage insert that model before the stage that needs it, fed with that stage's first
+- cascade references (``from:<model>``, ``from:<model>=<label>``, ``from:<model>[<i>]``) to a model
+that
+  is not an earlier stage insert that model before the stage that needs it, fed with that stage's
+  first
   N series (N = the inserted model's input channels); several inserted models in one stage each get
   their own index; an unknown model in a reference is a client error (400), not a 500;
-- every accepted field is honoured (``tta`` on every stage, ``tmp_dir``, ``remove_objects_smaller_than``)
+- every accepted field is honoured (``tta`` on every stage, ``tmp_dir``,
+``remove_objects_smaller_than``)
   and every unknown field is rejected, naming it.
 """
 
@@ -38,7 +43,8 @@ class InferenceRequest(BaseModel):
     """The body of ``POST /infer`` (and the ``request`` field of ``/infer_file``).
 
     Per-model fields take one value for every model, or a list with one entry per model (``null``
-    entries fall back to the model's ``default_args``). ``study_path`` and ``output_dir`` are optional
+    entries fall back to the model's ``default_args``). ``study_path`` and ``output_dir`` are
+    optional
     here: the HTTP layer enforces what each endpoint requires.
     """
 
@@ -51,8 +57,9 @@ class InferenceRequest(BaseModel):
     series_folders: list[str | list[str]] | None = Field(
         None,
         description="Series per model: a list for one model, a list of lists for several. An entry "
-        "is a folder holding one DICOM series, an image file (NIfTI, NRRD, MHA) or a folder holding "
-        "one, or a cascade reference from:<model>, from:<model>=<label>, from:<model>[<channel>].",
+        "is a folder holding one DICOM series, an image file (NIfTI, NRRD, MHA) or a folder "
+        "holding one, or a cascade reference from:<model>, from:<model>=<label>, "
+        "from:<model>[<channel>].",
     )
     output_dir: str | None = Field(None, description="Where stage_<i>/ folders are written.")
     class_idx: int | list[int | list[int] | None] | None = Field(
@@ -68,7 +75,7 @@ class InferenceRequest(BaseModel):
     )
     is_dicom: bool = Field(False, description="Inputs are DICOM series; export DICOM-SEG/RTSTRUCT.")
     tta: bool | list[bool | None] = Field(True, description="Mirroring test-time augmentation.")
-    use_folds: int | str | list[int | str | list[int | str] | None] = Field(
+    use_folds: int | str | list[int | str | list[int | str] | None] = Field(  # type: ignore[assignment]
         default_factory=lambda: [0], description="Folds to ensemble ('all' for fold_all)."
     )
     proba_threshold: float | list[Number] | None = Field(
@@ -99,7 +106,7 @@ class InferenceRequest(BaseModel):
     )
     remove_objects_smaller_than: float | list[Number] | None = Field(
         None,
-        description="Drop components smaller than this fraction (0..1) of the largest component.",
+        description="Drop components smaller than this fraction (0..1) of the largest one.",
     )
     save_proba_map: bool = Field(
         False, description="Write proba[_suffix].nii.gz; needs a threshold."
@@ -201,7 +208,8 @@ class Stage:
 
     @property
     def filter_components(self) -> bool:
-        """Whether connected components are analysed (threshold, confidence, size or intersection)."""
+        """Whether connected components are analysed (threshold, confidence, size or
+        intersection)."""
         return (
             self.proba_threshold is not None
             or self.min_confidence is not None
@@ -226,8 +234,10 @@ class Plan:
     tmp_dir: str = ".tmp"
 
     def paths(self) -> list[tuple[str, str]]:
-        """Every path the request names, as ``(field, raw path)``, for the caller to check against the
-        allowed roots before anything runs. Series, ``crop_from`` and ``intersect_with`` are relative
+        """Every path the request names, as ``(field, raw path)``, for the caller to check against
+        the
+        allowed roots before anything runs. Series, ``crop_from`` and ``intersect_with`` are
+        relative
         to ``study_path``; ``tmp_dir`` to ``output_dir``."""
         out: list[tuple[str, str]] = []
         if self.study_path is not None:
@@ -254,7 +264,8 @@ _UNSET: Any = object()
 
 
 def parse_request(raw: InferenceRequest | dict[str, Any]) -> InferenceRequest:
-    """Validate the body; raise :class:`InvalidRequest` naming the field (unknown fields included)."""
+    """Validate the body; raise :class:`InvalidRequest` naming the field (unknown fields
+    included)."""
     if isinstance(raw, InferenceRequest):
         return raw
     if not isinstance(raw, dict):
@@ -355,12 +366,14 @@ def _series_per_model(value: list[str | list[str]] | None, n: int) -> list[list[
             raise InvalidRequest(
                 f"series_folders: {n} models need a list of {n} lists of series, got one flat list"
             )
-        groups = [list(value)]  # one model: the flat list is its series (not split into characters)
+        # One model: the flat list is its series (the reference splits it into characters).
+        groups = [[v for v in value if isinstance(v, str)]]
     else:
-        groups = [list(v) for v in value]  # type: ignore[arg-type]
+        groups = [list(v) for v in value if isinstance(v, list)]
         if len(groups) != n:
             raise InvalidRequest(
-                f"series_folders: {len(groups)} lists of series for {n} model(s); give one per model"
+                f"series_folders: {len(groups)} lists of series for {n} model(s); "
+                "give one per model"
             )
     for i, group in enumerate(groups):
         if not group:
@@ -567,7 +580,8 @@ class _PlanBuilder:
                 raise InvalidRequest(f"use_folds: {f!r} is not a fold number or 'all'")
             if str(fold) not in files.folds:
                 raise InvalidRequest(
-                    f"use_folds: {label} has no fold {fold!r} with a checkpoint (found: {files.folds})"
+                    f"use_folds: {label} has no fold {fold!r} with a checkpoint "
+                    f"(found: {files.folds})"
                 )
             if not (spec.folder / f"fold_{fold}" / checkpoint).is_file():
                 raise InvalidRequest(f"use_folds: {label} fold {fold!r} has no {checkpoint!r}")

@@ -1,7 +1,9 @@
 """The model-serve spec (``model-serve-spec.yaml``) and the registry of models it names.
 
-The file keeps the reference server's format: ``model_folder`` (relative to the spec file's folder when
-relative) and a list of ``models``, each with ``id``, ``name``, ``aliases``, ``rel_path``, ``min_mem``,
+The file keeps the reference server's format: ``model_folder`` (relative to the spec file's folder
+when
+relative) and a list of ``models``, each with ``id``, ``name``, ``aliases``, ``rel_path``,
+``min_mem``,
 ``default_args`` and ``metadata``; TotalSegmentator entries name a ``totalseg_task`` instead of a
 ``rel_path``. Other top-level keys (``routes``, ``destinations``) belong to other parts and are left
 alone. Everything is validated at load; a model whose files are absent is still registered and fails
@@ -57,7 +59,8 @@ TOTALSEG_DATASETS: dict[str, int] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model of the spec, as validated at load. ``folder`` holds ``dataset.json`` and ``fold_*``."""
+    """One model of the spec, as validated at load. ``folder`` holds ``dataset.json`` and
+    ``fold_*``."""
 
     id: str
     name: str
@@ -217,7 +220,8 @@ class ModelRegistry:
         return spec
 
     def files(self, spec: ModelSpec) -> ModelFiles:
-        """What is on disk for ``spec`` now (read at each call: models can be added while running)."""
+        """What is on disk for ``spec`` now (read at each call: models can be added while
+        running)."""
         files = inspect_model_folder(spec.folder, spec.id)
         if files.error and spec.totalseg_task:
             return ModelFiles(
@@ -357,7 +361,8 @@ def _check_default_args(default_args: dict[str, Any], where: str) -> None:
     bad = sorted(set(default_args) & _NOT_DEFAULTABLE)
     if bad:
         raise ConfigError(
-            f"model-serve spec: {where}: default_args cannot set {', '.join(bad)} (per request only)"
+            f"model-serve spec: {where}: default_args cannot set {', '.join(bad)} "
+            "(per request only)"
         )
     known = set(InferenceRequest.model_fields)
     unknown = sorted(set(default_args) - known)

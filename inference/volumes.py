@@ -42,7 +42,8 @@ def _is_image_file(path: Path) -> bool:
 
 
 def read_series(path: Path, *, what: str = "series") -> Series:
-    """Read one series (see module doc); raise :class:`InvalidRequest` naming ``what`` and the path."""
+    """Read one series (see module doc); raise :class:`InvalidRequest` naming ``what`` and the
+    path."""
     if path.is_file():
         return Series(_read_file(path, what), path)
     if not path.is_dir():

@@ -1,8 +1,11 @@
 """Make a full-size nnU-Net v2 model folder with UNTRAINED weights, for timing only.
 
-nnU-Net's default experiment planner (``ExperimentPlanner``, the one ``nnUNetv2_plan_and_preprocess``
-uses) plans the ``3d_fullres`` configuration from a hand-written dataset fingerprint of a realistic CT
-dataset (default: 512 x 512 x 200 voxels of 0.78 x 0.78 x 2.5 mm, 1 channel, 5 labels); the network it
+nnU-Net's default experiment planner (``ExperimentPlanner``, the one
+``nnUNetv2_plan_and_preprocess``
+uses) plans the ``3d_fullres`` configuration from a hand-written dataset fingerprint of a realistic
+CT
+dataset (default: 512 x 512 x 200 voxels of 0.78 x 0.78 x 2.5 mm, 1 channel, 5 labels); the network
+it
 plans is built with nnU-Net's own trainer class and saved as a checkpoint holding what the predictor
 reads. The result is a results folder like a trained model's (``dataset.json``, ``plans.json``,
 ``fold_0/checkpoint_final.pth``), hundreds of MB, whose outputs mean nothing: loading it is what the
@@ -53,7 +56,8 @@ def make_model(
     labels: int = 5,
     seed: int = 0,
 ) -> Path:
-    """Plan, build and save; return the model folder (``out/<dataset>/nnUNetTrainer__nnUNetPlans__3d_fullres``)."""
+    """Plan, build and save; return the model folder
+    (``out/<dataset>/nnUNetTrainer__nnUNetPlans__3d_fullres``)."""
     work = Path(tempfile.mkdtemp(prefix="nnunet-plan-"))
     try:
         raw, pre = work / "raw", work / "preprocessed"
@@ -79,8 +83,8 @@ def make_model(
         (pre / name / "dataset_fingerprint.json").write_text(
             json.dumps(fingerprint(shape_zyx, spacing_zyx, 10))
         )
-        os.environ["nnUNet_raw"] = str(raw)
-        os.environ["nnUNet_preprocessed"] = str(pre)
+        os.environ["nnUNet_raw"] = str(raw)  # noqa: SIM112 (nnU-Net's names)
+        os.environ["nnUNet_preprocessed"] = str(pre)  # noqa: SIM112
         os.environ.setdefault("nnUNet_results", str(work / "results"))
 
         import torch
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     size = (folder / "fold_0" / "checkpoint_final.pth").stat().st_size / 2**20
     print(f"model folder: {folder}")
     print(
-        f"3d_fullres patch {plans['patch_size']}, spacing {plans['spacing']}, checkpoint {size:.0f} MiB"
+        f"3d_fullres patch {plans['patch_size']}, spacing {plans['spacing']}, "
+        f"checkpoint {size:.0f} MiB"
     )
 
 

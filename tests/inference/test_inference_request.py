@@ -173,7 +173,7 @@ def test_reference_defect_unknown_reference_is_a_client_error(fake_registry: Mod
         _plan(fake_registry, nnunet_id="cube", series_folders=["ct", "from:seg[x]"])
     with pytest.raises(InvalidRequest, match="has no foreground label 7"):
         _plan(fake_registry, nnunet_id="cube", series_folders=["ct", "from:seg=7"])
-    with pytest.raises(InvalidRequest, match="probability channels 0..2"):
+    with pytest.raises(InvalidRequest, match=r"probability channels 0\.\.2"):
         _plan(fake_registry, nnunet_id="cube", series_folders=["ct", "from:seg[3]"])
 
 

@@ -23,7 +23,7 @@ def test_id_name_and_aliases_resolve_to_one_model(fake_registry: ModelRegistry) 
     assert fake_registry.resolve("Segmenter") is seg
     assert fake_registry.resolve("s") is seg
     assert fake_registry.resolve("seg-alias") is seg
-    with pytest.raises(UnknownModel, match="'nope'.*known models: cube, pair, seg, tri"):
+    with pytest.raises(UnknownModel, match=r"'nope'.*known models: cube, pair, seg, tri"):
         fake_registry.resolve("nope")
 
 
