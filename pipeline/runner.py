@@ -260,13 +260,11 @@ class JobRunner:
         label_map = sitk.GetArrayFromImage(stage.prediction)
         stage_dir = Path(stage.folder)
 
-        def uids(kind: str) -> dict[str, str]:
+        def uids(kind: str) -> tuple[str, str]:
             # Derived from the job: a retried job re-files the same objects instead of new ones.
             seed = [job.id, str(stage.index), kind]
-            return {
-                "series_instance_uid": generate_uid(entropy_srcs=[*seed, "series"]),
-                "sop_instance_uid": generate_uid(entropy_srcs=[*seed, "instance"]),
-            }
+            series_uid = generate_uid(entropy_srcs=[*seed, "series"])
+            return series_uid, generate_uid(entropy_srcs=[*seed, "instance"])
 
         def keep(ds: Dataset | None, kind: str, name_kind: str, what: str) -> None:
             if ds is None:
@@ -288,15 +286,37 @@ class JobRunner:
                 )
             )
 
-        seg = make_binary_seg(label_map, sources, metadata, **uids("seg"))
+        series_uid, sop_uid = uids("seg")
+        seg = make_binary_seg(
+            label_map,
+            sources,
+            metadata,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+        )
         keep(seg, "dicom_segmentation", "seg", "prediction")
         if plan.save_proba_map and stage.probabilities is not None:
             proba, labels = _foreground_probabilities(stage, metadata)
             if labels:
-                frac = make_fractional_seg(proba, labels, sources, metadata, **uids("fractional"))
+                series_uid, sop_uid = uids("fractional")
+                frac = make_fractional_seg(
+                    proba,
+                    labels,
+                    sources,
+                    metadata,
+                    series_instance_uid=series_uid,
+                    sop_instance_uid=sop_uid,
+                )
                 keep(frac, "dicom_fractional_segmentation", "fractional", "probability map")
         if plan.save_rt_struct_output:
-            rt = make_rtstruct(label_map, sources, metadata, **uids("rtstruct"))
+            series_uid, sop_uid = uids("rtstruct")
+            rt = make_rtstruct(
+                label_map,
+                sources,
+                metadata,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop_uid,
+            )
             keep(rt, "dicom_struct", "rtstruct", "prediction")
 
 

@@ -10,6 +10,7 @@ and dispatches loaded.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
@@ -329,7 +330,7 @@ class JobStore:
         LOGGER.info("job %s superseded by %s", old_job_id, new_job_id)
         return self.get(old_job_id)
 
-    def recover_after_restart(self) -> tuple[list[str], list[str]]:
+    def recover_after_restart(self) -> tuple[builtins.list[str], builtins.list[str]]:
         """At start-up: jobs left ``running`` by a process that died go back to the queue once
         (``attempts < 2``); after a second interruption they fail with the reason.
 
@@ -337,8 +338,8 @@ class JobStore:
         jobs from the same database (a shared database needs worker heartbeats, not kept here).
         Returns ``(requeued ids, failed ids)``.
         """
-        requeued: list[str] = []
-        failed: list[str] = []
+        requeued: builtins.list[str] = []
+        failed: builtins.list[str] = []
         with unit_of_work(self._sessions) as session:
             rows = session.execute(
                 select(Job.id, Job.attempts).where(Job.status == JobStatus.RUNNING)
@@ -374,9 +375,9 @@ class JobStore:
             )
         return requeued, failed
 
-    def queued_ids(self) -> list[str]:
+    def queued_ids(self) -> builtins.list[str]:
         with unit_of_work(self._sessions) as session:
-            return list(
+            return builtins.list(
                 session.scalars(
                     select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
                 )
