@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.deps import API_KEY_HEADER, require_api_key
 from api.dicomweb import router as dicomweb_router
-from api.errors import install_error_handlers
+from api.errors import install_error_handlers, responses
 from api.middleware import CatchAllMiddleware, RateLimitMiddleware
 from api.routes import health, infer, jobs, models
 from core.settings import Settings, load_settings
@@ -110,6 +110,14 @@ def _custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request_schema.pop("$defs", {}))
         components["InferenceRequest"] = request_schema
+        # /infer and /jobs need a study and its series (the seed document's required fields).
+        components["InferenceRequestWithStudy"] = {
+            **request_schema,
+            "title": "InferenceRequestWithStudy",
+            "required": sorted(
+                {*request_schema.get("required", []), "study_path", "series_folders"}
+            ),
+        }
         app.openapi_schema = schema
         return schema
 
@@ -130,12 +138,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.context = None
     install_error_handlers(app)
 
-    protected = [Depends(require_api_key)]
+    protected: dict[str, Any] = {
+        "dependencies": [Depends(require_api_key)],
+        "responses": responses(401, 429),
+    }
     app.include_router(health.router)
-    app.include_router(models.router, dependencies=protected)
-    app.include_router(infer.router, dependencies=protected)
-    app.include_router(jobs.router, dependencies=protected)
-    app.include_router(dicomweb_router, dependencies=protected)  # carries /dicom-web
+    app.include_router(models.router, **protected)
+    app.include_router(infer.router, **protected)
+    app.include_router(jobs.router, **protected)
+    app.include_router(dicomweb_router, **protected)  # carries /dicom-web
 
     # Added innermost first: CORS wraps the rate limit, which wraps the catch-all, so that 429 and
     # 500 answers carry CORS headers too and a browser client (OHIF) can read them.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -14,8 +14,10 @@ from pydantic import BaseModel
 from api.deps import JobServiceDep
 from api.errors import responses
 from api.routes.infer import REQUEST_BODY, JsonObject
+from core.errors import InvalidRequest
 from pipeline.jobs import JobView
 from storage.jobs import MAX_PAGE
+from storage.models import JobStatus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,31 +55,49 @@ async def create_job(body: JsonObject, jobs: JobServiceDep) -> JSONResponse:
     )
 
 
+_TIME = Query(
+    description="ISO 8601 date-time (without an offset: UTC)",
+    json_schema_extra={"format": "date-time"},
+)
+
+
+def _instant(value: str | None, name: str) -> datetime | None:
+    """An ISO 8601 date-time, naive read as UTC. Parsed here rather than by pydantic, which would
+    also take a bare number as a Unix time."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise InvalidRequest(f"{name}: {value!r} is not an ISO 8601 date-time") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 @router.get("", response_model=JobPage, responses=responses(400, 401, 422, 429))
 async def list_jobs(
     jobs: JobServiceDep,
-    status: Annotated[list[str] | None, Query(description="Repeat for several")] = None,
+    status: Annotated[list[JobStatus] | None, Query(description="Repeat for several")] = None,
     model: Annotated[str | None, Query(description="Id, name or alias of any stage")] = None,
     source: Annotated[str | None, Query(description="http, dimse or stow")] = None,
     patient_id: str | None = None,
     study_uid: Annotated[str | None, Query(description="StudyInstanceUID")] = None,
     route: Annotated[str | None, Query(description="Routing rule name")] = None,
-    created_after: Annotated[datetime | None, Query(description="ISO 8601; naive = UTC")] = None,
-    created_before: Annotated[datetime | None, Query(description="ISO 8601; naive = UTC")] = None,
+    created_after: Annotated[str | None, _TIME] = None,
+    created_before: Annotated[str | None, _TIME] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> dict[str, Any]:
     """Job history, newest first, filtered and paged; total counts every match."""
     items, total = await run_in_threadpool(
         lambda: jobs.list(
-            status=status,
+            status=[s.value for s in status] if status else None,
             model=model,
             source=source,
             patient_id=patient_id,
             study_instance_uid=study_uid,
             route_name=route,
-            created_after=created_after,
-            created_before=created_before,
+            created_after=_instant(created_after, "created_after"),
+            created_before=_instant(created_before, "created_before"),
             limit=limit,
             offset=offset,
         )
