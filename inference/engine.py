@@ -18,6 +18,7 @@ request gave an absolute path), which is removed afterwards.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import tempfile
@@ -103,20 +104,33 @@ def load_model(
     """An initialised ``nnUNetPredictor`` for the model folder (slow: reads the checkpoints)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=tta,
-        perform_everything_on_device=device.type == "cuda",
-        device=device,
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    try:
-        predictor.initialize_from_trained_model_folder(
-            str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint
+    # nnU-Net prints a notice for every CPU predictor; keep it out of the service's stdout.
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=tta,
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
         )
+    try:
+        try:
+            predictor.initialize_from_trained_model_folder(
+                str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint
+            )
+        except (ImportError, RuntimeError, AttributeError) as exc:
+            # nnU-Net finds a trainer class by importing every trainer module; some import timm and
+            # torchvision, which break beside a CPU-only torch (FACTS.md). Almost every trainer
+            # builds the standard architecture from the plans, so build that instead.
+            LOGGER.warning(
+                "trainer lookup for %s failed (%s); building the plans' network directly",
+                folder,
+                exc,
+            )
+            _initialise_without_trainer_lookup(predictor, folder, folds, checkpoint)
     except (OSError, KeyError, RuntimeError, ValueError) as exc:
         raise InferenceError(f"cannot load the model in {folder}: {exc}") from exc
     label_manager = predictor.label_manager
@@ -127,6 +141,43 @@ def load_model(
         label_values=values,
         has_regions=bool(label_manager.has_regions),
         device=device,
+    )
+
+
+def _initialise_without_trainer_lookup(
+    predictor: Any, folder: Path, folds: tuple[int | str, ...], checkpoint: str
+) -> None:
+    import json
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans = PlansManager(json.loads((folder / "plans.json").read_text()))
+    checkpoints = [
+        torch.load(folder / f"fold_{f}" / checkpoint, map_location="cpu", weights_only=False)
+        for f in folds
+    ]
+    first = checkpoints[0]
+    configuration = plans.get_configuration(first["init_args"]["configuration"])
+    network = nnUNetTrainer.build_network_architecture(
+        plans,
+        configuration,
+        determine_num_input_channels(plans, configuration, dataset_json),
+        plans.get_label_manager(dataset_json).num_segmentation_heads,
+        enable_deep_supervision=False,
+    )
+    parameters = [c["network_weights"] for c in checkpoints]
+    network.load_state_dict(parameters[0])
+    predictor.manual_initialization(
+        network,
+        plans,
+        configuration,
+        parameters,
+        dataset_json,
+        first["trainer_name"],
+        first.get("inference_allowed_mirroring_axes"),
     )
 
 

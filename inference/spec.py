@@ -36,7 +36,7 @@ _MODEL_KEYS = {
     "totalseg_task",
 }
 # Request fields that describe one request, not a model's defaults.
-_NOT_DEFAULTABLE = {"nnunet_id", "study_path", "output_dir"}
+_NOT_DEFAULTABLE = {"nnunet_id", "study_path", "output_dir", "series_folders"}
 
 # TotalSegmentator v2 tasks served by one nnU-Net dataset: task -> dataset id. Tasks made of several
 # datasets (``total``) are not single nnU-Net models; serve their parts by ``rel_path`` instead.

@@ -1,0 +1,471 @@
+"""The engine on the committed demo models (``phantom``: 1 channel, 1 sphere 2 cube;
+``phantom_cube``:
+image + phantom label map, 1 cube), on the CPU, against the phantom's ground truth.
+
+Runs are shared through a module-scoped cache of results (mirroring off except where a test is about
+it), so each request form is predicted once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from core.errors import JobCancelled
+from core.phantom import (
+    CUBE_LABEL,
+    SPHERE_LABEL,
+    Phantom,
+    make_phantom,
+    write_dicom_series,
+    write_nifti,
+)
+from inference.cache import PredictorCache
+from inference.device import DevicePolicy
+from inference.engine import InferenceEngine, StageResult, cache_key
+from inference.request import normalise
+from inference.spec import ModelRegistry
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "nifti/image.nii.gz"
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Study:
+    root: Path
+    phantom: Phantom
+
+    @property
+    def truth(self) -> np.ndarray:
+        return self.phantom.labels
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+@pytest.fixture(scope="module")
+def registry() -> ModelRegistry:
+    registry = ModelRegistry.from_yaml(REPO / "model-serve-spec.yaml")
+    for model in ("phantom", "phantom_cube"):
+        registry.require(registry.resolve(model))
+    return registry
+
+
+@pytest.fixture(scope="module")
+def engine() -> InferenceEngine:
+    # "auto" on a machine without CUDA is the CPU fallback under test.
+    return InferenceEngine(
+        PredictorCache(ttl_s=600, max_entries=4, sweep_s=60), DevicePolicy("auto")
+    )
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    root = tmp_path_factory.mktemp("study")
+    ph = make_phantom(9001)
+    write_nifti(ph, root / IMAGE, root / "nifti" / "labels.nii.gz")
+    write_nifti(ph, root / "only_one" / "ct.nrrd")
+    write_dicom_series(ph, root / "dicom" / "ct")
+    _, labels = _sitk_pair(ph)
+    # The label map on a coarser, shifted grid: a second input the engine must resample.
+    coarse = sitk.Resample(
+        labels,
+        [int(s * 0.7) for s in labels.GetSize()],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        [o + 0.3 for o in labels.GetOrigin()],
+        [sp / 0.7 for sp in labels.GetSpacing()],
+        labels.GetDirection(),
+        0,
+        labels.GetPixelID(),
+    )
+    (root / "coarse").mkdir()
+    sitk.WriteImage(coarse, str(root / "coarse" / "labels.mha"))
+    sphere = sitk.Cast(labels == SPHERE_LABEL, sitk.sitkUInt8)
+    (root / "masks").mkdir()
+    sitk.WriteImage(sphere, str(root / "masks" / "sphere.nii.gz"))
+    return Study(root, ph)
+
+
+def _sitk_pair(ph: Phantom) -> tuple[sitk.Image, sitk.Image]:
+    from core.phantom import to_sitk
+
+    return to_sitk(ph)
+
+
+@pytest.fixture(scope="module")
+def run(
+    engine: InferenceEngine,
+    registry: ModelRegistry,
+    study: Study,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., list[StageResult]]:
+    """``run(name, **body)``: the results of one request, computed once per module."""
+    done: dict[str, list[StageResult]] = {}
+
+    def _run(name: str, **body: Any) -> list[StageResult]:
+        if name not in done:
+            body.setdefault("tta", False)
+            plan = normalise(body, registry)
+            out = tmp_path_factory.mktemp(name)
+            done[name] = engine.run(plan, study.root, out)
+        return done[name]
+
+    return _run
+
+
+# --- the seed document's examples, adapted to the demo models -------------------------------------
+
+
+def test_single_model_nifti_example(run: Callable[..., list[StageResult]], study: Study) -> None:
+    (result,) = run(
+        "single",
+        nnunet_id="phantom",
+        study_path="ignored-by-engine",
+        series_folders=[IMAGE],
+        output_dir="ignored",
+        use_folds=[0],
+        save_proba_map=True,
+        proba_threshold=0.1,
+        min_confidence=0.5,
+    )
+    labels = result.label_array
+    assert dice(labels == SPHERE_LABEL, study.truth == SPHERE_LABEL) > 0.8
+    assert dice(labels == CUBE_LABEL, study.truth == CUBE_LABEL) > 0.8
+    assert [p.name for p in result.files["nifti_prediction"]] == ["prediction.nii.gz"]
+    assert [p.name for p in result.files["nifti_proba"]] == ["proba.nii.gz"]
+    assert result.folder.name == "stage_0" and all(p.exists() for p in result.files["nifti_proba"])
+    proba = sitk.ReadImage(str(result.files["nifti_proba"][0]))
+    assert (
+        proba.GetNumberOfComponentsPerPixel() == 3
+        and proba.GetSize() == result.prediction.GetSize()
+    )
+    assert result.labels == [1, 2] and result.probabilities is not None
+    assert not result.is_dicom and result.source_dicom_files == []
+    # Geometry of the first input.
+    image = sitk.ReadImage(str(study.root / IMAGE))
+    written = sitk.ReadImage(str(result.files["nifti_prediction"][0]))
+    for img in (result.prediction, written):
+        assert img.GetSize() == image.GetSize()
+        np.testing.assert_allclose(img.GetSpacing(), image.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(img.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    # Every kept voxel passed the threshold.
+    fg_max = result.probabilities[1:].max(axis=0)
+    assert (fg_max[labels > 0] >= 0.1).all()
+
+
+def test_cascade_dicom_example_with_outputs(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    results = run(
+        "dicom_cascade",
+        nnunet_id=["phantom", "phantom_cube"],
+        series_folders=[["dicom/ct"], ["dicom/ct", "from:phantom"]],
+        is_dicom=True,
+        cascade_mode="intersect",
+        save_rt_struct_output=True,
+        save_nifti_inputs=True,
+        suffix="v1",
+    )
+    first, second = results
+    assert [r.model_id for r in results] == ["phantom", "phantom_cube"]
+    assert dice(first.label_array == CUBE_LABEL, study.truth == CUBE_LABEL) > 0.8
+    assert dice(second.label_array == 1, study.truth == CUBE_LABEL) > 0.8
+    for r in results:
+        assert r.is_dicom and len(r.source_dicom_files) == r.prediction.GetSize()[2]
+        assert [p.name for p in r.files["nifti_prediction"]] == ["prediction_v1.nii.gz"]
+    assert [p.name for p in second.files["nifti_inputs"]] == [
+        "input_0_v1.nii.gz",
+        "input_1_v1.nii.gz",
+    ]
+    fed = sitk.GetArrayFromImage(sitk.ReadImage(str(second.files["nifti_inputs"][1])))
+    np.testing.assert_array_equal(fed, first.label_array)  # the upstream label map, same grid
+    assert second.options.upstream == [0]
+
+
+# --- cascades: explicit and auto-inserted references, each mode -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["intersect", "crop"])
+@pytest.mark.parametrize("form", ["explicit", "inserted"])
+def test_two_stage_cascade_matches_the_phantom(
+    run: Callable[..., list[StageResult]], study: Study, mode: str, form: str
+) -> None:
+    if form == "explicit":
+        body = {
+            "nnunet_id": ["phantom", "phantom_cube"],
+            "series_folders": [[IMAGE], [IMAGE, "from:phantom"]],
+        }
+    else:
+        body = {"nnunet_id": "phantom_cube", "series_folders": [IMAGE, "from:demo"]}  # an alias
+    results = run(f"cascade_{form}_{mode}", cascade_mode=mode, **body)
+    assert [r.model_id for r in results] == ["phantom", "phantom_cube"]
+    assert results[0].options.inserted is (form == "inserted")
+    cube = results[1].label_array
+    assert dice(cube == 1, study.truth == CUBE_LABEL) > 0.8
+    assert set(np.unique(cube)) <= {0, 1}
+
+
+def test_second_input_on_another_grid_is_resampled(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    (result,) = run("coarse", nnunet_id="phantom_cube", series_folders=[IMAGE, "coarse/labels.mha"])
+    assert result.prediction.GetSize() == sitk.ReadImage(str(study.root / IMAGE)).GetSize()
+    assert dice(result.label_array == 1, study.truth == CUBE_LABEL) > 0.8
+
+
+def test_a_folder_holding_one_image_file(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    (result,) = run("folder", nnunet_id="phantom", series_folders=["only_one"])
+    (argmax,) = run("argmax", nnunet_id="phantom", series_folders=[IMAGE])
+    np.testing.assert_array_equal(result.label_array, argmax.label_array)
+
+
+# --- options change the output as documented ------------------------------------------------------
+
+
+def test_engine_argmax_equals_nnunets_own_prediction(
+    run: Callable[..., list[StageResult]],
+    engine: InferenceEngine,
+    registry: ModelRegistry,
+    study: Study,
+) -> None:
+    (result,) = run("argmax", nnunet_id="phantom", series_folders=[IMAGE])
+    plan = normalise({"nnunet_id": "phantom", "series_folders": [IMAGE], "tta": False}, registry)
+    model = engine.model_for(plan.stages[0])
+    image = sitk.ReadImage(str(study.root / IMAGE))
+    bare = model.predictor.predict_single_npy_array(
+        sitk.GetArrayFromImage(image).astype(np.float32)[None],
+        {"spacing": list(reversed(image.GetSpacing()))},
+        None,
+        None,
+        False,
+    )
+    np.testing.assert_array_equal(result.label_array, bare)
+
+
+def test_class_idx_keeps_only_that_class_with_its_value(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    (result,) = run("class2", nnunet_id="phantom", series_folders=[IMAGE], class_idx=2)
+    labels = result.label_array
+    assert set(np.unique(labels)) == {0, 2}
+    assert dice(labels == 2, study.truth == CUBE_LABEL) > 0.8
+    assert result.labels == [2] and result.probabilities is not None
+    assert result.probabilities.shape[0] == 2  # background + the kept class, renormalised
+    np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-4)
+
+
+def test_thresholds_drop_uncertain_voxels(run: Callable[..., list[StageResult]]) -> None:
+    (low,) = run("t_low", nnunet_id="phantom", series_folders=[IMAGE], proba_threshold=0.05)
+    (high,) = run("t_high", nnunet_id="phantom", series_folders=[IMAGE], proba_threshold=0.99)
+    assert (high.label_array > 0).sum() < (low.label_array > 0).sum()
+    assert high.probabilities is not None
+    assert (high.probabilities[1:].max(axis=0)[high.label_array > 0] >= 0.99).all()
+    # min_confidence above every component's peak empties the map.
+    assert low.probabilities is not None
+    peak = float(low.probabilities[1:].max())
+    if peak < 1.0:
+        (none,) = run(
+            "conf",
+            nnunet_id="phantom",
+            series_folders=[IMAGE],
+            proba_threshold=0.05,
+            min_confidence=min(1.0, peak + 1e-6),
+        )
+        assert none.label_array.sum() == 0
+
+
+def test_small_objects_are_removed_relative_to_the_largest(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    (argmax,) = run("argmax", nnunet_id="phantom", series_folders=[IMAGE])
+    sizes = {v: int((argmax.label_array == v).sum()) for v in (1, 2)}
+    _, larger = sorted(sizes, key=sizes.get)  # type: ignore[arg-type]
+    (result,) = run(
+        "small", nnunet_id="phantom", series_folders=[IMAGE], remove_objects_smaller_than=0.999
+    )
+    present = set(np.unique(result.label_array)) - {0}
+    assert present == {larger}
+    assert result.dropped_components["size"] >= 1
+
+
+def test_intersect_with_keeps_components_mostly_inside_the_mask(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    (result,) = run(
+        "intersect",
+        nnunet_id="phantom",
+        series_folders=[IMAGE],
+        intersect_with="masks/sphere.nii.gz",
+        min_intersection=0.5,
+    )
+    labels = result.label_array
+    assert set(np.unique(labels)) == {0, SPHERE_LABEL}  # the cube lies outside the mask
+    assert dice(labels == SPHERE_LABEL, study.truth == SPHERE_LABEL) > 0.8
+
+
+def test_crop_from_predicts_inside_the_box_and_pads_back(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    (result,) = run(
+        "crop",
+        nnunet_id="phantom",
+        series_folders=[IMAGE],
+        crop_from="masks/sphere.nii.gz",
+        crop_padding=[2, 2, 2],
+    )
+    labels = result.label_array
+    assert labels.shape == study.truth.shape
+    zz, yy, xx = np.nonzero(study.truth == SPHERE_LABEL)
+    box = np.zeros_like(labels, dtype=bool)
+    box[zz.min() - 2 : zz.max() + 3, yy.min() - 2 : yy.max() + 3, xx.min() - 2 : xx.max() + 3] = (
+        True
+    )
+    assert not labels[~box].any()
+    assert dice(labels == SPHERE_LABEL, study.truth == SPHERE_LABEL) > 0.8
+
+
+def test_reference_defect_tta_is_used_after_the_first_stage(
+    run: Callable[..., list[StageResult]], engine: InferenceEngine, study: Study
+) -> None:
+    results = run(
+        "tta_second",
+        nnunet_id=["phantom", "phantom_cube"],
+        series_folders=[[IMAGE], [IMAGE, "from:phantom"]],
+        tta=[False, True],
+    )
+    second = results[1]
+    assert second.options.tta is True
+    key = cache_key(second.options, DevicePolicy("auto").choose(0))
+    assert key in engine.cache
+    model = engine.cache.get(key, lambda: pytest.fail("should be cached"))
+    assert model.predictor.use_mirroring is True
+    assert dice(second.label_array == 1, study.truth == CUBE_LABEL) > 0.8
+
+
+# --- running: cache reuse, concurrency, cancellation, scratch folder ------------------------------
+
+
+def test_warm_runs_reuse_the_cached_predictor(
+    run: Callable[..., list[StageResult]], engine: InferenceEngine
+) -> None:
+    run("argmax", nnunet_id="phantom", series_folders=[IMAGE])
+    loads = engine.cache.stats.loads
+    run("warm", nnunet_id="phantom", series_folders=[IMAGE])
+    assert engine.cache.stats.loads == loads
+    assert engine.cache.stats.hits >= 1
+
+
+def test_two_jobs_at_once_load_the_model_once(
+    registry: ModelRegistry, study: Study, tmp_path: Path
+) -> None:
+    engine = InferenceEngine(
+        PredictorCache(ttl_s=60, max_entries=2, sweep_s=60), DevicePolicy("cpu")
+    )
+    plan = normalise({"nnunet_id": "phantom", "series_folders": [IMAGE], "tta": False}, registry)
+    outcomes: list[Any] = []
+
+    def job(i: int) -> None:
+        try:
+            outcomes.append(engine.run(plan, study.root, tmp_path / f"job{i}")[0])
+        except Exception as exc:  # pragma: no cover - reported below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(isinstance(o, StageResult) for o in outcomes) and len(outcomes) == 2
+    np.testing.assert_array_equal(outcomes[0].label_array, outcomes[1].label_array)
+    assert engine.cache.stats.loads == 1
+
+
+def test_progress_and_cancellation(
+    engine: InferenceEngine, registry: ModelRegistry, study: Study, tmp_path: Path
+) -> None:
+    plan = normalise({"nnunet_id": "phantom", "series_folders": [IMAGE], "tta": False}, registry)
+    events: list[dict[str, Any]] = []
+    engine.run(plan, study.root, tmp_path / "ok", progress=events.append)
+    assert events[0]["step"] == "load" and events[-1]["step"] == "done"
+    assert events[-1]["fraction"] == 1.0
+    assert not (tmp_path / "ok" / ".tmp").exists()  # the scratch folder is removed
+
+    seen: list[str] = []
+    with pytest.raises(JobCancelled):
+        engine.run(
+            plan,
+            study.root,
+            tmp_path / "stopped",
+            progress=lambda e: seen.append(e["step"]),
+            should_stop=lambda: "predict" in seen,
+        )
+    assert not (tmp_path / "stopped" / "stage_0").exists()  # no half-written stage
+    assert list((tmp_path / "stopped").iterdir()) == []
+
+
+def test_tmp_dir_is_used_and_cleaned(
+    engine: InferenceEngine, registry: ModelRegistry, study: Study, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    plan = normalise(
+        {"nnunet_id": "phantom", "series_folders": [IMAGE], "tta": False, "tmp_dir": str(scratch)},
+        registry,
+    )
+    seen: list[list[Path]] = []
+    engine.run(
+        plan,
+        study.root,
+        tmp_path / "out",
+        progress=lambda e: seen.append(list(scratch.iterdir())),
+    )
+    assert any(entries for entries in seen)  # the run worked inside tmp_dir
+    assert list(scratch.iterdir()) == []  # and left it as it found it
+    assert (tmp_path / "out" / "stage_0" / "prediction.nii.gz").exists()
+
+
+def test_a_trainer_class_that_cannot_be_imported_still_loads(
+    registry: ModelRegistry, study: Study, tmp_path: Path, run: Callable[..., list[StageResult]]
+) -> None:
+    """TotalSegmentator and many published models name trainers (nnUNetTrainerNoMirroring, ...)
+    whose lookup imports torchvision, which fails beside a CPU-only torch (FACTS.md)."""
+    import shutil
+
+    import torch
+
+    from inference.engine import load_model
+
+    source = registry.resolve("phantom").folder
+    copy = tmp_path / "model"
+    shutil.copytree(source, copy)
+    path = copy / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["trainer_name"] = "nnUNetTrainerNoMirroring"
+    torch.save(checkpoint, path)
+    model = load_model(copy, (0,), "checkpoint_final.pth", False, torch.device("cpu"))
+    assert model.predictor.trainer_name == "nnUNetTrainerNoMirroring"
+    image = sitk.ReadImage(str(study.root / IMAGE))
+    seg = model.predictor.predict_single_npy_array(
+        sitk.GetArrayFromImage(image).astype(np.float32)[None],
+        {"spacing": list(reversed(image.GetSpacing()))},
+        None,
+        None,
+        False,
+    )
+    (argmax,) = run("argmax", nnunet_id="phantom", series_folders=[IMAGE])
+    np.testing.assert_array_equal(seg, argmax.label_array)
