@@ -5,12 +5,13 @@ Then, each into a fresh folder on the same disk:
 
   plain   temp file + fsync + rename into <study>/<series>/<sop>.dcm, no index
   ingest  Archive.ingest into a freshly migrated SQLite index (header parse, temp + fsync,
-          fsync of the folder, one transaction, rename, fsync of the folder)
+          one transaction with its WAL fsync, rename)
 
 and prints instances per second for each and their ratio. ``--threads N`` adds a run with N
-threads ingesting at once (as N DIMSE associations would).
+threads ingesting at once (as N DIMSE associations would); ``--variants`` shows what the
+durability choices cost (SQLite synchronous=NORMAL instead of FULL; fsync of the folder).
 
-    .venv/bin/python bench/bench_ingest.py [--count 1000] [--size 512] [--threads 4]
+    .venv/bin/python bench/bench_ingest.py [--count 1000] [--size 512] [--threads 4] [--variants]
 """
 
 from __future__ import annotations
@@ -92,11 +93,14 @@ def timed(label: str, items: list[tuple[str, str, str, bytes]], fn: Callable[...
     return rate
 
 
-def fresh_archive(base: Path, name: str) -> tuple[Archive, object]:
+def fresh_archive(
+    base: Path, name: str, synchronous: str = "FULL", fsync_folders: bool = False
+) -> tuple[Archive, object]:
     url = f"sqlite:///{base / name}.db"
     upgrade(url)
-    engine = make_engine(url)
-    return Archive(base / name, make_sessionmaker(engine)), engine
+    engine = make_engine(url, synchronous=synchronous)
+    archive = Archive(base / name, make_sessionmaker(engine), fsync_folders=fsync_folders)
+    return archive, engine
 
 
 def main() -> int:
@@ -105,6 +109,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=4, help="0 skips the threaded run")
     parser.add_argument("--dir", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also ingest with synchronous=NORMAL and with fsync_folders=True",
+    )
     args = parser.parse_args()
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +136,16 @@ def main() -> int:
         )
         engine.dispose()  # type: ignore[attr-defined]
         print(f"ratio ingest/plain: {rate / plain:.2f}")
+
+        if args.variants:
+            for label, sync, folders in (
+                ("  with synchronous=NORMAL", "NORMAL", False),
+                ("  with fsync_folders=True", "FULL", True),
+            ):
+                archive, engine = fresh_archive(base, label.split()[-1], sync, folders)
+                variant = timed(label, items, lambda *i, a=archive: a.ingest(i[3], source="bench"))
+                engine.dispose()  # type: ignore[attr-defined]
+                print(f"{'':34} ratio to plain: {variant / plain:.2f}")
 
         if args.threads > 0:
             archive, engine = fresh_archive(base, "threaded")

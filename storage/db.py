@@ -3,6 +3,16 @@
 SQLite runs in WAL mode with a busy timeout so that the DIMSE threads, the HTTP workers and the job
 workers write without ``database is locked`` errors; any other SQLAlchemy URL (PostgreSQL) works
 as is.
+
+Durability: ``synchronous=FULL`` fsyncs the WAL at every commit, so a committed row survives a
+power loss, not only a crash of the process. An acknowledged C-STORE hands responsibility for
+the instance to us (the sender may delete its copy), so its index row must be as durable as its
+file. ``NORMAL`` (faster, may lose the last commits on power loss) can be chosen per engine.
+
+Write transactions start with ``BEGIN IMMEDIATE`` (a writer waits for the lock at the start, not
+half-way through). Read-only work (C-FIND, QIDO-RS) should use :func:`make_read_sessionmaker`:
+its transactions start with a plain ``BEGIN``, read a WAL snapshot and neither wait for writers
+nor hold them up.
 """
 
 from __future__ import annotations
@@ -19,8 +29,14 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def make_engine(url: str) -> Engine:
+READ_ONLY = "nnunet_read_only"
+"""Execution option that marks an engine (or connection) as read-only: plain BEGIN on SQLite."""
+
+
+def make_engine(url: str, *, synchronous: str = "FULL") -> Engine:
     """Create the process's engine; for SQLite make the folder and turn on WAL and foreign keys."""
+    if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
@@ -39,20 +55,28 @@ def make_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _sqlite_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for queries only (C-FIND, QIDO-RS, WADO-RS look-ups): on SQLite they take no
+    write lock. Do not write through them: a deferred transaction that turns into a writer can
+    fail with ``database is locked`` when another writer got there first."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 @contextmanager

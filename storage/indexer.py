@@ -13,7 +13,9 @@ writers are serialised anyway (BEGIN IMMEDIATE, storage/db.py); this matters for
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +68,12 @@ class Indexer:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # SQLite has one writer at a time; waiting in its busy handler means sleeping in steps
+        # of up to 100 ms. Writers of this process queue on a lock instead and are handed the
+        # database at once. Other databases lock rows, not the file: no lock here.
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
         # One row with everything the hot path compares: series, its study, the study's patient.
         self._select_series = (
             select(*_label(_SE, "se_"), *_label(_ST, "st_"), *_label(_P, "p_"))
@@ -106,7 +114,7 @@ class Indexer:
         arrival: dict[str, Any] = {"last_received_at": now}
         if calling_ae or called_ae:
             arrival |= {"calling_ae": calling_ae, "called_ae": called_ae}
-        with self.engine.begin() as conn:
+        with self._write_lock, self.engine.begin() as conn:
             row = conn.execute(self._select_series, {"uid": header.series_instance_uid}).first()
             if row is not None:
                 m = row._mapping
