@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
 import anyio
@@ -42,18 +42,17 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def discover_services(settings: Settings) -> list[tuple[str, Callable[[NodeContext], Service]]]:
+def discover_services() -> list[tuple[str, Callable[[NodeContext], Service]]]:
     """The service factories registered under :data:`SERVICES_GROUP`, by name.
 
-    ``dicom_enabled = False`` leaves the DIMSE node (entry point ``dimse``) out.
+    Every one is started: each honours its own settings (the ``dimse`` service leaves its AE out
+    when ``NNUNET_NODE_DICOM_ENABLED`` is false but still routes STOW-RS series and dispatches).
     """
-    found = []
-    for ep in sorted(entry_points(group=SERVICES_GROUP), key=lambda e: e.name):
-        if ep.name == "dimse" and not settings.dicom_enabled:
-            LOGGER.info("DIMSE node disabled (NNUNET_NODE_DICOM_ENABLED=false)")
-            continue
-        found.append((ep.name, ep.load()))
-    return found
+    return [(ep.name, ep.load()) for ep in sorted(entry_points(group=SERVICES_GROUP), key=_name)]
+
+
+def _name(ep: EntryPoint) -> str:
+    return ep.name
 
 
 @asynccontextmanager
@@ -72,10 +71,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(context.job_service.start)
         stack.push_async_callback(anyio.to_thread.run_sync, context.job_service.stop)
 
-        for name, factory in discover_services(settings):
+        app.state.services = {}
+        stack.callback(setattr, app.state, "services", {})
+        for name, factory in discover_services():
             service = factory(context)
             await service.start()
             stack.push_async_callback(_stop_service, name, service)
+            app.state.services[name] = service
             LOGGER.info("service %s started", name)
         LOGGER.info("node ready: HTTP API, %d job worker(s)", settings.workers)
         yield
@@ -136,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.context = None
+    app.state.services = {}
     install_error_handlers(app)
 
     protected: dict[str, Any] = {

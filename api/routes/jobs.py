@@ -6,16 +6,19 @@ import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api.deps import JobServiceDep
+from api.deps import ContextDep, JobServiceDep
 from api.errors import responses
 from api.routes.infer import REQUEST_BODY, JsonObject
-from core.errors import InvalidRequest
-from pipeline.jobs import JobView
+from core.errors import InvalidRequest, NotFound
+from pipeline.context import NodeContext
+from pipeline.dispatch import Dispatcher
+from pipeline.jobs import DispatchView, JobView
+from pipeline.routing import RoutingTable
 from storage.jobs import MAX_PAGE
 from storage.models import JobStatus
 
@@ -115,3 +118,42 @@ async def get_job(job_id: str, jobs: JobServiceDep) -> JobView:
 async def cancel_job(job_id: str, jobs: JobServiceDep) -> JobView:
     """Cancel a queued job, or ask a running one to stop; 409 once it has finished."""
     return await run_in_threadpool(jobs.cancel, job_id)
+
+
+def _dispatcher(request: Request, context: NodeContext) -> Dispatcher:
+    """The running dispatcher (so that it sends at once), else one over the same database: the
+    dispatch row is the truth, whichever process sends it."""
+    for service in request.app.state.services.values():
+        running = getattr(service, "dispatcher", None)
+        if isinstance(running, Dispatcher):
+            return running
+    return Dispatcher(
+        context.session_factory,
+        RoutingTable.from_spec(context.spec.raw),
+        calling_ae=context.settings.ae_title,
+        archive_dir=context.archive.root,
+    )
+
+
+@router.post(
+    "/{job_id}/dispatches/{dispatch_id}/retry",
+    response_model=DispatchView,
+    responses=responses(401, 404, 409, 429),
+)
+async def retry_dispatch(
+    job_id: str,
+    dispatch_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    request: Request,
+    context: ContextDep,
+) -> DispatchView:
+    """Send a job's results to a destination again (a failed or pending dispatch; 409 if sent)."""
+
+    def retry() -> DispatchView:
+        job = context.job_service.get(job_id)
+        if all(d.id != dispatch_id for d in job.dispatches):
+            raise NotFound(f"job {job_id!r} has no dispatch {dispatch_id}")
+        _dispatcher(request, context).retry(dispatch_id)
+        view = next(d for d in context.job_service.get(job_id).dispatches if d.id == dispatch_id)
+        return view
+
+    return await run_in_threadpool(retry)

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+import yaml
 
 from api.app import create_app
 from core.phantom import make_phantom, write_dicom_series, write_nifti
@@ -29,11 +30,26 @@ SPEC = REPO / "model-serve-spec.yaml"
 PHANTOM_SHAPE = (40, 40, 40)
 
 
+def models_only_spec(folder: Path) -> Path:
+    """The repository's spec with its models only: no routing rule fires on what tests archive, so
+    the only jobs are the ones a test makes."""
+    raw = yaml.safe_load(SPEC.read_text())
+    raw["model_folder"] = str((SPEC.parent / raw["model_folder"]).resolve())
+    raw.pop("routes", None)
+    raw.pop("destinations", None)
+    path = folder / "model-serve-spec.yaml"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def node_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test node: its own data folder, the demo spec, CPU, no DIMSE, no limit."""
+    """Settings for a test node: its own data folder, the demo models, CPU, no DIMSE AE, no rate
+    limit."""
     values: dict[str, Any] = {
         "data_dir": data_dir,
-        "model_serve_spec": SPEC,
+        "model_serve_spec": models_only_spec(data_dir.parent / f"{data_dir.name}-spec"),
         "dicom_enabled": False,
         "device": "cpu",
         "rate_limit_per_minute": 0,
