@@ -61,15 +61,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         # Migrations, archive recovery, spec, engine, job service (blocking: in a thread).
         context = await anyio.to_thread.run_sync(build_context, settings)
-        stack.push_async_callback(anyio.to_thread.run_sync, context.close)
+        stack.push_async_callback(_in_thread, context.close)
         app.state.context = context
         stack.callback(setattr, app.state, "context", None)
 
         cache = context.inference_engine.cache
         await anyio.to_thread.run_sync(cache.start)
-        stack.push_async_callback(anyio.to_thread.run_sync, cache.stop)
+        stack.push_async_callback(_in_thread, cache.stop)
         await anyio.to_thread.run_sync(context.job_service.start)
-        stack.push_async_callback(anyio.to_thread.run_sync, context.job_service.stop)
+        stack.push_async_callback(_in_thread, context.job_service.stop)
 
         app.state.services = {}
         stack.callback(setattr, app.state, "services", {})
@@ -82,6 +82,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         LOGGER.info("node ready: HTTP API, %d job worker(s)", settings.workers)
         yield
         LOGGER.info("node stopping")
+
+
+async def _in_thread(func: Callable[[], object]) -> None:
+    await anyio.to_thread.run_sync(func)
 
 
 async def _stop_service(name: str, service: Service) -> None:

@@ -26,14 +26,15 @@ _api_key_header = APIKeyHeader(
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def get_context(request: Request) -> NodeContext:
-    context = getattr(request.app.state, "context", None)
+    context: NodeContext | None = getattr(request.app.state, "context", None)
     if context is None:  # only between create_app and the lifespan's start
         raise HTTPException(503, "the node is starting")
-    return context  # type: ignore[no-any-return]
+    return context
 
 
 def get_job_service(request: Request) -> JobService:

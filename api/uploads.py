@@ -64,6 +64,12 @@ class Upload:
             self.file_path.unlink(missing_ok=True)
 
 
+@dataclass
+class _Header:
+    field: bytes = b""
+    value: bytes = b""
+
+
 class _Part:
     def __init__(self) -> None:
         self.headers: dict[bytes, bytes] = {}
@@ -95,7 +101,7 @@ async def receive_multipart(
 
     fields: dict[str, str] = {}
     parts: list[_Part] = []
-    state: dict[str, object] = {"header_field": b"", "header_value": b""}
+    header = _Header()
     pending: list[tuple[_Part, str, bytes]] = []  # events of one parser.write(), in order
 
     def on_part_begin() -> None:
@@ -104,16 +110,14 @@ async def receive_multipart(
             raise InvalidRequest(f"too many form fields (more than {MAX_PARTS})")
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["header_field"] = bytes(state["header_field"]) + data[start:end]  # type: ignore[arg-type]
+        header.field += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["header_value"] = bytes(state["header_value"]) + data[start:end]  # type: ignore[arg-type]
+        header.value += data[start:end]
 
     def on_header_end() -> None:
-        key = bytes(state["header_field"]).lower()  # type: ignore[arg-type]
-        parts[-1].headers[key] = bytes(state["header_value"])  # type: ignore[arg-type]
-        state["header_field"] = b""
-        state["header_value"] = b""
+        parts[-1].headers[header.field.lower()] = header.value
+        header.field = header.value = b""
 
     def on_headers_finished() -> None:
         part = parts[-1]
@@ -131,7 +135,7 @@ async def receive_multipart(
 
     parser = MultipartParser(
         params[b"boundary"],
-        callbacks={  # type: ignore[arg-type]
+        callbacks={
             "on_part_begin": on_part_begin,
             "on_header_field": on_header_field,
             "on_header_value": on_header_value,

@@ -29,7 +29,7 @@ def _readiness(request: Request) -> tuple[bool, dict[str, Any]]:
     try:
         with context.session_factory() as session:
             session.execute(text("SELECT 1"))
-        database = {"reachable": True}
+        database: dict[str, Any] = {"reachable": True}
     except Exception as exc:  # report, do not raise: this is the probe's answer
         LOGGER.warning("readiness: database unreachable: %s", exc)
         database = {"reachable": False, "error": str(exc)}
