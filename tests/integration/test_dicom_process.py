@@ -1,0 +1,159 @@
+"""``nnunet-node dicom`` as a real process: killed with SIGKILL in the middle of a storescu
+transfer, restarted, every acknowledged instance is in the archive and the index, nothing orphaned;
+stopped cleanly by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
+
+from storage.db import make_engine, make_sessionmaker
+from storage.models import Instance
+from tests.node.peers import DCMTK_ENV, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_S = 120
+
+
+def write_ct(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    pixels = np.zeros((512, 512), dtype=np.int16).tobytes()
+    paths = []
+    for i in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.Modality, ds.InstanceNumber = "KILL", "CT", i + 1
+        ds.Rows = ds.Columns = 512
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = pixels
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class NodeProcess:
+    """``nnunet-node dicom`` in a subprocess, configured through the environment."""
+
+    def __init__(self, tmp: Path, port: int) -> None:
+        spec = tmp / "spec.yaml"
+        if not spec.exists():
+            spec.write_text(f"model_folder: {tmp}\nmodels: []\n")
+        self.env = {
+            **os.environ,
+            "MODEL_SERVE_SPEC": str(spec),
+            "NNUNET_NODE_DATA": str(tmp / "data"),
+            "NNUNET_NODE_DICOM_PORT": str(port),
+            "NNUNET_NODE_DICOM_HOST": "127.0.0.1",
+            "NNUNET_NODE_MIN_FREE_DISK_MB": "0",
+        }
+        self.log = tmp / "node.log"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self._close()
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nnunet_node.cli", "dicom"],
+                cwd=REPO,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        assert self.process.stdout is not None
+        for line in self.process.stdout:  # blocks until the node says it listens
+            if "listening on port" in line:
+                return
+        raise AssertionError(f"the node did not start:\n{self.log.read_text()[-3000:]}")
+
+    def signal(self, signum: int) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        return self.process.wait(60)
+
+    def _close(self) -> None:
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def kill_if_running(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._close()
+
+
+@pytest.fixture
+def node_process(tmp_path: Path) -> Iterator[NodeProcess]:
+    node = NodeProcess(tmp_path, free_port())
+    yield node
+    node.kill_if_running()
+
+
+def test_sigkill_mid_transfer_loses_no_acknowledged_instance(
+    node_process: NodeProcess, tmp_path: Path
+) -> None:
+    files = write_ct(tmp_path / "ct", 150)
+    node_process.start()
+    port = node_process.env["NNUNET_NODE_DICOM_PORT"]
+    storescu = subprocess.Popen(
+        ["storescu", "-v", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", port, str(files[0].parent)],
+        env=DCMTK_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert storescu.stdout is not None
+    acknowledged: list[str] = []
+    current: str | None = None
+    killed = False
+    for line in storescu.stdout:
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current:
+            acknowledged.append(current)
+            if len(acknowledged) == 25 and not killed:
+                assert node_process.process is not None
+                node_process.process.send_signal(signal.SIGKILL)
+                killed = True
+    storescu.wait(60)
+    storescu.stdout.close()
+    assert killed and 25 <= len(acknowledged) < len(files), len(acknowledged)
+    assert node_process.process is not None and node_process.process.wait(30) == -signal.SIGKILL
+
+    node_process.start()  # the restart runs the archive's recovery
+    assert node_process.signal(signal.SIGTERM) == 0  # and SIGTERM stops it cleanly
+
+    data = tmp_path / "data"
+    engine = make_engine(f"sqlite:///{data / 'nnunet-node.db'}")
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = {i.sop_instance_uid: i.path for i in session.scalars(select(Instance))}
+    finally:
+        engine.dispose()
+    sent = {Path(p).name: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+    for path in acknowledged:
+        assert sent[Path(path).name] in rows, f"acknowledged {path} is not in the index"
+    archive = data / "dicom"
+    on_disk = {str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file()}
+    leftovers = {p for p in on_disk if p.startswith(".incoming")}
+    assert not leftovers, leftovers
+    assert on_disk == set(rows.values())  # no orphan file, no row without its file
+    for rel in rows.values():
+        pydicom.dcmread(archive / rel, stop_before_pixels=True)
