@@ -81,9 +81,10 @@ class BulkValue:
         self._offset = 0
         self._length = 0
         deflated = self.transfer_syntax == str(DeflatedExplicitVRLittleEndian)
-        is_raw = isinstance(raw, RawDataElement)
-        if is_raw and raw.value is None and not _undefined(raw) and not deflated:
-            self._offset, self._length = int(raw.value_tell or 0), int(raw.length)
+        unread = raw if isinstance(raw, RawDataElement) else None
+        self.encapsulated = unread is not None and _undefined(unread)
+        if unread is not None and unread.value is None and not self.encapsulated and not deflated:
+            self._offset, self._length = int(unread.value_tell or 0), int(unread.length)
         else:
             value = ds[Tag(tag)].value
             if isinstance(value, str):
@@ -91,7 +92,6 @@ class BulkValue:
             if not isinstance(value, bytes | bytearray):
                 raise NotFound(f"element {tag:08X} holds no bulk data")
             self._inline = bytes(value)
-        self.encapsulated = is_raw and _undefined(raw)
 
     def chunks(self, size: int = 1 << 16) -> Iterator[bytes]:
         """The value's bytes in chunks, read from the file as the response is sent."""
@@ -144,18 +144,19 @@ def read_frames(path: Path, numbers: list[int]) -> tuple[PixelInfo, list[bytes]]
     bad = [n for n in numbers if n < 1 or n > count]
     if bad:
         raise NotFound(f"frame {bad[0]} does not exist; the instance has {count} frame(s)")
-    encapsulated = isinstance(raw, RawDataElement) and _undefined(raw)
+    unread = raw if isinstance(raw, RawDataElement) else None
+    encapsulated = unread is not None and _undefined(unread)
     if ts == str(ExplicitVRBigEndian):
         raise NotAcceptable("frames of big endian instances are not served; retrieve the instance")
     if encapsulated:
         info = PixelInfo(ts, count, native=False)
-        if raw.value is not None or ts == str(DeflatedExplicitVRLittleEndian):
+        if unread is None or unread.value is not None or ts == str(DeflatedExplicitVRLittleEndian):
             data = ds.PixelData  # pydicom reads undefined-length values whole
             return info, [get_frame(data, n - 1, number_of_frames=count) for n in numbers]
         with open(path, "rb") as fh:
             frames = []
             for n in numbers:
-                fh.seek(int(raw.value_tell or 0))
+                fh.seek(int(unread.value_tell or 0))
                 frames.append(get_frame(fh, n - 1, number_of_frames=count))
         return info, frames
     info = PixelInfo(ts, count, native=True)
@@ -163,20 +164,21 @@ def read_frames(path: Path, numbers: list[int]) -> tuple[PixelInfo, list[bytes]]
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.BitsAllocated)
     frame_bits = rows * cols * samples * bits
+    offset: int | None = None
     inline = None
-    if not (isinstance(raw, RawDataElement) and raw.value is None) or ts == str(
-        DeflatedExplicitVRLittleEndian
-    ):
+    if unread is not None and unread.value is None and ts != str(DeflatedExplicitVRLittleEndian):
+        offset = int(unread.value_tell or 0)
+    else:
         inline = bytes(ds.PixelData)
     frames = []
     with open(path, "rb") as fh:
         for n in numbers:
             start_bit = (n - 1) * frame_bits
             first, last = start_bit // 8, -(-(start_bit + frame_bits) // 8)
-            if inline is not None:
-                chunk = inline[first:last]
+            if offset is None:
+                chunk = (inline or b"")[first:last]
             else:
-                fh.seek(int(raw.value_tell or 0) + first)
+                fh.seek(offset + first)
                 chunk = fh.read(last - first)
             if bits % 8 == 0:
                 frames.append(chunk)

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ContextDep
 from api.dicomweb.common import check_uid, context_parts, instance_url, series_url, service_url
 from api.dicomweb.common import study_url as make_study_url
-from api.dicomweb.dicom_json import MEDIA_TYPE
+from api.dicomweb.dicom_json import MEDIA_TYPE, row_to_json
 from api.dicomweb.negotiate import wants_json
 from api.dicomweb.qido_params import QidoParams, parse_qido
 from storage.query import (
@@ -34,7 +34,6 @@ from storage.query import (
     find_instances,
     find_series,
     find_studies,
-    to_dataset,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -181,7 +180,7 @@ async def _qido(
     base = service_url(request)
     results = []
     for row in rows:
-        model = to_dataset(row, keys).to_json_dict()
+        model = row_to_json(row, keys)
         model["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base, level, row)]}
         results.append(dict(sorted(model.items())))
     headers = {}

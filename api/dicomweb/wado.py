@@ -109,7 +109,9 @@ def _explicit_le(path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _instances_body(items: list[Located], deliveries: list[Delivery], boundary: str):  # type: ignore[no-untyped-def]
+def _instances_body(
+    items: list[Located], deliveries: list[Delivery], boundary: str
+) -> Iterator[bytes]:
     for item, delivery in zip(items, deliveries, strict=True):
         ts = item.transfer_syntax if delivery is Delivery.AS_STORED else EXPLICIT_LE
         try:

@@ -20,6 +20,7 @@ from api.dicomweb.dicom_json import (
     StoredRef,
     dataset_to_json,
     read_metadata,
+    row_to_json,
     store_response,
 )
 from api.dicomweb.frames import BulkValue, NotAcceptable, read_frames
@@ -319,3 +320,27 @@ def test_bulk_value_reads_the_element_from_the_file(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         BulkValue(path, 0x00091001)
     assert io  # keep the import for readers of the module
+
+
+def test_row_to_json_is_what_pydicom_writes() -> None:
+    from storage.query import to_dataset
+
+    rows = [
+        {
+            "InstanceNumber": 7,
+            "Rows": 40,
+            "ModalitiesInStudy": ["CT", "SEG"],
+            "PatientName": "Doe^J",
+            "StudyDate": "",
+            "SeriesNumber": None,
+            "PatientID": "A\\B",
+            "InstanceAvailability": "ONLINE",
+            "NumberOfStudyRelatedInstances": 5,
+            "StudyDescription": "Tête",
+            "_pk": 3,
+        },
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "ModalitiesInStudy": [], "Rows": None},
+    ]
+    keys = [*rows[0], "SOPClassUID", "ReferencedSeriesSequence", "Manufacturer", "NoSuchKey"]
+    for row in rows:
+        assert row_to_json(row, keys) == to_dataset(row, keys).to_json_dict()
