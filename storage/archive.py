@@ -231,16 +231,24 @@ class Archive:
         session_factory: sessionmaker[Session],
         *,
         min_free_bytes: int = 0,
+        fsync: bool = True,
         fsync_folders: bool = False,
     ) -> None:
-        """``fsync_folders``: also fsync ``.incoming`` after writing each temporary file. POSIX
-        makes a new name durable only by an fsync of its folder; ext4 and XFS (journalled)
-        already commit it with the file's own fsync, and the extra fsync cost ~4 ms per
-        instance here (~45% of the write). Turn it on for other filesystems."""
+        """Durability knobs (bench/bench_ingest.py --variants measures them):
+
+        ``fsync``: fsync each temporary file before its row commits (default). Off, an
+        acknowledged instance survives a crash of this process but not of the machine; pair it
+        with ``make_engine(url, synchronous="NORMAL")`` for the fastest ingest.
+
+        ``fsync_folders``: also fsync ``.incoming`` after each temporary file. POSIX makes a
+        new name durable only by an fsync of its folder; ext4 and XFS (journalled) commit it
+        with the file's own fsync, and the extra fsync cost ~4 ms per instance here (~45% of
+        the write). Turn it on for other filesystems."""
         self.root = Path(root).resolve()
         self.session_factory = session_factory
         self.min_free_bytes = min_free_bytes
-        self.fsync_folders = fsync_folders
+        self.fsync = fsync
+        self.fsync_folders = fsync and fsync_folders
         self.incoming = self.root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
         engine = session_factory.kw.get("bind")
@@ -364,7 +372,8 @@ class Archive:
             else:
                 with open(data, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-            os.fsync(fd)
+            if self.fsync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

@@ -13,7 +13,6 @@ writers are serialised anyway (BEGIN IMMEDIATE, storage/db.py); this matters for
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -63,6 +62,18 @@ def _label(table: Table, prefix: str) -> list[Any]:
     return [c.label(f"{prefix}{c.name}") for c in table.c]
 
 
+@dataclass
+class _Request:
+    header: Header
+    size: int
+    source: str
+    calling_ae: str
+    called_ae: str
+    done: bool = False
+    result: tuple[bool, str | None] | None = None
+    error: BaseException | None = None
+
+
 class Indexer:
     """Upserts the rows of one instance; thread-safe (one connection per call)."""
 
@@ -71,9 +82,10 @@ class Indexer:
         # SQLite has one writer at a time; waiting in its busy handler means sleeping in steps
         # of up to 100 ms. Writers of this process queue on a lock instead and are handed the
         # database at once. Other databases lock rows, not the file: no lock here.
-        self._write_lock: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
+        self._group_commit = engine.dialect.name == "sqlite"
+        self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Request] = []
         # One row with everything the hot path compares: series, its study, the study's patient.
         self._select_series = (
             select(*_label(_SE, "se_"), *_label(_ST, "st_"), *_label(_P, "p_"))
@@ -109,45 +121,91 @@ class Indexer:
         calling_ae: str,
         called_ae: str,
     ) -> tuple[bool, str | None]:
-        """Index one instance in ONE transaction. Returns (duplicate, the previous path)."""
+        """Index one instance; return (duplicate, the previous path) once its rows are committed.
+
+        On SQLite, writers that arrive while another commits are grouped: the next thread to
+        get the lock commits every waiting instance in one transaction (each in its own
+        savepoint, so one failure fails only its instance), and one WAL fsync serves them all.
+        """
+        request = _Request(header, size, source, calling_ae, called_ae)
+        if not self._group_commit:
+            with self.engine.begin() as conn:
+                return self._upsert(conn, request)
+        with self._queue_lock:
+            self._queue.append(request)
+        with self._write_lock:
+            if not request.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit_batch(batch)
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _commit_batch(self, batch: list[_Request]) -> None:
+        try:
+            with self.engine.begin() as conn:
+                if len(batch) == 1:
+                    batch[0].result = self._upsert(conn, batch[0])
+                else:
+                    for request in batch:
+                        try:
+                            with conn.begin_nested():
+                                request.result = self._upsert(conn, request)
+                        except Exception as exc:
+                            request.error = exc
+        except BaseException as exc:  # the commit failed: nothing of the batch is stored
+            for request in batch:
+                request.error = request.error or exc
+                request.result = None
+            if len(batch) == 1:
+                raise
+        finally:
+            for request in batch:
+                request.done = True
+
+    def _upsert(self, conn: Connection, request: _Request) -> tuple[bool, str | None]:
+        """Index one instance inside the caller's transaction."""
+        header, size, source = request.header, request.size, request.source
+        calling_ae, called_ae = request.calling_ae, request.called_ae
         now = utcnow()
         arrival: dict[str, Any] = {"last_received_at": now}
         if calling_ae or called_ae:
             arrival |= {"calling_ae": calling_ae, "called_ae": called_ae}
-        with self._write_lock, self.engine.begin() as conn:
-            row = conn.execute(self._select_series, {"uid": header.series_instance_uid}).first()
-            if row is not None:
-                m = row._mapping
-                series_pk = m["se_id"]
-                series_changes = {k: v for k, v in header.series.items() if v not in ("", None)}
-                series_changes = {k: v for k, v in series_changes.items() if m[f"se_{k}"] != v}
-                self._set(conn, _SE, series_pk, series_changes | arrival)
-                self._refresh_study(conn, m, header)
-            else:
-                series_pk = self._new_series(conn, header, now, calling_ae, called_ae, arrival)
+        row = conn.execute(self._select_series, {"uid": header.series_instance_uid}).first()
+        if row is not None:
+            m = row._mapping
+            series_pk = m["se_id"]
+            series_changes = {k: v for k, v in header.series.items() if v not in ("", None)}
+            series_changes = {k: v for k, v in series_changes.items() if m[f"se_{k}"] != v}
+            self._set(conn, _SE, series_pk, series_changes | arrival)
+            self._refresh_study(conn, m, header)
+        else:
+            series_pk = self._new_series(conn, header, now, calling_ae, called_ae, arrival)
 
-            values = {
-                "series_pk": series_pk,
-                "sop_class_uid": header.sop_class_uid,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                **header.instance,
-                "path": header.relative_path,
-                "size_bytes": size,
-                "received_at": now,
-                "source": source,
-                "calling_ae": calling_ae,
-                "called_ae": called_ae,
-            }
-            uid = {"uid": header.sop_instance_uid}
-            existing = conn.execute(self._select_instance, uid).first()
-            if existing is None:
-                key = {"sop_instance_uid": header.sop_instance_uid}
-                _, created = self._insert_or_get(conn, _I, key, values, self._select_instance, uid)
-                if created:
-                    return False, None
-                existing = conn.execute(self._select_instance, uid).one()
-            self._set(conn, _I, existing.id, values)
-            return True, existing.path
+        values = {
+            "series_pk": series_pk,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            **header.instance,
+            "path": header.relative_path,
+            "size_bytes": size,
+            "received_at": now,
+            "source": source,
+            "calling_ae": calling_ae,
+            "called_ae": called_ae,
+        }
+        uid = {"uid": header.sop_instance_uid}
+        existing = conn.execute(self._select_instance, uid).first()
+        if existing is None:
+            key = {"sop_instance_uid": header.sop_instance_uid}
+            _, created = self._insert_or_get(conn, _I, key, values, self._select_instance, uid)
+            if created:
+                return False, None
+            existing = conn.execute(self._select_instance, uid).one()
+        self._set(conn, _I, existing.id, values)
+        return True, existing.path
 
     # --- helpers ------------------------------------------------------------------------
     def _set(self, conn: Connection, table: Table, pk: int, values: dict[str, Any]) -> None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, Select, String, cast, func, select, update
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy import CursorResult, Engine, Select, String, cast, func, select, update
+from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
 from core.errors import Conflict, NotFound
-from storage.db import unit_of_work
+from storage.db import make_read_sessionmaker, unit_of_work
 from storage.models import Job, JobArtifact, JobStatus, utcnow
 
 LOGGER = logging.getLogger(__name__)
@@ -80,8 +80,13 @@ def _utc_bound(value: datetime) -> datetime:
 class JobStore:
     """Create, claim, update and query jobs. Thread-safe: every method opens its own session."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        read_factory: sessionmaker[Session] | None = None,
+    ) -> None:
         self._sessions = session_factory
+        self._reads = read_factory or _read_sessions(session_factory)
 
     # --- creation and reading ------------------------------------------------------------
     def create(
@@ -112,17 +117,17 @@ class JobStore:
             progress={},
             attempts=0,
             created_at=utcnow(),
+            artifacts=[],
+            dispatches=[],
         )
         with unit_of_work(self._sessions) as session:
             session.add(job)
-            session.flush()
-            session.refresh(job, ["artifacts", "dispatches"])
         LOGGER.info("job %s queued (source %s, models %s)", job.id, source, job.models)
         return job
 
     def get(self, job_id: str) -> Job:
         """The job with its artifacts and dispatches; :class:`NotFound` when absent."""
-        with unit_of_work(self._sessions) as session:
+        with unit_of_work(self._reads) as session:
             job = self._load(session, job_id)
         return job
 
@@ -134,7 +139,7 @@ class JobStore:
 
     def status(self, job_id: str) -> JobStatus:
         """Just the status (cheap: workers poll it to notice a cancel from another process)."""
-        with unit_of_work(self._sessions) as session:
+        with unit_of_work(self._reads) as session:
             value = session.scalar(select(Job.status).where(Job.id == job_id))
         if value is None:
             raise NotFound(f"job {job_id!r} does not exist")
@@ -148,14 +153,14 @@ class JobStore:
         offset = max(0, int(offset))
         query = self._filtered(select(Job), filters or JobFilters())
         count_query = self._filtered(select(func.count(Job.id)), filters or JobFilters())
-        with unit_of_work(self._sessions) as session:
+        with unit_of_work(self._reads) as session:
             total = int(session.scalar(count_query) or 0)
             rows = session.scalars(
                 query.options(selectinload(Job.artifacts), selectinload(Job.dispatches))
                 .order_by(Job.created_at.desc(), Job.id.desc())
                 .limit(limit)
                 .offset(offset)
-            ).all()
+            ).all()  # selectin: two more queries per page, not per job
         return list(rows), total
 
     @staticmethod
@@ -191,19 +196,21 @@ class JobStore:
         """
         wanted = list(sources) if sources is not None else None
         while True:
-            with unit_of_work(self._sessions) as session:
-                candidates_query = (
-                    select(Job.id)
-                    .where(Job.status == JobStatus.QUEUED)
-                    .order_by(Job.created_at, Job.id)
-                    .limit(8)
-                )
-                if wanted is not None:
-                    candidates_query = candidates_query.where(Job.source.in_(wanted))
+            candidates_query = (
+                select(Job.id)
+                .where(Job.status == JobStatus.QUEUED)
+                .order_by(Job.created_at, Job.id)
+                .limit(8)
+            )
+            if wanted is not None:
+                candidates_query = candidates_query.where(Job.source.in_(wanted))
+            # Looking takes no write lock: idle workers poll without holding up writers.
+            with unit_of_work(self._reads) as session:
                 candidates = list(session.scalars(candidates_query))
-                if not candidates:
-                    return None
-                for job_id in candidates:
+            if not candidates:
+                return None
+            for job_id in candidates:
+                with unit_of_work(self._sessions) as session:
                     claimed = session.execute(
                         update(Job)
                         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
@@ -376,7 +383,7 @@ class JobStore:
         return requeued, failed
 
     def queued_ids(self) -> builtins.list[str]:
-        with unit_of_work(self._sessions) as session:
+        with unit_of_work(self._reads) as session:
             return builtins.list(
                 session.scalars(
                     select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
@@ -392,17 +399,24 @@ class JobStore:
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
     def _load(session: Session, job_id: str, *, refresh: bool = False) -> Job:
+        # One query: a job has a handful of artifacts and dispatches at most.
         query = (
             select(Job)
             .where(Job.id == job_id)
-            .options(selectinload(Job.artifacts), selectinload(Job.dispatches))
+            .options(joinedload(Job.artifacts), joinedload(Job.dispatches))
         )
         if refresh:
             query = query.execution_options(populate_existing=True)
-        job = session.scalars(query).one_or_none()
+        job = session.scalars(query).unique().one_or_none()
         if job is None:
             raise NotFound(f"job {job_id!r} does not exist")
         return job
+
+
+def _read_sessions(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions for queries on the same engine (no write lock on SQLite), when it can be found."""
+    bind = factory.kw.get("bind")
+    return make_read_sessionmaker(bind) if isinstance(bind, Engine) else factory
 
 
 def is_terminal(status: str | JobStatus) -> bool:
