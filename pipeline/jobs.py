@@ -156,6 +156,7 @@ class JobService:
         engine: Any,
         *,
         poll_s: float = 1.0,
+        progress_interval_s: float = 0.25,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
@@ -166,6 +167,7 @@ class JobService:
         self.runner = JobRunner(settings, session_factory, spec, archive, engine, self.check_paths)
         self.on_done: list[Callable[[str], None]] = []
         self.poll_s = poll_s
+        self.progress_interval_s = progress_interval_s
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._abort = threading.Event()
@@ -410,14 +412,13 @@ class JobService:
         deadline = None if timeout is None else loop.time() + timeout
         try:
             while True:
-                view = await asyncio.to_thread(self.get, job_id)
-                if view.finished:
-                    return view
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    return view
-                step = self.poll_s if remaining is None else min(self.poll_s, remaining)
+                # Cleared before the read, so a worker's notice after the read is not lost.
                 event.clear()
+                status = await asyncio.to_thread(self.store.status, job_id)
+                remaining = None if deadline is None else deadline - loop.time()
+                if is_terminal(status) or (remaining is not None and remaining <= 0):
+                    return await asyncio.to_thread(self.get, job_id)
+                step = self.poll_s if remaining is None else min(self.poll_s, remaining)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=step)
         finally:
@@ -518,12 +519,7 @@ class JobService:
                     flag.set()
             return flag.is_set()
 
-        def progress(info: dict[str, Any]) -> None:
-            try:
-                self.store.set_progress(job.id, info)
-            except Exception:
-                LOGGER.exception("job %s: progress not recorded", job.id)
-
+        progress = ProgressWriter(self.store, job.id, self.progress_interval_s)
         try:
             outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
             final = self.store.finish(
@@ -546,6 +542,7 @@ class JobService:
             LOGGER.exception("job %s crashed", job.id)
             self.store.fail(job.id, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            progress.close()
             with self._lock:
                 self._running.pop(job.id, None)
             self._notify(job.id)
@@ -563,6 +560,58 @@ class JobService:
         folder = job_folder(self.settings, job_id)
         if folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class ProgressWriter:
+    """Records a running job's progress at most every ``interval_s``: the latest report wins,
+    and one held back is written when the interval is over (each write is a commit)."""
+
+    def __init__(self, store: JobStore, job_id: str, interval_s: float) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] | None = None
+        self._last = time.monotonic()  # the claim has just recorded "starting"
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._pending = dict(info)
+            wait = self._interval_s - (time.monotonic() - self._last)
+            if wait <= 0:
+                self._write_locked()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if not self._closed:
+                self._write_locked()
+
+    def _write_locked(self) -> None:
+        info, self._pending = self._pending, None
+        if info is None:
+            return
+        self._last = time.monotonic()
+        try:
+            self._store.set_progress(self._job_id, info)
+        except Exception:
+            LOGGER.exception("job %s: progress not recorded", self._job_id)
+
+    def close(self) -> None:
+        """Stop writing (the job's final state records its own progress)."""
+        with self._lock:
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
 
 def _archive_series_folders(request: dict[str, Any], series_uids: list[str]) -> list[Any]:

@@ -220,6 +220,7 @@ class JobStore:
                             started_at=utcnow(),
                             finished_at=None,
                             error=None,
+                            progress={"step": "starting", "fraction": 0.0},
                         )
                         .execution_options(synchronize_session=False)
                     )
