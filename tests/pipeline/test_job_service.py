@@ -403,3 +403,24 @@ def test_a_study_folder_of_the_nodes_own_is_not_echoed(service: JobService, tmp_
     view = service.get(job_id)
     assert view.status == "done", view.error
     assert view.result is not None and view.result["request"] == request
+
+
+def test_progress_of_a_running_job_is_visible(
+    service: JobService, engine: StandInEngine, tmp_path: Path
+) -> None:
+    study = write_study(tmp_path / "studies")
+    engine.hold()
+    service.start()
+    job_id = service.submit(request_for(study))
+    assert engine.started.wait(10)
+    seen: list[str] = []
+    for _ in range(100):  # the report held back by the rate limit is written soon after
+        view = service.get(job_id)
+        seen.append(view.progress.get("step", ""))
+        if seen[-1] == "predicting":
+            break
+        threading.Event().wait(0.05)
+    assert view.status == "running" and seen[-1] == "predicting", seen
+    assert view.progress["stages"] == 1 and view.started_at is not None
+    engine.release()
+    assert asyncio.run(service.wait(job_id, timeout=30)).progress["step"] == "done"
