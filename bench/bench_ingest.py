@@ -85,12 +85,13 @@ def plain_write(root: Path, study: str, series: str, sop: str, data: bytes) -> N
 
 
 def timed(label: str, items: list[tuple[str, str, str, bytes]], fn: Callable[..., None]) -> float:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for item in items:
         fn(*item)
     elapsed = time.perf_counter() - start
+    cpu_ms = (time.process_time() - cpu) / len(items) * 1000
     rate = len(items) / elapsed
-    print(f"{label:<34} {rate:8.1f} instances/s  ({elapsed:.2f} s)")
+    print(f"{label:<34} {rate:8.1f} instances/s  ({elapsed:.2f} s, CPU {cpu_ms:.2f} ms/instance)")
     return rate
 
 
@@ -122,6 +123,7 @@ def main() -> int:
         help="also ingest with synchronous=NORMAL and with fsync_folders=True",
     )
     args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="ingest-", dir=args.dir))

@@ -43,7 +43,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import InvalidDicom, StorageFull
@@ -332,6 +332,11 @@ class Archive:
             if row is None or header is None or header.sop_instance_uid != sop:
                 tmp.unlink(missing_ok=True)
                 report.dropped += 1
+                if row is not None and not self.path_for(row).is_file():
+                    # Only reachable with fsync=False and a machine crash: a committed row
+                    # whose bytes were lost. It was never acknowledged intact: drop the row.
+                    with self.session_factory() as session, session.begin():
+                        session.execute(delete(Instance).where(Instance.id == row.id))
                 continue
             self._commit(
                 header,

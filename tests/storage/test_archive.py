@@ -300,3 +300,58 @@ def test_concurrent_resend_of_one_instance_keeps_one_row(
         # The file in place is the copy the row describes.
         on_disk = pydicom.dcmread(archive.path_for(inst), stop_before_pixels=True)
         assert on_disk.InstanceNumber == inst.instance_number
+
+
+def test_group_commit_fails_only_the_bad_instance(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    """A batch of waiting writers commits together; one failing instance fails alone."""
+    from storage.archive import read_header
+    from storage.indexer import _Request
+
+    good = [read_header(make_instance()) for _ in range(2)]
+    bad = read_header(make_instance())
+    bad.series_instance_uid = None  # type: ignore[assignment]  # NOT NULL violation
+    batch = [
+        _Request(good[0], 10, "dimse", "A", "B"),
+        _Request(bad, 10, "dimse", "A", "B"),
+        _Request(good[1], 10, "dimse", "A", "B"),
+    ]
+    archive._indexer._commit_batch(batch)
+    assert all(r.done for r in batch)
+    assert batch[0].result == (False, None) and batch[2].result == (False, None)
+    assert batch[1].error is not None and batch[1].result is None
+    with index_sessions() as s:
+        stored = set(s.scalars(select(Instance.sop_instance_uid)))
+    assert stored == {good[0].sop_instance_uid, good[1].sop_instance_uid}
+
+
+def test_read_sessions_do_not_wait_for_a_writer(
+    index_url: str, make_instance: Callable[..., bytes], tmp_path: Path
+) -> None:
+    from sqlalchemy import text
+
+    from storage.db import make_engine, make_read_sessionmaker, make_sessionmaker
+
+    engine = make_engine(index_url)
+    try:
+        writer, reader = make_sessionmaker(engine), make_read_sessionmaker(engine)
+        archive = Archive(tmp_path / "dicom", writer)
+        archive.ingest(make_instance(), source="dimse")
+        with writer() as w, w.begin():
+            w.execute(text("UPDATE series SET modality = 'MR'"))  # holds the write lock
+            with reader() as r:  # would wait 30 s with BEGIN IMMEDIATE
+                assert r.scalar(select(func.count()).select_from(Instance)) == 1
+                assert r.scalar(select(Series.modality)) == "CT"  # snapshot before the commit
+    finally:
+        engine.dispose()
+
+
+def test_ingest_without_fsync_is_still_complete(
+    tmp_path: Path, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    archive = Archive(tmp_path / "dicom", index_sessions, fsync=False, fsync_folders=True)
+    assert not archive.fsync_folders
+    result = archive.ingest(make_instance(), source="dimse")
+    assert result.path.is_file()
+    assert _count(index_sessions, Instance) == 1

@@ -191,3 +191,14 @@ def test_sigkill_during_ingest_then_recover(
         archive.recover()
         present = _assert_consistent(archive, index_sessions)
         assert acknowledged <= present
+
+
+def test_committed_row_with_a_lost_file_is_dropped(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    """Only possible with fsync=False and a machine crash: the row must not outlive its bytes."""
+    result = archive.ingest(make_instance(), source="dimse")
+    result.path.unlink()
+    _temp(archive, result.sop_instance_uid, b"\x00" * 10)  # torn copy
+    archive.recover()
+    assert _assert_consistent(archive, index_sessions) == set()
