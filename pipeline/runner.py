@@ -125,6 +125,23 @@ class JobRunner:
         progress: Callable[[dict[str, Any]], None],
         should_stop: Callable[[], bool],
     ) -> RunOutcome:
+        """Run ``job`` (claimed by the caller); raise on failure, :class:`JobCancelled` when
+        ``should_stop`` turns true. An archive job's exported inputs are removed afterwards (the
+        archive keeps the originals)."""
+        try:
+            return self._run(job, progress=progress, should_stop=should_stop)
+        finally:
+            inputs = archive_inputs(self.settings, job.id)
+            if inputs.is_dir():
+                shutil.rmtree(inputs, ignore_errors=True)
+
+    def _run(
+        self,
+        job: Job,
+        *,
+        progress: Callable[[dict[str, Any]], None],
+        should_stop: Callable[[], bool],
+    ) -> RunOutcome:
         started = time.monotonic()
         stored = dict(job.request)
         request = public_request(stored)
