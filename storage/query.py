@@ -212,10 +212,14 @@ def _grouped(session: Session, stmt_for: Any, keys: Sequence[int]) -> dict[int, 
 
 
 def _wanted(include: Collection[str] | None, level: Level) -> set[str]:
-    """The computed attributes to add: all of the level's when ``include`` is None, else only
-    those named (QIDO-RS passes its requested fields so that nothing unasked is counted)."""
+    """The computed attributes to add: when ``include`` is None all of the level's except
+    SOPClassesInStudy (it reads every instance row of the page's studies: ~20 ms for 100
+    studies of 100 instances), else only those named. QIDO-RS passes its requested fields,
+    C-FIND its identifier's keys, so that nothing unasked is counted."""
     names = set(COMPUTED[level])
-    return names if include is None else names & set(include)
+    if include is None:
+        return names - {"SOPClassesInStudy"}
+    return names & set(include)
 
 
 # --- the four levels -------------------------------------------------------------------------

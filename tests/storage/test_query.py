@@ -110,7 +110,10 @@ def test_study_level_matching_and_computed(world: World) -> None:
         assert [r["StudyInstanceUID"] for r in rows] == [world.study_a, world.study_b]
         a = rows[0]
         assert a["ModalitiesInStudy"] == ["CT", "SEG"]
-        assert a["SOPClassesInStudy"] == sorted(["1.2.840.10008.5.1.4.1.1.2", SEG_CLASS])
+        assert "SOPClassesInStudy" not in a  # only when asked for
+        asked = find_studies(s, {"StudyInstanceUID": world.study_a}, include=["SOPClassesInStudy"])
+        assert asked[0]["SOPClassesInStudy"] == sorted(["1.2.840.10008.5.1.4.1.1.2", SEG_CLASS])
+        assert "NumberOfStudyRelatedSeries" not in asked[0]
         assert a["NumberOfStudyRelatedSeries"] == 2
         assert a["NumberOfStudyRelatedInstances"] == 4
         assert a["StudyDescription"] == "Head CT"
