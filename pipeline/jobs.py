@@ -498,7 +498,10 @@ class JobService:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            self._execute(job)
+            try:
+                self._execute(job)
+            except Exception:  # recording the outcome failed (database away): keep working
+                LOGGER.exception("job %s: its outcome could not be recorded", job.id)
 
     def _execute(self, job: Job) -> None:
         flag = threading.Event()
