@@ -424,3 +424,48 @@ def test_progress_of_a_running_job_is_visible(
     assert view.progress["stages"] == 1 and view.started_at is not None
     engine.release()
     assert asyncio.run(service.wait(job_id, timeout=30)).progress["step"] == "done"
+
+
+def test_a_running_job_superseded_by_a_newer_one_stops(
+    toy_settings: Settings, tmp_path: Path
+) -> None:
+    settings = toy_settings.model_copy(update={"workers": 1})
+    engine = StandInEngine()
+    service = make_service(settings, engine)
+    study = write_study(tmp_path / "studies")
+    done: list[str] = []
+    service.on_done.append(done.append)
+    engine.hold()
+    service.start()
+    try:
+        old = service.submit(request_for(study))
+        assert engine.started.wait(10)
+        new = service.submit(request_for(study))
+        view = service.supersede(old, new)
+        assert view.status == "superseded" and view.superseded_by == new
+        assert asyncio.run(service.wait(old, timeout=10)).status == "superseded"
+        engine.release()
+        assert asyncio.run(service.wait(new, timeout=30)).status == "done"
+        assert done == [new]  # hooks run for finished jobs only
+    finally:
+        engine.release()
+        service.stop(timeout=5)
+
+
+def test_several_workers_run_jobs_side_by_side(
+    service: JobService, engine: StandInEngine, tmp_path: Path
+) -> None:
+    assert service.settings.workers == 2
+    study = write_study(tmp_path / "studies")
+    engine.hold()
+    service.start()
+    ids = [service.submit(request_for(study)) for _ in range(3)]
+    for _ in range(200):
+        running = service.list(status="running")[1]
+        if running == 2:
+            break
+        threading.Event().wait(0.02)
+    assert running == 2 and service.list(status="queued")[1] == 1
+    engine.release()
+    for job_id in ids:
+        assert asyncio.run(service.wait(job_id, timeout=30)).status == "done"
