@@ -28,7 +28,7 @@ from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from core.errors import InvalidRequest
-from storage.matching import Kind, value_condition
+from storage.matching import Kind, split_values, value_condition
 from storage.models import Instance, Patient, Series, Study
 
 LOGGER = logging.getLogger(__name__)
@@ -424,7 +424,7 @@ def find_instances(
     dialect = _dialect(session)
     conds = _conditions(q, _ORDER, dialect=dialect, fuzzy=fuzzy)
     conds += _study_computed_conditions(q, dialect=dialect)
-    one_series = "SeriesInstanceUID" in q and "\\" not in q["SeriesInstanceUID"]
+    one_series = len(split_values(q.get("SeriesInstanceUID", ""), commas=True)) == 1
     order = (Instance.instance_number, Instance.id) if one_series else (Instance.id,)
     stmt = (
         select(
