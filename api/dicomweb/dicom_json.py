@@ -90,6 +90,7 @@ class StoredRef:
     sop_class_uid: str
     sop_instance_uid: str
     retrieve_url: str
+    study_instance_uid: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ listed in the Failed SOP Sequence and costs no other part.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from typing import Any
@@ -39,6 +40,8 @@ LOGGER = logging.getLogger(__name__)
 router = APIRouter()
 
 DICOM = "application/dicom"
+INGEST_CONCURRENCY = 4
+"""Parts of one request ingested at the same time."""
 
 
 class UnsupportedMediaType(InvalidRequest):
@@ -103,6 +106,30 @@ class _Refused(Exception):
         self.sop = sop
 
 
+async def _ingest(
+    archive: Archive, part: Part, study: str | None, base: str
+) -> StoredRef | FailedRef:
+    """One part to its Referenced or Failed SOP Sequence item; never raises."""
+    try:
+        result = await run_in_threadpool(_store_part, archive, part, study)
+    except _Refused as refused:
+        sop_class, sop = refused.sop_class, refused.sop
+        if not sop:
+            sop_class, sop = await run_in_threadpool(_uids_of, part)
+        LOGGER.info("STOW-RS part %d refused (0x%04X): %s", part.index, refused.reason, refused)
+        return FailedRef(sop_class, sop, refused.reason, str(refused))
+    except Exception:
+        LOGGER.exception("STOW-RS part %d failed", part.index)
+        sop_class, sop = await run_in_threadpool(_uids_of, part)
+        return FailedRef(sop_class, sop, FAILURE_PROCESSING)
+    finally:
+        part.discard()
+    url = instance_url(
+        base, result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid
+    )
+    return StoredRef(result.sop_class_uid, result.sop_instance_uid, url, result.study_instance_uid)
+
+
 async def _store(request: Request, context: Any, study: str | None) -> JSONResponse:
     settings, _, archive = context_parts(context)
     boundary = _check_content_type(request.headers.get("content-type"))
@@ -111,42 +138,32 @@ async def _store(request: Request, context: Any, study: str | None) -> JSONRespo
     if length and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"the request body is over the limit of {settings.max_upload_mb} MB")
     base = service_url(request)
-    stored: list[StoredRef] = []
-    failed: list[FailedRef] = []
-    studies: set[str] = set()
-    async for part in iter_parts(
-        request.stream(), boundary, max_bytes=max_bytes, spill_dir=settings.uploads_dir
-    ):
+    # A few parts are ingested at once, so that one part's fsyncs overlap the next one's; the
+    # semaphore also bounds how many received parts wait in memory (or spill files).
+    slots = asyncio.Semaphore(INGEST_CONCURRENCY)
+    pending: list[asyncio.Task[StoredRef | FailedRef]] = []
+
+    async def ingest(part: Part) -> StoredRef | FailedRef:
         try:
-            result = await run_in_threadpool(_store_part, archive, part, study)
-        except _Refused as refused:
-            sop_class, sop = refused.sop_class, refused.sop
-            if not sop:
-                sop_class, sop = await run_in_threadpool(_uids_of, part)
-            LOGGER.info("STOW-RS part %d refused (0x%04X): %s", part.index, refused.reason, refused)
-            failed.append(FailedRef(sop_class, sop, refused.reason, str(refused)))
-        except Exception:
-            LOGGER.exception("STOW-RS part %d failed", part.index)
-            sop_class, sop = await run_in_threadpool(_uids_of, part)
-            failed.append(FailedRef(sop_class, sop, FAILURE_PROCESSING))
-        else:
-            studies.add(result.study_instance_uid)
-            stored.append(
-                StoredRef(
-                    result.sop_class_uid,
-                    result.sop_instance_uid,
-                    instance_url(
-                        base,
-                        result.study_instance_uid,
-                        result.series_instance_uid,
-                        result.sop_instance_uid,
-                    ),
-                )
-            )
+            return await _ingest(archive, part, study, base)
         finally:
-            part.discard()
+            slots.release()
+
+    try:
+        async for part in iter_parts(
+            request.stream(), boundary, max_bytes=max_bytes, spill_dir=settings.uploads_dir
+        ):
+            await slots.acquire()
+            pending.append(asyncio.create_task(ingest(part)))
+    finally:
+        # Whatever ended the body (its end, a malformed tail, the size limit), the parts that
+        # arrived whole are stored before the answer goes out.
+        results = await asyncio.gather(*pending)
+    stored = [r for r in results if isinstance(r, StoredRef)]
+    failed = [r for r in results if isinstance(r, FailedRef)]
     if not stored and not failed:
         raise InvalidRequest("the request holds no part")
+    studies = {r.study_instance_uid for r in stored}
     target = study or (next(iter(studies)) if len(studies) == 1 else None)
     body = store_response(stored, failed, study_url=study_url(base, target) if target else None)
     # PS3.18 10.5.3: 200 all stored, 202 some stored, 409 none stored.

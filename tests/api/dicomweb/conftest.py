@@ -112,12 +112,16 @@ class PhantomStudy:
     files: list[Path]
 
 
-def write_phantom_study(folder: Path, *, seed: int, patient_id: str) -> PhantomStudy:
+def write_phantom_study(
+    folder: Path, *, seed: int, patient_id: str, description: str = "Test CT"
+) -> PhantomStudy:
+    """A phantom CT series; the default description matches no route of the demo spec (its
+    ``phantom-ct`` route wants "phantom" in SeriesDescription), so no job starts."""
     import pydicom
 
     phantom = make_phantom(seed, shape=(40, 40, 40))
     files = write_dicom_series(
-        phantom, folder, patient_id=patient_id, series_description="Phantom CT"
+        phantom, folder, patient_id=patient_id, series_description=description
     )
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     return PhantomStudy(first.StudyInstanceUID, first.SeriesInstanceUID, patient_id, files)
