@@ -116,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         data = Path(tmp) / "data"
         study = data / "studies" / "s1"
-        write_nifti(make_phantom(1, shape=(48, 48, 48)), study / "ct" / "image.nii.gz")
+        write_nifti(make_phantom(5, shape=(32, 32, 32)), study / "ct" / "image.nii.gz")
         request = {"nnunet_id": "phantom", "study_path": str(study), "series_folders": ["ct"]}
 
         registry = ModelRegistry.from_yaml(SPEC)
@@ -160,7 +160,7 @@ def main() -> None:
             probe.join(5)
 
     total_http, total_engine = sum(http_times), sum(engine_times)
-    print(f"device {args.device}, {args.n} sequential warm requests, demo model on 48^3")
+    print(f"device {args.device}, {args.n} sequential warm requests, demo model on a 32^3 phantom (one patch)")
     print(
         f"POST /infer      total {total_http:7.2f} s  median {statistics.median(http_times):.3f} s"
     )
