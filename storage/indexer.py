@@ -6,9 +6,13 @@ SQLAlchemy statements per call cost more CPU than SQLite spends running them. On
 patient), one UPDATE of the series (arrival time, AE titles, changed attributes), one SELECT and
 one INSERT (or UPDATE, for a re-sent instance) of the instance.
 
-Creation races (two writers making the same patient, study or series) are settled by the unique
-keys: the INSERT runs in a savepoint, and on IntegrityError the winner's row is used. On SQLite
-writers are serialised anyway (BEGIN IMMEDIATE, storage/db.py); this matters for PostgreSQL.
+Creation races (two writers making the same patient, study or series): on SQLite a writer holds
+the database from BEGIN IMMEDIATE (storage/db.py), so a row found missing cannot appear before
+its INSERT. Elsewhere (PostgreSQL) the INSERT runs in a savepoint and, on IntegrityError, the
+winner's row is used.
+
+Group commit (SQLite): threads that want to commit while another does are served together by
+the next one to get the lock: one transaction, one WAL fsync, a savepoint per instance.
 """
 
 from __future__ import annotations
@@ -221,7 +225,14 @@ class Indexer:
         select_pk: Any,
         params: dict[str, Any],
     ) -> tuple[int, bool]:
-        """Insert in a savepoint; if a concurrent writer won the unique key, take its row."""
+        """Insert a row the caller found missing. On SQLite the write lock was held since that
+        look-up (BEGIN IMMEDIATE), so nobody can have inserted it meanwhile. Elsewhere the
+        insert runs in a savepoint; if a concurrent writer won the unique key, its row is used."""
+        if self._group_commit:
+            result = conn.execute(self._insert[table.name], {**key, **values})
+            primary_key = result.inserted_primary_key
+            assert primary_key is not None
+            return int(primary_key[0]), True
         try:
             with conn.begin_nested():
                 result = conn.execute(self._insert[table.name], {**key, **values})
