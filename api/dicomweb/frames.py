@@ -129,6 +129,16 @@ def _frame_count(ds: pydicom.Dataset) -> int:
 
 
 def read_frames(path: Path, numbers: list[int]) -> tuple[PixelInfo, list[bytes]]:
+    """:func:`_read_frames`, with a malformed pixel module (no Rows, too few fragments) as 404."""
+    try:
+        return _read_frames(path, numbers)
+    except ClientError:
+        raise
+    except (AttributeError, ValueError, TypeError, KeyError) as exc:
+        raise NotFound(f"the instance's pixel data cannot be cut into frames: {exc}") from exc
+
+
+def _read_frames(path: Path, numbers: list[int]) -> tuple[PixelInfo, list[bytes]]:
     """The listed frames (1-based, PS3.18 10.4.1.1.5) of the instance at ``path``.
 
     Native frames come back as stored; with Bits Allocated 1 (binary SEG) each frame is cut out
