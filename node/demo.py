@@ -72,6 +72,7 @@ def run_demo(
     http_port: int | None = None,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    phantom_shape: tuple[int, int, int] | None = None,
 ) -> int:
     """Send a phantom study to the node at ``host:port`` and follow its job; 0 when it is done."""
     port = port or settings.dicom_port
@@ -82,7 +83,10 @@ def run_demo(
     with tempfile.TemporaryDirectory(prefix="nnunet-node-demo-") as tmp:
         study_uid = generate_uid()
         files = write_dicom_series(
-            make_phantom(7), Path(tmp) / "ct", study_uid=study_uid, series_description="Phantom CT"
+            make_phantom(7, shape=phantom_shape),
+            Path(tmp) / "ct",
+            study_uid=study_uid,
+            series_description="Phantom CT",
         )
         written = time.perf_counter()
         print(f"1. wrote a phantom CT series: {len(files)} slices ({written - started:.1f} s)")

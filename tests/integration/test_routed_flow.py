@@ -108,7 +108,9 @@ def settings_for(tmp: Path, spec: Path) -> Settings:
 
 
 def phantom_ct(folder: Path, seed: int) -> list[Path]:
-    return write_dicom_series(make_phantom(seed, shape=(40, 48, 48)), folder / "ct")
+    # 32^3 voxels: one sliding window of the demo model's 32^3 patch (fast on 2 cores).
+    phantom = make_phantom(seed, shape=(32, 32, 32), spacing=(1.2, 1.2, 1.5))
+    return write_dicom_series(phantom, folder / "ct")
 
 
 def storescu(port: int, folder: Path) -> None:
@@ -284,3 +286,23 @@ def test_restart_during_quiet_period_still_runs_the_job(tmp_path: Path) -> None:
         assert job.route_name == "phantom-ct" and len(restarted.jobs()) == 1
     finally:
         restarted.stop()
+
+
+def test_demo_sends_a_phantom_study_and_reports_the_results(
+    flow: Flow, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.demo import run_demo
+
+    settings = flow.node.context.settings
+    # No HTTP API in this process: the demo reads the job from the database instead.
+    code = run_demo(
+        settings,
+        "127.0.0.1",
+        flow.node.port,
+        free_port(),
+        timeout_s=180,
+        phantom_shape=(32, 32, 32),
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "DICOM-SEG:" in out and "RTSTRUCT:" in out and "read via database" in out
