@@ -181,6 +181,30 @@ def _initialise_without_trainer_lookup(
     )
 
 
+def _probabilities_in_original_shape(
+    predictor: Any, logits: torch.Tensor, props: dict[str, Any]
+) -> np.ndarray:
+    """Softmax probabilities of ``logits`` on the input grid: nnU-Net's resampling, cropping and
+    transposition undone as its ``convert_predicted_logits_to_segmentation_with_correct_shape``
+    does."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+    plans, config = predictor.plans_manager, predictor.configuration_manager
+    shape_cropped = props["shape_after_cropping_and_before_resampling"]
+    spacing = [props["spacing"][i] for i in plans.transpose_forward]
+    current = (
+        config.spacing
+        if len(config.spacing) == len(shape_cropped)
+        else [spacing[0], *config.spacing]
+    )
+    resampled = config.resampling_fn_probabilities(logits, shape_cropped, current, spacing)
+    proba = torch.softmax(torch.as_tensor(resampled).float(), dim=0).numpy()
+    full = np.zeros((proba.shape[0], *props["shape_before_cropping"]), dtype=np.float32)
+    full[0] = 1.0
+    full = insert_crop_into_image(full, proba, props["bbox_used_for_cropping"])
+    return np.ascontiguousarray(full.transpose([0, *[i + 1 for i in plans.transpose_backward]]))
+
+
 class InferenceEngine:
     """Runs plans with predictors from ``cache`` on the devices ``device_policy`` picks."""
 
@@ -475,8 +499,12 @@ class _Run:
         with model.lock:
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(pre)).cpu()
         if stage.class_idx is not None:
+            # Softmax over background and the kept classes only: nnU-Net's own conversion insists on
+            # every class, so resample and revert the cropping here the same way it does.
             channels = [model.label_values.index(v) for v in values]
-            logits = logits[channels]
+            proba = _probabilities_in_original_shape(predictor, logits[channels], props)
+            lookup = np.asarray(values, dtype=np.uint16)
+            return lookup[np.argmax(proba, axis=0)], proba
         out = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits,
             predictor.plans_manager,
@@ -488,8 +516,7 @@ class _Run:
         )
         if want_proba:
             seg, proba = out
-            lookup = np.asarray(values, dtype=np.uint16)
-            return lookup[np.asarray(seg)], np.asarray(proba, dtype=np.float32)
+            return np.asarray(seg), np.asarray(proba, dtype=np.float32)
         return np.asarray(out), None
 
     def write(

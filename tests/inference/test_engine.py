@@ -32,6 +32,7 @@ from inference.device import DevicePolicy
 from inference.engine import InferenceEngine, StageResult, cache_key
 from inference.request import normalise
 from inference.spec import ModelRegistry
+from inference.volumes import bounding_box
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "nifti/image.nii.gz"
@@ -58,8 +59,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def registry() -> ModelRegistry:
     registry = ModelRegistry.from_yaml(REPO / "model-serve-spec.yaml")
-    for model in ("phantom", "phantom_cube"):
-        registry.require(registry.resolve(model))
+    registry.require(registry.resolve("phantom"))  # phantom_cube is checked where it is used
     return registry
 
 
@@ -74,7 +74,8 @@ def engine() -> InferenceEngine:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     root = tmp_path_factory.mktemp("study")
-    ph = make_phantom(9001)
+    # One 32^3 patch of the model after resampling: every prediction is a single network pass.
+    ph = make_phantom(9001, shape=(32, 32, 32), spacing=(1.0, 1.0, 1.25))
     write_nifti(ph, root / IMAGE, root / "nifti" / "labels.nii.gz")
     write_nifti(ph, root / "only_one" / "ct.nrrd")
     write_dicom_series(ph, root / "dicom" / "ct")
@@ -166,10 +167,8 @@ def test_single_model_nifti_example(run: Callable[..., list[StageResult]], study
     assert (fg_max[labels > 0] >= 0.1).all()
 
 
-def test_cascade_dicom_example_with_outputs(
-    run: Callable[..., list[StageResult]], study: Study
-) -> None:
-    results = run(
+def _dicom_cascade(run: Callable[..., list[StageResult]]) -> list[StageResult]:
+    return run(
         "dicom_cascade",
         nnunet_id=["phantom", "phantom_cube"],
         series_folders=[["dicom/ct"], ["dicom/ct", "from:phantom"]],
@@ -179,6 +178,12 @@ def test_cascade_dicom_example_with_outputs(
         save_nifti_inputs=True,
         suffix="v1",
     )
+
+
+def test_cascade_dicom_example_with_outputs(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    results = _dicom_cascade(run)
     first, second = results
     assert [r.model_id for r in results] == ["phantom", "phantom_cube"]
     assert dice(first.label_array == CUBE_LABEL, study.truth == CUBE_LABEL) > 0.8
@@ -203,14 +208,19 @@ def test_cascade_dicom_example_with_outputs(
 def test_two_stage_cascade_matches_the_phantom(
     run: Callable[..., list[StageResult]], study: Study, mode: str, form: str
 ) -> None:
-    if form == "explicit":
+    if form == "explicit" and mode == "intersect":
+        results = _dicom_cascade(run)  # the seed's cascade example is this case
+        body = None
+    elif form == "explicit":
         body = {
             "nnunet_id": ["phantom", "phantom_cube"],
             "series_folders": [[IMAGE], [IMAGE, "from:phantom"]],
         }
     else:
         body = {"nnunet_id": "phantom_cube", "series_folders": [IMAGE, "from:demo"]}  # an alias
-    results = run(f"cascade_{form}_{mode}", cascade_mode=mode, **body)
+    if body is not None:
+        results = run(f"cascade_{form}_{mode}", cascade_mode=mode, **body)
+    assert all(r.options.cascade_mode == mode for r in results)
     assert [r.model_id for r in results] == ["phantom", "phantom_cube"]
     assert results[0].options.inserted is (form == "inserted")
     cube = results[1].label_array
@@ -270,7 +280,7 @@ def test_class_idx_keeps_only_that_class_with_its_value(
 
 
 def test_thresholds_drop_uncertain_voxels(run: Callable[..., list[StageResult]]) -> None:
-    (low,) = run("t_low", nnunet_id="phantom", series_folders=[IMAGE], proba_threshold=0.05)
+    (low,) = run("t_low", nnunet_id="phantom", series_folders=[IMAGE], proba_threshold=0.01)
     (high,) = run("t_high", nnunet_id="phantom", series_folders=[IMAGE], proba_threshold=0.99)
     assert (high.label_array > 0).sum() < (low.label_array > 0).sum()
     assert high.probabilities is not None
@@ -319,42 +329,58 @@ def test_intersect_with_keeps_components_mostly_inside_the_mask(
 
 
 def test_crop_from_predicts_inside_the_box_and_pads_back(
-    run: Callable[..., list[StageResult]], study: Study
+    run: Callable[..., list[StageResult]], engine: InferenceEngine, study: Study
 ) -> None:
     (result,) = run(
         "crop",
         nnunet_id="phantom",
         series_folders=[IMAGE],
         crop_from="masks/sphere.nii.gz",
-        crop_padding=[2, 2, 2],
+        crop_padding=[3, 4, 5],
     )
     labels = result.label_array
-    assert labels.shape == study.truth.shape
-    zz, yy, xx = np.nonzero(study.truth == SPHERE_LABEL)
-    box = np.zeros_like(labels, dtype=bool)
-    box[zz.min() - 2 : zz.max() + 3, yy.min() - 2 : yy.max() + 3, xx.min() - 2 : xx.max() + 3] = (
-        True
+    assert labels.shape == study.truth.shape  # padded back to the input's grid
+    box = bounding_box(study.truth == SPHERE_LABEL, (3, 4, 5))
+    assert box is not None
+    outside = np.ones_like(labels, dtype=bool)
+    outside[box] = False
+    assert not labels[outside].any()
+    # Inside the box: exactly what nnU-Net predicts for the cropped volume.
+    image = sitk.ReadImage(str(study.root / IMAGE))
+    cropped = sitk.GetArrayFromImage(image).astype(np.float32)[box]
+    model = engine.model_for(result.options)
+    bare = model.predictor.predict_single_npy_array(
+        cropped[None], {"spacing": list(reversed(image.GetSpacing()))}, None, None, False
     )
-    assert not labels[~box].any()
-    assert dice(labels == SPHERE_LABEL, study.truth == SPHERE_LABEL) > 0.8
+    np.testing.assert_array_equal(labels[box], bare)
+    (argmax,) = run("argmax", nnunet_id="phantom", series_folders=[IMAGE])
+    assert (labels != argmax.label_array).any()
 
 
 def test_reference_defect_tta_is_used_after_the_first_stage(
-    run: Callable[..., list[StageResult]], engine: InferenceEngine, study: Study
+    engine: InferenceEngine, registry: ModelRegistry
 ) -> None:
-    results = run(
-        "tta_second",
-        nnunet_id=["phantom", "phantom_cube"],
-        series_folders=[[IMAGE], [IMAGE, "from:phantom"]],
-        tta=[False, True],
+    """The reference mirrors only the first stage. Here each stage gets a predictor whose
+    ``use_mirroring`` is its own ``tta`` (part of the cache key, so no stage changes another's)."""
+    plan = normalise(
+        {
+            "nnunet_id": ["phantom", "phantom_cube"],
+            "series_folders": [[IMAGE], [IMAGE, "from:phantom"]],
+            "tta": [False, True],
+        },
+        registry,
     )
-    second = results[1]
-    assert second.options.tta is True
-    key = cache_key(second.options, DevicePolicy("auto").choose(0))
-    assert key in engine.cache
-    model = engine.cache.get(key, lambda: pytest.fail("should be cached"))
-    assert model.predictor.use_mirroring is True
-    assert dice(second.label_array == 1, study.truth == CUBE_LABEL) > 0.8
+    first, second = plan.stages
+    assert (first.tta, second.tta) == (False, True)
+    assert engine.model_for(first).predictor.use_mirroring is False
+    mirrored = engine.model_for(second)
+    assert mirrored.predictor.use_mirroring is True
+    assert cache_key(second, mirrored.device) in engine.cache
+    plan_all = normalise(
+        {"nnunet_id": "phantom_cube", "series_folders": [IMAGE, "from:phantom"], "tta": True},
+        registry,
+    )
+    assert [s.tta for s in plan_all.stages] == [True, True]  # the inserted stage too
 
 
 # --- running: cache reuse, concurrency, cancellation, scratch folder ------------------------------
@@ -395,30 +421,7 @@ def test_two_jobs_at_once_load_the_model_once(
     assert engine.cache.stats.loads == 1
 
 
-def test_progress_and_cancellation(
-    engine: InferenceEngine, registry: ModelRegistry, study: Study, tmp_path: Path
-) -> None:
-    plan = normalise({"nnunet_id": "phantom", "series_folders": [IMAGE], "tta": False}, registry)
-    events: list[dict[str, Any]] = []
-    engine.run(plan, study.root, tmp_path / "ok", progress=events.append)
-    assert events[0]["step"] == "load" and events[-1]["step"] == "done"
-    assert events[-1]["fraction"] == 1.0
-    assert not (tmp_path / "ok" / ".tmp").exists()  # the scratch folder is removed
-
-    seen: list[str] = []
-    with pytest.raises(JobCancelled):
-        engine.run(
-            plan,
-            study.root,
-            tmp_path / "stopped",
-            progress=lambda e: seen.append(e["step"]),
-            should_stop=lambda: "predict" in seen,
-        )
-    assert not (tmp_path / "stopped" / "stage_0").exists()  # no half-written stage
-    assert list((tmp_path / "stopped").iterdir()) == []
-
-
-def test_tmp_dir_is_used_and_cleaned(
+def test_progress_tmp_dir_and_cancellation(
     engine: InferenceEngine, registry: ModelRegistry, study: Study, tmp_path: Path
 ) -> None:
     scratch = tmp_path / "scratch"
@@ -427,16 +430,32 @@ def test_tmp_dir_is_used_and_cleaned(
         {"nnunet_id": "phantom", "series_folders": [IMAGE], "tta": False, "tmp_dir": str(scratch)},
         registry,
     )
-    seen: list[list[Path]] = []
-    engine.run(
-        plan,
-        study.root,
-        tmp_path / "out",
-        progress=lambda e: seen.append(list(scratch.iterdir())),
-    )
-    assert any(entries for entries in seen)  # the run worked inside tmp_dir
+    events: list[dict[str, Any]] = []
+    in_scratch: list[list[Path]] = []
+
+    def progress(event: dict[str, Any]) -> None:
+        events.append(event)
+        in_scratch.append(list(scratch.iterdir()))
+
+    engine.run(plan, study.root, tmp_path / "ok", progress=progress)
+    assert events[0]["step"] == "load" and events[-1]["step"] == "done"
+    assert events[-1]["fraction"] == 1.0
+    assert any(in_scratch)  # the run worked inside tmp_dir
     assert list(scratch.iterdir()) == []  # and left it as it found it
-    assert (tmp_path / "out" / "stage_0" / "prediction.nii.gz").exists()
+    assert (tmp_path / "ok" / "stage_0" / "prediction.nii.gz").exists()
+    assert not (tmp_path / "ok" / ".tmp").exists()
+
+    seen: list[str] = []
+    with pytest.raises(JobCancelled):
+        engine.run(
+            plan,
+            study.root,
+            tmp_path / "stopped",
+            progress=lambda e: seen.append(e["step"]),
+            should_stop=lambda: "model" in seen,  # stops before predicting
+        )
+    assert not (tmp_path / "stopped" / "stage_0").exists()  # no half-written stage
+    assert list((tmp_path / "stopped").iterdir()) == []
 
 
 def test_a_trainer_class_that_cannot_be_imported_still_loads(
