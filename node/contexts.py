@@ -78,6 +78,7 @@ def add_supported_contexts(ae: AE) -> None:
     """
     ae.add_supported_context(Verification, UNCOMPRESSED)
     for storage in AllStoragePresentationContexts:
+        assert storage.abstract_syntax is not None
         ae.add_supported_context(
             storage.abstract_syntax, STORAGE_SYNTAXES, scu_role=True, scp_role=True
         )

@@ -88,7 +88,7 @@ class _RequestorSocket(AssociationSocket):
             raw.close()
 
 
-class NodeAE(AE):  # type: ignore[misc]
+class NodeAE(AE):
     """The AE for every association the node requests or accepts (C-STORE SCU, C-MOVE
     sub-operations, the SCP): outgoing sockets are closed on failure; bind
     :data:`NODELAY_HANDLERS` (or :func:`set_tcp_nodelay`) for ``TCP_NODELAY``."""
