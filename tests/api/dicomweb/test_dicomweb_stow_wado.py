@@ -189,3 +189,66 @@ def test_api_key_and_cors(node: Node, stored: PhantomStudy) -> None:
     response = node.session().get(url, headers={"Origin": "http://viewer.example"})
     assert response.headers["access-control-allow-origin"] == "http://viewer.example"
     assert json.loads(response.content)[0]["0020000D"]["Value"] == [stored.study_uid]
+
+
+def test_transfer_syntax_negotiation_and_406(node: Node, tmp_path: Path) -> None:
+    """An instance stored in Implicit VR Little Endian (as many scanners send) comes back as
+    stored, or re-encoded losslessly when the client asks for Explicit VR Little Endian."""
+    from conftest import write_phantom_study
+
+    study = write_phantom_study(tmp_path, seed=14, patient_id="DW-14")
+    ds = pydicom.dcmread(study.files[0])
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    implicit = buffer.getvalue()
+    assert _stow(node, _multipart([implicit])).status_code == 200
+    url = (
+        f"{node.dicomweb}/studies/{study.study_uid}/series/{study.series_uid}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    session = node.session()
+    as_stored = session.get(
+        url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    )
+    assert _split(as_stored) == [implicit]
+    assert "transfer-syntax=1.2.840.10008.1.2\r\n" in as_stored.content.decode("latin-1")
+    explicit = session.get(
+        url,
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; '
+            "transfer-syntax=1.2.840.10008.1.2.1"
+        },
+    )
+    (part,) = _split(explicit)
+    back = pydicom.dcmread(io.BytesIO(part))
+    assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert back.PixelData == ds.PixelData and back.PatientID == "DW-14"
+    # what the node cannot produce is 406
+    jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    assert session.get(url, headers={"Accept": jpeg}).status_code == 406
+    assert (
+        session.get(f"{url}/metadata", headers={"Accept": "application/dicom+xml"}).status_code
+        == 406
+    )
+    frames = session.get(
+        f"{url}/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'}
+    )
+    assert frames.status_code == 406
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(node: Node) -> None:
+    """The declared length is checked first: nothing of a too-large body is read or stored."""
+    import socket
+
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /dicom-web/studies HTTP/1.1\r\n"
+            + f"Host: {host}:{port}\r\n".encode()
+            + b"Authorization: Bearer dicomweb-test-key\r\n"
+            + f"Content-Type: {DICOM_PARTS}\r\n".encode()
+            + b"Content-Length: 99999999999\r\n\r\n"
+        )
+        answer = sock.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
