@@ -8,7 +8,8 @@ Each round sends ``--count`` CT instances of 512x512 (int16, ~0.5 MB each) with 
 (a) a bare pynetdicom storage SCP that only writes the received bytes
     (``event.encoded_dataset()`` to a file), with the node's maximum PDU, and
 (b) the node's AE (:class:`node.ae.DicomNode`) with the full ingest: header parse, temporary
-    file, fsync, index rows in SQLite, rename;
+    file, fsync, index rows in SQLite, rename; its associations are event driven
+    (node/transport.py); the node with pynetdicom's polling associations is measured too;
 
 then the same with 4 associations at once (4 storescu processes, a quarter of the files each).
 It prints instances per second and the ratio node / bare for each. Targets (issue 6): ratio at
@@ -18,6 +19,7 @@ least 0.9 and at least 180 instances/s on the 2-core machines.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -106,13 +108,20 @@ def bare_scp(out: Path) -> Iterator[int]:
 
 
 @contextmanager
-def node_scp(data: Path) -> Iterator[int]:
+def node_scp(data: Path, *, event_driven: bool = True, fsync: bool = True) -> Iterator[int]:
     """The node's AE with its real archive (migrated SQLite, fsynced files)."""
     settings = Settings(data_dir=data, dicom_port=0, min_free_disk_mb=0)
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
-    archive = Archive(settings.archive_dir, make_sessionmaker(engine))
-    node = DicomNode(settings, archive, RoutingTable.from_spec({}), host="127.0.0.1", port=0)
+    archive = Archive(settings.archive_dir, make_sessionmaker(engine), fsync=fsync)
+    node = DicomNode(
+        settings,
+        archive,
+        RoutingTable.from_spec({}),
+        host="127.0.0.1",
+        port=0,
+        event_driven=event_driven,
+    )
     node.start()
     try:
         yield node.port
@@ -173,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             quarters[i % 4].mkdir(exist_ok=True)
             os.link(path, quarters[i % 4] / path.name)
 
-        results: dict[str, list[float]] = {k: [] for k in ("bare1", "node1", "bare4", "node4")}
+        names = ("bare1", "node1", "polling1", "nofsync1", "bare4", "node4")
+        results: dict[str, list[float]] = {k: [] for k in names}
+        polling = functools.partial(node_scp, event_driven=False)
+        nofsync = functools.partial(node_scp, fsync=False)
         for round_ in range(args.rounds):
             results["bare1"].append(measure(bare_scp, work, [one], args.count, "BARE"))
             results["node1"].append(measure(node_scp, work, [one], args.count, "NNUNET_NODE"))
+            results["polling1"].append(measure(polling, work, [one], args.count, "NNUNET_NODE"))
+            results["nofsync1"].append(measure(nofsync, work, [one], args.count, "NNUNET_NODE"))
             results["bare4"].append(measure(bare_scp, work, quarters, args.count, "BARE"))
             results["node4"].append(measure(node_scp, work, quarters, args.count, "NNUNET_NODE"))
             print(
@@ -196,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {label}: bare pynetdicom SCP {bare:7.1f} inst/s | "
                 f"node (full ingest) {node:7.1f} inst/s | ratio {node / bare:.2f}"
             )
+        print(
+            f"  node with pynetdicom's polling associations (1 association): "
+            f"{med['polling1']:7.1f} inst/s | ratio {med['polling1'] / med['bare1']:.2f}"
+        )
+        print(
+            f"  node, archive without fsync (1 association):                 "
+            f"{med['nofsync1']:7.1f} inst/s | ratio {med['nofsync1'] / med['bare1']:.2f}"
+        )
         print("  targets: ratio >= 0.9 and node >= 180 inst/s (one association)")
     finally:
         if args.work is None:

@@ -21,7 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from core.settings import Settings
 from node.contexts import add_supported_contexts
 from node.handlers import NodeHandlers
-from pipeline.dispatch import NodeAE
+from node.transport import ServerAE
 from pipeline.routing import RoutingTable
 from storage.archive import Archive
 
@@ -43,12 +43,13 @@ class DicomNode:
         host: str | None = None,
         port: int | None = None,
         max_pdu: int = MAX_PDU,
+        event_driven: bool = True,
     ) -> None:
         self.settings = settings
         self.host = host if host is not None else settings.dicom_host
         self._requested_port = port if port is not None else settings.dicom_port
         self.handlers = NodeHandlers(archive, routing, max_pdu=max_pdu)
-        self.ae = NodeAE(ae_title=settings.ae_title)
+        self.ae = ServerAE(ae_title=settings.ae_title, event_driven=event_driven)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.maximum_associations = MAX_ASSOCIATIONS
         self.ae.require_calling_aet = list(settings.allowed_calling_aes)
