@@ -94,7 +94,9 @@ def run_demo(
 
         node = Destination("node", settings.ae_title, host, port)
         try:
-            report = send_files(node, files, calling_ae="NNUNET_DEMO")
+            # With an allow-list, call as the first allowed AE title.
+            calling = (settings.allowed_calling_aes or ["NNUNET_DEMO"])[0]
+            report = send_files(node, files, calling_ae=calling)
         except SendError as exc:
             print(f"   could not send it: {exc}. Is the node running (`nnunet-node serve`)?")
             return 1

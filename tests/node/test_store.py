@@ -28,6 +28,7 @@ def _count(sessions: sessionmaker[Session], model: type) -> int:
 
 def _scu(node_port: int, *, calling: str = "TESTSCU") -> tuple[AE, object]:
     ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120  # a busy CI machine
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate(
