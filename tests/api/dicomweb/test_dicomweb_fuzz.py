@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
-from conftest import API_KEY, Node, PhantomStudy
+from dicomweb_support import API_KEY, Node, PhantomStudy
 from hypothesis import HealthCheck, settings
 
 from api.app import create_app

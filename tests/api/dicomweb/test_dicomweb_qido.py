@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pydicom
 import pytest
-from conftest import Node, PhantomStudy, write_phantom_study
+from dicomweb_support import Node, PhantomStudy, write_phantom_study
 from pydicom.uid import generate_uid
 
 

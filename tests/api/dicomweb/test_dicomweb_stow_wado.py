@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import requests
-from conftest import Node, PhantomStudy
+from dicomweb_support import Node, PhantomStudy
 from pydicom.uid import generate_uid
 
 from api.dicomweb.multipart import encode_parts
@@ -124,7 +124,7 @@ def test_unknown_uids_are_404(node: Node, stored: PhantomStudy) -> None:
 
 
 def test_a_bad_part_loses_no_other_part(node: Node, tmp_path: Path) -> None:
-    from conftest import write_phantom_study
+    from dicomweb_support import write_phantom_study
 
     study = write_phantom_study(tmp_path, seed=12, patient_id="DW-12")
     good = [f.read_bytes() for f in study.files[:3]]
@@ -194,7 +194,7 @@ def test_api_key_and_cors(node: Node, stored: PhantomStudy) -> None:
 def test_transfer_syntax_negotiation_and_406(node: Node, tmp_path: Path) -> None:
     """An instance stored in Implicit VR Little Endian (as many scanners send) comes back as
     stored, or re-encoded losslessly when the client asks for Explicit VR Little Endian."""
-    from conftest import write_phantom_study
+    from dicomweb_support import write_phantom_study
 
     study = write_phantom_study(tmp_path, seed=14, patient_id="DW-14")
     ds = pydicom.dcmread(study.files[0])

@@ -1,0 +1,118 @@
+"""Helpers for the DICOMweb tests: the real app on a free loopback port, dicomweb-client on it.
+
+(A module of its own, not conftest.py, so tests import it by a name no other folder uses.)
+
+dicomweb-client speaks through ``requests`` (blocking), so the app runs under uvicorn in a thread
+with its real lifespan (migrations on a SQLite file, job workers, the demo models), and the tests
+are plain synchronous code, as a user's script would be.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import uvicorn
+from dicomweb_client.api import DICOMwebClient
+
+from api.app import create_app
+from core.phantom import make_phantom, write_dicom_series
+from core.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[3]
+SPEC = REPO / "model-serve-spec.yaml"
+API_KEY = "dicomweb-test-key"
+
+
+def dicomweb_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "model_serve_spec": SPEC,
+        "dicom_enabled": False,
+        "device": "cpu",
+        "rate_limit_per_minute": 0,
+        "workers": 1,
+        "gpu_wait_s": 0,
+        "min_free_disk_mb": 0,
+        "api_key": API_KEY,
+        "cors_origins": ["http://viewer.example"],
+        "series_quiet_s": 3600,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+class Node:
+    """``create_app(settings)`` under uvicorn in a thread, on a port the OS picked."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, log_level="warning", lifespan="on", ws="none", loop="asyncio")
+        )
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def start(self) -> Node:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the node did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(60)
+        self._sock.close()
+
+    @property
+    def context(self) -> Any:
+        return self.app.state.context
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def session(self, key: str | None = API_KEY) -> requests.Session:
+        session = requests.Session()
+        if key:
+            session.headers["Authorization"] = f"Bearer {key}"
+        return session
+
+    def client(self) -> DICOMwebClient:
+        return DICOMwebClient(url=self.dicomweb, session=self.session())
+
+
+@dataclass(frozen=True)
+class PhantomStudy:
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    files: list[Path]
+
+
+def write_phantom_study(
+    folder: Path, *, seed: int, patient_id: str, description: str = "Test CT"
+) -> PhantomStudy:
+    """A phantom CT series; the default description matches no route of the demo spec (its
+    ``phantom-ct`` route wants "phantom" in SeriesDescription), so no job starts."""
+    import pydicom
+
+    phantom = make_phantom(seed, shape=(40, 40, 40))
+    files = write_dicom_series(
+        phantom, folder, patient_id=patient_id, series_description=description
+    )
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return PhantomStudy(first.StudyInstanceUID, first.SeriesInstanceUID, patient_id, files)
