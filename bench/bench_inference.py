@@ -86,6 +86,7 @@ def bench_model(
     image_path: Path,
     repeats: int,
     device_mode: str,
+    warmup: bool = True,
 ) -> dict[str, float]:
     plan = normalise(
         {"nnunet_id": model_id, "series_folders": [str(image_path)], "tta": False}, registry
@@ -111,8 +112,9 @@ def bench_model(
         out.CopyInformation(image)
         sitk.WriteImage(out, str(work / "bare.nii.gz"), useCompression=True)
 
-    bare()  # warm-up: first-call allocations (and cuDNN autotuning on a GPU)
-    engine.run(plan, image_path.parent, work / "warmup")
+    if warmup:  # first-call allocations (and cuDNN autotuning on a GPU)
+        bare()
+        engine.run(plan, image_path.parent, work / "warmup")
     bare_times: list[float] = []
     engine_times: list[float] = []
     for i in range(repeats):  # interleaved so load on the machine hits both alike
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         "--models", nargs="+", default=["demo", "fullsize"], choices=["demo", "fullsize"]
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="skip the untimed warm-up passes (slow CPUs)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--fullsize-dir", type=Path, default=FULLSIZE_OUT)
@@ -160,7 +165,13 @@ def main(argv: list[str] | None = None) -> None:
         registry = ModelRegistry.from_yaml(REPO / "model-serve-spec.yaml")
         write_nifti(make_phantom(9001), work / "demo" / "image.nii.gz")
         results["demo"] = bench_model(
-            "demo", registry, "phantom", work / "demo" / "image.nii.gz", args.repeats, args.device
+            "demo",
+            registry,
+            "phantom",
+            work / "demo" / "image.nii.gz",
+            args.repeats,
+            args.device,
+            not args.no_warmup,
         )
 
     if "fullsize" in args.models:
@@ -185,7 +196,13 @@ def main(argv: list[str] | None = None) -> None:
             base_dir=work,
         )
         results["fullsize"] = bench_model(
-            "fullsize", registry, "full", work / "full" / "ct.nii.gz", args.repeats, args.device
+            "fullsize",
+            registry,
+            "full",
+            work / "full" / "ct.nii.gz",
+            args.repeats,
+            args.device,
+            not args.no_warmup,
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

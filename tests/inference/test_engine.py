@@ -228,6 +228,23 @@ def test_two_stage_cascade_matches_the_phantom(
     assert set(np.unique(cube)) <= {0, 1}
 
 
+def test_a_later_model_without_references_is_fed_by_the_one_before(
+    run: Callable[..., list[StageResult]], study: Study
+) -> None:
+    """The seed's cascade example has no ``from:``: stage 2 is intersected with stage 1's mask."""
+    sphere_then_cube = run(
+        "implicit",
+        nnunet_id=["phantom", "phantom"],
+        series_folders=[[IMAGE], [IMAGE]],
+        class_idx=[1, 2],
+    )
+    first, second = sphere_then_cube
+    assert second.options.upstream == [0] and second.options.cascade_mode == "intersect"
+    assert dice(first.label_array == SPHERE_LABEL, study.truth == SPHERE_LABEL) > 0.8
+    assert not second.label_array.any()  # the cube does not overlap the sphere
+    assert second.dropped_components["intersection"] >= 1
+
+
 def test_second_input_on_another_grid_is_resampled(
     run: Callable[..., list[StageResult]], study: Study
 ) -> None:
