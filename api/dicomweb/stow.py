@@ -149,16 +149,23 @@ async def _store(request: Request, context: Any, study: str | None) -> JSONRespo
         finally:
             slots.release()
 
+    broken: InvalidRequest | None = None
     try:
         async for part in iter_parts(
             request.stream(), boundary, max_bytes=max_bytes, spill_dir=settings.uploads_dir
         ):
             await slots.acquire()
             pending.append(asyncio.create_task(ingest(part)))
+    except InvalidRequest as exc:
+        broken = exc  # a malformed or truncated tail: the whole parts before it still count
     finally:
         # Whatever ended the body (its end, a malformed tail, the size limit), the parts that
         # arrived whole are stored before the answer goes out.
         results = await asyncio.gather(*pending)
+    if broken is not None:
+        if not results:
+            raise broken
+        results.append(FailedRef("", "", FAILURE_CANNOT_UNDERSTAND, str(broken)))
     stored = [r for r in results if isinstance(r, StoredRef)]
     failed = [r for r in results if isinstance(r, FailedRef)]
     if not stored and not failed:

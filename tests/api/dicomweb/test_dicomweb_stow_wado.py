@@ -149,9 +149,17 @@ def test_a_bad_part_loses_no_other_part(node: Node, tmp_path: Path) -> None:
     response = _stow(node, _multipart([b"junk", b"more junk"]))
     assert response.status_code == 409
     assert len(response.json()["00081198"]["Value"]) == 2
+    # a body cut short: the whole parts before the cut are stored, the cut one fails
+    extra = [f.read_bytes() for f in study.files[3:5]]
+    response = _stow(node, _multipart(extra)[:-200])
+    assert response.status_code == 202
+    result = pydicom.Dataset.from_json(response.json())
+    assert len(result.ReferencedSOPSequence) == 1
+    assert [i.FailureReason for i in result.FailedSOPSequence] == [0xC000]
+    assert len(session.get(f"{node.dicomweb}/studies/{study.study_uid}/metadata").json()) == 4
     # a re-sent instance is stored again, not duplicated
     assert _stow(node, _multipart([good[0]])).status_code == 200
-    assert len(session.get(f"{node.dicomweb}/studies/{study.study_uid}/metadata").json()) == 3
+    assert len(session.get(f"{node.dicomweb}/studies/{study.study_uid}/metadata").json()) == 4
 
 
 def test_wrong_content_types_are_415(node: Node, stored: PhantomStudy) -> None:
