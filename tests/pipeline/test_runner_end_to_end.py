@@ -213,6 +213,18 @@ def test_dicom_cascade_from_a_study_folder(node: NodeContext, studies: Path) -> 
         ["Cube"],
     ]
     assert len(result["dicom_struct"]) == 2
+    # HTTP jobs on DICOM inputs file their results in the archive too
+    with unit_of_work(node.session_factory) as session:
+        archived = set(
+            session.scalars(
+                select(Instance.sop_instance_uid)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .where(Study.study_instance_uid == segs[0].StudyInstanceUID)
+            )
+        )
+    assert {a.sop_instance_uid for a in view.artifacts if a.kind.startswith("dicom")} == archived
+    assert len(archived) == 4
     cube = sitk.GetArrayFromImage(sitk.ReadImage(result["nifti_prediction"][1]))
     assert dice(cube == 1, ph.labels == 2) > 0.8
 
