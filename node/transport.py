@@ -71,7 +71,6 @@ class _WaitingSocket(AssociationSocket):
         return self.socket in readable
 
 
-
 def make_event_driven(assoc: Any) -> None:
     """Turn an accepted, not yet started association into the event-driven form above."""
     dul = assoc.dul
