@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default NNUNET_SERVE_PORT)")
     serve.set_defaults(func=_serve)
 
-    dicom = sub.add_parser("dicom", help="the DIMSE node alone (no HTTP, no job workers)")
+    dicom = sub.add_parser("dicom", help="the DIMSE node with its job workers, without the HTTP API")
     dicom.set_defaults(func=_dicom)
 
     demo = sub.add_parser("demo", help="send a phantom study to a running node and follow its job")
