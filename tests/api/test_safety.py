@@ -363,3 +363,9 @@ def test_request_params_is_the_request_schema(guarded: Any) -> None:
     assert schema["title"] == "InferenceRequest"
     assert {"nnunet_id", "study_path", "series_folders", "output_dir"} <= set(schema["properties"])
     assert "nnunet_id" in schema["required"]
+
+
+def test_wrong_method_is_json_405_listing_every_allowed_method(guarded: Any) -> None:
+    answer = guarded.client.put("/jobs")
+    _assert_failed(answer, 405)
+    assert answer.headers["allow"] == "GET, POST"
