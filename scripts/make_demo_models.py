@@ -19,6 +19,7 @@ Checkpoints are stripped to what the predictor reads (``network_weights``, ``tra
 ``init_args["configuration"]``, ``inference_allowed_mirroring_axes``): a few hundred KB a model.
 
     .venv/bin/python scripts/make_demo_models.py [--work /tmp/nnunet-node-demo-train] [--out models]
+        [--epochs 20] [--iterations 25] [--device cpu|cuda] [--only phantom|phantom_cube]
 
 nnU-Net reads its folders from environment variables at import, and uses spawn pools (hence the
 ``__main__`` guard and the late imports). Training is not seeded: Dice figures vary a little.
@@ -166,7 +167,7 @@ def train(dataset_id: int, train_cases: list[str], val_cases: list[str], args: A
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False  # nnU-Net 2.8 pops this key in the trainer
     dataset_json = json.loads((pre / "dataset.json").read_text())
-    trainer = nnUNetTrainer(plans, CONFIGURATION, 0, dataset_json, device=torch.device("cpu"))
+    trainer = nnUNetTrainer(plans, CONFIGURATION, 0, dataset_json, device=torch.device(args.device))
     trainer.num_epochs = args.epochs
     trainer.num_iterations_per_epoch = args.iterations
     trainer.num_val_iterations_per_epoch = 4
@@ -230,6 +231,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "models")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device")
     parser.add_argument(
         "--only", choices=["phantom", "phantom_cube"], help="make one model only (default both)"
     )
@@ -254,6 +256,8 @@ def main() -> None:
         if args.only and args.only != model_id:
             continue
         started = time.monotonic()
+        for sub in ("preprocessed", "results"):  # no stale cases or checkpoints from an earlier run
+            shutil.rmtree(work / sub / name, ignore_errors=True)
         train_cases, val_cases = write_raw_dataset(work / "raw", name, cube_dataset=cube)
         plan_and_preprocess(dataset_id)
         prepared = time.monotonic()
