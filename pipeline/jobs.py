@@ -537,9 +537,7 @@ class JobService:
                 LOGGER.info("job %s stopped: %s", job.id, self.store.status(job.id).value)
                 if self.store.status(job.id) == JobStatus.RUNNING:
                     self.store.cancel(job.id, reason="stopped")
-        except ClientError as exc:
-            self.store.fail(job.id, str(exc))
-        except NodeError as exc:
+        except NodeError as exc:  # client errors (an unreadable series) included: their message
             self.store.fail(job.id, str(exc))
         except Exception as exc:
             LOGGER.exception("job %s crashed", job.id)
