@@ -203,7 +203,8 @@ def test_hostile_uids_are_refused(
     data = make_instance(**{field: uid})
     # A hostile UID could aim above the archive: watch the folder that holds this test's folder.
     def written() -> set[Path]:
-        return {p for p in tmp_path.parent.rglob("*") if p.is_file() and p.suffix in (".dcm", ".tmp")}
+        found = tmp_path.parent.rglob("*")
+        return {p for p in found if p.is_file() and p.suffix in (".dcm", ".tmp")}
 
     before = written()
     with pytest.raises(InvalidDicom, match="UID"):
