@@ -36,7 +36,7 @@ class PathNotAllowed(ClientError):
 
 
 class UnsafeArchive(ClientError):
-    """An uploaded archive with absolute, ``..``, link or device members, or too large (HTTP 400)."""
+    """An archive with absolute, ``..``, link or device members, or too large (HTTP 400)."""
 
 
 class PayloadTooLarge(ClientError):

@@ -13,9 +13,7 @@ def configure_logging(level: str = "INFO") -> None:
         root.setLevel(level.upper())
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler._nnunet_node = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -10,10 +10,14 @@ from core.errors import PathNotAllowed
 
 
 def resolve_inside(
-    path: str | os.PathLike[str], roots: Iterable[Path], *, base: Path | None = None, field: str = "path"
+    path: str | os.PathLike[str],
+    roots: Iterable[Path],
+    *,
+    base: Path | None = None,
+    field: str = "path",
 ) -> Path:
-    """Resolve ``path`` (relative ones against ``base``), following links, and return it when it lies
-    inside one of ``roots``; otherwise raise :class:`PathNotAllowed` naming ``field``.
+    """Resolve ``path`` (relative ones against ``base``), following links, and return it when
+    it lies inside one of ``roots``; otherwise raise :class:`PathNotAllowed` naming ``field``.
 
     The path need not exist. Roots are resolved too, so a root that is itself a link works.
     """

@@ -62,12 +62,15 @@ class Settings(BaseSettings):
         True, validation_alias=_env("NNUNET_NODE_DICOM_ENABLED", "dicom_enabled")
     )
     ae_title: str = Field("NNUNET_NODE", validation_alias=_env("NNUNET_NODE_AE_TITLE", "ae_title"))
-    dicom_host: str = Field("0.0.0.0", validation_alias=_env("NNUNET_NODE_DICOM_HOST", "dicom_host"))
+    dicom_host: str = Field(
+        "0.0.0.0", validation_alias=_env("NNUNET_NODE_DICOM_HOST", "dicom_host")
+    )
     dicom_port: int = Field(
         11112, ge=0, le=65535, validation_alias=_env("NNUNET_NODE_DICOM_PORT", "dicom_port")
     )
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, validation_alias=_env("NNUNET_NODE_ALLOWED_AES", "allowed_calling_aes")
+        default_factory=list,
+        validation_alias=_env("NNUNET_NODE_ALLOWED_AES", "allowed_calling_aes"),
     )
     """``NNUNET_NODE_ALLOWED_AES``: comma-separated calling AE titles; empty allows any."""
     min_free_disk_mb: int = Field(
@@ -102,8 +105,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", validation_alias=_env("NNUNET_NODE_DEVICE", "device")
     )
-    gpu_wait_s: float = Field(600.0, ge=0, validation_alias=_env("NNUNET_NODE_GPU_WAIT_S", "gpu_wait_s"))
-    cache_ttl_s: float = Field(300.0, gt=0, validation_alias=_env("NNUNET_NODE_CACHE_TTL_S", "cache_ttl_s"))
+    gpu_wait_s: float = Field(
+        600.0, ge=0, validation_alias=_env("NNUNET_NODE_GPU_WAIT_S", "gpu_wait_s")
+    )
+    cache_ttl_s: float = Field(
+        300.0, gt=0, validation_alias=_env("NNUNET_NODE_CACHE_TTL_S", "cache_ttl_s")
+    )
     cache_sweep_s: float = Field(
         60.0, gt=0, validation_alias=_env("NNUNET_NODE_CACHE_SWEEP_S", "cache_sweep_s")
     )
@@ -163,7 +170,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read the environment (and ``overrides``), or raise :class:`ConfigError` naming the variable."""
+    """Read the environment (and ``overrides``); raise :class:`ConfigError` naming the variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

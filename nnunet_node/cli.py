@@ -58,10 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="HTTP API, DIMSE node and job workers in one process")
     serve.add_argument("--host", default=None, help="HTTP address (default NNUNET_NODE_HOST)")
-    serve.add_argument("--port", type=int, default=None, help="HTTP port (default NNUNET_SERVE_PORT)")
+    serve.add_argument(
+        "--port", type=int, default=None, help="HTTP port (default NNUNET_SERVE_PORT)"
+    )
     serve.set_defaults(func=_serve)
 
-    dicom = sub.add_parser("dicom", help="the DIMSE node with its job workers, without the HTTP API")
+    dicom = sub.add_parser(
+        "dicom", help="the DIMSE node with its job workers, without the HTTP API"
+    )
     dicom.set_defaults(func=_dicom)
 
     demo = sub.add_parser("demo", help="send a phantom study to a running node and follow its job")

@@ -201,6 +201,7 @@ def test_hostile_uids_are_refused(
     uid: str,
 ) -> None:
     data = make_instance(**{field: uid})
+
     # A hostile UID could aim above the archive: watch the folder that holds this test's folder.
     def written() -> set[Path]:
         found = tmp_path.parent.rglob("*")
