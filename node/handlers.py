@@ -147,7 +147,7 @@ class NodeHandlers:
         identifier = event.identifier
         level = retrieve_level(identifier, model)
         keys, matching = query_keys(identifier)
-        with self.archive.session_factory() as session:
+        with self.archive.read_sessions() as session:
             rows = query.find(session, level, matching)
         charset = identifier.get("SpecificCharacterSet")
         for row in rows:
@@ -168,7 +168,7 @@ class NodeHandlers:
             narrow["study_uid"] = _single(identifier, "StudyInstanceUID")
         if level == "IMAGE":
             narrow["series_uid"] = _single(identifier, "SeriesInstanceUID")
-        with self.archive.session_factory() as session:
+        with self.archive.read_sessions() as session:
             return query.instance_refs(session, level, uids, **narrow)
 
     @dimse_service("C-MOVE")

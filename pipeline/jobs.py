@@ -382,7 +382,9 @@ class JobService:
         with self._lock:
             flag = self._running.get(job_id)
         if flag is not None:
-            flag.set()
+            flag.set()  # the worker removes its upload when it stops
+        else:
+            self._discard_upload(job)
         self._notify(job_id)
         return JobView.of(job)
 
@@ -544,9 +546,27 @@ class JobService:
             self.store.fail(job.id, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             progress.close()
+            self._discard_upload(job)
             with self._lock:
                 self._running.pop(job.id, None)
             self._notify(job.id)
+
+    def _discard_upload(self, job: Job) -> None:
+        """Remove the folder an ``/infer_file`` upload was extracted to once the job is over
+        (done, failed or cancelled); a job put back in the queue still needs it."""
+        study = job.request.get(STUDY_PATH_KEY)
+        if not study:
+            return
+        uploads = self.settings.uploads_dir.resolve()
+        path = Path(str(study)).resolve()
+        if not path.is_relative_to(uploads) or path == uploads:
+            return
+        try:
+            if self.store.status(job.id) == JobStatus.QUEUED:
+                return
+        except NodeError:
+            return
+        shutil.rmtree(uploads / path.relative_to(uploads).parts[0], ignore_errors=True)
 
     def _run_hooks(self, job_id: str) -> None:
         for hook in list(self.on_done):

@@ -47,6 +47,7 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import InvalidDicom, StorageFull
+from storage.db import make_read_sessionmaker
 from storage.indexer import Header, Indexer
 from storage.models import Base, Instance, Patient, Series, Study
 
@@ -255,6 +256,8 @@ class Archive:
         if not isinstance(engine, Engine):
             raise TypeError("Archive needs a sessionmaker bound to an Engine")
         self._indexer = Indexer(engine)
+        self.read_sessions = make_read_sessionmaker(engine)
+        """Sessions for look-ups (C-FIND, C-MOVE/C-GET lists, QIDO, WADO): no write lock."""
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._dirs_lock = threading.Lock()
 

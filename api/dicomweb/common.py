@@ -60,4 +60,4 @@ def check_uid(value: str, what: str) -> str:
 
 def context_parts(context: Any) -> tuple[Settings, sessionmaker[Session], Archive]:
     """The settings, sessionmaker and archive of the node's pipeline context."""
-    return context.settings, context.session_factory, context.archive
+    return context.settings, context.archive.read_sessions, context.archive

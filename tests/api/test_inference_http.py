@@ -215,8 +215,9 @@ def test_infer_file_with_zip_and_tar(node: Any, study: Any, kind: str) -> None:
         assert len(result["dicom_segmentation"]) == 1
     names = _zip_names(node.client, result["job_id"])
     assert "stage_0/prediction.nii.gz" in names
-    # The upload itself is gone; only the extracted study stays (the job's input).
+    # The upload is gone, and so is the study extracted from it once the job is over.
     assert not list(uploads.glob("*.upload"))
+    assert not list(uploads.rglob("ct_*")), "the extracted study was left behind"
     assert not (node.settings.data_dir.parent / f"study.{kind}").exists()
 
 
