@@ -17,5 +17,7 @@ def configure_logging(level: str = "INFO") -> None:
     handler._nnunet_node = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # pynetdicom logs every PDU at INFO; keep it quiet unless asked.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # Chatty at INFO: pynetdicom (every PDU), httpx (every request of `nnunet-node demo`),
+    # alembic's plugin set-up. Keep them quiet unless asked.
+    for name in ("pynetdicom", "httpx", "alembic.runtime.plugins"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
