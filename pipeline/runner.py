@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 from pydicom import Dataset
 from pydicom.uid import generate_uid
@@ -34,6 +33,7 @@ from export.files import dicom_output_name, write_dataset
 from export.metadata import SegmentationMetadata
 from export.rtstruct import make_rtstruct
 from export.seg import make_binary_seg, make_fractional_seg
+from export.stage import read_sources
 from inference.request import Plan, normalise
 from pipeline.spec import NodeSpec
 from storage.archive import Archive
@@ -273,7 +273,7 @@ class JobRunner:
                 "so no DICOM-SEG or RTSTRUCT can reference it"
             )
         metadata = self.spec.metadata_for(stage.model_id)
-        sources = [pydicom.dcmread(p) for p in stage.source_dicom_files]
+        sources = read_sources(stage.source_dicom_files)  # headers only: no pixel data in memory
         label_map = sitk.GetArrayFromImage(stage.prediction)
         stage_dir = Path(stage.folder)
 
