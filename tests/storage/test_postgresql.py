@@ -1,0 +1,137 @@
+"""The same schema, ingest, queries and job claims on PostgreSQL (DESIGN.md: any SQLAlchemy URL).
+
+Runs when ``NNUNET_NODE_TEST_POSTGRES_URL`` names a server database from which the test may create
+and drop a scratch database (``.ci/run`` starts a throw-away PostgreSQL and sets it); else skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import query
+from storage.archive import Archive
+from storage.db import make_engine, make_sessionmaker
+from storage.jobs import JobFilters, JobStore
+from storage.migrations import downgrade, upgrade
+from storage.models import Instance, JobStatus, Series
+
+SERVER_URL = os.environ.get("NNUNET_NODE_TEST_POSTGRES_URL")
+pytestmark = pytest.mark.skipif(
+    not SERVER_URL, reason="NNUNET_NODE_TEST_POSTGRES_URL is not set (.ci/run sets it)"
+)
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    assert SERVER_URL
+    name = f"nnunet_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(SERVER_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(SERVER_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    downgrade(pg_url, "base")  # a no-op on the fresh database: the path must work there too
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(pg_engine: Engine) -> sessionmaker[Session]:
+    return make_sessionmaker(pg_engine)
+
+
+def test_migrations_down_and_up(pg_url: str, pg_engine: Engine) -> None:
+    downgrade(pg_url, "base")
+    with pg_engine.connect() as conn:
+        tables = conn.execute(text("SELECT count(*) FROM pg_tables WHERE tablename = 'instances'"))
+        assert tables.scalar_one() == 0
+    upgrade(pg_url)
+    with pg_engine.connect() as conn:
+        tables = conn.execute(text("SELECT count(*) FROM pg_tables WHERE tablename = 'instances'"))
+        assert tables.scalar_one() == 1
+
+
+def test_concurrent_ingest_duplicates_and_queries(
+    tmp_path: Path, sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    archive = Archive(tmp_path / "dicom", sessions)
+    study, series = generate_uid(), generate_uid()
+    blobs = [
+        make_instance(study_uid=study, series_uid=series, InstanceNumber=i, PatientID="PG1")
+        for i in range(1, 31)
+    ]
+    errors: list[BaseException] = []
+
+    def store(chunk: list[bytes]) -> None:
+        try:
+            for data in chunk:
+                archive.ingest(data, source="dimse", calling_ae="SCANNER")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=store, args=(blobs[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    again = archive.ingest(blobs[0], source="dimse")
+    assert again.duplicate
+
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 30
+        assert session.scalar(select(func.count()).select_from(Series)) == 1
+    with archive.read_sessions() as session:
+        studies = query.find_studies(session, {"PatientID": "PG*"})
+        assert [s["StudyInstanceUID"] for s in studies] == [study]
+        assert studies[0]["NumberOfStudyRelatedInstances"] == 30
+        assert studies[0]["ModalitiesInStudy"] == ["CT"]
+        found = query.find_instances(session, {"SeriesInstanceUID": series})
+        assert [row["InstanceNumber"] for row in found] == list(range(1, 31))
+    assert len(list((tmp_path / "dicom" / study / series).glob("*.dcm"))) == 30
+
+
+def test_each_job_is_claimed_once(sessions: sessionmaker[Session]) -> None:
+    store = JobStore(sessions)
+    created = {
+        store.create(source="http", request={"nnunet_id": "phantom"}, models=["phantom"]).id
+        for _ in range(12)
+    }
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim() -> None:
+        while (job := store.claim_next()) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(created)
+    rows, total = store.list(JobFilters(status=JobStatus.RUNNING), limit=5, offset=0)
+    assert total == 12
+    assert len(rows) == 5
