@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,6 +34,7 @@ from export.metadata import SegmentationMetadata
 from export.rtstruct import make_rtstruct
 from export.seg import make_binary_seg, make_fractional_seg
 from export.stage import read_sources
+from inference.engine import StageResult
 from inference.request import Plan, normalise
 from pipeline.spec import NodeSpec
 from storage.archive import Archive
@@ -58,18 +59,6 @@ _OBJECT_NAMES = {
     "dicom_fractional_segmentation": "fractional SEG",
     "dicom_struct": "RTSTRUCT",
 }
-
-
-class StageResultLike(Protocol):
-    index: int
-    model_id: str
-    folder: Path
-    prediction: sitk.Image
-    probabilities: np.ndarray | None
-    labels: list[int]
-    files: dict[str, list[Path]]
-    is_dicom: bool
-    source_dicom_files: list[Path]
 
 
 STUDY_PATH_KEY = "_study_path"
@@ -176,7 +165,7 @@ class JobRunner:
         def engine_progress(info: dict[str, Any]) -> None:
             progress({"stages": stages_total, **info})
 
-        results: Sequence[StageResultLike] = self.engine.run(
+        results: Sequence[StageResult] = self.engine.run(
             plan,
             study_path,
             output_dir,
@@ -262,7 +251,7 @@ class JobRunner:
         self,
         job: Job,
         plan: Plan,
-        stage: StageResultLike,
+        stage: StageResult,
         files: dict[str, list[str]],
         artifacts: list[ArtifactRecord],
         warnings: list[str],
@@ -338,7 +327,7 @@ class JobRunner:
 
 
 def _foreground_probabilities(
-    stage: StageResultLike, metadata: SegmentationMetadata
+    stage: StageResult, metadata: SegmentationMetadata
 ) -> tuple[np.ndarray, list[int]]:
     """The kept probability channels without background, and the label value of each."""
     proba = np.asarray(stage.probabilities, dtype=np.float32)
