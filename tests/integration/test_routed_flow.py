@@ -20,7 +20,7 @@ from core.settings import Settings
 from node.service import DimseService
 from pipeline.context import NodeContext, build_context
 from storage.models import Instance, Job, JobStatus, Series
-from tests.node.conftest import dcmtk
+from tests.node.conftest import dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,22 +218,15 @@ def test_findscu_finds_the_results_at_every_level(flow: Flow) -> None:
 def test_movescu_moves_the_results_to_a_storescp(flow: Flow, tmp_path: Path) -> None:
     with storescp(tmp_path / "moved", ae_title="MOVEDEST", port=flow.move_port):
         for uid in flow.result_series.values():
-            result = dcmtk(
+            result = retrieve(
                 "movescu",
-                "-v",
+                flow.node.port,
                 "-S",
-                "-aec",
-                "NNUNET_NODE",
                 "-aem",
                 "MOVEDEST",
-                "-k",
-                "QueryRetrieveLevel=SERIES",
-                "-k",
-                f"StudyInstanceUID={flow.study_uid}",
-                "-k",
-                f"SeriesInstanceUID={uid}",
-                "127.0.0.1",
-                str(flow.node.port),
+                QueryRetrieveLevel="SERIES",
+                StudyInstanceUID=flow.study_uid,
+                SeriesInstanceUID=uid,
             )
             assert "Received Final Move Response (Success)" in result.stdout, result.stdout
     files = received(tmp_path / "moved")
@@ -247,21 +240,15 @@ def test_movescu_moves_the_results_to_a_storescp(flow: Flow, tmp_path: Path) -> 
 def test_getscu_gets_the_seg(flow: Flow, tmp_path: Path) -> None:
     out = tmp_path / "got"
     out.mkdir()
-    result = dcmtk(
+    result = retrieve(
         "getscu",
+        flow.node.port,
         "-S",
-        "-aec",
-        "NNUNET_NODE",
         "-od",
         str(out),
-        "-k",
-        "QueryRetrieveLevel=SERIES",
-        "-k",
-        f"StudyInstanceUID={flow.study_uid}",
-        "-k",
-        f"SeriesInstanceUID={flow.result_series['SEG']}",
-        "127.0.0.1",
-        str(flow.node.port),
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID=flow.study_uid,
+        SeriesInstanceUID=flow.result_series["SEG"],
     )
     assert result.returncode == 0, result.stdout
     (got,) = received(out)

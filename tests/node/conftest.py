@@ -38,6 +38,13 @@ def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+def retrieve(tool: str, port: int, *options: str, **keys: str) -> subprocess.CompletedProcess[str]:
+    """Run ``movescu`` or ``getscu`` (verbose) against the node at ``port`` with ``options``
+    (``-S``, ``-aem PACS``, ``-od DIR``...) and one ``-k Keyword=value`` per key, in order."""
+    identifier = [arg for key, value in keys.items() for arg in ("-k", f"{key}={value}")]
+    return dcmtk(tool, "-v", *options, "-aec", "NNUNET_NODE", *identifier, "127.0.0.1", str(port))
+
+
 @pytest.fixture(scope="session")
 def node_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("node-template") / "node.db"

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from node.ae import DicomNode
-from tests.node.conftest import NodeFactory, dcmtk
+from tests.node.conftest import NodeFactory, dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
 
 
@@ -123,22 +123,15 @@ def test_study_root_refuses_patient_level(stored: Stored) -> None:
 
 def test_movescu_to_storescp_destination(stored: Stored, tmp_path: Path) -> None:
     with storescp(tmp_path / "pacs", port=stored.pacs_port):
-        result = dcmtk(
+        result = retrieve(
             "movescu",
-            "-v",
+            stored.node.port,
             "-S",
-            "-aec",
-            "NNUNET_NODE",
             "-aem",
             "PACS",
-            "-k",
-            "QueryRetrieveLevel=SERIES",
-            "-k",
-            f"StudyInstanceUID={stored.study_uid}",
-            "-k",
-            f"SeriesInstanceUID={stored.series_uid}",
-            "127.0.0.1",
-            str(stored.node.port),
+            QueryRetrieveLevel="SERIES",
+            StudyInstanceUID=stored.study_uid,
+            SeriesInstanceUID=stored.series_uid,
         )
     assert result.returncode == 0, result.stdout
     assert "Received Final Move Response (Success)" in result.stdout, result.stdout
@@ -151,39 +144,27 @@ def test_movescu_to_storescp_destination(stored: Stored, tmp_path: Path) -> None
 
 
 def test_move_to_unknown_ae_is_refused(stored: Stored) -> None:
-    result = dcmtk(
+    result = retrieve(
         "movescu",
-        "-v",
+        stored.node.port,
         "-S",
-        "-aec",
-        "NNUNET_NODE",
         "-aem",
         "STRANGER",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={stored.study_uid}",
-        "127.0.0.1",
-        str(stored.node.port),
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=stored.study_uid,
     )
     assert "Refused: MoveDestinationUnknown" in result.stdout, result.stdout  # 0xA801
 
 
 def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
-    result = dcmtk(
+    result = retrieve(
         "movescu",
-        "-v",
+        stored.node.port,
         "-S",
-        "-aec",
-        "NNUNET_NODE",
         "-aem",
         "PACS",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={stored.study_uid}",
-        "127.0.0.1",
-        str(stored.node.port),
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=stored.study_uid,
     )
     assert "Received Final Move Response" in result.stdout
     assert "(Success)" not in result.stdout.split("Received Final Move Response")[1]
@@ -192,22 +173,15 @@ def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
 def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:
     out = tmp_path / "got"
     out.mkdir()
-    result = dcmtk(
+    result = retrieve(
         "getscu",
-        "-v",
+        stored.node.port,
         "-S",
-        "-aec",
-        "NNUNET_NODE",
         "-od",
         str(out),
-        "-k",
-        "QueryRetrieveLevel=SERIES",
-        "-k",
-        f"StudyInstanceUID={stored.study_uid}",
-        "-k",
-        f"SeriesInstanceUID={stored.series_uid}",
-        "127.0.0.1",
-        str(stored.node.port),
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID=stored.study_uid,
+        SeriesInstanceUID=stored.series_uid,
     )
     assert result.returncode == 0, result.stdout
     files = received(out)
@@ -217,25 +191,17 @@ def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:
 def test_get_one_image_with_patient_root(stored: Stored, tmp_path: Path) -> None:
     out = tmp_path / "got"
     out.mkdir()
-    result = dcmtk(
+    result = retrieve(
         "getscu",
+        stored.node.port,
         "-P",
-        "-aec",
-        "NNUNET_NODE",
         "-od",
         str(out),
-        "-k",
-        "QueryRetrieveLevel=IMAGE",
-        "-k",
-        "PatientID=PHANTOM",
-        "-k",
-        f"StudyInstanceUID={stored.study_uid}",
-        "-k",
-        f"SeriesInstanceUID={stored.series_uid}",
-        "-k",
-        f"SOPInstanceUID={stored.sop_uids[3]}",
-        "127.0.0.1",
-        str(stored.node.port),
+        QueryRetrieveLevel="IMAGE",
+        PatientID="PHANTOM",
+        StudyInstanceUID=stored.study_uid,
+        SeriesInstanceUID=stored.series_uid,
+        SOPInstanceUID=stored.sop_uids[3],
     )
     assert result.returncode == 0, result.stdout
     assert [pydicom.dcmread(p).SOPInstanceUID for p in received(out)] == [stored.sop_uids[3]]
