@@ -50,6 +50,7 @@ class DicomNode:
         self._requested_port = port if port is not None else settings.dicom_port
         self.handlers = NodeHandlers(archive, routing, max_pdu=max_pdu)
         self.ae = ServerAE(ae_title=settings.ae_title, event_driven=event_driven)
+        self.ae.store_sink = self.handlers.open_store_sink
         self.ae.maximum_pdu_size = max_pdu
         self.ae.maximum_associations = MAX_ASSOCIATIONS
         self.ae.require_calling_aet = list(settings.allowed_calling_aes)

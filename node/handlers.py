@@ -1,9 +1,11 @@
 """Event handlers of the node's AE: thin adapters from a pynetdicom event to the archive and back.
 
 Each handler does one thing and raises the node's exceptions; :func:`node.status.dimse_service`
-turns them into statuses. C-STORE never decodes the dataset: the bytes pynetdicom received
-(``event.encoded_dataset()``, a Part 10 file) go straight to :meth:`Archive.ingest`, and success is
-answered only once the file and its index rows are committed (PS3.4 B.2.3).
+turns them into statuses. C-STORE never decodes the dataset: its bytes stream into an archive
+temporary file while they arrive (:meth:`NodeHandlers.open_store_sink`, node/transport.py), and the
+handler files it (:meth:`Archive.ingest_incoming`); a dataset that could not stream (pynetdicom
+gathered it in memory) goes to :meth:`Archive.ingest` as a Part 10 file. Success is answered only
+once the file and its index rows are committed (PS3.4 B.2.3).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from node.status import CANCEL, PENDING, SUCCESS, dimse_service
 from pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
 from pipeline.routing import RoutingTable
 from storage import query
-from storage.archive import Archive
+from storage.archive import Archive, IncomingFile
+from storage.part10 import part10_head
 
 LOGGER = logging.getLogger(__name__)
 
@@ -131,14 +134,34 @@ class NodeHandlers:
     def on_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
+    def open_store_sink(
+        self, assoc: Any, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+    ) -> IncomingFile:
+        """Where a C-STORE dataset streams to (node/transport.py): an archive temporary file
+        that starts with the Part 10 head the dataset will need. Raises ValueError for UIDs
+        that cannot head a file (the dataset is then gathered in memory and refused there)."""
+        head = part10_head(
+            sop_class_uid,
+            sop_instance_uid,
+            transfer_syntax_uid,
+            source_ae_title=str(assoc.requestor.ae_title),
+            implementation_class_uid=str(assoc.acceptor.implementation_class_uid),
+            implementation_version_name=str(assoc.acceptor.implementation_version_name or ""),
+        )
+        return self.archive.open_incoming(sop_instance_uid, head)
+
     @dimse_service("C-STORE")
     def on_store(self, event: evt.Event) -> int:
-        self.archive.ingest(
-            event.encoded_dataset(),
-            source="dimse",
-            calling_ae=str(event.assoc.requestor.ae_title),
-            called_ae=called_ae_title(event.assoc),
-        )
+        origin = {
+            "source": "dimse",
+            "calling_ae": str(event.assoc.requestor.ae_title),
+            "called_ae": called_ae_title(event.assoc),
+        }
+        incoming = getattr(event.request, "_dataset_file", None)
+        if isinstance(incoming, IncomingFile):
+            self.archive.ingest_incoming(incoming, **origin)
+        else:
+            self.archive.ingest(event.encoded_dataset(), **origin)
         return SUCCESS
 
     @dimse_service("C-FIND")

@@ -13,6 +13,24 @@ sleep lasts several. Here, per accepted association (nothing global is patched):
   message instead of returning at once, so a message is served as soon as it is complete.
 
 Release, abort and the ARTIM timer are still noticed, at most one wait (20-50 ms) later.
+
+The C-STORE path, per accepted association (bench/bench_cstore.py measures each):
+
+- **Streaming to disk.** pynetdicom gathers a C-STORE dataset in memory and hands it over once
+  complete. Here, as soon as a C-STORE-RQ's command set is decoded, the association's
+  ``store_sink`` (the archive's :class:`storage.archive.IncomingFile`, given the Part 10 head)
+  takes the dataset's fragments as they arrive, through the hook pynetdicom has for its own
+  chunked mode (``DIMSEMessage._data_set_file``), so the file is written, and its writeback
+  started, while the rest is still on the wire. P-DATA with several PDVs are fed in one PDV at
+  a time so that the sink is in place before the first dataset fragment.
+- **Responses encoded directly.** A plain C-STORE-RSP (no Error Comment, no Offending Element)
+  is a fixed group of seven elements; it is encoded here (Implicit VR Little Endian, PS3.7 6.3.1)
+  instead of through pydicom's element machinery (~1 ms per response here), and queued as one
+  P-DATA. tests/node/test_transport.py checks the bytes against pynetdicom's encoder.
+- **No discarded log text.** pynetdicom's standard handlers format every PDU and DIMSE message
+  into debug lines (copying a received dataset to see whether it is empty). When the
+  ``pynetdicom`` logger would drop them (below INFO is off, the node's default, core/logging.py),
+  they are unbound; turn that logger to INFO or DEBUG and they stay.
 """
 
 from __future__ import annotations
@@ -22,8 +40,21 @@ import logging
 import queue
 import select
 import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from pynetdicom import evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from pipeline.dispatch import NodeAE
@@ -71,8 +102,143 @@ class _WaitingSocket(AssociationSocket):
         return self.socket in readable
 
 
-def make_event_driven(assoc: Any) -> None:
-    """Turn an accepted, not yet started association into the event-driven form above."""
+StoreSink = Callable[[Any, str, str, str], Any]
+"""``(assoc, sop_class_uid, sop_instance_uid, transfer_syntax_uid)`` -> a writable sink for the
+dataset about to arrive (``write``, ``file.flush``, ``close``, ``discard``, ``name``), or None to
+let pynetdicom gather it in memory as usual."""
+
+_STANDARD_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def _element(element: int, value: bytes) -> bytes:
+    """One command element, Implicit VR Little Endian (PS3.5 7.1.3), group 0000."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\x00" if len(data) % 2 else data
+
+
+def encode_store_response(
+    sop_class_uid: str, sop_instance_uid: str, message_id: int, status: int
+) -> bytes:
+    """The command set of a C-STORE-RSP without Error Comment or Offending Element
+    (PS3.7 9.3.1.2), as pynetdicom encodes it."""
+    body = b"".join(
+        (
+            _element(0x0002, _ui(sop_class_uid)),  # Affected SOP Class UID
+            _element(0x0100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
+            _element(0x0120, struct.pack("<H", message_id)),  # Message ID Being Responded To
+            _element(0x0800, struct.pack("<H", 0x0101)),  # Command Data Set Type: none
+            _element(0x0900, struct.pack("<H", status)),  # Status
+            _element(0x1000, _ui(sop_instance_uid)),  # Affected SOP Instance UID
+        )
+    )
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _fast_store_responses(assoc: Any) -> None:
+    dimse = assoc.dimse
+    send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_STORE
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status is not None
+            and primitive.AffectedSOPClassUID
+            and primitive.AffectedSOPInstanceUID
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and not assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        ):
+            command = encode_store_response(
+                str(primitive.AffectedSOPClassUID),
+                str(primitive.AffectedSOPInstanceUID),
+                int(primitive.MessageIDBeingRespondedTo),
+                int(primitive.Status),
+            )
+            max_pdu = dimse.maximum_pdu_size
+            if not max_pdu or len(command) + 6 <= max_pdu:
+                pdata = P_DATA()
+                pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]
+                dimse.dul.send_pdu(pdata)
+                return
+        send(primitive, context_id)
+
+    dimse.send_msg = send_msg
+
+
+def _stream_store_datasets(assoc: Any, open_sink: StoreSink) -> None:
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+
+    def attach() -> None:
+        """Give a C-STORE-RQ whose command set just completed its sink, before any data."""
+        message = dimse.message
+        if (
+            type(message) is not C_STORE_RQ
+            or message._data_set_file is not None
+            or message.data_set.tell() != 0
+        ):
+            return
+        command = message.command_set
+        try:
+            transfer_syntax = assoc._accepted_cx[message.context_id].transfer_syntax[0]
+            sink = open_sink(
+                assoc,
+                str(command.AffectedSOPClassUID),
+                str(command.AffectedSOPInstanceUID),
+                str(transfer_syntax),
+            )
+        except Exception:  # the dataset is then gathered in memory, and handled there
+            LOGGER.warning("C-STORE: cannot stream to disk; gathering in memory", exc_info=True)
+            return
+        if sink is not None:
+            message._data_set_file = sink
+            message._data_set_path = Path(sink.name)
+
+    def receive_primitive(primitive: Any) -> None:
+        items = primitive.presentation_data_value_list
+        if len(items) <= 1:
+            receive(primitive)
+            attach()
+            return
+        for item in items:
+            single = P_DATA()
+            single.presentation_data_value_list = [item]
+            receive(single)
+            attach()
+
+    dimse.receive_primitive = receive_primitive
+
+
+def _discard_unfinished(assoc: Any) -> None:
+    """At the end of an association: delete what was being received and never handled."""
+    sinks = [getattr(assoc.dimse.message, "_data_set_file", None)]
+    sinks += [getattr(item[1], "_dataset_file", None) for item in list(assoc.dimse.msg_queue.queue)]
+    for sink in sinks:
+        if sink is not None and hasattr(sink, "discard"):
+            with contextlib.suppress(OSError):
+                sink.discard()
+
+
+def make_event_driven(assoc: Any, *, store_sink: StoreSink | None = None) -> None:
+    """Turn an accepted, not yet started association into the event-driven form above;
+    with ``store_sink``, C-STORE datasets stream into it."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        for event, handler in _STANDARD_LOG_HANDLERS:
+            assoc.unbind(event, handler)
+    _fast_store_responses(assoc)
+    if store_sink is not None:
+        _stream_store_datasets(assoc, store_sink)
+
     dul = assoc.dul
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -103,6 +269,7 @@ def make_event_driven(assoc: Any) -> None:
         try:
             association_run()
         finally:  # the acceptor's thread ends with the association: close the wake-up pipe
+            _discard_unfinished(assoc)
             for end in (wake_r, wake_w):
                 end.close()
 
@@ -114,17 +281,19 @@ class EventDrivenRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        make_event_driven(assoc)
+        make_event_driven(assoc, store_sink=getattr(self.ae, "store_sink", None))
         return assoc
 
 
 class ServerAE(NodeAE):
-    """The node's AE: accepted associations are event driven (``event_driven=False`` keeps
-    pynetdicom's polling, for comparison in bench/bench_cstore.py)."""
+    """The node's AE: accepted associations are event driven, and stream C-STORE datasets into
+    ``store_sink`` when one is set (``event_driven=False`` keeps pynetdicom's polling and
+    in-memory datasets, for comparison in bench/bench_cstore.py)."""
 
     def __init__(self, *args: Any, event_driven: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.event_driven = event_driven
+        self.store_sink: StoreSink | None = None
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         if self.event_driven:

@@ -20,6 +20,11 @@ done once :meth:`Archive.recover` has run at the next start:
    folder is not fsynced after the rename: should a power loss undo the rename, the temporary
    file (durable, with its committed row) is still there and ``recover`` moves it in.
 
+Streaming (:meth:`Archive.open_incoming`, used by the DIMSE node): step 2 starts while the data
+still arrives. The receiver writes each fragment into the temporary file as it comes and asks the
+kernel to start writing it back (``sync_file_range``), so the fsync at the end waits for little
+more than the last fragment; :meth:`Archive.ingest_incoming` then runs steps 1, 3 and 4.
+
 A re-sent instance (same SOP Instance UID) keeps ONE row: the newer copy replaces the older file and
 the row is updated from it (the sender's latest word wins; ``IngestResult.duplicate`` says so).
 Writes of the same SOP Instance UID are serialised in this process, so the file in place is always
@@ -28,6 +33,8 @@ the one the row describes.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import logging
 import os
@@ -207,6 +214,99 @@ def read_header(data: bytes | Path) -> Header:
         raise InvalidDicom(f"unreadable header: {exc}") from exc
 
 
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None: it starts writeback of a range without
+    waiting for it, so that a later fsync has less left to wait for."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class IncomingFile:
+    """A Part 10 file being received into the archive's ``.incoming`` folder.
+
+    Made by :meth:`Archive.open_incoming` with its head (preamble and File Meta Information)
+    already written; the receiver appends the dataset's fragments with :meth:`write` as they
+    arrive, and :meth:`Archive.ingest_incoming` files it once complete. ``write`` never raises:
+    the receiving thread must not die of a full disk; the first error is kept in :attr:`error`
+    and reported by ``ingest_incoming``, and what follows it is not written.
+
+    It has the parts of a file object that pynetdicom's chunked C-STORE reception uses (``write``,
+    ``file.flush``, ``close``, ``name``): pynetdicom deletes ``name`` after the C-STORE handler,
+    which is a no-op once the file was moved into place or discarded.
+    """
+
+    def __init__(self, path: Path, head: bytes, *, fsync: bool) -> None:
+        self.path = path
+        self.name = str(path)
+        self.size = 0
+        self.error: OSError | None = None
+        self._fsync = fsync
+        self._lock = threading.Lock()  # the receiving thread writes, another may discard
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.write(head)
+        if self.error is not None:
+            self.discard()
+            raise self.error
+
+    @property
+    def file(self) -> IncomingFile:
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        with self._lock:
+            if self._fd is None or self.error is not None:
+                return 0
+            start = self.size
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self.error = exc
+                return 0
+            self.size += len(data)
+            if self._fsync and _SYNC_FILE_RANGE is not None:
+                _SYNC_FILE_RANGE(self._fd, start, len(data), _SYNC_FILE_RANGE_WRITE)
+            return len(data)
+
+    def flush(self) -> None:
+        """Writes go straight to the file; nothing is buffered."""
+
+    def sync(self) -> None:
+        """Make the written bytes durable (with the archive's ``fsync``), then close."""
+        if self._fd is None:
+            raise ValueError(f"{self.path.name} is closed")
+        try:
+            if self._fsync:
+                os.fsync(self._fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def discard(self) -> None:
+        """Close and delete: the transfer was refused, failed or abandoned."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -281,6 +381,55 @@ class Archive:
         tmp = self._write_temp(header.sop_instance_uid, data)
         return self._commit(
             header, tmp, size, source=source, calling_ae=calling_ae, called_ae=called_ae
+        )
+
+    def open_incoming(self, sop_instance_uid: str, head: bytes) -> IncomingFile:
+        """A temporary file in ``.incoming`` for an instance about to arrive in fragments,
+        starting with ``head`` (see :mod:`storage.part10`); file it with
+        :meth:`ingest_incoming`, or :meth:`IncomingFile.discard` it. ``sop_instance_uid`` is
+        what the sender announced (the C-STORE command); an unsafe value only names the file
+        ``unnamed`` (the dataset's own UID is checked when it is filed). Raises OSError."""
+        name = sop_instance_uid if is_valid_uid(sop_instance_uid) else "unnamed"
+        return IncomingFile(
+            self.incoming / f"{name}.{uuid.uuid4().hex}.tmp", head, fsync=self.fsync
+        )
+
+    def ingest_incoming(
+        self,
+        incoming: IncomingFile,
+        *,
+        source: str,
+        calling_ae: str = "",
+        called_ae: str = "",
+    ) -> IngestResult:
+        """File a completely received :class:`IncomingFile`, as :meth:`ingest` files bytes:
+        return only once the file and its rows are durable. Raises InvalidDicom or StorageFull
+        (also for a write that failed for want of space) or OSError; then the file is gone."""
+        try:
+            if incoming.error is not None:
+                if incoming.error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageFull(f"no space left in {self.root}") from incoming.error
+                raise incoming.error
+            incoming.sync()
+            header = read_header(incoming.path)
+            self._check_space(0)  # the file is already on the disk: what is left is free
+            tmp = incoming.path
+            if tmp.name.rsplit(".", 2)[0] != header.sop_instance_uid:
+                # recover() finds a temporary file's row by the UID in its name: name it by the
+                # dataset's UID (the command announced another), durably, before the commit.
+                tmp = self.incoming / f"{header.sop_instance_uid}.{uuid.uuid4().hex}.tmp"
+                os.replace(incoming.path, tmp)
+                _fsync_dir(self.incoming)
+        except BaseException:
+            incoming.discard()
+            raise
+        return self._commit(
+            header,
+            tmp,
+            incoming.size,
+            source=source,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
         )
 
     def ingest_dataset(self, ds: Dataset, *, source: str = "job") -> IngestResult:
@@ -456,6 +605,7 @@ class Archive:
 __all__ = [
     "Archive",
     "Header",
+    "IncomingFile",
     "IngestResult",
     "RecoveryReport",
     "is_valid_uid",
