@@ -96,6 +96,7 @@ class DicomNode:
         for assoc in list(self.ae.active_associations):
             assoc.abort()
         self.ae.shutdown()
+        self.handlers.archive.close()  # its spare files for streamed C-STOREs
         LOGGER.info("DICOM node %s stopped", self.settings.ae_title)
 
     def active_associations(self) -> list[Any]:

@@ -148,7 +148,7 @@ class NodeHandlers:
             implementation_class_uid=str(assoc.acceptor.implementation_class_uid),
             implementation_version_name=str(assoc.acceptor.implementation_version_name or ""),
         )
-        return self.archive.open_incoming(sop_instance_uid, head)
+        return self.archive.open_incoming(head)
 
     @dimse_service("C-STORE")
     def on_store(self, event: evt.Event) -> int:

@@ -103,9 +103,11 @@ class _WaitingSocket(AssociationSocket):
 
 
 StoreSink = Callable[[Any, str, str, str], Any]
-"""``(assoc, sop_class_uid, sop_instance_uid, transfer_syntax_uid)`` -> a writable sink for the
-dataset about to arrive (``write``, ``file.flush``, ``close``, ``discard``, ``name``), or None to
-let pynetdicom gather it in memory as usual."""
+"""``(assoc, sop_class_uid, sop_instance_uid, transfer_syntax_uid)`` -> a sink for the dataset
+about to arrive, or None to let pynetdicom gather it in memory as usual. The sink has what
+pynetdicom writes fragments with (``write``, ``file.flush``, ``close``, ``name``) and ``discard``
+(an abandoned transfer), ``read_ahead`` (called after each fragment but the last) and
+``complete`` (called after the last): :class:`storage.archive.IncomingFile`."""
 
 _STANDARD_LOG_HANDLERS = (
     (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
@@ -204,17 +206,28 @@ def _stream_store_datasets(assoc: Any, open_sink: StoreSink) -> None:
             message._data_set_file = sink
             message._data_set_path = Path(sink.name)
 
+    def feed(primitive: Any, item: Any) -> None:
+        sink = getattr(dimse.message, "_data_set_file", None)
+        receive(primitive)
+        if sink is not None:
+            if item[1][0] & 3 == 2:  # the last fragment of the dataset (PS3.8 E.2)
+                sink.complete()  # flush now, while the handler reads and indexes
+            else:
+                sink.read_ahead()  # the header, while the next fragment is on the wire
+        attach()
+
     def receive_primitive(primitive: Any) -> None:
         items = primitive.presentation_data_value_list
-        if len(items) <= 1:
+        if len(items) == 1:
+            feed(primitive, items[0])
+            return
+        if not items:
             receive(primitive)
-            attach()
             return
         for item in items:
             single = P_DATA()
             single.presentation_data_value_list = [item]
-            receive(single)
-            attach()
+            feed(single, item)
 
     dimse.receive_primitive = receive_primitive
 

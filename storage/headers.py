@@ -1,0 +1,291 @@
+"""Reading what the index keeps from a Part 10 file's header, without its pixel data.
+
+:func:`read_header` is the one place that turns a file's first bytes into a
+:class:`storage.indexer.Header` and judges its UIDs (PS3.5 9.1). It has two readers:
+
+- a direct scan of the elements (:mod:`storage.dicomscan`) for the common case: Little Endian
+  transfer syntaxes, ASCII values; ~10x faster than a pydicom Dataset, which matters on the
+  C-STORE path (bench/bench_cstore.py);
+- pydicom (``dcmread(stop_before_pixels=True)``) for everything else: other character sets,
+  Big Endian, deflated datasets, anything the scan is not sure of.
+
+tests/storage/test_headers.py checks that both give the same header.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from core.errors import InvalidDicom
+from storage import dicomscan
+from storage.indexer import Header
+from storage.models import Base, Patient, Series, Study
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_U16 = struct.Struct("<H")
+
+
+def is_valid_uid(value: str) -> bool:
+    """PS3.5 9.1: digits in dot-separated components, none empty, at most 64 characters.
+
+    Leading zeros inside a component are tolerated (real devices send them); anything else
+    (slashes, ``..``, letters, spaces) is refused, so a UID can never leave its folder.
+    """
+    return 0 < len(value) <= 64 and _UID.match(value) is not None
+
+
+# Keyword -> column, per table. Values are only ever overwritten by a non-empty new value.
+PATIENT_ATTRIBUTES = {
+    "PatientName": "patient_name",
+    "PatientBirthDate": "patient_birth_date",
+    "PatientSex": "patient_sex",
+}
+STUDY_ATTRIBUTES = {
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "AccessionNumber": "accession_number",
+    "StudyID": "study_id",
+    "StudyDescription": "study_description",
+    "ReferringPhysicianName": "referring_physician_name",
+}
+SERIES_ATTRIBUTES = {
+    "Modality": "modality",
+    "SeriesDescription": "series_description",
+    "BodyPartExamined": "body_part_examined",
+    "SeriesDate": "series_date",
+    "SeriesTime": "series_time",
+    "FrameOfReferenceUID": "frame_of_reference_uid",
+}
+SERIES_INT_ATTRIBUTES = {"SeriesNumber": "series_number"}
+INSTANCE_INT_ATTRIBUTES = {
+    "InstanceNumber": "instance_number",
+    "Rows": "rows",
+    "Columns": "columns",
+    "NumberOfFrames": "number_of_frames",
+}
+
+
+def _raw(ds: Dataset, keyword: str) -> Any:
+    """The element's value as read: bytes while pydicom has not converted it yet."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    return None if elem is None else elem.value
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A text value. ASCII values are taken straight from the raw bytes (pydicom's conversion
+    cost more than the rest of the header parse); others are decoded by pydicom with the
+    dataset's Specific Character Set. Multiple values stay backslash-separated."""
+    raw = _raw(ds, keyword)
+    if raw is None:
+        return ""
+    if isinstance(raw, bytes) and raw.isascii():
+        return raw.decode("ascii").strip("\x00 ")
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list):
+        return "\\".join(str(v) for v in value).strip("\x00 ")
+    return str(value).strip("\x00 ")
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """The value as sent, without pydicom's value validation (hostile UIDs are ours to judge)."""
+    raw = _raw(ds, keyword)
+    if raw is None:
+        return ""
+    if isinstance(raw, bytes):
+        return raw.decode("ascii", errors="replace").strip("\x00 ")
+    return str(raw).strip("\x00 ")
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        raw = _raw(ds, keyword)
+        if isinstance(raw, bytes) and pydicom.datadict.dictionary_VR(keyword) == "IS":
+            return int(raw.decode("ascii").strip("\x00 ")) if raw.strip(b"\x00 ") else None
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def fit_column(model: type[Base], column: str, value: str) -> str:
+    """Cut a value to its column's length: PostgreSQL refuses what SQLite would store."""
+    length = getattr(model.__table__.c[column].type, "length", None)
+    return value[:length] if length else value
+
+
+_UID_KEYWORDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
+_TEXT_KEYWORDS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    *PATIENT_ATTRIBUTES,
+    *STUDY_ATTRIBUTES,
+    *SERIES_ATTRIBUTES,
+)
+_INT_KEYWORDS = (*SERIES_INT_ATTRIBUTES, *INSTANCE_INT_ATTRIBUTES)
+_TAGS = {
+    keyword: int(pydicom.datadict.tag_for_keyword(keyword))  # type: ignore[arg-type]
+    for keyword in (*_UID_KEYWORDS, *_TEXT_KEYWORDS, *_INT_KEYWORDS)
+}
+_WANTED = frozenset(_TAGS.values())
+_US_KEYWORDS = frozenset(k for k in _INT_KEYWORDS if pydicom.datadict.dictionary_VR(k) == "US")
+SCAN_BYTES = 1 << 18
+"""How much of a file :func:`read_header` reads to scan; the rest only when pydicom must."""
+
+
+def _build(
+    uid: Callable[[str], str],
+    text: Callable[[str], str],
+    integer: Callable[[str], int | None],
+    transfer_syntax: str,
+) -> Header:
+    """The header from a reader's values; the UIDs judged (PS3.5 9.1), texts fit their columns."""
+    uids = {keyword: uid(keyword) for keyword in _UID_KEYWORDS}
+    for keyword, value in uids.items():
+        if not value:
+            raise InvalidDicom(f"{keyword} is missing")
+        if not is_valid_uid(value):
+            raise InvalidDicom(f"{keyword} {value[:80]!r} is not a valid UID (PS3.5 9.1)")
+    header = Header(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=transfer_syntax if is_valid_uid(transfer_syntax) else "",
+    )
+    header.patient = {
+        "patient_id": fit_column(Patient, "patient_id", text("PatientID")),
+        "issuer_of_patient_id": fit_column(
+            Patient, "issuer_of_patient_id", text("IssuerOfPatientID")
+        ),
+    }
+    header.patient |= {c: fit_column(Patient, c, text(k)) for k, c in PATIENT_ATTRIBUTES.items()}
+    header.study = {c: fit_column(Study, c, text(k)) for k, c in STUDY_ATTRIBUTES.items()}
+    header.series = {c: fit_column(Series, c, text(k)) for k, c in SERIES_ATTRIBUTES.items()}
+    header.series |= {c: integer(k) for k, c in SERIES_INT_ATTRIBUTES.items()}
+    header.instance = {c: integer(k) for k, c in INSTANCE_INT_ATTRIBUTES.items()}
+    return header
+
+
+def _scanned_header(data: bytes, *, complete: bool) -> Header | None:
+    """The header by :func:`storage.dicomscan.scan`; None when the bytes end too soon.
+    Raises NotSure (pydicom must read it) or InvalidDicom (bad UIDs)."""
+    found = dicomscan.scan(data, _WANTED, complete=complete)
+    if found is None:
+        return None
+    transfer_syntax, elements = found
+    values: dict[str, bytes] = {}
+    for keyword, tag in _TAGS.items():
+        element = elements.get(tag)
+        if element is None:
+            continue
+        if not element.value.isascii():
+            raise dicomscan.NotSure(f"{keyword} is not ASCII: its character set decides")
+        if keyword in _US_KEYWORDS and element.vr not in (None, b"US", b"UN"):
+            raise dicomscan.NotSure(f"{keyword} has VR {element.vr!r}")
+        values[keyword] = element.value
+
+    def text(keyword: str) -> str:
+        return values.get(keyword, b"").decode("ascii").strip("\x00 ")
+
+    def integer(keyword: str) -> int | None:
+        raw = values.get(keyword)
+        if raw is None:
+            return None
+        if keyword in _US_KEYWORDS:
+            if len(raw) == 2:
+                return int(_U16.unpack(raw)[0])
+            if not raw:
+                return None
+            raise dicomscan.NotSure(f"{keyword} holds {len(raw)} bytes")
+        try:
+            return int(raw.decode("ascii").strip("\x00 ")) if raw.strip(b"\x00 ") else None
+        except ValueError:
+            return None
+
+    return _build(text, text, integer, transfer_syntax)
+
+
+def _dataset_header(source: Any) -> Header:
+    """The header by pydicom."""
+    try:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types on bad bytes
+        raise InvalidDicom(f"not a readable DICOM Part 10 file: {exc}") from exc
+    try:
+        transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "").strip("\x00 ")
+        return _build(
+            lambda k: _raw_text(ds, k),
+            lambda k: _text(ds, k),
+            lambda k: _int(ds, k),
+            transfer_syntax,
+        )
+    except InvalidDicom:
+        raise
+    except Exception as exc:  # a value that cannot be decoded
+        raise InvalidDicom(f"unreadable header: {exc}") from exc
+
+
+def read_header(data: bytes | bytearray | Path | BinaryIO) -> Header:
+    """Parse a Part 10 file's header (no pixel data) and check its UIDs, or raise InvalidDicom.
+
+    The direct scan answers when it is sure; pydicom reads the rest (module docstring)."""
+    if isinstance(data, bytes | bytearray | Path):
+        if isinstance(data, Path):
+            try:
+                with open(data, "rb") as handle:
+                    prefix = handle.read(SCAN_BYTES)
+            except OSError as exc:
+                raise InvalidDicom(f"cannot read {data.name}: {exc}") from exc
+            complete = len(prefix) < SCAN_BYTES
+        else:
+            prefix, complete = bytes(data), True
+        try:
+            header = _scanned_header(prefix, complete=complete)
+            if header is not None:
+                return header
+        except dicomscan.NotSure:
+            pass
+        if complete and not isinstance(data, Path):
+            return _dataset_header(io.BytesIO(prefix))
+    return _dataset_header(data)
+
+
+# Where stop_before_pixels stops (pydicom: Pixel Data, Float and Double Float Pixel Data),
+# encoded little and big endian.
+_PIXEL_TAGS = frozenset(
+    struct.pack(order, 0x7FE0, element)
+    for order in ("<HH", ">HH")
+    for element in (0x0010, 0x0008, 0x0009)
+)
+
+
+def header_from_prefix(prefix: bytes) -> Header | None:
+    """The header, from the first bytes of a Part 10 file, when they hold it; None when they
+    end too soon (pydicom would return what it read so far, a header missing the rest)."""
+    try:
+        return _scanned_header(prefix, complete=False)
+    except dicomscan.NotSure:
+        pass
+    except InvalidDicom:
+        return None  # the whole file decides
+    stream = io.BytesIO(prefix)
+    try:
+        header = _dataset_header(stream)
+    except InvalidDicom:
+        return None  # perhaps only cut short: the whole file decides
+    end = stream.tell()
+    return header if prefix[end : end + 4] in _PIXEL_TAGS else None

@@ -1,0 +1,217 @@
+"""Files being received into the archive's ``.incoming`` folder, and spare ones made ahead."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from storage.headers import Header, header_from_prefix, read_header
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None: it starts writeback of a range without
+    waiting for it, so that a later fsync has less left to wait for."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+HEAD_BYTES = 1 << 18
+"""An incoming file keeps its first bytes in memory, to read the header from (CT, MR and the
+like carry it in their first few KiB)."""
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class IncomingFile:
+    """A Part 10 file being received into the archive's ``.incoming`` folder.
+
+    Made by :meth:`Archive.open_incoming` with its head (preamble and File Meta Information)
+    already written; the receiver appends the dataset's fragments with :meth:`write` as they
+    arrive, and :meth:`Archive.ingest_incoming` files it once complete. ``write`` never raises:
+    the receiving thread must not die of a full disk; the first error is kept in :attr:`error`
+    and reported by ``ingest_incoming``, and what follows it is not written.
+
+    It has the parts of a file object that pynetdicom's chunked C-STORE reception uses (``write``,
+    ``file.flush``, ``close``, ``name``): pynetdicom deletes ``name`` after the C-STORE handler,
+    which is a no-op once the file was moved into place or discarded.
+    """
+
+    def __init__(self, path: Path, head: bytes, *, fsync: bool, fd: int | None = None) -> None:
+        self.path = path
+        self.name = str(path)
+        self.size = 0
+        self.error: OSError | None = None
+        self._fsync = fsync
+        self._lock = threading.Lock()  # the receiving thread writes, another may discard
+        self._synced = False
+        self._head = bytearray()  # the first HEAD_BYTES written, to read the header from
+        self._header: Header | None = None
+        self._head_tried = False
+        self._fd: int | None = fd if fd is not None else create_new(path)
+        self.write(head)
+        if self.error is not None:
+            self.discard()
+            raise self.error
+
+    @property
+    def file(self) -> IncomingFile:
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        with self._lock:
+            if self._fd is None or self.error is not None:
+                return 0
+            start = self.size
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self.error = exc
+                return 0
+            self.size += len(data)
+            if len(self._head) < HEAD_BYTES:
+                self._head += memoryview(data)[: HEAD_BYTES - len(self._head)]
+            if self._fsync and _SYNC_FILE_RANGE is not None:
+                _SYNC_FILE_RANGE(self._fd, start, len(data), _SYNC_FILE_RANGE_WRITE)
+            return len(data)
+
+    def flush(self) -> None:
+        """Writes go straight to the file; nothing is buffered."""
+
+    def read_ahead(self) -> None:
+        """Read the header as soon as the bytes written hold it: the receiver calls this
+        between fragments, so the handler does not wait for it. Never raises."""
+        if self._header is not None or self._head_tried or self.error is not None:
+            return
+        self._header = header_from_prefix(bytes(self._head))
+        self._head_tried = self._header is None and len(self._head) >= HEAD_BYTES
+
+    def header(self) -> Header:
+        """The header (read ahead, or now: from memory when the whole file is there, else
+        from the file). Raises InvalidDicom."""
+        if self._header is None:
+            whole = self.size == len(self._head)
+            self._header = read_header(bytes(self._head) if whole else self.path)
+        return self._header
+
+    def complete(self) -> None:
+        """The receiver wrote the last byte: start making the file durable now, in the
+        receiving thread, while the handler reads the header and commits the rows."""
+        with self._lock:
+            if self._fd is not None and not self._synced and self.error is None and self._fsync:
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:
+                    self.error = exc
+            self._synced = True
+
+    def sync(self) -> None:
+        """Make the written bytes durable (with the archive's ``fsync``; waits for a
+        :meth:`complete` under way), then close; raises the first write or fsync error."""
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"{self.path.name} is closed")
+            try:
+                if self.error is None and not self._synced and self._fsync:
+                    os.fsync(self._fd)
+                self._synced = True
+            except OSError as exc:
+                self.error = self.error or exc
+            finally:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def discard(self) -> None:
+        """Close and delete: the transfer was refused, failed or abandoned."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def create_new(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
+SPARE_FILES = 2
+"""Empty temporary files kept ready for :meth:`Archive.open_incoming`."""
+
+
+class SpareFiles:
+    """Empty files in ``.incoming``, made ahead by a daemon thread (started on first use)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._ready: list[tuple[Path, int]] = []
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def take(self) -> tuple[Path, int] | None:
+        with self._lock:
+            if self._closed:
+                return None
+            spare = self._ready.pop() if self._ready else None
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="archive-spare-files", daemon=True
+                )
+                self._thread.start()
+        self._wanted.set()
+        return spare
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if len(self._ready) >= SPARE_FILES:
+                        break
+                path = self.folder / f"{uuid.uuid4().hex}.tmp"
+                try:
+                    fd = create_new(path)
+                except OSError:
+                    LOGGER.warning("cannot make a spare file in %s", self.folder, exc_info=True)
+                    break
+                with self._lock:
+                    if self._closed:
+                        os.close(fd)
+                        path.unlink(missing_ok=True)
+                        return
+                    self._ready.append((path, fd))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        self._wanted.set()
+        for path, fd in ready:
+            os.close(fd)
+            path.unlink(missing_ok=True)
