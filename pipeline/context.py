@@ -45,6 +45,7 @@ class NodeContext:
         if cache is not None:
             cache.stop()
             cache.clear()
+        self.archive.close()
         self.engine_sql.dispose()
 
 

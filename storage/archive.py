@@ -167,8 +167,10 @@ class Archive:
         return IncomingFile(self.incoming / f"{uuid.uuid4().hex}.tmp", head, fsync=self.fsync)
 
     def close(self) -> None:
-        """Delete the spare temporary files and stop making them (the node's shutdown)."""
+        """Delete the spare temporary files and stop making them, and give the index writer's
+        connection back (the node's shutdown). The archive still works afterwards."""
         self._spares.close()
+        self._indexer.close()
 
     def ingest_incoming(
         self,

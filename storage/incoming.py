@@ -28,7 +28,7 @@ def _load_sync_file_range() -> Any:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
-HEAD_BYTES = 1 << 18
+HEAD_BYTES = 1 << 16
 """An incoming file keeps its first bytes in memory, to read the header from (CT, MR and the
 like carry it in their first few KiB)."""
 _SYNC_FILE_RANGE_WRITE = 2
