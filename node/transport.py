@@ -169,7 +169,7 @@ def _fast_store_responses(assoc: Any) -> None:
             max_pdu = dimse.maximum_pdu_size
             if not max_pdu or len(command) + 6 <= max_pdu:
                 pdata = P_DATA()
-                pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]
+                pdata.presentation_data_value_list = [(context_id, b"\x03" + command)]
                 dimse.dul.send_pdu(pdata)
                 return
         send(primitive, context_id)
@@ -187,6 +187,7 @@ def _stream_store_datasets(assoc: Any, open_sink: StoreSink) -> None:
         if (
             type(message) is not C_STORE_RQ
             or message._data_set_file is not None
+            or message.data_set is None
             or message.data_set.tell() != 0
         ):
             return

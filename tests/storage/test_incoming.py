@@ -1,0 +1,205 @@
+"""Files received in fragments (Archive.open_incoming / ingest_incoming): a full disk, a flush that
+fails after the rows committed, and recovery of what a crash left in ``.incoming``."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import InvalidDicom, StorageFull
+from storage import archive as archive_module
+from storage import incoming as incoming_module
+from storage.archive import Archive, IncomingFile
+from storage.models import Instance
+
+
+def _receive(archive: Archive, data: bytes, *, fragment: int = 4096) -> IncomingFile:
+    """What the DIMSE receiver does: the head first, then the dataset in fragments."""
+    split = 132 + 12 + int.from_bytes(data[140:144], "little")  # after the File Meta group
+    incoming = archive.open_incoming(data[:split])
+    for start in range(split, len(data), fragment):
+        incoming.write(data[start : start + fragment])
+        incoming.read_ahead()
+    incoming.complete()
+    return incoming
+
+
+def _rows(sessions: sessionmaker[Session]) -> list[Instance]:
+    with sessions() as session:
+        return list(session.scalars(select(Instance)))
+
+
+def _data_files(archive: Archive) -> list[Path]:
+    return [p for p in archive.root.rglob("*") if p.is_file() and p.stat().st_size > 0]
+
+
+def test_a_received_instance_is_filed_like_an_ingested_one(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    data = make_instance(size=64)
+    result = archive.ingest_incoming(_receive(archive, data), source="dimse", calling_ae="CT1")
+    assert result.path.read_bytes() == data
+    (row,) = _rows(index_sessions)
+    assert (row.sop_instance_uid, row.size_bytes, row.calling_ae) == (
+        result.sop_instance_uid,
+        len(data),
+        "CT1",
+    )
+    archive.close()  # the spare files made meanwhile go too
+    assert list(archive.incoming.iterdir()) == []
+
+
+def test_spare_files_are_made_ahead_and_used(archive: Archive) -> None:
+    first = archive.open_incoming(b"x")
+    deadline = time.monotonic() + 5
+    while len(list(archive.incoming.iterdir())) < 1 + incoming_module.SPARE_FILES:
+        assert time.monotonic() < deadline, "no spare files were made"
+        time.sleep(0.01)
+    spares = {p for p in archive.incoming.iterdir() if p != first.path}
+    second = archive.open_incoming(b"y")
+    assert second.path in spares
+    first.discard()
+    second.discard()
+    archive.close()
+    assert list(archive.incoming.iterdir()) == []
+    third = archive.open_incoming(b"z")  # still works once closed, without spares
+    third.discard()
+
+
+def test_a_disk_that_fills_up_during_the_transfer_refuses_it_and_keeps_nothing(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    data = make_instance(size=64)
+    incoming = archive.open_incoming(data[:200])
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, incoming._fd)  # type: ignore[arg-type]  # from now on: ENOSPC
+    finally:
+        os.close(full)
+    assert incoming.write(data[200:]) == 0  # the receiving thread is not interrupted
+    assert incoming.error is not None and incoming.error.errno == errno.ENOSPC
+    with pytest.raises(StorageFull):
+        archive.ingest_incoming(incoming, source="dimse")
+    assert not incoming.path.exists()
+    assert _rows(index_sessions) == []
+
+
+def test_unreadable_data_is_refused_and_deleted(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    data = make_instance(size=64)
+    incoming = archive.open_incoming(data[:200])
+    incoming.write(b"\xff" * 500)  # not elements
+    incoming.complete()
+    with pytest.raises(InvalidDicom):
+        archive.ingest_incoming(incoming, source="dimse")
+    assert not incoming.path.exists()
+    assert _rows(index_sessions) == []
+
+
+def _failing_flush(incoming: IncomingFile) -> None:
+    def sync() -> None:
+        incoming.close()
+        raise OSError(errno.EIO, "Input/output error")
+
+    incoming.sync = sync  # type: ignore[method-assign]
+
+
+def test_a_flush_that_fails_after_the_commit_takes_the_new_row_back(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    incoming = _receive(archive, make_instance(size=64))
+    _failing_flush(incoming)
+    with pytest.raises(OSError, match="Input/output"):
+        archive.ingest_incoming(incoming, source="dimse")
+    assert _rows(index_sessions) == []
+    assert _data_files(archive) == []
+
+
+def test_a_flush_that_fails_for_a_resent_instance_keeps_the_copy_in_place(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "sop_uid": generate_uid()}
+    older = make_instance(**uids, InstanceNumber=1)
+    kept = archive.ingest(older, source="dimse")
+    incoming = _receive(archive, make_instance(**uids, InstanceNumber=2, size=8))
+    _failing_flush(incoming)
+    with pytest.raises(OSError):
+        archive.ingest_incoming(incoming, source="dimse")
+    (row,) = _rows(index_sessions)
+    assert (row.instance_number, row.size_bytes) == (1, len(older))
+    assert kept.path.read_bytes() == older
+    assert _data_files(archive) == [kept.path]
+
+
+def test_recover_completes_a_streamed_file_whose_row_committed(
+    archive: Archive,
+    index_sessions: sessionmaker[Session],
+    make_instance: Callable[..., bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = make_instance(size=64)
+
+    def crash(*_args: object) -> None:
+        raise KeyboardInterrupt("killed between the commit and the rename")
+
+    incoming = _receive(archive, data)
+    monkeypatch.setattr(archive_module.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        archive.ingest_incoming(incoming, source="dimse")
+    monkeypatch.undo()
+    archive.close()  # the spares, as a stopped process leaves none that matter
+    assert [p.name.count(".") for p in archive.incoming.iterdir()] == [1]  # "<random>.tmp"
+
+    report = archive.recover()
+    assert (report.completed, report.dropped) == (1, 0)
+    (row,) = _rows(index_sessions)
+    assert archive.path_for(row).read_bytes() == data
+    assert list(archive.incoming.iterdir()) == []
+
+
+@pytest.mark.parametrize("resent", [False, True])
+def test_recover_drops_a_file_cut_short_whose_row_committed(
+    archive: Archive,
+    index_sessions: sessionmaker[Session],
+    make_instance: Callable[..., bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    resent: bool,
+) -> None:
+    """A power loss after the rows committed but before the file's flush ended: the instance was
+    never acknowledged; the short file goes, and the row goes or describes the copy in place."""
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "sop_uid": generate_uid()}
+    older = make_instance(**uids, InstanceNumber=1)
+    if resent:
+        archive.ingest(older, source="dimse")
+    newer = make_instance(**uids, InstanceNumber=2, size=32)
+    incoming = _receive(archive, newer)
+    monkeypatch.setattr(
+        archive_module.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt())
+    )
+    with pytest.raises(KeyboardInterrupt):
+        archive.ingest_incoming(incoming, source="dimse")
+    monkeypatch.undo()
+    archive.close()
+    os.truncate(incoming.path, len(newer) - 100)  # what the disk kept of it
+    (archive.incoming / "0123abcd.tmp").touch()  # and an empty spare
+
+    report = archive.recover()
+    assert (report.completed, report.dropped) == (0, 2)
+    assert list(archive.incoming.iterdir()) == []
+    rows = _rows(index_sessions)
+    if resent:
+        (row,) = rows
+        assert (row.instance_number, row.size_bytes) == (1, len(older))
+        assert archive.path_for(row).read_bytes() == older
+    else:
+        assert rows == []
+        assert _data_files(archive) == []
