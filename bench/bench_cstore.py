@@ -7,13 +7,17 @@ Each round sends ``--count`` CT instances of 512x512 (int16, ~0.5 MB each) with 
 
 (a) a bare pynetdicom storage SCP that only writes the received bytes
     (``event.encoded_dataset()`` to a file), with the node's maximum PDU, and
-(b) the node's AE (:class:`node.ae.DicomNode`) with the full ingest: header parse, temporary
-    file, fsync, index rows in SQLite, rename; its associations are event driven
-    (node/transport.py); the node with pynetdicom's polling associations is measured too;
+(b) the node's AE (:class:`node.ae.DicomNode`) with the full, durable ingest: the dataset
+    streams into a temporary file as it arrives, its header is read, the file is fsynced while
+    the index rows commit in SQLite (``synchronous=FULL``), then it is renamed into place
+    (node/transport.py, storage/incoming.py); the node with pynetdicom's plain associations
+    (polling, the dataset gathered in memory, then :meth:`Archive.ingest`) is measured too;
 
 then the same with 4 associations at once (4 storescu processes, a quarter of the files each).
 It prints instances per second and the ratio node / bare for each. Targets (issue 6): ratio at
-least 0.9 and at least 180 instances/s on the 2-core machines.
+least 0.9 and at least 180 instances/s on the 2-core machines. Every run starts with
+``os.sync()``, so that no run pays for the writeback of the one before (the bare SCP leaves its
+0.5 GB in the page cache).
 """
 
 from __future__ import annotations
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"node (full ingest) {node:7.1f} inst/s | ratio {node / bare:.2f}"
             )
         print(
-            f"  node with pynetdicom's polling associations (1 association): "
+            f"  node with pynetdicom's plain associations (1 association):   "
             f"{med['polling1']:7.1f} inst/s | ratio {med['polling1'] / med['bare1']:.2f}"
         )
         print(

@@ -169,7 +169,10 @@ def _fast_store_responses(assoc: Any) -> None:
             max_pdu = dimse.maximum_pdu_size
             if not max_pdu or len(command) + 6 <= max_pdu:
                 pdata = P_DATA()
-                pdata.presentation_data_value_list = [(context_id, b"\x03" + command)]
+                # pynetdicom's setter wants [ID, PDV] lists (its annotation says tuples)
+                pdata.presentation_data_value_list = [
+                    [context_id, b"\x03" + command]  # type: ignore[list-item]
+                ]
                 dimse.dul.send_pdu(pdata)
                 return
         send(primitive, context_id)
