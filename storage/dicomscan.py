@@ -1,15 +1,16 @@
 """A direct scan of a Part 10 file's data elements, for the few values the index keeps.
 
 pydicom builds a Dataset of every element before the pixel data; at ~0.5 ms per CT header that
-was the largest CPU cost of a C-STORE after the protocol itself. The index needs ~25 values, all
-in groups 0008-0028, so this scan walks the element headers (PS3.5 7.1), keeps the raw bytes of
-the wanted tags and stops at the first tag past the last one wanted. Sequences of undefined
+was the largest CPU cost of a C-STORE after the protocol itself. The index needs ~25 top-level
+values, so this scan walks the element headers (PS3.5 7.1) up to the pixel data, where pydicom's
+``stop_before_pixels`` stops, keeping the raw bytes of the wanted tags. Sequences of undefined
 length are stepped over item by item (PS3.5 7.5).
 
 It only answers when it is sure. :class:`NotSure` (Big Endian or deflated transfer syntaxes,
 a wanted element of undefined length, tags out of order, malformed lengths...) sends the caller
 to pydicom; ``None`` says the bytes given end before the scan could finish (a prefix of a file
-still arriving).
+still arriving); :class:`Truncated` says a whole file ends inside an element (pydicom would
+quietly keep the part of the value it found).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class NotSure(Exception):
     """The scan cannot vouch for its answer: read the file with pydicom."""
 
 
+class Truncated(ValueError):
+    """A whole file ends inside an element of its header."""
+
+
 class _Short(Exception):
     """The bytes end inside an element."""
 
@@ -60,8 +65,9 @@ def scan(
     """The transfer syntax and the wanted elements (``group << 16 | element``) of a Part 10
     file whose first bytes are ``data`` (all of it when ``complete``).
 
-    Returns None when ``data`` is not complete and ends before the last wanted tag was passed.
-    Raises :class:`NotSure` when pydicom should decide."""
+    Returns None when ``data`` is not complete and ends before the pixel data. Raises
+    :class:`NotSure` when pydicom should decide, :class:`Truncated` for a complete ``data`` that
+    ends inside an element."""
     try:
         if data[128:132] != b"DICM":
             raise NotSure("no DICM prefix")
@@ -69,10 +75,10 @@ def scan(
         if not transfer_syntax or transfer_syntax in _NOT_LITTLE_ENDIAN_EXPLICIT:
             raise NotSure(f"transfer syntax {transfer_syntax!r}")
         implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-        return transfer_syntax, _dataset(data, pos, implicit, wanted, max(wanted), complete)
+        return transfer_syntax, _dataset(data, pos, implicit, wanted, complete)
     except _Short:
         if complete:
-            raise NotSure("the file ends inside an element") from None
+            raise Truncated("the file ends inside an element of its header") from None
         return None
     except (struct.error, IndexError, UnicodeDecodeError) as exc:
         raise NotSure(str(exc)) from exc
@@ -113,8 +119,12 @@ def _explicit_length(data: bytes, pos: int) -> tuple[int, int]:
     return pos + 8, _U16.unpack_from(data, pos + 6)[0]
 
 
+# Where pydicom's stop_before_pixels stops: (Float, Double Float) Pixel Data.
+_PIXEL_DATA = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+
+
 def _dataset(
-    data: bytes, pos: int, implicit: bool, wanted: frozenset[int], last: int, complete: bool
+    data: bytes, pos: int, implicit: bool, wanted: frozenset[int], complete: bool
 ) -> dict[int, Element]:
     found: dict[int, Element] = {}
     previous = -1
@@ -124,7 +134,7 @@ def _dataset(
             raise _Short
         group, element = _TAG.unpack_from(data, pos)
         tag = group << 16 | element
-        if tag > last:
+        if tag in _PIXEL_DATA:
             return found
         if tag <= previous:
             raise NotSure(f"tag ({group:04X},{element:04X}) out of order")
@@ -148,7 +158,7 @@ def _dataset(
             found[tag] = Element(vr, data[value_pos : value_pos + length])
         pos = value_pos + length
     if not complete:
-        raise _Short
+        raise _Short  # the pixel data, or more elements, may follow
     return found
 
 

@@ -74,6 +74,12 @@ INSTANCE_INT_ATTRIBUTES = {
 }
 
 
+def _plain_ascii(raw: bytes) -> bool:
+    """ASCII with no ISO 2022 escape sequence: text whatever the Specific Character Set (an
+    escape switches to another character set, e.g. ISO 2022 IR 87, in 7-bit bytes)."""
+    return raw.isascii() and b"\x1b" not in raw
+
+
 def _raw(ds: Dataset, keyword: str) -> Any:
     """The element's value as read: bytes while pydicom has not converted it yet."""
     tag = pydicom.datadict.tag_for_keyword(keyword)
@@ -90,7 +96,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     raw = _raw(ds, keyword)
     if raw is None:
         return ""
-    if isinstance(raw, bytes) and raw.isascii():
+    if isinstance(raw, bytes) and _plain_ascii(raw):
         return raw.decode("ascii").strip("\x00 ")
     value = ds.get(keyword)
     if value is None:
@@ -192,8 +198,8 @@ def _scanned_header(data: bytes, *, complete: bool) -> Header | None:
         element = elements.get(tag)
         if element is None:
             continue
-        if not element.value.isascii():
-            raise dicomscan.NotSure(f"{keyword} is not ASCII: its character set decides")
+        if not _plain_ascii(element.value):
+            raise dicomscan.NotSure(f"{keyword} is not plain ASCII: its character set decides")
         if keyword in _US_KEYWORDS and element.vr not in (None, b"US", b"UN"):
             raise dicomscan.NotSure(f"{keyword} has VR {element.vr!r}")
         values[keyword] = element.value
@@ -259,6 +265,8 @@ def read_header(data: bytes | bytearray | Path | BinaryIO) -> Header:
                 return header
         except dicomscan.NotSure:
             pass
+        except dicomscan.Truncated as exc:
+            raise InvalidDicom(f"not a readable DICOM Part 10 file: {exc}") from exc
         if complete and not isinstance(data, Path):
             return _dataset_header(io.BytesIO(prefix))
     return _dataset_header(data)

@@ -19,7 +19,7 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 IMPLEMENTATION_CLASS_UID = str(PYDICOM_IMPLEMENTATION_UID)
 """The default writer identity, pydicom's (what ``dcmwrite`` puts); the DIMSE node passes the
 implementation it names in association negotiation (pynetdicom's)."""
-IMPLEMENTATION_VERSION_NAME = f"PYDICOM {pydicom.__version_info__[0]}.{pydicom.__version_info__[1]}"
+IMPLEMENTATION_VERSION_NAME = f"PYDICOM {'.'.join(pydicom.__version_info__)}"
 
 
 def _short(element: int, vr: bytes, value: bytes) -> bytes:
@@ -51,7 +51,8 @@ def file_meta(
     ``source_ae_title`` (0002,0016) names the AE that sent the dataset, when known (PS3.10 7.1).
     Raises ValueError for a value that is not ASCII or too long for its VR.
     """
-    if len(sop_class_uid) > 64 or len(sop_instance_uid) > 64 or len(transfer_syntax_uid) > 64:
+    uids = (sop_class_uid, sop_instance_uid, transfer_syntax_uid, implementation_class_uid)
+    if any(len(uid) > 64 for uid in uids):
         raise ValueError("a UID is longer than 64 characters")
     body = b"".join(
         (
