@@ -119,6 +119,14 @@ def _explicit_length(data: bytes, pos: int) -> tuple[int, int]:
     return pos + 8, _U16.unpack_from(data, pos + 6)[0]
 
 
+def _element(data: bytes, pos: int, implicit: bool) -> tuple[bytes | None, int, int]:
+    """The VR (None in Implicit VR), value position and value length of the element at pos."""
+    if implicit:
+        return None, pos + 8, _U32.unpack_from(data, pos + 4)[0]
+    value_pos, length = _explicit_length(data, pos)
+    return data[pos + 4 : pos + 6], value_pos, length
+
+
 # Where pydicom's stop_before_pixels stops: (Float, Double Float) Pixel Data.
 _PIXEL_DATA = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 
@@ -139,11 +147,7 @@ def _dataset(
         if tag <= previous:
             raise NotSure(f"tag ({group:04X},{element:04X}) out of order")
         previous = tag
-        if implicit:
-            vr, value_pos, length = None, pos + 8, _U32.unpack_from(data, pos + 4)[0]
-        else:
-            vr = data[pos + 4 : pos + 6]
-            value_pos, length = _explicit_length(data, pos)
+        vr, value_pos, length = _element(data, pos, implicit)
         if length == _UNDEFINED:
             if tag in wanted:
                 raise NotSure(f"({group:04X},{element:04X}) has an undefined length")
@@ -190,11 +194,7 @@ def _skip_item_elements(data: bytes, pos: int, implicit: bool) -> int:
         group, element = _TAG.unpack_from(data, pos)
         if group << 16 | element == _ITEM_END:
             return pos + 8
-        if implicit:
-            vr, value_pos, length = None, pos + 8, _U32.unpack_from(data, pos + 4)[0]
-        else:
-            vr = data[pos + 4 : pos + 6]
-            value_pos, length = _explicit_length(data, pos)
+        vr, value_pos, length = _element(data, pos, implicit)
         if length == _UNDEFINED:
             pos = _skip_items(data, value_pos, implicit or vr == b"UN")
         else:

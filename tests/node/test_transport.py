@@ -7,6 +7,7 @@ import io
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -81,6 +82,14 @@ def test_storescu_instance_is_stored_as_sent_with_our_file_meta(
     assert meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID
 
 
+def _associate(port: int, calling: str) -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="NNUNET_NODE", evt_handlers=NODELAY_HANDLERS)
+    assert assoc.is_established
+    return assoc
+
+
 def _incoming_with_data(archive: Archive) -> list[Path]:
     return [p for p in archive.incoming.iterdir() if p.stat().st_size > 0]
 
@@ -101,12 +110,7 @@ def test_an_aborted_transfer_leaves_no_file_no_row_and_no_open_file(
     start_node: NodeFactory, archive: Archive, sessions: sessionmaker[Session]
 ) -> None:
     node = start_node()
-    ae = AE(ae_title="ABORTER")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate(
-        "127.0.0.1", node.port, ae_title="NNUNET_NODE", evt_handlers=NODELAY_HANDLERS
-    )
-    assert assoc.is_established
+    assoc = _associate(node.port, "ABORTER")
     request = C_STORE()
     request.MessageID = 1
     request.AffectedSOPClassUID = CTImageStorage
@@ -151,12 +155,7 @@ def test_a_command_announcing_another_instance_is_indexed_by_the_dataset_uid(
     Information, written before the dataset arrives, carries the UID the command announced (as
     pynetdicom's own chunked reception does)."""
     node = start_node()
-    ae = AE(ae_title="ODDSCU")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate(
-        "127.0.0.1", node.port, ae_title="NNUNET_NODE", evt_handlers=NODELAY_HANDLERS
-    )
-    assert assoc.is_established
+    assoc = _associate(node.port, "ODDSCU")
     first = pydicom.dcmread(phantom_series[0])
     second = pydicom.dcmread(phantom_series[1], stop_before_pixels=True)
     announced = generate_uid()
