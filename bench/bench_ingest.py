@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from storage.archive import Archive, read_header  # noqa: E402
 from storage.db import make_engine, make_sessionmaker  # noqa: E402
+from storage.headers import read_header_pydicom  # noqa: E402
 from storage.migrations import upgrade  # noqa: E402
 
 
@@ -132,7 +133,13 @@ def main() -> int:
         items = make_instances(args.count, args.size)
         print(f"{len(items[0][3]) / 1024:.0f} KiB each; writing under {base}")
 
-        timed("header parse only (no disk)", items, lambda *i: read_header(i[3]))
+        scan = timed("header: direct scan (no disk)", items, lambda *i: read_header(i[3]))
+        pydicom_rate = timed(
+            "header: pydicom Dataset (no disk)",
+            items,
+            lambda *i: read_header_pydicom(i[3]),
+        )
+        print(f"ratio scan/pydicom: {scan / pydicom_rate:.2f}")
         plain = timed(
             "plain write (temp+fsync+rename)", items, lambda *i: plain_write(base / "plain", *i)
         )

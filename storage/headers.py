@@ -245,6 +245,11 @@ def _dataset_header(source: Any) -> Header:
         raise InvalidDicom(f"unreadable header: {exc}") from exc
 
 
+def read_header_pydicom(data: bytes | Path) -> Header:
+    """The header by pydicom alone (what :func:`read_header` falls back to): for comparisons."""
+    return _dataset_header(io.BytesIO(data) if isinstance(data, bytes) else data)
+
+
 def read_header(data: bytes | bytearray | Path | BinaryIO) -> Header:
     """Parse a Part 10 file's header (no pixel data) and check its UIDs, or raise InvalidDicom.
 
