@@ -213,12 +213,14 @@ def _stream_store_datasets(assoc: Any, open_sink: StoreSink) -> None:
     def feed(primitive: Any, item: Any) -> None:
         sink = getattr(dimse.message, "_data_set_file", None)
         receive(primitive)
-        if sink is not None:
-            if item[1][0] & 3 == 2:  # the last fragment of the dataset (PS3.8 E.2)
+        control = item[1][0]  # the Message Control Header (PS3.8 E.2)
+        if control & 1:  # a command fragment: once complete, a dataset may follow
+            attach()
+        elif sink is not None and hasattr(sink, "read_ahead"):  # ours, not pynetdicom's own
+            if control & 2:  # the last fragment of the dataset
                 sink.complete()  # flush now, while the handler reads and indexes
             else:
                 sink.read_ahead()  # the header, while the next fragment is on the wire
-        attach()
 
     def receive_primitive(primitive: Any) -> None:
         items = primitive.presentation_data_value_list

@@ -9,8 +9,9 @@ done once :meth:`Archive.recover` has run at the next start:
 
 1. Parse the header and check the four UIDs (PS3.5 9.1), then the free-space floor. Refusals leave
    no file and no row.
-2. Write the bytes to ``<root>/.incoming/<SOPInstanceUID>.<random>.tmp`` and fsync it (and the
-   folder, with ``fsync_folders``). Crash here: the temporary file has no row, ``recover``
+2. Write the bytes to ``<root>/.incoming/<SOPInstanceUID>.<random>.tmp`` (streamed ones:
+   ``<random>.tmp``; ``recover`` goes by the header inside) and fsync it (and the folder, with
+   ``fsync_folders``). Crash here: the temporary file has no row, ``recover``
    deletes it.
 3. In ONE transaction upsert the patient, study, series and instance rows; commit (SQLite
    ``synchronous=FULL``: the row is durable, storage/db.py). Crash after the commit: the row
@@ -55,7 +56,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import InvalidDicom, StorageFull
 from storage.db import make_read_sessionmaker
 from storage.headers import fit_column, is_valid_uid, read_header
-from storage.incoming import IncomingFile, SpareFiles
+from storage.incoming import IncomingFile, SpareFiles, new_temp
 from storage.indexer import Header, Indexer
 from storage.models import Instance
 
@@ -163,10 +164,8 @@ class Archive:
         The file was made beforehand when it could be (:data:`SPARE_FILES` are kept ready by a
         background thread): creating a file waits for the filesystem journal, which is busy
         committing the previous instance just then (~1.5 ms per instance here)."""
-        spare = self._spares.take()
-        if spare is not None:
-            return IncomingFile(spare[0], head, fsync=self.fsync, fd=spare[1])
-        return IncomingFile(self.incoming / f"{uuid.uuid4().hex}.tmp", head, fsync=self.fsync)
+        path, fd = self._spares.take() or new_temp(self.incoming)
+        return IncomingFile(path, fd, head, fsync=self.fsync)
 
     def close(self) -> None:
         """Delete the spare temporary files and stop making them, and give the index writer's
@@ -254,7 +253,8 @@ class Archive:
                 header: Header | None = read_header(tmp)
             except InvalidDicom:
                 header = None
-            sop = header.sop_instance_uid if header else tmp.name.split(".tmp")[0].rsplit(".", 1)[0]
+            # Unreadable: the name may still say whose it was ("<SOPInstanceUID>.<random>.tmp").
+            sop = header.sop_instance_uid if header else tmp.name.rsplit(".", 2)[0]
             with self.session_factory() as session:
                 row = (
                     session.scalars(select(Instance).filter_by(sop_instance_uid=sop)).one_or_none()

@@ -127,8 +127,8 @@ def _element(data: bytes, pos: int, implicit: bool) -> tuple[bytes | None, int, 
     return data[pos + 4 : pos + 6], value_pos, length
 
 
-# Where pydicom's stop_before_pixels stops: (Float, Double Float) Pixel Data.
-_PIXEL_DATA = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+PIXEL_DATA_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+"""Where pydicom's stop_before_pixels stops: (Float, Double Float) Pixel Data."""
 
 
 def _dataset(
@@ -142,7 +142,7 @@ def _dataset(
             raise _Short
         group, element = _TAG.unpack_from(data, pos)
         tag = group << 16 | element
-        if tag in _PIXEL_DATA:
+        if tag in PIXEL_DATA_TAGS:
             return found
         if tag <= previous:
             raise NotSure(f"tag ({group:04X},{element:04X}) out of order")

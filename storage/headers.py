@@ -225,8 +225,9 @@ def _scanned_header(data: bytes, *, complete: bool) -> Header | None:
     return _build(text, text, integer, transfer_syntax)
 
 
-def _dataset_header(source: Any) -> Header:
-    """The header by pydicom."""
+def read_header_pydicom(data: bytes | bytearray | Path | BinaryIO) -> Header:
+    """The header by pydicom alone: what :func:`read_header` falls back to."""
+    source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     try:
         ds = pydicom.dcmread(source, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many types on bad bytes
@@ -245,44 +246,38 @@ def _dataset_header(source: Any) -> Header:
         raise InvalidDicom(f"unreadable header: {exc}") from exc
 
 
-def read_header_pydicom(data: bytes | Path) -> Header:
-    """The header by pydicom alone (what :func:`read_header` falls back to): for comparisons."""
-    return _dataset_header(io.BytesIO(data) if isinstance(data, bytes) else data)
-
-
 def read_header(data: bytes | bytearray | Path | BinaryIO) -> Header:
     """Parse a Part 10 file's header (no pixel data) and check its UIDs, or raise InvalidDicom.
 
     The direct scan answers when it is sure; pydicom reads the rest (module docstring)."""
-    if isinstance(data, bytes | bytearray | Path):
-        if isinstance(data, Path):
-            try:
-                with open(data, "rb") as handle:
-                    prefix = handle.read(SCAN_BYTES)
-            except OSError as exc:
-                raise InvalidDicom(f"cannot read {data.name}: {exc}") from exc
-            complete = len(prefix) < SCAN_BYTES
-        else:
-            prefix, complete = bytes(data), True
+    if isinstance(data, Path):
         try:
-            header = _scanned_header(prefix, complete=complete)
-            if header is not None:
-                return header
-        except dicomscan.NotSure:
-            pass
-        except dicomscan.Truncated as exc:
-            raise InvalidDicom(f"not a readable DICOM Part 10 file: {exc}") from exc
-        if complete and not isinstance(data, Path):
-            return _dataset_header(io.BytesIO(prefix))
-    return _dataset_header(data)
+            with open(data, "rb") as handle:
+                prefix = handle.read(SCAN_BYTES)
+        except OSError as exc:
+            raise InvalidDicom(f"cannot read {data.name}: {exc}") from exc
+        complete = len(prefix) < SCAN_BYTES
+    elif isinstance(data, bytes | bytearray):
+        prefix, complete = bytes(data), True
+    else:
+        return read_header_pydicom(data)
+    try:
+        header = _scanned_header(prefix, complete=complete)
+        if header is not None:
+            return header
+    except dicomscan.NotSure:
+        pass
+    except dicomscan.Truncated as exc:
+        raise InvalidDicom(f"not a readable DICOM Part 10 file: {exc}") from exc
+    # pydicom, on the bytes already read when they are the whole file
+    return read_header_pydicom(prefix if complete else data)
 
 
-# Where stop_before_pixels stops (pydicom: Pixel Data, Float and Double Float Pixel Data),
-# encoded little and big endian.
+# Where stop_before_pixels stops, encoded little and big endian.
 _PIXEL_TAGS = frozenset(
-    struct.pack(order, 0x7FE0, element)
+    struct.pack(order, tag >> 16, tag & 0xFFFF)
     for order in ("<HH", ">HH")
-    for element in (0x0010, 0x0008, 0x0009)
+    for tag in dicomscan.PIXEL_DATA_TAGS
 )
 
 
@@ -297,7 +292,7 @@ def header_from_prefix(prefix: bytes) -> Header | None:
         return None  # the whole file decides
     stream = io.BytesIO(prefix)
     try:
-        header = _dataset_header(stream)
+        header = read_header_pydicom(stream)
     except InvalidDicom:
         return None  # perhaps only cut short: the whole file decides
     end = stream.tell()

@@ -33,7 +33,7 @@ class IncomingFile:
     which is a no-op once the file was moved into place or discarded.
     """
 
-    def __init__(self, path: Path, head: bytes, *, fsync: bool, fd: int | None = None) -> None:
+    def __init__(self, path: Path, fd: int, head: bytes, *, fsync: bool) -> None:
         self.path = path
         self.name = str(path)
         self.size = 0
@@ -44,7 +44,7 @@ class IncomingFile:
         self._head = bytearray()  # the first HEAD_BYTES written, to read the header from
         self._header: Header | None = None
         self._head_tried = False
-        self._fd: int | None = fd if fd is not None else create_new(path)
+        self._fd: int | None = fd
         self.write(head)
         if self.error is not None:
             self.discard()
@@ -53,10 +53,6 @@ class IncomingFile:
     @property
     def file(self) -> IncomingFile:
         return self
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         with self._lock:
@@ -107,18 +103,10 @@ class IncomingFile:
     def sync(self) -> None:
         """Make the written bytes durable (with the archive's ``fsync``; waits for a
         :meth:`complete` under way), then close; raises the first write or fsync error."""
-        with self._lock:
-            if self._fd is None:
-                raise ValueError(f"{self.path.name} is closed")
-            try:
-                if self.error is None and not self._synced and self._fsync:
-                    os.fsync(self._fd)
-                self._synced = True
-            except OSError as exc:
-                self.error = self.error or exc
-            finally:
-                fd, self._fd = self._fd, None
-                os.close(fd)
+        if self._fd is None:
+            raise ValueError(f"{self.path.name} is closed")
+        self.complete()
+        self.close()
         if self.error is not None:
             raise self.error
 
@@ -134,8 +122,10 @@ class IncomingFile:
         self.path.unlink(missing_ok=True)
 
 
-def create_new(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def new_temp(folder: Path) -> tuple[Path, int]:
+    """A new, empty temporary file in ``folder``, open for writing."""
+    path = folder / f"{uuid.uuid4().hex}.tmp"
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
 
 SPARE_FILES = 2
@@ -176,9 +166,8 @@ class SpareFiles:
                         return
                     if len(self._ready) >= SPARE_FILES:
                         break
-                path = self.folder / f"{uuid.uuid4().hex}.tmp"
                 try:
-                    fd = create_new(path)
+                    path, fd = new_temp(self.folder)
                 except OSError:
                     LOGGER.warning("cannot make a spare file in %s", self.folder, exc_info=True)
                     break

@@ -45,10 +45,10 @@ from storage.headers import (
     SERIES_ATTRIBUTES,
     SERIES_INT_ATTRIBUTES,
     STUDY_ATTRIBUTES,
-    _dataset_header,
     _scanned_header,
     header_from_prefix,
     read_header,
+    read_header_pydicom,
 )
 from storage.indexer import Header
 from tests.storage.conftest import build_dataset, encode
@@ -527,7 +527,7 @@ def corpus() -> dict[str, tuple[str, bytes]]:
 def pydicom_header(data: bytes) -> Header:
     """The reference: pydicom's reader (``dcmread(stop_before_pixels=True)``)."""
     with quiet():
-        return _dataset_header(io.BytesIO(data))
+        return read_header_pydicom(data)
 
 
 def read(data: bytes | Path) -> Header:
