@@ -31,13 +31,14 @@ COPY export export
 COPY pipeline pipeline
 COPY node node
 COPY api api
-COPY nnunet_node nnunet_node
 COPY alembic alembic
+# nnunet_node/ links each folder above into the one import package; the wheel copies the files.
+COPY nnunet_node nnunet_node
 # Keep the base image's CUDA torch and torchvision: pinned, pip cannot swap them for other builds
-# (an unpinned torchvision pulled in through timm would). Editable, so that storage.migrations
-# finds the alembic/ scripts beside the packages.
+# (an unpinned torchvision pulled in through timm would). A plain (non-editable) install: the
+# migrations travel inside the package.
 RUN pip freeze | grep -Ei '^(torch|torchvision)==' > /tmp/keep-torch.txt \
-    && pip install -c /tmp/keep-torch.txt -e . \
+    && pip install -c /tmp/keep-torch.txt . \
     && rm /tmp/keep-torch.txt
 
 # The demo models and their spec, used when nothing is mounted at /models.

@@ -9,8 +9,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from storage.db import make_engine
-from storage.models import Base
+from nnunet_node.storage.db import make_engine
+from nnunet_node.storage.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,19 +1,18 @@
 """The app factory: the composition root of the node (DESIGN.md, "one place wires everything").
 
-``create_app(settings)`` builds a FastAPI app whose lifespan migrates the database, builds the
-pipeline context (archive, spec, inference engine, job service), recovers half-done archive writes,
-starts the job workers and the model cache sweeper, then every service registered under the
-entry-point group ``nnunet_node.services`` (the DIMSE node is one), and stops them all in reverse
-order. Nothing is built at import time, so tests make as many differently configured apps as they
-like. ``uvicorn api.app:create_app --factory`` and ``nnunet-node serve`` both start it.
+``create_app(settings, services=...)`` builds a FastAPI app whose lifespan migrates the database,
+builds the pipeline context (archive, spec, inference engine, job service), recovers half-done
+archive writes, starts the job workers and the model cache sweeper, then every service it was given
+(the composition root :mod:`nnunet_node.app` passes the DIMSE node, since ``api`` never imports
+``node``), and stops them all in reverse order. Nothing is built at import time, so tests make as
+many differently configured apps as they like.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
 import anyio
@@ -21,18 +20,17 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
-from api.deps import API_KEY_HEADER, require_api_key
-from api.dicomweb import router as dicomweb_router
-from api.errors import install_error_handlers, responses
-from api.middleware import CatchAllMiddleware, RateLimitMiddleware
-from api.routes import health, infer, jobs, models
-from core.settings import Settings, load_settings
-from inference.request import InferenceRequest
-from pipeline.context import NodeContext, build_context
+from nnunet_node.api.deps import API_KEY_HEADER, require_api_key
+from nnunet_node.api.dicomweb import router as dicomweb_router
+from nnunet_node.api.errors import install_error_handlers, responses
+from nnunet_node.api.middleware import CatchAllMiddleware, RateLimitMiddleware
+from nnunet_node.api.routes import health, infer, jobs, models
+from nnunet_node.core.settings import Settings, load_settings
+from nnunet_node.inference.request import InferenceRequest
+from nnunet_node.pipeline.context import NodeContext, build_context
 
 LOGGER = logging.getLogger(__name__)
 
-SERVICES_GROUP = "nnunet_node.services"
 UNPROTECTED = ("/healthz", "/readyz")
 """Health probes answer without the API key and outside the rate limit (orchestrators poll them)."""
 
@@ -42,17 +40,8 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def discover_services() -> list[tuple[str, Callable[[NodeContext], Service]]]:
-    """The service factories registered under :data:`SERVICES_GROUP`, by name.
-
-    Every one is started: each honours its own settings (the ``dimse`` service leaves its AE out
-    when ``NNUNET_NODE_DICOM_ENABLED`` is false but still routes STOW-RS series and dispatches).
-    """
-    return [(ep.name, ep.load()) for ep in sorted(entry_points(group=SERVICES_GROUP), key=_name)]
-
-
-def _name(ep: EntryPoint) -> str:
-    return ep.name
+ServiceFactory = Callable[[NodeContext], Service]
+"""Builds a service from the pipeline context; the app starts it after the job workers."""
 
 
 @asynccontextmanager
@@ -73,7 +62,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         app.state.services = {}
         stack.callback(setattr, app.state, "services", {})
-        for name, factory in discover_services():
+        for name, factory in app.state.service_factories:
             service = factory(context)
             await service.start()
             stack.push_async_callback(_stop_service, name, service)
@@ -130,8 +119,15 @@ def _custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the node's app; ``settings`` default to the environment (:func:`load_settings`)."""
+def create_app(
+    settings: Settings | None = None, services: Sequence[tuple[str, ServiceFactory]] = ()
+) -> FastAPI:
+    """Build the node's HTTP app.
+
+    ``settings`` default to the environment (:func:`load_settings`). ``services`` are ``(name,
+    factory)`` pairs started in order by the lifespan once the job workers run, and stopped in
+    reverse order; without them the app serves HTTP and runs jobs but has no DICOM node.
+    """
     settings = settings or load_settings()
     app = FastAPI(
         title="nnunet-node",
@@ -143,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.context = None
     app.state.services = {}
+    app.state.service_factories = tuple(services)
     install_error_handlers(app)
 
     protected: dict[str, Any] = {

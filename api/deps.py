@@ -13,9 +13,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
-from core.settings import Settings
-from pipeline.context import NodeContext
-from pipeline.jobs import JobService
+from nnunet_node.core.settings import Settings
+from nnunet_node.pipeline.context import NodeContext
+from nnunet_node.pipeline.jobs import JobService
 
 API_KEY_HEADER = "X-API-Key"
 _api_key_header = APIKeyHeader(

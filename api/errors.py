@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from core.errors import ClientError, NodeError
+from nnunet_node.core.errors import ClientError, NodeError
 
 LOGGER = logging.getLogger(__name__)
 

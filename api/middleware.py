@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import INTERNAL_ERROR, error_body
+from nnunet_node.api.errors import INTERNAL_ERROR, error_body
 
 LOGGER = logging.getLogger(__name__)
 

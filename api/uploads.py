@@ -32,7 +32,7 @@ import anyio
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
-from core.errors import InvalidRequest, PayloadTooLarge, StorageFull, UnsafeArchive
+from nnunet_node.core.errors import InvalidRequest, PayloadTooLarge, StorageFull, UnsafeArchive
 
 LOGGER = logging.getLogger(__name__)
 

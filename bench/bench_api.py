@@ -32,12 +32,12 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.phantom import make_phantom, write_nifti  # noqa: E402
-from inference.cache import PredictorCache  # noqa: E402
-from inference.device import DevicePolicy  # noqa: E402
-from inference.engine import InferenceEngine  # noqa: E402
-from inference.request import normalise  # noqa: E402
-from inference.spec import ModelRegistry  # noqa: E402
+from nnunet_node.core.phantom import make_phantom, write_nifti  # noqa: E402
+from nnunet_node.inference.cache import PredictorCache  # noqa: E402
+from nnunet_node.inference.device import DevicePolicy  # noqa: E402
+from nnunet_node.inference.engine import InferenceEngine  # noqa: E402
+from nnunet_node.inference.request import normalise  # noqa: E402
+from nnunet_node.inference.spec import ModelRegistry  # noqa: E402
 
 SPEC = REPO / "model-serve-spec.yaml"
 

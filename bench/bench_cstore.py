@@ -44,13 +44,13 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.settings import Settings  # noqa: E402
-from node.ae import MAX_PDU, DicomNode  # noqa: E402
-from pipeline.dispatch import set_tcp_nodelay  # noqa: E402
-from pipeline.routing import RoutingTable  # noqa: E402
-from storage.archive import Archive  # noqa: E402
-from storage.db import make_engine, make_sessionmaker  # noqa: E402
-from storage.migrations import upgrade  # noqa: E402
+from nnunet_node.core.settings import Settings  # noqa: E402
+from nnunet_node.node.ae import MAX_PDU, DicomNode  # noqa: E402
+from nnunet_node.pipeline.dispatch import set_tcp_nodelay  # noqa: E402
+from nnunet_node.pipeline.routing import RoutingTable  # noqa: E402
+from nnunet_node.storage.archive import Archive  # noqa: E402
+from nnunet_node.storage.db import make_engine, make_sessionmaker  # noqa: E402
+from nnunet_node.storage.migrations import upgrade  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 

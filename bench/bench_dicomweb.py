@@ -41,10 +41,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import insert, select
 
-from api.app import create_app
-from core.settings import load_settings
-from storage.archive import Archive, read_header
-from storage.models import Instance, Patient, Series, Study, utcnow
+from nnunet_node.app import create_app
+from nnunet_node.core.settings import load_settings
+from nnunet_node.storage.archive import Archive, read_header
+from nnunet_node.storage.models import Instance, Patient, Series, Study, utcnow
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 100

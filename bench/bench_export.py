@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from core.phantom import Phantom, write_dicom_series
-from export import (
+from nnunet_node.core.phantom import Phantom, write_dicom_series
+from nnunet_node.export import (
     make_binary_seg,
     make_fractional_seg,
     make_rtstruct,

@@ -36,12 +36,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.phantom import make_phantom, write_nifti  # noqa: E402
-from inference.cache import PredictorCache  # noqa: E402
-from inference.device import DevicePolicy  # noqa: E402
-from inference.engine import InferenceEngine, load_model  # noqa: E402
-from inference.request import normalise  # noqa: E402
-from inference.spec import ModelRegistry  # noqa: E402
+from nnunet_node.core.phantom import make_phantom, write_nifti  # noqa: E402
+from nnunet_node.inference.cache import PredictorCache  # noqa: E402
+from nnunet_node.inference.device import DevicePolicy  # noqa: E402
+from nnunet_node.inference.engine import InferenceEngine, load_model  # noqa: E402
+from nnunet_node.inference.request import normalise  # noqa: E402
+from nnunet_node.inference.spec import ModelRegistry  # noqa: E402
 
 FULLSIZE_OUT = Path("/tmp/nnunet-fullsize")
 FULLSIZE_REL = "Dataset990_FullsizeCT/nnUNetTrainer__nnUNetPlans__3d_fullres"

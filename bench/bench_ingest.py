@@ -36,10 +36,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.archive import Archive, read_header  # noqa: E402
-from storage.db import make_engine, make_sessionmaker  # noqa: E402
-from storage.headers import read_header_pydicom  # noqa: E402
-from storage.migrations import upgrade  # noqa: E402
+from nnunet_node.storage.archive import Archive, read_header  # noqa: E402
+from nnunet_node.storage.db import make_engine, make_sessionmaker  # noqa: E402
+from nnunet_node.storage.headers import read_header_pydicom  # noqa: E402
+from nnunet_node.storage.migrations import upgrade  # noqa: E402
 
 
 def make_instances(count: int, size: int) -> list[tuple[str, str, str, bytes]]:

@@ -29,14 +29,14 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.settings import Settings  # noqa: E402
-from inference.request import normalise  # noqa: E402
-from pipeline.context import build_context  # noqa: E402
-from pipeline.jobs import JobService  # noqa: E402
-from pipeline.spec import NodeSpec  # noqa: E402
-from storage.archive import Archive  # noqa: E402
-from storage.db import make_engine, make_sessionmaker  # noqa: E402
-from storage.migrations import upgrade  # noqa: E402
+from nnunet_node.core.settings import Settings  # noqa: E402
+from nnunet_node.inference.request import normalise  # noqa: E402
+from nnunet_node.pipeline.context import build_context  # noqa: E402
+from nnunet_node.pipeline.jobs import JobService  # noqa: E402
+from nnunet_node.pipeline.spec import NodeSpec  # noqa: E402
+from nnunet_node.storage.archive import Archive  # noqa: E402
+from nnunet_node.storage.db import make_engine, make_sessionmaker  # noqa: E402
+from nnunet_node.storage.migrations import upgrade  # noqa: E402
 
 
 @dataclass
@@ -153,7 +153,7 @@ def bench_model(n: int) -> None:
     if not (REPO / "models").is_dir():
         print("demo models not built: model benchmark skipped (make demo-model)")
         return
-    from core.phantom import make_phantom, write_nifti
+    from nnunet_node.core.phantom import make_phantom, write_nifti
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import insert  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from storage.db import make_engine, make_read_sessionmaker  # noqa: E402
-from storage.migrations import upgrade  # noqa: E402
-from storage.models import Instance, Patient, Series, Study  # noqa: E402
-from storage.query import find_instances, find_series, find_studies, instance_refs  # noqa: E402
+from nnunet_node.storage.db import make_engine, make_read_sessionmaker  # noqa: E402
+from nnunet_node.storage.migrations import upgrade  # noqa: E402
+from nnunet_node.storage.models import Instance, Patient, Series, Study  # noqa: E402
+from nnunet_node.storage.query import find_instances, find_series, find_studies, instance_refs  # noqa: E402
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 BLANK = {"body_part_examined": "", "series_date": "", "series_time": ""}

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from core.errors import PathNotAllowed
+from nnunet_node.core.errors import PathNotAllowed
 
 
 def resolve_inside(

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from core.errors import ConfigError
+from nnunet_node.core.errors import ConfigError
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, 16 chars
 

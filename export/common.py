@@ -10,7 +10,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from core.errors import ExportError
+from nnunet_node.core.errors import ExportError
 
 
 def software_version() -> str:

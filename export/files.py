@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydicom import Dataset
 
-from core.errors import InvalidRequest
+from nnunet_node.core.errors import InvalidRequest
 
 DicomKind = Literal["seg", "rtstruct", "fractional"]
 

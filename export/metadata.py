@@ -30,7 +30,7 @@ import highdicom as hd
 from pydicom.sr._concepts_dict import concepts as _SR_CONCEPTS
 from pydicom.sr.codedict import codes
 
-from core.errors import ConfigError, ExportError
+from nnunet_node.core.errors import ConfigError, ExportError
 
 LOGGER = logging.getLogger(__name__)
 

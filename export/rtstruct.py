@@ -39,9 +39,9 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 from skimage.measure import find_contours
 
-from core.errors import ExportError
-from export.common import check_sources, labels_present, now_or, software_version
-from export.metadata import ANATOMICAL_STRUCTURE, Concept, SegmentationMetadata
+from nnunet_node.core.errors import ExportError
+from nnunet_node.export.common import check_sources, labels_present, now_or, software_version
+from nnunet_node.export.metadata import ANATOMICAL_STRUCTURE, Concept, SegmentationMetadata
 
 LOGGER = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
-from core.errors import ExportError
-from export.common import (
+from nnunet_node.core.errors import ExportError
+from nnunet_node.export.common import (
     check_sources,
     labels_present,
     now_or,
@@ -30,7 +30,7 @@ from export.common import (
     stable_uid,
     with_type2_defaults,
 )
-from export.metadata import SegmentationMetadata, SegmentInfo
+from nnunet_node.export.metadata import SegmentationMetadata, SegmentInfo
 
 LOGGER = logging.getLogger(__name__)
 

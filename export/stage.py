@@ -14,12 +14,12 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from core.errors import ExportError
-from export.common import now_or
-from export.files import dicom_output_name, write_dataset
-from export.metadata import SegmentationMetadata
-from export.rtstruct import make_rtstruct
-from export.seg import make_binary_seg, make_fractional_seg
+from nnunet_node.core.errors import ExportError
+from nnunet_node.export.common import now_or
+from nnunet_node.export.files import dicom_output_name, write_dataset
+from nnunet_node.export.metadata import SegmentationMetadata
+from nnunet_node.export.rtstruct import make_rtstruct
+from nnunet_node.export.seg import make_binary_seg, make_fractional_seg
 
 LOGGER = logging.getLogger(__name__)
 

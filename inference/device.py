@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from core.errors import InferenceError, JobCancelled
+from nnunet_node.core.errors import InferenceError, JobCancelled
 
 LOGGER = logging.getLogger(__name__)
 

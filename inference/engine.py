@@ -33,12 +33,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from core.errors import InferenceError, InvalidRequest, JobCancelled
-from inference.cache import PredictorCache
-from inference.device import DevicePolicy
-from inference.postprocess import ComponentFilter, filter_components, labels_from_probabilities
-from inference.request import InputRef, Plan, Stage
-from inference.volumes import (
+from nnunet_node.core.errors import InferenceError, InvalidRequest, JobCancelled
+from nnunet_node.inference.cache import PredictorCache
+from nnunet_node.inference.device import DevicePolicy
+from nnunet_node.inference.postprocess import (
+    ComponentFilter,
+    filter_components,
+    labels_from_probabilities,
+)
+from nnunet_node.inference.request import InputRef, Plan, Stage
+from nnunet_node.inference.volumes import (
     Series,
     array_onto_grid,
     bounding_box,

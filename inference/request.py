@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from core.errors import InvalidRequest, UnknownModel
-from inference.spec import ModelFiles, ModelRegistry, ModelSpec
+from nnunet_node.core.errors import InvalidRequest, UnknownModel
+from nnunet_node.inference.spec import ModelFiles, ModelRegistry, ModelSpec
 
 CascadeMode = Literal["intersect", "crop"]
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from core.errors import ConfigError, ModelUnavailable, UnknownModel
+from nnunet_node.core.errors import ConfigError, ModelUnavailable, UnknownModel
 
 LOGGER = logging.getLogger(__name__)
 
@@ -356,7 +356,9 @@ def _find_totalseg_folder(root: Path, dataset_id: int) -> Path:
 
 
 def _check_default_args(default_args: dict[str, Any], where: str) -> None:
-    from inference.request import InferenceRequest  # the request module imports this one
+    from nnunet_node.inference.request import (
+        InferenceRequest,  # the request module imports this one
+    )
 
     bad = sorted(set(default_args) & _NOT_DEFAULTABLE)
     if bad:

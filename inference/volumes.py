@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from core.errors import InvalidRequest
+from nnunet_node.core.errors import InvalidRequest
 
 LOGGER = logging.getLogger(__name__)
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.errors import ConfigError
-from core.logging import configure_logging
-from core.settings import Settings, load_settings
+from nnunet_node.core.errors import ConfigError
+from nnunet_node.core.logging import configure_logging
+from nnunet_node.core.settings import Settings, load_settings
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
+    from nnunet_node.app import create_app
 
     app = create_app(settings)
     uvicorn.run(
@@ -30,19 +30,19 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _dicom(settings: Settings, args: argparse.Namespace) -> int:
-    from node.service import run_standalone
+    from nnunet_node.node.service import run_standalone
 
     return run_standalone(settings)
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    from node.demo import run_demo
+    from nnunet_node.node.demo import run_demo
 
     return run_demo(settings, host=args.host, port=args.port, http_port=args.http_port)
 
 
 def _db(settings: Settings, args: argparse.Namespace) -> int:
-    from storage.migrations import downgrade, upgrade
+    from nnunet_node.storage.migrations import downgrade, upgrade
 
     if args.action == "upgrade":
         upgrade(settings.database_url, args.revision or "head")

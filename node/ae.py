@@ -18,12 +18,12 @@ from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from core.settings import Settings
-from node.contexts import add_supported_contexts
-from node.handlers import NodeHandlers
-from node.transport import ServerAE
-from pipeline.routing import RoutingTable
-from storage.archive import Archive
+from nnunet_node.core.settings import Settings
+from nnunet_node.node.contexts import add_supported_contexts
+from nnunet_node.node.handlers import NodeHandlers
+from nnunet_node.node.transport import ServerAE
+from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.storage.archive import Archive
 
 LOGGER = logging.getLogger(__name__)
 

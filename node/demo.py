@@ -17,12 +17,12 @@ import httpx
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from core.phantom import make_phantom, write_dicom_series
-from core.settings import Settings
-from pipeline.dispatch import SendError, send_files
-from pipeline.routing import Destination
-from storage.db import make_engine, make_sessionmaker
-from storage.models import Job
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
+from nnunet_node.core.settings import Settings
+from nnunet_node.pipeline.dispatch import SendError, send_files
+from nnunet_node.pipeline.routing import Destination
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.models import Job
 
 TERMINAL = {"done", "failed", "cancelled", "superseded"}
 DEFAULT_TIMEOUT_S = 300.0

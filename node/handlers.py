@@ -18,14 +18,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from core.errors import InvalidRequest
-from node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from node.status import CANCEL, PENDING, SUCCESS, dimse_service
-from pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
-from pipeline.routing import RoutingTable
-from storage import query
-from storage.archive import Archive, IncomingFile
-from storage.part10 import part10_head
+from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from nnunet_node.node.status import CANCEL, PENDING, SUCCESS, dimse_service
+from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
+from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.storage import query
+from nnunet_node.storage.archive import Archive, IncomingFile
+from nnunet_node.storage.part10 import part10_head
 
 LOGGER = logging.getLogger(__name__)
 

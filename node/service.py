@@ -1,8 +1,9 @@
 """The DIMSE side of the node as a service: AE, series-completion watcher and dispatcher.
 
-``build_service`` is the ``nnunet_node.services`` entry point (``dimse``): the app factory calls
-it with the process's :class:`~pipeline.context.NodeContext` and awaits ``start()`` / ``stop()``
-in its lifespan. ``run_standalone`` is ``nnunet-node dicom``: the same service plus the job
+``build_service`` is what the composition root (:mod:`nnunet_node.app`) gives the app factory as
+its ``dimse`` service: the factory calls it with the process's
+:class:`~nnunet_node.pipeline.context.NodeContext` and awaits ``start()`` / ``stop()`` in its
+lifespan. ``run_standalone`` is ``nnunet-node dicom``: the same service plus the job
 workers, without HTTP, until SIGINT or SIGTERM.
 """
 
@@ -15,12 +16,12 @@ import signal
 import threading
 from typing import Any
 
-from core.settings import Settings
-from node.ae import DicomNode
-from pipeline.completion import CompletionWatcher
-from pipeline.context import NodeContext, build_context
-from pipeline.dispatch import Dispatcher
-from pipeline.routing import RoutingTable
+from nnunet_node.core.settings import Settings
+from nnunet_node.node.ae import DicomNode
+from nnunet_node.pipeline.completion import CompletionWatcher
+from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.pipeline.dispatch import Dispatcher
+from nnunet_node.pipeline.routing import RoutingTable
 
 LOGGER = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class DimseService:
 
 
 def build_service(context: NodeContext) -> DimseService:
-    """Entry point ``nnunet_node.services:dimse``."""
+    """The ``dimse`` service that the composition root (:mod:`nnunet_node.app`) gives the app."""
     return DimseService(context)
 
 

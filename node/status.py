@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from core.errors import ClientError, InvalidDicom, StorageFull
+from nnunet_node.core.errors import ClientError, InvalidDicom, StorageFull
 
 LOGGER = logging.getLogger(__name__)
 

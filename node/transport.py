@@ -57,7 +57,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from pipeline.dispatch import NodeAE
+from nnunet_node.pipeline.dispatch import NodeAE
 
 LOGGER = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ import pydicom
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import ClientError, NodeError
-from pipeline.routing import Route, RoutingTable, series_attributes
-from storage.db import unit_of_work
-from storage.models import Instance, Job, JobStatus, Series, Study
+from nnunet_node.core.errors import ClientError, NodeError
+from nnunet_node.pipeline.routing import Route, RoutingTable, series_attributes
+from nnunet_node.storage.db import unit_of_work
+from nnunet_node.storage.models import Instance, Job, JobStatus, Series, Study
 
 LOGGER = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import Settings
-from inference.cache import PredictorCache
-from inference.device import DevicePolicy
-from inference.engine import InferenceEngine
-from pipeline.jobs import JobService
-from pipeline.spec import NodeSpec
-from storage.archive import Archive
-from storage.db import make_engine, make_sessionmaker
-from storage.migrations import upgrade
+from nnunet_node.core.settings import Settings
+from nnunet_node.inference.cache import PredictorCache
+from nnunet_node.inference.device import DevicePolicy
+from nnunet_node.inference.engine import InferenceEngine
+from nnunet_node.pipeline.jobs import JobService
+from nnunet_node.pipeline.spec import NodeSpec
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.migrations import upgrade
 
 LOGGER = logging.getLogger(__name__)
 

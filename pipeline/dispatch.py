@@ -30,10 +30,10 @@ from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import Conflict, NodeError, NotFound
-from pipeline.routing import Destination, RoutingTable
-from storage.db import unit_of_work
-from storage.models import Dispatch, DispatchStatus, Instance, Job, JobArtifact
+from nnunet_node.core.errors import Conflict, NodeError, NotFound
+from nnunet_node.pipeline.routing import Destination, RoutingTable
+from nnunet_node.storage.db import unit_of_work
+from nnunet_node.storage.models import Dispatch, DispatchStatus, Instance, Job, JobArtifact
 
 LOGGER = logging.getLogger(__name__)
 

@@ -26,17 +26,23 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import ClientError, InvalidRequest, JobCancelled, NodeError, NotFound
-from core.paths import resolve_inside
-from core.settings import Settings
-from inference.request import Plan, normalise
-from pipeline.outputs import build_zip
-from pipeline.runner import STUDY_PATH_KEY, JobRunner, archive_inputs, job_folder, public_request
-from pipeline.spec import NodeSpec
-from storage.archive import Archive, is_valid_uid
-from storage.db import unit_of_work
-from storage.jobs import ArtifactRecord, JobFilters, JobStore, as_utc, is_terminal
-from storage.models import Job, JobStatus, Patient, Series, Study
+from nnunet_node.core.errors import ClientError, InvalidRequest, JobCancelled, NodeError, NotFound
+from nnunet_node.core.paths import resolve_inside
+from nnunet_node.core.settings import Settings
+from nnunet_node.inference.request import Plan, normalise
+from nnunet_node.pipeline.outputs import build_zip
+from nnunet_node.pipeline.runner import (
+    STUDY_PATH_KEY,
+    JobRunner,
+    archive_inputs,
+    job_folder,
+    public_request,
+)
+from nnunet_node.pipeline.spec import NodeSpec
+from nnunet_node.storage.archive import Archive, is_valid_uid
+from nnunet_node.storage.db import unit_of_work
+from nnunet_node.storage.jobs import ArtifactRecord, JobFilters, JobStore, as_utc, is_terminal
+from nnunet_node.storage.models import Job, JobStatus, Patient, Series, Study
 
 LOGGER = logging.getLogger(__name__)
 

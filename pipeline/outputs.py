@@ -15,9 +15,9 @@ import threading
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from core.errors import Conflict, NotFound
-from core.settings import Settings
-from storage.models import Job, JobStatus
+from nnunet_node.core.errors import Conflict, NotFound
+from nnunet_node.core.settings import Settings
+from nnunet_node.storage.models import Job, JobStatus
 
 LOGGER = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from core.errors import ConfigError
-from inference.request import InferenceRequest
+from nnunet_node.core.errors import ConfigError
+from nnunet_node.inference.request import InferenceRequest
 
 LOGGER = logging.getLogger(__name__)
 

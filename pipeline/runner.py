@@ -27,20 +27,20 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import ExportError, InvalidRequest, JobCancelled, NotFound
-from core.settings import Settings
-from export.files import dicom_output_name, write_dataset
-from export.metadata import SegmentationMetadata
-from export.rtstruct import make_rtstruct
-from export.seg import make_binary_seg, make_fractional_seg
-from export.stage import read_sources
-from inference.engine import StageResult
-from inference.request import Plan, normalise
-from pipeline.spec import NodeSpec
-from storage.archive import Archive
-from storage.db import unit_of_work
-from storage.jobs import ArtifactRecord
-from storage.models import Instance, Job, Series
+from nnunet_node.core.errors import ExportError, InvalidRequest, JobCancelled, NotFound
+from nnunet_node.core.settings import Settings
+from nnunet_node.export.files import dicom_output_name, write_dataset
+from nnunet_node.export.metadata import SegmentationMetadata
+from nnunet_node.export.rtstruct import make_rtstruct
+from nnunet_node.export.seg import make_binary_seg, make_fractional_seg
+from nnunet_node.export.stage import read_sources
+from nnunet_node.inference.engine import StageResult
+from nnunet_node.inference.request import Plan, normalise
+from nnunet_node.pipeline.spec import NodeSpec
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.db import unit_of_work
+from nnunet_node.storage.jobs import ArtifactRecord
+from nnunet_node.storage.models import Instance, Job, Series
 
 LOGGER = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from core.errors import ConfigError, InvalidRequest
-from core.settings import Settings
-from export.metadata import SegmentationMetadata, parse_metadata
-from inference.spec import ModelRegistry, ModelSpec
+from nnunet_node.core.errors import ConfigError, InvalidRequest
+from nnunet_node.core.settings import Settings
+from nnunet_node.export.metadata import SegmentationMetadata, parse_metadata
+from nnunet_node.inference.spec import ModelRegistry, ModelSpec
 
 LOGGER = logging.getLogger(__name__)
 

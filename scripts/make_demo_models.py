@@ -42,7 +42,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.phantom import CUBE_LABEL, Phantom, make_phantom, to_sitk  # noqa: E402
+from nnunet_node.core.phantom import CUBE_LABEL, Phantom, make_phantom, to_sitk  # noqa: E402
 
 TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 CONFIGURATION = "3d_fullres"

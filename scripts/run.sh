@@ -9,7 +9,7 @@ export NNUNET_NODE_DATA=${NNUNET_NODE_DATA:-data}
 port=${NNUNET_SERVE_PORT:-12345}
 .venv/bin/nnunet-node db upgrade
 if [ ! -d "$NNUNET_NODE_DATA/demo-study" ]; then
-    .venv/bin/python -m core.phantom --out "$NNUNET_NODE_DATA/demo-study" --seed 7
+    .venv/bin/python -m nnunet_node.core.phantom --out "$NNUNET_NODE_DATA/demo-study" --seed 7
 fi
 study=$(cd "$NNUNET_NODE_DATA/demo-study" && pwd)
 cat <<EOM

@@ -53,12 +53,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import InvalidDicom, StorageFull
-from storage.db import make_read_sessionmaker
-from storage.headers import fit_column, is_valid_uid, read_header
-from storage.incoming import IncomingFile, SpareFiles, new_temp
-from storage.indexer import Header, Indexer
-from storage.models import Instance
+from nnunet_node.core.errors import InvalidDicom, StorageFull
+from nnunet_node.storage.db import make_read_sessionmaker
+from nnunet_node.storage.headers import fit_column, is_valid_uid, read_header
+from nnunet_node.storage.incoming import IncomingFile, SpareFiles, new_temp
+from nnunet_node.storage.indexer import Header, Indexer
+from nnunet_node.storage.models import Instance
 
 LOGGER = logging.getLogger(__name__)
 

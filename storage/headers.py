@@ -25,10 +25,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from core.errors import InvalidDicom
-from storage import dicomscan
-from storage.indexer import Header
-from storage.models import Base, Patient, Series, Study
+from nnunet_node.core.errors import InvalidDicom
+from nnunet_node.storage import dicomscan
+from nnunet_node.storage.indexer import Header
+from nnunet_node.storage.models import Base, Patient, Series, Study
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _U16 = struct.Struct("<H")

@@ -8,7 +8,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from storage.headers import Header, header_from_prefix, read_header
+from nnunet_node.storage.headers import Header, header_from_prefix, read_header
 
 LOGGER = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from storage.models import Instance, Patient, Series, Study, utcnow
+from nnunet_node.storage.models import Instance, Patient, Series, Study, utcnow
 
 LOGGER = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 from sqlalchemy import CursorResult, Engine, Select, String, cast, func, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
-from core.errors import Conflict, NotFound
-from storage.db import make_read_sessionmaker, unit_of_work
-from storage.models import Job, JobArtifact, JobStatus, utcnow
+from nnunet_node.core.errors import Conflict, NotFound
+from nnunet_node.storage.db import make_read_sessionmaker, unit_of_work
+from nnunet_node.storage.models import Job, JobArtifact, JobStatus, utcnow
 
 LOGGER = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_
 
-from core.errors import InvalidRequest
+from nnunet_node.core.errors import InvalidRequest
 
 LIKE_ESCAPE = "\\"
 

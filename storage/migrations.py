@@ -2,12 +2,14 @@
 
 Migrations are the only way the schema is made (``nnunet-node db upgrade``, and the server at
 start).
-The scripts live in the repository's ``alembic/`` folder, found next to this package.
+The scripts live in the repository's ``alembic/`` folder, which the distribution ships as
+``nnunet_node/alembic`` and :mod:`importlib.resources` finds, installed or not.
 """
 
 from __future__ import annotations
 
 import logging
+from importlib.resources import as_file, files
 from pathlib import Path
 
 from alembic import command
@@ -15,15 +17,26 @@ from alembic.config import Config
 
 LOGGER = logging.getLogger(__name__)
 
-SCRIPT_LOCATION = Path(__file__).resolve().parents[1] / "alembic"
+
+def script_location() -> Path:
+    """The folder of the migration scripts inside the installed ``nnunet_node`` package.
+
+    Raises ``FileNotFoundError`` when the distribution was built without them.
+    """
+    resource = files("nnunet_node") / "alembic"
+    # A wheel or an editable install gives a real folder; a zipped install is not supported
+    # (Alembic needs a directory), so as_file's temporary copy would vanish: refuse it.
+    with as_file(resource) as path:
+        location = Path(path)
+    if not (location / "env.py").is_file():
+        raise FileNotFoundError(f"alembic scripts not found at {location}")
+    return location
 
 
 def alembic_config(url: str) -> Config:
-    """An Alembic configuration for ``url`` with the repository's scripts."""
-    if not (SCRIPT_LOCATION / "env.py").is_file():
-        raise FileNotFoundError(f"alembic scripts not found at {SCRIPT_LOCATION}")
+    """An Alembic configuration for ``url`` with the package's migration scripts."""
     config = Config()
-    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.set_main_option("script_location", str(script_location()))
     # ConfigParser interpolation: a literal % in a URL (escaped passwords) must be doubled.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     # Keep the host application's logging set-up (Alembic's fileConfig is never called).
@@ -47,7 +60,7 @@ def current(url: str) -> str | None:
     """The revision the database at ``url`` is at (None before the first migration)."""
     from alembic.runtime.migration import MigrationContext
 
-    from storage.db import make_engine
+    from nnunet_node.storage.db import make_engine
 
     engine = make_engine(url)
     try:

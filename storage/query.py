@@ -27,9 +27,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
-from core.errors import InvalidRequest
-from storage.matching import Kind, split_values, value_condition
-from storage.models import Instance, Patient, Series, Study
+from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.storage.matching import Kind, split_values, value_condition
+from nnunet_node.storage.models import Instance, Patient, Series, Study
 
 LOGGER = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from core.phantom import CUBE_LABEL, SPHERE_LABEL, Phantom, make_phantom
+from nnunet_node.core.phantom import CUBE_LABEL, SPHERE_LABEL, Phantom, make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "model-serve-spec.yaml"
@@ -154,7 +154,7 @@ def test_spec_lists_the_demo_models() -> None:
 
 def test_spec_metadata_describes_every_label() -> None:
     """The inline metadata parses (export's contract) and names each label with codes."""
-    from export.metadata import parse_metadata
+    from nnunet_node.export.metadata import parse_metadata
 
     spec = yaml.safe_load(SPEC.read_text())
     for entry in spec["models"]:

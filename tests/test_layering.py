@@ -1,4 +1,12 @@
-"""DESIGN.md's import direction: core <- storage, inference, export <- pipeline <- node, api."""
+"""The import direction of docs/architecture.md.
+
+core <- storage, inference, export <- pipeline <- node, api.
+
+Every folder is a sub-package of the one import name ``nnunet_node``; code that imports a folder by
+its bare name (``from core.errors import ...``) would load a second copy of it, so that is refused
+too. The top-level modules of ``nnunet_node`` (``cli``, ``app``) are the composition roots and may
+import everything.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +26,12 @@ ALLOWED: dict[str, set[str]] = {
     "node": {"core", "storage", "inference", "export", "pipeline"},
     "api": {"core", "storage", "inference", "export", "pipeline"},
 }
+BARE = "<bare>"
+"""Marks an import of a folder by its bare name instead of through ``nnunet_node``."""
 
 
 def _imported_packages(path: Path) -> set[str]:
+    """The sub-packages of ``nnunet_node`` that ``path`` imports (:data:`BARE` for bare ones)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -28,23 +39,54 @@ def _imported_packages(path: Path) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
+            if node.module == "nnunet_node":
+                names = [f"nnunet_node.{alias.name}" for alias in node.names]
         else:
             continue
-        found.update(name.split(".")[0] for name in names)
-    return found & set(PACKAGES)
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "nnunet_node" and len(parts) > 1 and parts[1] in PACKAGES:
+                found.add(parts[1])
+            elif parts[0] in PACKAGES:
+                found.add(BARE)
+    return found
+
+
+def _python_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_package_imports_only_what_design_allows(package: str) -> None:
     offences = []
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path in _python_files(ROOT / package):
         bad = _imported_packages(path) - ALLOWED[package] - {package}
         if bad:
             offences.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
     assert not offences, "\n".join(offences)
 
 
+@pytest.mark.parametrize("folder", ["nnunet_node", "tests", "bench", "scripts", "alembic"])
+def test_no_folder_is_imported_by_its_bare_name(folder: str) -> None:
+    paths = [ROOT / "nnunet_node" / p for p in ("cli.py", "app.py", "__init__.py")]
+    if folder != "nnunet_node":
+        paths = _python_files(ROOT / folder)
+    offences = [str(p.relative_to(ROOT)) for p in paths if BARE in _imported_packages(p)]
+    assert not offences, f"import these through nnunet_node: {offences}"
+
+
+def test_every_folder_is_linked_into_the_import_package() -> None:
+    for name in [*PACKAGES, "alembic"]:
+        link = ROOT / "nnunet_node" / name
+        assert link.is_symlink() and link.resolve() == ROOT / name, name
+
+
 def test_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     sample = tmp_path / "x.py"
-    sample.write_text("from api.app import create_app\nimport storage.models\n")
-    assert _imported_packages(sample) == {"api", "storage"}
+    sample.write_text(
+        "from nnunet_node.api.app import create_app\nimport nnunet_node.storage.models\n"
+        "from nnunet_node import pipeline\n"
+    )
+    assert _imported_packages(sample) == {"api", "storage", "pipeline"}
+    sample.write_text("from core.errors import ConfigError\n")
+    assert _imported_packages(sample) == {BARE}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.dicomweb import qido, stow, wado
-from api.dicomweb.common import PREFIX
+from nnunet_node.api.dicomweb import qido, stow, wado
+from nnunet_node.api.dicomweb.common import PREFIX
 
 router = APIRouter(prefix=PREFIX, tags=["dicomweb"])
 router.include_router(qido.router)

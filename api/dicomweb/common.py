@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from core.errors import InvalidRequest
+from nnunet_node.core.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from core.settings import Settings
-    from storage.archive import Archive
+    from nnunet_node.core.settings import Settings
+    from nnunet_node.storage.archive import Archive
 
 PREFIX = "/dicom-web"
 

@@ -26,7 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from core.errors import ClientError, NotFound
+from nnunet_node.core.errors import ClientError, NotFound
 
 LOGGER = logging.getLogger(__name__)
 

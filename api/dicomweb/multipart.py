@@ -20,7 +20,7 @@ from typing import IO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
-from core.errors import InvalidRequest, PayloadTooLarge
+from nnunet_node.core.errors import InvalidRequest, PayloadTooLarge
 
 LOGGER = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-from api.dicomweb.frames import NotAcceptable, frame_media_type, is_native
-from api.dicomweb.multipart import MediaType, split_accept
+from nnunet_node.api.dicomweb.frames import NotAcceptable, frame_media_type, is_native
+from nnunet_node.api.dicomweb.multipart import MediaType, split_accept
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"

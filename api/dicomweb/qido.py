@@ -22,13 +22,19 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ContextDep
-from api.dicomweb.common import check_uid, context_parts, instance_url, series_url, service_url
-from api.dicomweb.common import study_url as make_study_url
-from api.dicomweb.dicom_json import MEDIA_TYPE, row_to_json
-from api.dicomweb.negotiate import wants_json
-from api.dicomweb.qido_params import QidoParams, parse_qido
-from storage.query import (
+from nnunet_node.api.deps import ContextDep
+from nnunet_node.api.dicomweb.common import (
+    check_uid,
+    context_parts,
+    instance_url,
+    series_url,
+    service_url,
+)
+from nnunet_node.api.dicomweb.common import study_url as make_study_url
+from nnunet_node.api.dicomweb.dicom_json import MEDIA_TYPE, row_to_json
+from nnunet_node.api.dicomweb.negotiate import wants_json
+from nnunet_node.api.dicomweb.qido_params import QidoParams, parse_qido
+from nnunet_node.storage.query import (
     ATTRIBUTES,
     COMPUTED,
     find_instances,

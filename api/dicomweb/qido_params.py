@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.tag import BaseTag
 
-from api.dicomweb.dicom_json import keyword_or_tag
-from core.errors import InvalidRequest
+from nnunet_node.api.dicomweb.dicom_json import keyword_or_tag
+from nnunet_node.core.errors import InvalidRequest
 
 MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 1_000

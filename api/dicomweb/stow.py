@@ -19,9 +19,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ContextDep
-from api.dicomweb.common import check_uid, context_parts, instance_url, service_url, study_url
-from api.dicomweb.dicom_json import (
+from nnunet_node.api.deps import ContextDep
+from nnunet_node.api.dicomweb.common import (
+    check_uid,
+    context_parts,
+    instance_url,
+    service_url,
+    study_url,
+)
+from nnunet_node.api.dicomweb.dicom_json import (
     FAILURE_CANNOT_UNDERSTAND,
     FAILURE_OUT_OF_RESOURCES,
     FAILURE_PROCESSING,
@@ -31,9 +37,9 @@ from api.dicomweb.dicom_json import (
     StoredRef,
     store_response,
 )
-from api.dicomweb.multipart import Part, boundary_of, iter_parts, parse_media_type
-from core.errors import InvalidDicom, InvalidRequest, PayloadTooLarge, StorageFull
-from storage.archive import Archive, IngestResult, read_header
+from nnunet_node.api.dicomweb.multipart import Part, boundary_of, iter_parts, parse_media_type
+from nnunet_node.core.errors import InvalidDicom, InvalidRequest, PayloadTooLarge, StorageFull
+from nnunet_node.storage.archive import Archive, IngestResult, read_header
 
 LOGGER = logging.getLogger(__name__)
 

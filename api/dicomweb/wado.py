@@ -21,18 +21,18 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ContextDep
-from api.dicomweb.common import check_uid, context_parts, instance_url, service_url
-from api.dicomweb.dicom_json import MEDIA_TYPE, read_metadata
-from api.dicomweb.frames import BulkValue, read_frames
-from api.dicomweb.multipart import (
+from nnunet_node.api.deps import ContextDep
+from nnunet_node.api.dicomweb.common import check_uid, context_parts, instance_url, service_url
+from nnunet_node.api.dicomweb.dicom_json import MEDIA_TYPE, read_metadata
+from nnunet_node.api.dicomweb.frames import BulkValue, read_frames
+from nnunet_node.api.dicomweb.multipart import (
     closing_delimiter,
     encode_parts,
     multipart_content_type,
     new_boundary,
     part_header,
 )
-from api.dicomweb.negotiate import (
+from nnunet_node.api.dicomweb.negotiate import (
     DICOM,
     EXPLICIT_LE,
     Delivery,
@@ -41,8 +41,8 @@ from api.dicomweb.negotiate import (
     instance_delivery,
     wants_json,
 )
-from core.errors import InvalidRequest, NotFound
-from storage.query import instance_refs
+from nnunet_node.core.errors import InvalidRequest, NotFound
+from nnunet_node.storage.query import instance_refs
 
 LOGGER = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from fastapi import APIRouter, Body, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from api.deps import JobServiceDep, SettingsDep
-from api.errors import error_response, responses
-from api.uploads import MB, extract_archive, receive_multipart, study_root
-from core.errors import Conflict, InvalidRequest, PayloadTooLarge
-from inference.request import normalise
-from pipeline.jobs import JobService, JobView
+from nnunet_node.api.deps import JobServiceDep, SettingsDep
+from nnunet_node.api.errors import error_response, responses
+from nnunet_node.api.uploads import MB, extract_archive, receive_multipart, study_root
+from nnunet_node.core.errors import Conflict, InvalidRequest, PayloadTooLarge
+from nnunet_node.inference.request import normalise
+from nnunet_node.pipeline.jobs import JobService, JobView
 
 LOGGER = logging.getLogger(__name__)
 

@@ -11,16 +11,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api.deps import ContextDep, JobServiceDep
-from api.errors import responses
-from api.routes.infer import REQUEST_BODY, JsonObject
-from core.errors import InvalidRequest, NotFound
-from pipeline.context import NodeContext
-from pipeline.dispatch import Dispatcher
-from pipeline.jobs import DispatchView, JobView
-from pipeline.routing import RoutingTable
-from storage.jobs import MAX_PAGE
-from storage.models import JobStatus
+from nnunet_node.api.deps import ContextDep, JobServiceDep
+from nnunet_node.api.errors import responses
+from nnunet_node.api.routes.infer import REQUEST_BODY, JsonObject
+from nnunet_node.core.errors import InvalidRequest, NotFound
+from nnunet_node.pipeline.context import NodeContext
+from nnunet_node.pipeline.dispatch import Dispatcher
+from nnunet_node.pipeline.jobs import DispatchView, JobView
+from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.storage.jobs import MAX_PAGE
+from nnunet_node.storage.models import JobStatus
 
 LOGGER = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import ContextDep
-from inference.request import InferenceRequest
+from nnunet_node.api.deps import ContextDep
+from nnunet_node.inference.request import InferenceRequest
 
 LOGGER = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import pytest
 import uvicorn
 import yaml
 
-from api.app import create_app
-from core.phantom import make_phantom, write_dicom_series, write_nifti
-from core.settings import Settings, load_settings
+from nnunet_node.app import create_app
+from nnunet_node.core.phantom import make_phantom, write_dicom_series, write_nifti
+from nnunet_node.core.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "model-serve-spec.yaml"

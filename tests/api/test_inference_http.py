@@ -25,7 +25,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from core.phantom import make_phantom
+from nnunet_node.core.phantom import make_phantom
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from storage.db import unit_of_work
-from storage.models import Dispatch, DispatchStatus
+from nnunet_node.storage.db import unit_of_work
+from nnunet_node.storage.models import Dispatch, DispatchStatus
 
 
 def _port_open(port: int) -> bool:

@@ -20,7 +20,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from api.middleware import CatchAllMiddleware, TokenBuckets
+from nnunet_node.api.middleware import CatchAllMiddleware, TokenBuckets
 
 KEY = "s3cret-key"
 ORIGIN = "https://viewer.example.org"

@@ -19,8 +19,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api.app import create_app
-from core.settings import load_settings
+from nnunet_node.app import create_app
+from nnunet_node.core.settings import load_settings
 
 KEY = "fuzz-key"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from api.uploads import extract_archive, member_parts, receive_multipart, study_root
-from core.errors import InvalidRequest, PayloadTooLarge, UnsafeArchive
+from nnunet_node.api.uploads import extract_archive, member_parts, receive_multipart, study_root
+from nnunet_node.core.errors import InvalidRequest, PayloadTooLarge, UnsafeArchive
 
 MB = 1024 * 1024
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import PathNotAllowed
-from core.paths import resolve_inside
+from nnunet_node.core.errors import PathNotAllowed
+from nnunet_node.core.paths import resolve_inside
 
 
 def test_inside_and_outside(tmp_path: Path) -> None:

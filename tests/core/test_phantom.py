@@ -12,7 +12,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from core.phantom import (
+from nnunet_node.core.phantom import (
     CUBE_LABEL,
     SPHERE_LABEL,
     Phantom,
@@ -221,7 +221,7 @@ def test_dciodvfy_finds_no_error(tmp_path: Path) -> None:
 def test_command_line_writes_a_demo_study(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     subprocess.run(
-        [sys.executable, "-m", "core.phantom", "--out", str(out), "--seed", "4"],
+        [sys.executable, "-m", "nnunet_node.core.phantom", "--out", str(out), "--seed", "4"],
         check=True,
         cwd=ROOT,
         capture_output=True,

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import ConfigError
-from core.settings import load_settings
+from nnunet_node.core.errors import ConfigError
+from nnunet_node.core.settings import load_settings
 
 
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from export_helpers import Series
 
-from core.phantom import make_phantom, write_dicom_series
-from export.metadata import SegmentationMetadata, parse_metadata
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
+from nnunet_node.export.metadata import SegmentationMetadata, parse_metadata
 
 
 def _rotation(axis: tuple[float, float, float], degrees: float) -> np.ndarray:

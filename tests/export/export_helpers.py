@@ -11,7 +11,7 @@ import numpy as np
 from pydicom import Dataset
 from skimage.draw import polygon
 
-from core.phantom import Phantom
+from nnunet_node.core.phantom import Phantom
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from core.errors import InvalidRequest
-from export import check_suffix, dicom_output_name, write_dataset
+from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.export import check_suffix, dicom_output_name, write_dataset
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import ConfigError, ExportError
-from export.metadata import PALETTE, parse_metadata
+from nnunet_node.core.errors import ConfigError, ExportError
+from nnunet_node.export.metadata import PALETTE, parse_metadata
 
 DCMQI_TEMPLATE = {
     "ContentCreatorName": "Reader1",

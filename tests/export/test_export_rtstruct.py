@@ -18,10 +18,10 @@ from export_helpers import (
     rasterise_with_sitk,
 )
 
-from core.errors import ExportError
-from core.phantom import to_sitk
-from export import dicom_output_name, make_rtstruct, write_dataset
-from export.metadata import SegmentationMetadata
+from nnunet_node.core.errors import ExportError
+from nnunet_node.core.phantom import to_sitk
+from nnunet_node.export import dicom_output_name, make_rtstruct, write_dataset
+from nnunet_node.export.metadata import SegmentationMetadata
 
 
 @pytest.mark.parametrize("name", ["axial", "sagittal", "oblique"])

@@ -13,15 +13,15 @@ import pytest
 from export_helpers import Series, blank_volatile, dciodvfy
 from pydicom import Dataset
 
-from core.errors import ExportError
-from export import (
+from nnunet_node.core.errors import ExportError
+from nnunet_node.export import (
     dicom_output_name,
     make_binary_seg,
     make_fractional_seg,
     make_rtstruct,
     write_dataset,
 )
-from export.metadata import SegmentationMetadata
+from nnunet_node.export.metadata import SegmentationMetadata
 
 
 def _write_and_read(ds: Dataset, path: Path) -> hd.seg.Segmentation:

@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 from export_helpers import Series, dciodvfy
 
-from export import read_sources, write_stage_dicom
-from export.metadata import SegmentationMetadata
+from nnunet_node.export import read_sources, write_stage_dicom
+from nnunet_node.export.metadata import SegmentationMetadata
 
 
 def test_stage_outputs_from_source_files(

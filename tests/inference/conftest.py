@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from inference.spec import ModelRegistry
+from nnunet_node.inference.spec import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from core.errors import JobCancelled
-from core.phantom import (
+from nnunet_node.core.errors import JobCancelled
+from nnunet_node.core.phantom import (
     CUBE_LABEL,
     SPHERE_LABEL,
     Phantom,
@@ -27,12 +27,12 @@ from core.phantom import (
     write_dicom_series,
     write_nifti,
 )
-from inference.cache import PredictorCache
-from inference.device import DevicePolicy
-from inference.engine import InferenceEngine, StageResult, cache_key
-from inference.request import normalise
-from inference.spec import ModelRegistry
-from inference.volumes import bounding_box
+from nnunet_node.inference.cache import PredictorCache
+from nnunet_node.inference.device import DevicePolicy
+from nnunet_node.inference.engine import InferenceEngine, StageResult, cache_key
+from nnunet_node.inference.request import normalise
+from nnunet_node.inference.spec import ModelRegistry
+from nnunet_node.inference.volumes import bounding_box
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "nifti/image.nii.gz"
@@ -101,7 +101,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
 
 
 def _sitk_pair(ph: Phantom) -> tuple[sitk.Image, sitk.Image]:
-    from core.phantom import to_sitk
+    from nnunet_node.core.phantom import to_sitk
 
     return to_sitk(ph)
 
@@ -484,7 +484,7 @@ def test_a_trainer_class_that_cannot_be_imported_still_loads(
 
     import torch
 
-    from inference.engine import load_model
+    from nnunet_node.inference.engine import load_model
 
     source = registry.resolve("phantom").folder
     copy = tmp_path / "model"

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from core.errors import ClientError, InvalidRequest, ModelUnavailable, UnknownModel
-from inference.request import InferenceRequest, normalise
-from inference.spec import ModelRegistry
+from nnunet_node.core.errors import ClientError, InvalidRequest, ModelUnavailable, UnknownModel
+from nnunet_node.inference.request import InferenceRequest, normalise
+from nnunet_node.inference.spec import ModelRegistry
 
 
 def _plan(registry: ModelRegistry, **body: Any) -> Any:

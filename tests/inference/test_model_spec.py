@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from core.errors import ConfigError, ModelUnavailable, UnknownModel
-from inference.spec import ModelRegistry
+from nnunet_node.core.errors import ConfigError, ModelUnavailable, UnknownModel
+from nnunet_node.inference.spec import ModelRegistry
 
 
 def _load(tmp_path: Path, raw: Any, **kwargs: Any) -> ModelRegistry:

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from core.errors import InvalidRequest
-from core.phantom import make_phantom, write_dicom_series, write_nifti
-from inference.postprocess import (
+from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.core.phantom import make_phantom, write_dicom_series, write_nifti
+from nnunet_node.inference.postprocess import (
     MIN_COMPONENT_VOXELS,
     ComponentFilter,
     filter_components,
     labels_from_probabilities,
 )
-from inference.volumes import bounding_box, onto_grid, read_series
+from nnunet_node.inference.volumes import bounding_box, onto_grid, read_series
 
 
 def _two_blobs() -> tuple[np.ndarray, np.ndarray]:

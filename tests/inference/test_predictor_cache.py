@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from core.errors import InferenceError, JobCancelled
-from inference.cache import PredictorCache
-from inference.device import DevicePolicy
+from nnunet_node.core.errors import InferenceError, JobCancelled
+from nnunet_node.inference.cache import PredictorCache
+from nnunet_node.inference.device import DevicePolicy
 
 
 class Clock:

@@ -18,8 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from storage.db import make_engine, make_sessionmaker
-from storage.models import Instance
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.models import Instance
 from tests.node.peers import DCMTK_ENV, free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,11 +15,11 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from core.phantom import make_phantom, write_dicom_series
-from core.settings import Settings
-from node.service import DimseService
-from pipeline.context import NodeContext, build_context
-from storage.models import Instance, Job, JobStatus, Series
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
+from nnunet_node.core.settings import Settings
+from nnunet_node.node.service import DimseService
+from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.storage.models import Instance, Job, JobStatus, Series
 from tests.node.conftest import dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
 
@@ -278,7 +278,7 @@ def test_restart_during_quiet_period_still_runs_the_job(tmp_path: Path) -> None:
 def test_demo_sends_a_phantom_study_and_reports_the_results(
     flow: Flow, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node.demo import run_demo
+    from nnunet_node.node.demo import run_demo
 
     settings = flow.node.context.settings
     # No HTTP API in this process: the demo reads the job from the database instead.

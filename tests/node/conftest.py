@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.phantom import make_phantom, write_dicom_series
-from core.settings import Settings
-from node.ae import DicomNode
-from pipeline.routing import RoutingTable
-from storage.archive import Archive
-from storage.db import make_engine, make_sessionmaker
-from storage.migrations import upgrade
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
+from nnunet_node.core.settings import Settings
+from nnunet_node.node.ae import DicomNode
+from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.migrations import upgrade
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 

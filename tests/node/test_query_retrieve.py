@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.ae import DicomNode
+from nnunet_node.node.ae import DicomNode
 from tests.node.conftest import NodeFactory, dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
 

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from core.errors import InvalidDicom, InvalidRequest, StorageFull
-from node.status import dimse_service, status_for
+from nnunet_node.core.errors import InvalidDicom, InvalidRequest, StorageFull
+from nnunet_node.node.status import dimse_service, status_for
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ from pynetdicom import AE, _config
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.dispatch import NODELAY_HANDLERS
-from storage.archive import Archive
-from storage.models import Instance, Series
+from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.models import Instance, Series
 from tests.node.conftest import NodeFactory, dcmtk
 
 

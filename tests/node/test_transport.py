@@ -19,11 +19,11 @@ from pynetdicom.dsutils import decode
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.transport import encode_store_response
-from pipeline.dispatch import NODELAY_HANDLERS
-from storage import dicomscan
-from storage.archive import Archive
-from storage.models import Instance
+from nnunet_node.node.transport import encode_store_response
+from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS
+from nnunet_node.storage import dicomscan
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.models import Instance
 from tests.node.conftest import NodeFactory, dcmtk
 
 UIDS = [

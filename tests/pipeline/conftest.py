@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from core.settings import Settings
-from storage.migrations import upgrade
+from nnunet_node.core.settings import Settings
+from nnunet_node.storage.migrations import upgrade
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,13 +22,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.completion import CompletionWatcher, utcnow
-from pipeline.routing import RoutingTable
-from storage.archive import Archive
-from storage.db import make_engine, make_sessionmaker
-from storage.jobs import JobStore
-from storage.migrations import upgrade
-from storage.models import Job, JobStatus, Series, Study
+from nnunet_node.pipeline.completion import CompletionWatcher, utcnow
+from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.jobs import JobStore
+from nnunet_node.storage.migrations import upgrade
+from nnunet_node.storage.models import Job, JobStatus, Series, Study
 
 SPEC: dict[str, Any] = {
     "routes": [

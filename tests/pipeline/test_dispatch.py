@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import Conflict
-from core.phantom import make_phantom, write_dicom_series
-from pipeline.dispatch import Dispatcher, SendError, send_files
-from pipeline.routing import RoutingTable
-from storage.db import make_engine, make_sessionmaker, unit_of_work
-from storage.migrations import upgrade
-from storage.models import Dispatch, DispatchStatus, Job, JobArtifact, JobStatus
+from nnunet_node.core.errors import Conflict
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
+from nnunet_node.pipeline.dispatch import Dispatcher, SendError, send_files
+from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
+from nnunet_node.storage.migrations import upgrade
+from nnunet_node.storage.models import Dispatch, DispatchStatus, Job, JobArtifact, JobStatus
 from tests.node.peers import free_port, received, storescp
 
 

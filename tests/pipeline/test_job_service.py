@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from core.errors import (
+from nnunet_node.core.errors import (
     InferenceError,
     InvalidRequest,
     JobCancelled,
@@ -25,14 +25,14 @@ from core.errors import (
     PathNotAllowed,
     UnknownModel,
 )
-from core.settings import Settings
-from inference.request import Plan
-from pipeline.jobs import JobService
-from pipeline.spec import NodeSpec
-from storage.archive import Archive
-from storage.db import make_engine, make_sessionmaker
-from storage.jobs import RESTART_REASON
-from storage.models import JobStatus
+from nnunet_node.core.settings import Settings
+from nnunet_node.inference.request import Plan
+from nnunet_node.pipeline.jobs import JobService
+from nnunet_node.pipeline.spec import NodeSpec
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.jobs import RESTART_REASON
+from nnunet_node.storage.models import JobStatus
 
 
 @dataclass

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import Conflict, NotFound
-from core.settings import Settings
-from pipeline.outputs import build_zip, safe_arcname
-from storage.db import make_engine, make_sessionmaker
-from storage.jobs import ArtifactRecord, JobStore
+from nnunet_node.core.errors import Conflict, NotFound
+from nnunet_node.core.settings import Settings
+from nnunet_node.pipeline.outputs import build_zip, safe_arcname
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.jobs import ArtifactRecord, JobStore
 
 
 @pytest.fixture

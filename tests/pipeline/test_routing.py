@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from core.errors import ConfigError
-from pipeline.routing import RoutingTable, series_attributes
+from nnunet_node.core.errors import ConfigError
+from nnunet_node.pipeline.routing import RoutingTable, series_attributes
 
 SPEC: dict[str, Any] = {
     "model_folder": "models",

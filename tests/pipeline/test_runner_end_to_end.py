@@ -19,12 +19,12 @@ import SimpleITK as sitk
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 from sqlalchemy import select
 
-from core.phantom import Phantom, make_phantom, to_sitk, write_dicom_series, write_nifti
-from core.settings import Settings
-from pipeline.context import NodeContext, build_context
-from pipeline.jobs import JobView
-from storage.db import unit_of_work
-from storage.models import Instance, Series, Study
+from nnunet_node.core.phantom import Phantom, make_phantom, to_sitk, write_dicom_series, write_nifti
+from nnunet_node.core.settings import Settings
+from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.pipeline.jobs import JobView
+from nnunet_node.storage.db import unit_of_work
+from nnunet_node.storage.models import Instance, Series, Study
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (40, 48, 48)

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from core.errors import ConfigError, InvalidRequest
-from core.settings import Settings
-from pipeline.spec import NodeSpec
+from nnunet_node.core.errors import ConfigError, InvalidRequest
+from nnunet_node.core.settings import Settings
+from nnunet_node.pipeline.spec import NodeSpec
 
 REPO = Path(__file__).resolve().parents[2]
 

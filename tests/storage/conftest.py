@@ -20,9 +20,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.archive import Archive
-from storage.db import make_engine, make_sessionmaker
-from storage.migrations import upgrade
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.migrations import upgrade
 
 
 @pytest.fixture(scope="session")

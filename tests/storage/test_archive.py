@@ -12,9 +12,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import InvalidDicom, StorageFull
-from storage.archive import Archive, is_valid_uid
-from storage.models import Instance, Patient, Series, Study
+from nnunet_node.core.errors import InvalidDicom, StorageFull
+from nnunet_node.storage.archive import Archive, is_valid_uid
+from nnunet_node.storage.models import Instance, Patient, Series, Study
 
 
 def _count(sessions: sessionmaker[Session], model: type) -> int:
@@ -313,8 +313,8 @@ def test_group_commit_fails_only_the_bad_instance(
     archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
 ) -> None:
     """A batch of waiting writers commits together; one failing instance fails alone."""
-    from storage.archive import read_header
-    from storage.indexer import _Request
+    from nnunet_node.storage.archive import read_header
+    from nnunet_node.storage.indexer import _Request
 
     good = [read_header(make_instance()) for _ in range(2)]
     bad = read_header(make_instance())
@@ -338,7 +338,7 @@ def test_read_sessions_do_not_wait_for_a_writer(
 ) -> None:
     from sqlalchemy import text
 
-    from storage.db import make_engine, make_read_sessionmaker, make_sessionmaker
+    from nnunet_node.storage.db import make_engine, make_read_sessionmaker, make_sessionmaker
 
     engine = make_engine(index_url)
     try:

@@ -37,9 +37,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from core.errors import InvalidDicom
-from storage import dicomscan
-from storage.headers import (
+from nnunet_node.core.errors import InvalidDicom
+from nnunet_node.storage import dicomscan
+from nnunet_node.storage.headers import (
     INSTANCE_INT_ATTRIBUTES,
     PATIENT_ATTRIBUTES,
     SERIES_ATTRIBUTES,
@@ -50,7 +50,7 @@ from storage.headers import (
     read_header,
     read_header_pydicom,
 )
-from storage.indexer import Header
+from nnunet_node.storage.indexer import Header
 from tests.storage.conftest import build_dataset, encode
 
 # --- building files ---------------------------------------------------------------------------

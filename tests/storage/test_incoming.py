@@ -14,11 +14,11 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import InvalidDicom, StorageFull
-from storage import archive as archive_module
-from storage import incoming as incoming_module
-from storage.archive import Archive, IncomingFile
-from storage.models import Instance
+from nnunet_node.core.errors import InvalidDicom, StorageFull
+from nnunet_node.storage import archive as archive_module
+from nnunet_node.storage import incoming as incoming_module
+from nnunet_node.storage.archive import Archive, IncomingFile
+from nnunet_node.storage.models import Instance
 
 
 def _receive(archive: Archive, data: bytes, *, fragment: int = 4096) -> IncomingFile:

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import Conflict, NotFound
-from storage.db import make_engine, make_sessionmaker, unit_of_work
-from storage.jobs import RESTART_REASON, ArtifactRecord, JobFilters, JobStore
-from storage.migrations import upgrade
-from storage.models import Job, JobStatus
+from nnunet_node.core.errors import Conflict, NotFound
+from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
+from nnunet_node.storage.jobs import RESTART_REASON, ArtifactRecord, JobFilters, JobStore
+from nnunet_node.storage.migrations import upgrade
+from nnunet_node.storage.models import Job, JobStatus
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, create_engine, select
 from sqlalchemy.dialects import postgresql
 
-from core.errors import InvalidRequest
-from storage.matching import (
+from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.storage.matching import (
     Kind,
     has_wildcards,
     is_universal,

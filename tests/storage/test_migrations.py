@@ -11,9 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from storage.db import make_engine
-from storage.migrations import current, downgrade, upgrade
-from storage.models import Base
+from nnunet_node.storage.db import make_engine
+from nnunet_node.storage.migrations import current, downgrade, upgrade
+from nnunet_node.storage.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"patients", "studies", "series", "instances", "jobs", "job_artifacts", "dispatches"}

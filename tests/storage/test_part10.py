@@ -26,7 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from storage.part10 import (
+from nnunet_node.storage.part10 import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     PREAMBLE,

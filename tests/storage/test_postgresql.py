@@ -18,12 +18,12 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import query
-from storage.archive import Archive
-from storage.db import make_engine, make_sessionmaker
-from storage.jobs import JobFilters, JobStore
-from storage.migrations import downgrade, upgrade
-from storage.models import Instance, JobStatus, Series
+from nnunet_node.storage import query
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.db import make_engine, make_sessionmaker
+from nnunet_node.storage.jobs import JobFilters, JobStore
+from nnunet_node.storage.migrations import downgrade, upgrade
+from nnunet_node.storage.models import Instance, JobStatus, Series
 
 SERVER_URL = os.environ.get("NNUNET_NODE_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(

@@ -11,9 +11,9 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import InvalidRequest
-from storage.archive import Archive
-from storage.query import (
+from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.query import (
     find,
     find_instances,
     find_patients,

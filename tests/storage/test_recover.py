@@ -19,9 +19,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import archive as archive_module
-from storage.archive import Archive
-from storage.models import Instance
+from nnunet_node.storage import archive as archive_module
+from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.models import Instance
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,8 +137,8 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-    from storage.archive import Archive
-    from storage.db import make_engine, make_sessionmaker
+    from nnunet_node.storage.archive import Archive
+    from nnunet_node.storage.db import make_engine, make_sessionmaker
 
     root, url = Path(sys.argv[1]), sys.argv[2]
     archive = Archive(root, make_sessionmaker(make_engine(url)))

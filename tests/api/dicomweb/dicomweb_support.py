@@ -20,9 +20,9 @@ import requests
 import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
-from api.app import create_app
-from core.phantom import make_phantom, write_dicom_series
-from core.settings import Settings, load_settings
+from nnunet_node.app import create_app
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
+from nnunet_node.core.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[3]
 SPEC = REPO / "model-serve-spec.yaml"

@@ -14,8 +14,8 @@ import schemathesis
 from dicomweb_support import API_KEY, Node, PhantomStudy
 from hypothesis import HealthCheck, settings
 
-from api.app import create_app
-from core.settings import load_settings
+from nnunet_node.app import create_app
+from nnunet_node.core.settings import load_settings
 
 with tempfile.TemporaryDirectory() as _unused:
     _schema_app = create_app(load_settings(data_dir=Path(_unused), api_key=API_KEY))

@@ -12,7 +12,7 @@ import requests
 from dicomweb_support import Node, PhantomStudy
 from pydicom.uid import generate_uid
 
-from api.dicomweb.multipart import encode_parts
+from nnunet_node.api.dicomweb.multipart import encode_parts
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"; boundary=xyzzy'
 

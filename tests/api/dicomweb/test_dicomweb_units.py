@@ -14,7 +14,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from api.dicomweb.dicom_json import (
+from nnunet_node.api.dicomweb.dicom_json import (
     FAILURE_CANNOT_UNDERSTAND,
     FailedRef,
     StoredRef,
@@ -23,23 +23,23 @@ from api.dicomweb.dicom_json import (
     row_to_json,
     store_response,
 )
-from api.dicomweb.frames import BulkValue, NotAcceptable, read_frames
-from api.dicomweb.multipart import (
+from nnunet_node.api.dicomweb.frames import BulkValue, NotAcceptable, read_frames
+from nnunet_node.api.dicomweb.multipart import (
     Part,
     encode_parts,
     iter_parts,
     parse_media_type,
     split_accept,
 )
-from api.dicomweb.negotiate import (
+from nnunet_node.api.dicomweb.negotiate import (
     Delivery,
     bulk_content_type,
     frame_content_type,
     instance_delivery,
     wants_json,
 )
-from api.dicomweb.qido_params import parse_qido
-from core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from nnunet_node.api.dicomweb.qido_params import parse_qido
+from nnunet_node.core.errors import InvalidRequest, NotFound, PayloadTooLarge
 
 
 async def _chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
@@ -323,7 +323,7 @@ def test_bulk_value_reads_the_element_from_the_file(tmp_path: Path) -> None:
 
 
 def test_row_to_json_is_what_pydicom_writes() -> None:
-    from storage.query import to_dataset
+    from nnunet_node.storage.query import to_dataset
 
     rows = [
         {
