@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from nnunet_node.core.errors import ClientError, NodeError
+from nnunet_node.core.errors import ClientError, NodeError, describe_validation_error
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ async def _node_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = exc.errors()
-    first = details[0] if details else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    message = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
+    message = describe_validation_error(exc, skip=("body",)) if details else "invalid request"
     return error_response(422, message, details=details)
 
 

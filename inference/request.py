@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from nnunet_node.core.errors import InvalidRequest, UnknownModel
+from nnunet_node.core.errors import InvalidRequest, UnknownModel, describe_validation_error
 from nnunet_node.inference.spec import ModelFiles, ModelRegistry, ModelSpec
 
 CascadeMode = Literal["intersect", "crop"]
@@ -273,28 +273,7 @@ def parse_request(raw: InferenceRequest | dict[str, Any]) -> InferenceRequest:
     try:
         return InferenceRequest.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidRequest(_describe(exc)) from exc
-
-
-def _describe(exc: ValidationError) -> str:
-    parts: list[str] = []
-    seen: set[str] = set()
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ())]
-        # Union members repeat the field with their type name: keep the field path only.
-        field_path = loc[0] if loc else "request"
-        rest = [p for p in loc[1:] if p.isdigit()]
-        name = field_path + "".join(f"[{p}]" for p in rest)
-        if err.get("type") == "extra_forbidden":
-            text = f"unknown field {field_path!r}"
-        elif err.get("type") == "missing":
-            text = f"{name}: field required"
-        else:
-            text = f"{name}: {err.get('msg')}"
-        if field_path not in seen or err.get("type") == "extra_forbidden":
-            parts.append(text)
-            seen.add(field_path)
-    return "; ".join(parts) or str(exc)
+        raise InvalidRequest(describe_validation_error(exc, per_field=True)) from exc
 
 
 def normalise(raw: InferenceRequest | dict[str, Any], registry: ModelRegistry) -> Plan:

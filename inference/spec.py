@@ -1,13 +1,11 @@
-"""The model-serve spec (``model-serve-spec.yaml``) and the registry of models it names.
+"""The registry of the models that the model-serve spec names.
 
-The file keeps the reference server's format: ``model_folder`` (relative to the spec file's folder
-when
-relative) and a list of ``models``, each with ``id``, ``name``, ``aliases``, ``rel_path``,
-``min_mem``,
-``default_args`` and ``metadata``; TotalSegmentator entries name a ``totalseg_task`` instead of a
-``rel_path``. Other top-level keys (``routes``, ``destinations``) belong to other parts and are left
-alone. Everything is validated at load; a model whose files are absent is still registered and fails
-with :class:`ModelUnavailable` when it is used, so one missing download does not stop the node.
+``core.spec`` validates the file (:class:`~nnunet_node.core.spec.ModelEntry`); this module turns
+each model entry into a :class:`ModelSpec`: its folder resolved (``rel_path`` under
+``model_folder``, itself relative to the spec file's folder; a TotalSegmentator task under the
+weights folder) and its ``default_args`` checked against the request model. A model whose files
+are absent is still registered and fails with :class:`ModelUnavailable` when it is used, so one
+missing download does not stop the node.
 """
 
 from __future__ import annotations
@@ -18,25 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import ValidationError
 
-from nnunet_node.core.errors import ConfigError, ModelUnavailable, UnknownModel
+from nnunet_node.core.errors import (
+    ConfigError,
+    ModelUnavailable,
+    UnknownModel,
+    describe_validation_error,
+)
+from nnunet_node.core.spec import DEFAULT_MIN_MEM_MIB, MetadataEntry, ModelEntry, SpecFile
 
 LOGGER = logging.getLogger(__name__)
-
-DEFAULT_MIN_MEM_MIB = 4000
-_MODEL_KEYS = {
-    "id",
-    "name",
-    "aliases",
-    "rel_path",
-    "min_mem",
-    "default_args",
-    "metadata",
-    "totalseg_task",
-}
-# Request fields that describe one request, not a model's defaults.
-_NOT_DEFAULTABLE = {"nnunet_id", "study_path", "output_dir", "series_folders"}
 
 # TotalSegmentator v2 tasks served by one nnU-Net dataset: task -> dataset id. Tasks made of several
 # datasets (``total``) are not single nnU-Net models; serve their parts by ``rel_path`` instead.
@@ -60,7 +50,8 @@ TOTALSEG_DATASETS: dict[str, int] = {
 @dataclass(frozen=True)
 class ModelSpec:
     """One model of the spec, as validated at load. ``folder`` holds ``dataset.json`` and
-    ``fold_*``."""
+    ``fold_*``; ``min_mem`` is MiB of free GPU memory; ``metadata`` is the entry that
+    ``export.metadata`` parses into segment descriptions."""
 
     id: str
     name: str
@@ -69,7 +60,7 @@ class ModelSpec:
     folder: Path
     min_mem: int = DEFAULT_MIN_MEM_MIB
     default_args: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    metadata: dict[str, Any] | str | None = field(default=None, hash=False, compare=False)
+    metadata: MetadataEntry | None = field(default=None, hash=False, compare=False)
     totalseg_task: str | None = None
 
     @property
@@ -164,28 +155,17 @@ class ModelRegistry:
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: Path, totalseg_weights_path: Path | None = None) -> ModelRegistry:
-        """Load and validate the spec file; raise :class:`ConfigError` naming the model and key."""
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"model-serve spec {path} does not exist") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"model-serve spec {path} is not valid YAML: {exc}") from exc
-        return cls.from_dict(
-            raw, base_dir=Path(path).resolve().parent, totalseg_weights_path=totalseg_weights_path
-        )
-
-    @classmethod
-    def from_dict(
-        cls, raw: Any, base_dir: Path, totalseg_weights_path: Path | None = None
+    def from_spec(
+        cls, spec: SpecFile, base_dir: Path, totalseg_weights_path: Path | None = None
     ) -> ModelRegistry:
-        if not isinstance(raw, dict):
-            raise ConfigError("model-serve spec: the top level must be a mapping")
-        folder_raw = raw.get("model_folder")
-        if not isinstance(folder_raw, str) or not folder_raw.strip():
+        """The models of a validated spec file whose folder is ``base_dir``.
+
+        Raises :class:`ConfigError` naming the model and key (``model_folder`` absent, an
+        unknown TotalSegmentator task, ``default_args`` that no request could carry, a name
+        used by two models)."""
+        if spec.model_folder is None:
             raise ConfigError("model-serve spec: model_folder must be a non-empty string")
-        model_folder = Path(folder_raw).expanduser()
+        model_folder = Path(spec.model_folder).expanduser()
         if not model_folder.is_absolute():
             model_folder = base_dir / model_folder
         model_folder = model_folder.resolve()
@@ -194,15 +174,22 @@ class ModelRegistry:
             if totalseg_weights_path
             else model_folder / "totalseg"
         )
-        entries = raw.get("models", [])
-        if entries is None:
-            entries = []
-        if not isinstance(entries, list):
-            raise ConfigError("model-serve spec: models must be a list")
-        models = [
-            _parse_model(entry, i, model_folder, totalseg_root) for i, entry in enumerate(entries)
-        ]
+        models = [_model_spec(entry, model_folder, totalseg_root) for entry in spec.models]
         return cls(models, model_folder)
+
+    @classmethod
+    def from_yaml(cls, path: Path, totalseg_weights_path: Path | None = None) -> ModelRegistry:
+        """Read the spec file at ``path`` (:meth:`SpecFile.read`) and build the registry."""
+        return cls.from_spec(
+            SpecFile.read(path), Path(path).resolve().parent, totalseg_weights_path
+        )
+
+    @classmethod
+    def from_dict(
+        cls, raw: Any, base_dir: Path, totalseg_weights_path: Path | None = None
+    ) -> ModelRegistry:
+        """Validate a parsed spec document (:meth:`SpecFile.parse`) and build the registry."""
+        return cls.from_spec(SpecFile.parse(raw), base_dir, totalseg_weights_path)
 
     # --- lookup ---------------------------------------------------------------------------
     @property
@@ -269,47 +256,13 @@ class ModelRegistry:
         return out
 
 
-def _parse_model(entry: Any, index: int, model_folder: Path, totalseg_root: Path) -> ModelSpec:
-    where = f"models[{index}]"
-    if not isinstance(entry, dict):
-        raise ConfigError(f"model-serve spec: {where} must be a mapping")
-    model_id = entry.get("id")
-    if not isinstance(model_id, str) or not model_id.strip():
-        raise ConfigError(f"model-serve spec: {where}: id must be a non-empty string")
-    where = f"model {model_id!r}"
-    unknown = sorted(set(entry) - _MODEL_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"model-serve spec: {where}: unknown key(s) {', '.join(unknown)} "
-            f"(allowed: {', '.join(sorted(_MODEL_KEYS))})"
-        )
-    name = entry.get("name", model_id)
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"model-serve spec: {where}: name must be a non-empty string")
-    aliases_raw = entry.get("aliases") or []
-    if isinstance(aliases_raw, str):
-        aliases_raw = [aliases_raw]
-    if not isinstance(aliases_raw, list) or not all(
-        isinstance(a, str) and a.strip() for a in aliases_raw
-    ):
-        raise ConfigError(f"model-serve spec: {where}: aliases must be a list of strings")
-    min_mem = entry.get("min_mem", DEFAULT_MIN_MEM_MIB)
-    if isinstance(min_mem, bool) or not isinstance(min_mem, int) or min_mem < 0:
-        raise ConfigError(f"model-serve spec: {where}: min_mem must be a whole number of MiB >= 0")
-    default_args = entry.get("default_args") or {}
-    if not isinstance(default_args, dict):
-        raise ConfigError(f"model-serve spec: {where}: default_args must be a mapping")
-    _check_default_args(default_args, where)
-    metadata = entry.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict | str):
-        raise ConfigError(f"model-serve spec: {where}: metadata must be a mapping or a path")
-
-    task = entry.get("totalseg_task")
-    rel_path = entry.get("rel_path")
+def _model_spec(entry: ModelEntry, model_folder: Path, totalseg_root: Path) -> ModelSpec:
+    where = f"model {entry.id!r}"
+    _check_default_args(entry.default_args, where)
+    name = entry.name or entry.id
+    task = entry.totalseg_task
     if task is not None:
-        if not isinstance(task, str) or not task.strip():
-            raise ConfigError(f"model-serve spec: {where}: totalseg_task must be a string")
-        if rel_path is None:
+        if entry.rel_path is None:
             dataset_id = TOTALSEG_DATASETS.get(task)
             if dataset_id is None:
                 raise ConfigError(
@@ -319,29 +272,26 @@ def _parse_model(entry: Any, index: int, model_folder: Path, totalseg_root: Path
                 )
             folder = _find_totalseg_folder(totalseg_root, dataset_id)
         else:
-            folder = _resolve_rel(rel_path, totalseg_root, where)
-        if name == model_id and "name" not in entry:
+            folder = _resolve_rel(entry.rel_path, totalseg_root)
+        if entry.name is None:
             name = f"TotalSegmentator {task}"
     else:
-        if not isinstance(rel_path, str) or not rel_path.strip():
-            raise ConfigError(f"model-serve spec: {where}: rel_path must be a non-empty string")
-        folder = _resolve_rel(rel_path, model_folder, where)
+        assert entry.rel_path is not None  # ModelEntry requires one or the other
+        folder = _resolve_rel(entry.rel_path, model_folder)
     return ModelSpec(
-        id=model_id,
+        id=entry.id,
         name=name,
-        aliases=tuple(aliases_raw),
-        rel_path=rel_path,
+        aliases=tuple(entry.aliases),
+        rel_path=entry.rel_path,
         folder=folder,
-        min_mem=min_mem,
-        default_args=dict(default_args),
-        metadata=metadata,
+        min_mem=entry.min_mem,
+        default_args=dict(entry.default_args),
+        metadata=entry.metadata,
         totalseg_task=task,
     )
 
 
-def _resolve_rel(rel_path: Any, root: Path, where: str) -> Path:
-    if not isinstance(rel_path, str) or not rel_path.strip():
-        raise ConfigError(f"model-serve spec: {where}: rel_path must be a non-empty string")
+def _resolve_rel(rel_path: str, root: Path) -> Path:
     path = Path(rel_path).expanduser()
     return (path if path.is_absolute() else root / path).resolve()
 
@@ -356,18 +306,13 @@ def _find_totalseg_folder(root: Path, dataset_id: int) -> Path:
 
 
 def _check_default_args(default_args: dict[str, Any], where: str) -> None:
+    """Every key a request field, every value one a request accepts (``core.spec`` has already
+    refused the fields that describe one request)."""
     from nnunet_node.inference.request import (
         InferenceRequest,  # the request module imports this one
     )
 
-    bad = sorted(set(default_args) & _NOT_DEFAULTABLE)
-    if bad:
-        raise ConfigError(
-            f"model-serve spec: {where}: default_args cannot set {', '.join(bad)} "
-            "(per request only)"
-        )
-    known = set(InferenceRequest.model_fields)
-    unknown = sorted(set(default_args) - known)
+    unknown = sorted(set(default_args) - set(InferenceRequest.model_fields))
     if unknown:
         raise ConfigError(
             f"model-serve spec: {where}: default_args has unknown request field(s) "
@@ -375,15 +320,7 @@ def _check_default_args(default_args: dict[str, Any], where: str) -> None:
         )
     try:
         InferenceRequest.model_validate({"nnunet_id": "x", **default_args})
-    except ValueError as exc:
-        raise ConfigError(f"model-serve spec: {where}: default_args: {_first_error(exc)}") from exc
-
-
-def _first_error(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        errs = errors()
-        if errs:
-            loc = ".".join(str(p) for p in errs[0].get("loc", ()))
-            return f"{loc}: {errs[0].get('msg')}"
-    return str(exc)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"model-serve spec: {where}: default_args: {describe_validation_error(exc)}"
+        ) from exc

@@ -21,7 +21,6 @@ from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.completion import CompletionWatcher
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.pipeline.dispatch import Dispatcher
-from nnunet_node.pipeline.routing import RoutingTable
 
 LOGGER = logging.getLogger(__name__)
 
@@ -33,8 +32,7 @@ class DimseService:
     def __init__(self, context: NodeContext, *, port: int | None = None) -> None:
         self.context = context
         settings = context.settings
-        self.routing = RoutingTable.from_spec(context.spec.raw)
-        self.routing.check_models(context.spec.registry.resolve)
+        self.routing = context.spec.routing
         self.node = (
             DicomNode(settings, context.archive, self.routing, port=port)
             if settings.dicom_enabled

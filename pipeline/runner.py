@@ -198,7 +198,9 @@ class JobRunner:
         result: dict[str, Any] = {
             "time_elapsed": round(time.monotonic() - started, 3),
             "nnunet_path": _one_or_list([str(s.model.folder) for s in plan.stages]),
-            "metadata": _one_or_list([s.model.metadata for s in plan.stages])
+            "metadata": _one_or_list(
+                [s.model.metadata.as_document() if s.model.metadata else None for s in plan.stages]
+            )
             if plan.is_dicom
             else None,
             "request": request,

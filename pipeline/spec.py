@@ -1,9 +1,11 @@
-"""The node's spec: the model registry, each model's parsed DICOM metadata, and the raw YAML.
+"""The node's spec: ``model-serve-spec.yaml`` read once at start-up and turned into working parts.
 
-One file (``MODEL_SERVE_SPEC``) describes models (``inference.spec``), routes and destinations
-(``pipeline.routing``). Everything a job needs is parsed here once, at start-up, so bad segment
-metadata stops the node with a message naming the model and the segment instead of failing the
-first DICOM job that reaches it.
+``core.spec`` validates the whole file (:class:`~nnunet_node.core.spec.SpecFile`); each layer
+turns its part into the objects that travel on: the model registry (``inference.spec``), each
+model's segment descriptions (``export.metadata``) and the routing table with its destinations
+(``pipeline.routing``). Everything is checked here, so a bad spec (a segment that names no SNOMED
+CT concept, a rule naming an unknown model) stops the node with a message naming the model, the
+segment or the rule, instead of failing the first job that reaches it.
 """
 
 from __future__ import annotations
@@ -11,60 +13,55 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from nnunet_node.core.errors import ConfigError, InvalidRequest
+from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.core.settings import Settings
+from nnunet_node.core.spec import PeerEntry, SpecFile
 from nnunet_node.export.metadata import SegmentationMetadata, parse_metadata
 from nnunet_node.inference.spec import ModelRegistry, ModelSpec
+from nnunet_node.pipeline.routing import RoutingTable
 
 LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """What ``model-serve-spec.yaml`` says, validated."""
+    """What ``model-serve-spec.yaml`` says, validated and resolved."""
 
     registry: ModelRegistry
     metadata: dict[str, SegmentationMetadata] = field(default_factory=dict)
     """Parsed ``metadata`` per canonical model id (models without metadata are absent)."""
-    raw: dict[str, Any] = field(default_factory=dict)
-    """The whole YAML document (``routes`` and ``destinations`` are read by pipeline.routing)."""
+    routing: RoutingTable = field(default_factory=RoutingTable)
+    """The routing rules and destinations, their models checked against the registry."""
+    peers: tuple[PeerEntry, ...] = ()
+    """The declared DICOM peers (``peers:``), as validated."""
+    file: SpecFile | None = None
+    """The validated document itself."""
     path: Path | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> NodeSpec:
         """Read ``settings.model_serve_spec``; :class:`ConfigError` names what is wrong."""
         path = Path(settings.model_serve_spec)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"model-serve spec {path} does not exist") from exc
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"model-serve spec {path} cannot be read: {exc}") from exc
-        return cls.from_dict(
-            raw,
+        return cls.from_file(
+            SpecFile.read(path),
             base_dir=path.resolve().parent,
             totalseg_weights_path=settings.totalseg_weights_path,
             path=path,
         )
 
     @classmethod
-    def from_dict(
+    def from_file(
         cls,
-        raw: Any,
+        spec: SpecFile,
         *,
         base_dir: Path,
         totalseg_weights_path: Path | None = None,
         path: Path | None = None,
     ) -> NodeSpec:
-        if not isinstance(raw, dict):
-            raise ConfigError("model-serve spec: the top level must be a mapping")
-        registry = ModelRegistry.from_dict(
-            raw, base_dir=base_dir, totalseg_weights_path=totalseg_weights_path
-        )
+        """Resolve a validated spec whose folder is ``base_dir`` (template and model paths are
+        relative to it); raises :class:`ConfigError` naming the model, segment or rule."""
+        registry = ModelRegistry.from_spec(spec, base_dir, totalseg_weights_path)
         metadata: dict[str, SegmentationMetadata] = {}
         for model in registry.models:
             if model.metadata is None:
@@ -75,13 +72,22 @@ class NodeSpec:
                 model_id=model.id,
                 labels=_model_labels(registry, model),
             )
+        routing = RoutingTable.from_spec(spec)
+        routing.check_models(registry.resolve)
         LOGGER.info(
             "spec %s: %d model(s), DICOM metadata for %s",
             path or base_dir,
             len(registry.models),
             sorted(metadata) or "none",
         )
-        return cls(registry=registry, metadata=metadata, raw=raw, path=path)
+        return cls(
+            registry=registry,
+            metadata=metadata,
+            routing=routing,
+            peers=tuple(spec.peers),
+            file=spec,
+            path=path,
+        )
 
     def metadata_for(self, model_id: str) -> SegmentationMetadata:
         """The parsed metadata of a model, or :class:`InvalidRequest` (DICOM outputs need it)."""

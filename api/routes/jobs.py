@@ -18,7 +18,6 @@ from nnunet_node.core.errors import InvalidRequest, NotFound
 from nnunet_node.pipeline.context import NodeContext
 from nnunet_node.pipeline.dispatch import Dispatcher
 from nnunet_node.pipeline.jobs import DispatchView, JobView
-from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.jobs import MAX_PAGE
 from nnunet_node.storage.models import JobStatus
 
@@ -129,7 +128,7 @@ def _dispatcher(request: Request, context: NodeContext) -> Dispatcher:
             return running
     return Dispatcher(
         context.session_factory,
-        RoutingTable.from_spec(context.spec.raw),
+        context.spec.routing,
         calling_ae=context.settings.ae_title,
         archive_dir=context.archive.root,
     )

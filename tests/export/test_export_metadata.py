@@ -183,9 +183,15 @@ def test_same_metadata_twice_is_equal() -> None:
         ({"segment_names": ["Liver", {"name": "Sphere"}]}, "segment 2 \\('Sphere'\\)"),
         ({"segment_names": [{"code": "1", "scheme": "99X"}]}, "segment 1 .*needs a 'meaning'"),
         ({"segment_names": ["Liver", {"name": "Spleen", "number": 1}]}, "described twice"),
-        ({"segment_names": [{"name": "Liver", "color": [300, 0, 0]}]}, "color must be three"),
+        (
+            {"segment_names": [{"name": "Liver", "color": [300, 0, 0]}]},
+            "segment 1 \\('Liver'\\): color: must be three",
+        ),
         ({"segment_names": ["Liver"], "body_part_examined": "a very long body part"}, "16"),
-        ({"segment_names": ["Liver"], "segmentnames": []}, "unknown keys \\['segmentnames'\\]"),
+        (
+            {"segment_names": ["Liver"], "segmentnames": []},
+            "unknown key\\(s\\) 'segmentnames' \\(allowed: ",
+        ),
         ({"segment_names": [{"name": "Liver", "colour": [1, 2, 3], "lable": "x"}]}, "'lable'"),
         ({"segment_names": []}, "non-empty list"),
         ({"algorithm_name": "x"}, "needs 'path'"),

@@ -72,7 +72,7 @@ def fake_registry(tmp_path: Path) -> ModelRegistry:
             {"id": "pair", "rel_path": "pair"},
             {"id": "tri", "rel_path": "tri"},
         ],
-        "routes": [{"anything": "goes"}],
+        "routes": [{"name": "r", "nnunet_id": "seg"}],
     }
     spec = tmp_path / "model-serve-spec.yaml"
     spec.write_text(yaml.safe_dump(raw))

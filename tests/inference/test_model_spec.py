@@ -57,9 +57,12 @@ def test_info_reports_channels_labels_folds_and_checkpoints(fake_registry: Model
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ({"rel_path": "m"}, r"models\[0\]: id must be"),
+        ({"rel_path": "m"}, r"models\[0\]\.id: required"),
         ({"id": "m"}, r"model 'm': rel_path must be"),
-        ({"id": "m", "rel_path": "m", "colour": 1}, r"model 'm': unknown key\(s\) colour"),
+        (
+            {"id": "m", "rel_path": "m", "colour": 1},
+            r"model 'm': unknown key\(s\) 'colour' \(allowed: aliases, ",
+        ),
         ({"id": "m", "rel_path": "m", "min_mem": -1}, r"model 'm': min_mem"),
         ({"id": "m", "rel_path": "m", "aliases": [1]}, r"model 'm': aliases"),
         ({"id": "m", "rel_path": "m", "default_args": {"bogus": 1}}, r"model 'm'.*bogus"),

@@ -1,4 +1,4 @@
-"""NodeSpec: the registry, each model's metadata parsed at load, the raw document."""
+"""NodeSpec: the registry, each model's metadata parsed at load, routing and peers, all typed."""
 
 from __future__ import annotations
 
@@ -33,7 +33,13 @@ def test_repository_spec_loads_with_metadata_and_routes() -> None:
     assert meta.model_id == "phantom"
     assert sorted(meta.segments) == [1, 2]
     assert meta.segment(2).label == "Cube"
-    assert "models" in spec.raw
+    assert spec.file is not None and [m.id for m in spec.file.models][:2] == [
+        "phantom",
+        "phantom_cube",
+    ]
+    route = spec.routing.route("phantom-ct")
+    assert route is not None and route.destinations == ("PACS",)
+    assert spec.routing.destinations["PACS"].port == 11113
 
 
 def test_metadata_is_parsed_per_model_and_the_rest_is_kept(
@@ -50,8 +56,9 @@ def test_metadata_is_parsed_per_model_and_the_rest_is_kept(
     spec = NodeSpec.load(settings)
     assert set(spec.metadata) == {"toy"}
     assert spec.metadata["toy"].segment(1).label == "Thing"
-    assert spec.raw["routes"][0]["name"] == "r"
-    assert spec.raw["destinations"]["PACS"]["port"] == 104
+    assert [r.name for r in spec.routing.routes] == ["r"]
+    assert spec.routing.route("r").request() == {"nnunet_id": "toy", "is_dicom": True}  # type: ignore[union-attr]
+    assert spec.routing.destinations["PACS"].port == 104
     with pytest.raises(InvalidRequest, match="plain"):
         spec.metadata_for("plain")
 
