@@ -42,12 +42,14 @@ from nnunet_node.inference.postprocess import (
     labels_from_probabilities,
 )
 from nnunet_node.inference.request import InputRef, Plan, Stage
+from nnunet_node.inference.series_check import SeriesLayout, series_path
 from nnunet_node.inference.volumes import (
     Series,
     array_onto_grid,
     bounding_box,
     intersect_boxes,
     onto_grid,
+    onto_source_slices,
     read_series,
     to_image,
 )
@@ -74,10 +76,17 @@ class StageResult:
     options: Stage
     dropped_components: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    source_layout: SeriesLayout | None = None
 
     @property
     def label_array(self) -> np.ndarray:
         return sitk.GetArrayFromImage(self.prediction)
+
+    def on_source_slices(self, array: np.ndarray, *, is_mask: bool) -> np.ndarray:
+        """``array`` ((z, y, x) or (c, z, y, x) on the prediction's grid) on the source slices of
+        ``source_dicom_files``, one per file in that order (the grid itself unless the series was
+        resampled: gantry tilt, uneven spacing)."""
+        return onto_source_slices(array, self.source_layout, is_mask=is_mask)
 
 
 @dataclass
@@ -241,9 +250,11 @@ class InferenceEngine:
         *,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
+        layouts: dict[Path, SeriesLayout] | None = None,
     ) -> list[StageResult]:
         """Run every stage in order; raise :class:`JobCancelled` when ``should_stop()`` turns
-        true."""
+        true. ``layouts`` are the series checks already made (:func:`series_check.check_plan`),
+        by series path; series without one are checked when read."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp_root = Path(plan.tmp_dir)
@@ -256,6 +267,7 @@ class InferenceEngine:
         run = _Run(
             self, plan, Path(study_path), output_dir, scratch, need_proba, progress, should_stop
         )
+        run.layouts = dict(layouts or {})
         try:
             return [run.stage(stage) for stage in plan.stages]
         finally:
@@ -289,6 +301,7 @@ class _Run:
         self._should_stop = should_stop
         self.results: list[StageResult] = []
         self._series_cache: dict[Path, Series] = {}
+        self.layouts: dict[Path, SeriesLayout] = {}
 
     # --- helpers ------------------------------------------------------------------------------
     def report(self, stage: Stage, step: str, within: float) -> None:
@@ -307,13 +320,12 @@ class _Run:
             )
 
     def path(self, raw: str) -> Path:
-        p = Path(raw).expanduser()
-        return p if p.is_absolute() else self.study_path / p
+        return series_path(raw, self.study_path)
 
     def series(self, raw: str, what: str) -> Series:
         path = self.path(raw)
         if path not in self._series_cache:
-            self._series_cache[path] = read_series(path, what=what)
+            self._series_cache[path] = read_series(path, what=what, layout=self.layouts.get(path))
         return self._series_cache[path]
 
     def mask(self, raw: str, reference: sitk.Image, what: str) -> np.ndarray:
@@ -446,6 +458,7 @@ class _Run:
             files=files,
             is_dicom=first.is_dicom,
             source_dicom_files=list(first.dicom_files),
+            source_layout=first.layout,
             options=stage,
             dropped_components=dropped,
             timings=timings,

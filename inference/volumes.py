@@ -1,8 +1,11 @@
 """Reading series and putting volumes on one grid.
 
-A series entry is a folder holding one DICOM series (read with GDCM, which sorts the slices along
-their normal; the file order it returns is kept so exports reference the right source per slice),
-an image file SimpleITK reads (NIfTI, NRRD, MHA/MHD), or a folder holding exactly one such file.
+A series entry is a folder holding one DICOM series, an image file SimpleITK reads (NIfTI, NRRD,
+MHA/MHD), or a folder holding exactly one such file. A DICOM series is first checked by
+:mod:`inference.series_check` (headers only), which decides the kept instances, their order and
+the grid; the volume is read from exactly those files (GDCM through SimpleITK), resampled when the
+check says so (gantry tilt, non-uniform spacing), and :func:`onto_source_slices` maps arrays on
+that grid back onto the kept source slices for the SEG and RTSTRUCT.
 Other inputs of a stage are resampled onto the first input's grid in physical space with the
 identity transform: linear for images, nearest neighbour for label maps and masks.
 """
@@ -15,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.inference.series_check import SeriesLayout, check_series_folder
 
 LOGGER = logging.getLogger(__name__)
 
@@ -25,11 +30,14 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 @dataclass
 class Series:
-    """A volume as read, with the DICOM files in the order of its z axis (empty for image files)."""
+    """A volume as read. For a DICOM series, ``dicom_files`` are the kept instances in the order of
+    the source slices and ``layout`` the check's decision (None for image files and for a single
+    multi-frame file, whose ``dicom_files`` is that file)."""
 
     image: sitk.Image
     path: Path
     dicom_files: list[Path] = field(default_factory=list)
+    layout: SeriesLayout | None = None
 
     @property
     def is_dicom(self) -> bool:
@@ -41,13 +49,18 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
-def read_series(path: Path, *, what: str = "series") -> Series:
+def read_series(path: Path, *, what: str = "series", layout: SeriesLayout | None = None) -> Series:
     """Read one series (see module doc); raise :class:`InvalidRequest` naming ``what`` and the
-    path."""
+    path (:class:`~inference.series_check.SeriesRefused` for a refused DICOM series). ``layout``
+    is the check's result for a DICOM folder when the caller already has it."""
     if path.is_file():
         return Series(_read_file(path, what), path)
     if not path.is_dir():
         raise InvalidRequest(f"{what}: {path} does not exist")
+    if layout is None:
+        layout = check_series_folder(path, what=what)
+    if layout is not None:
+        return Series(read_dicom_volume(layout, what), path, list(layout.files), layout)
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
     if len(series_ids) > 1:
         raise InvalidRequest(
@@ -68,6 +81,117 @@ def read_series(path: Path, *, what: str = "series") -> Series:
     if not images:
         raise InvalidRequest(f"{what}: {path} holds neither a DICOM series nor an image file")
     raise InvalidRequest(f"{what}: {path} holds {len(images)} image files; name one of them")
+
+
+def read_dicom_volume(layout: SeriesLayout, what: str = "series") -> sitk.Image:
+    """The volume of a checked DICOM series: the kept files read in order (pixel values after
+    the Modality LUT, as GDCM gives them), on ``layout``'s grid (x, y, z). Resampled series are
+    float32, linear interpolation, filled with the volume's minimum outside the source slices."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in layout.files])
+    try:
+        image = _as_volume(reader.Execute())
+    except RuntimeError as exc:
+        raise InvalidRequest(f"{what}: cannot read the DICOM series: {exc}") from exc
+    if image.GetSize() != (layout.columns, layout.rows, len(layout.files)):
+        raise InvalidRequest(
+            f"{what}: read a volume of {image.GetSize()} voxels where the headers say "
+            f"{(layout.columns, layout.rows, len(layout.files))}"
+        )
+    if layout.resample:
+        array = resample_stack(sitk.GetArrayFromImage(image), layout)
+        image = sitk.GetImageFromArray(array)
+    image.SetOrigin(layout.grid_origin)
+    image.SetSpacing(layout.grid_spacing)
+    image.SetDirection(layout.grid_direction)
+    return image
+
+
+def _slice_bracket(heights: np.ndarray, height: float) -> tuple[int, float]:
+    """The source slice at or below ``height`` and the weight of the next one (0..1)."""
+    k = int(np.clip(np.searchsorted(heights, height, side="right") - 1, 0, len(heights) - 1))
+    if k == len(heights) - 1:
+        return k, 0.0
+    gap = heights[k + 1] - heights[k]
+    return k, float(np.clip((height - heights[k]) / gap, 0.0, 1.0))
+
+
+def _shift_plane(
+    plane: np.ndarray,
+    offset_yx: tuple[float, float],
+    shape_yx: tuple[int, int],
+    order: int,
+    fill: float,
+) -> np.ndarray:
+    """``out[j, i] = plane[j + offset_y, i + offset_x]`` (interpolated with spline ``order``)."""
+    if order == 0:
+        offset_yx = (float(np.round(offset_yx[0])), float(np.round(offset_yx[1])))
+    return ndimage.affine_transform(
+        plane,
+        np.ones(2),
+        offset=offset_yx,
+        output_shape=shape_yx,
+        order=order,
+        mode="constant",
+        cval=fill,
+    )
+
+
+def resample_stack(stack: np.ndarray, layout: SeriesLayout) -> np.ndarray:
+    """The (z, y, x) source slices in ``stack`` (one per kept file) onto ``layout``'s rectilinear
+    grid, float32: linear along the normal between the two nearest source slices, each slice
+    shifted in its plane by its drift (gantry tilt), bilinear in-plane. Follows dcm2niix's tilt
+    correction (nii_dicom_batch.c, ``nii_saveNII3Dtilt``), generalised to uneven spacing."""
+    size_x, size_y, size_z = layout.grid_size
+    shift_x, shift_y = layout.grid_shift
+    sx, sy = layout.pixel_spacing_xy
+    heights = np.asarray(layout.heights)
+    fill = float(stack.min())
+    out = np.empty((size_z, size_y, size_x), dtype=np.float32)
+    for m in range(size_z):
+        k, w = _slice_bracket(heights, m * layout.slice_spacing)
+        plane = np.zeros((size_y, size_x), dtype=np.float32)
+        for index, weight in ((k, 1.0 - w), (k + 1, w)):
+            if weight <= 0.0:
+                continue
+            u, v = layout.offsets[index]
+            offset = (shift_y - v / sy, shift_x - u / sx)
+            plane += weight * _shift_plane(
+                stack[index].astype(np.float32), offset, (size_y, size_x), 1, fill
+            )
+        out[m] = plane
+    return out
+
+
+def onto_source_slices(
+    array: np.ndarray, layout: SeriesLayout | None, *, is_mask: bool
+) -> np.ndarray:
+    """An array on the model's grid, (z, y, x) or (c, z, y, x), mapped onto the kept source
+    slices: (n_files, rows, columns) (or with the leading c). The identity for series that were
+    not resampled; otherwise nearest neighbour (``is_mask``) or linear, the inverse of
+    :func:`resample_stack`."""
+    if layout is None or not layout.resample:
+        return array
+    if array.ndim == 4:
+        return np.stack([onto_source_slices(a, layout, is_mask=is_mask) for a in array])
+    shift_x, shift_y = layout.grid_shift
+    sx, sy = layout.pixel_spacing_xy
+    out = np.zeros((len(layout.files), layout.rows, layout.columns), dtype=array.dtype)
+    order = 0 if is_mask else 1
+    grid_heights = np.arange(array.shape[0]) * layout.slice_spacing
+    for k, height in enumerate(layout.heights):
+        u, v = layout.offsets[k]
+        offset = (v / sy - shift_y, u / sx - shift_x)
+        if is_mask:
+            m = int(np.clip(round(height / layout.slice_spacing), 0, array.shape[0] - 1))
+            plane = array[m]
+        else:
+            m, w = _slice_bracket(grid_heights, height)
+            plane = array[m].astype(np.float32)
+            if w > 0:
+                plane = (1.0 - w) * plane + w * array[m + 1]
+        out[k] = _shift_plane(plane, offset, (layout.rows, layout.columns), order, 0)
+    return out
 
 
 def _read_file(path: Path, what: str) -> sitk.Image:

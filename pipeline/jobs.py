@@ -30,6 +30,7 @@ from nnunet_node.core.errors import ClientError, InvalidRequest, JobCancelled, N
 from nnunet_node.core.paths import resolve_inside
 from nnunet_node.core.settings import Settings
 from nnunet_node.inference.request import Plan, normalise
+from nnunet_node.inference.series_check import check_plan
 from nnunet_node.pipeline.outputs import build_zip
 from nnunet_node.pipeline.runner import (
     STUDY_PATH_KEY,
@@ -212,6 +213,9 @@ class JobService:
             raise InvalidRequest("study_path: field required")
         plan = normalise(effective, self.spec.registry)
         self.check_paths(plan, trusted_study=study_path)
+        study = study_path or (Path(plan.study_path) if plan.study_path else None)
+        if study is not None and study.is_dir():
+            check_plan(plan, study)  # a refused series answers 400 before it is queued
         if plan.is_dicom:
             for stage in plan.stages:
                 self.spec.metadata_for(stage.model.id)

@@ -36,6 +36,7 @@ from nnunet_node.export.seg import make_binary_seg, make_fractional_seg
 from nnunet_node.export.stage import read_sources
 from nnunet_node.inference.engine import StageResult
 from nnunet_node.inference.request import Plan, normalise
+from nnunet_node.inference.series_check import check_plan
 from nnunet_node.pipeline.spec import NodeSpec
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import unit_of_work
@@ -157,6 +158,10 @@ class JobRunner:
             plan = normalise(run_request, self.spec.registry)
             self.check_paths(plan)
             study_path = Path(str(plan.study_path)).resolve()
+        # The geometry of every DICOM series, before any model is loaded: a refused series fails
+        # the job here, within seconds (README "Series geometry").
+        layouts = check_plan(plan, study_path)
+        warnings: list[str] = [w for layout in layouts.values() for w in layout.warnings]
         output_dir.mkdir(parents=True, exist_ok=True)
         stop_check()
 
@@ -171,12 +176,12 @@ class JobRunner:
             output_dir,
             progress=engine_progress,
             should_stop=should_stop,
+            layouts=layouts,
         )
         stop_check()
 
         files: dict[str, list[str]] = {kind: [] for kind in RESULT_FILE_KINDS}
         artifacts: list[ArtifactRecord] = []
-        warnings: list[str] = []
         for stage in results:
             for kind in ("nifti_prediction", "nifti_proba", "nifti_inputs"):
                 for path in stage.files.get(kind, []):
@@ -265,7 +270,8 @@ class JobRunner:
             )
         metadata = self.spec.metadata_for(stage.model_id)
         sources = read_sources(stage.source_dicom_files)  # headers only: no pixel data in memory
-        label_map = sitk.GetArrayFromImage(stage.prediction)
+        # On the source slices the volume was built from (the grid itself unless it was resampled).
+        label_map = stage.on_source_slices(sitk.GetArrayFromImage(stage.prediction), is_mask=True)
         stage_dir = Path(stage.folder)
 
         def uids(kind: str) -> tuple[str, str]:
@@ -305,6 +311,7 @@ class JobRunner:
         keep(seg, "dicom_segmentation", "seg", "prediction")
         if plan.save_proba_map and stage.probabilities is not None:
             proba, labels = _foreground_probabilities(stage, metadata)
+            proba = stage.on_source_slices(proba, is_mask=False)
             if labels:
                 series_uid, sop_uid = uids("fractional")
                 frac = make_fractional_seg(

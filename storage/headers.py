@@ -3,7 +3,7 @@
 :func:`read_header` is the one place that turns a file's first bytes into a
 :class:`storage.indexer.Header` and judges its UIDs (PS3.5 9.1). It has two readers:
 
-- a direct scan of the elements (:mod:`storage.dicomscan`) for the common case: Little Endian
+- a direct scan of the elements (:mod:`core.dicomscan`) for the common case: Little Endian
   transfer syntaxes, ASCII values; ~10x faster than a pydicom Dataset, which matters on the
   C-STORE path (bench/bench_cstore.py);
 - pydicom (``dcmread(stop_before_pixels=True)``) for everything else: other character sets,
@@ -25,8 +25,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from nnunet_node.core import dicomscan
 from nnunet_node.core.errors import InvalidDicom
-from nnunet_node.storage import dicomscan
 from nnunet_node.storage.indexer import Header
 from nnunet_node.storage.models import Base, Patient, Series, Study
 
@@ -187,7 +187,7 @@ def _build(
 
 
 def _scanned_header(data: bytes, *, complete: bool) -> Header | None:
-    """The header by :func:`storage.dicomscan.scan`; None when the bytes end too soon.
+    """The header by :func:`core.dicomscan.scan`; None when the bytes end too soon.
     Raises NotSure (pydicom must read it) or InvalidDicom (bad UIDs)."""
     found = dicomscan.scan(data, _WANTED, complete=complete)
     if found is None:

@@ -19,9 +19,9 @@ from pynetdicom.dsutils import decode
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core import dicomscan
 from nnunet_node.node.transport import encode_store_response
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS
-from nnunet_node.storage import dicomscan
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance
 from tests.node.conftest import NodeFactory, dcmtk

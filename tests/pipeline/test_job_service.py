@@ -66,7 +66,14 @@ class StandInEngine:
             self._gate.set()
 
     def run(
-        self, plan: Plan, study_path: Path, output_dir: Path, *, progress=None, should_stop=None
+        self,
+        plan: Plan,
+        study_path: Path,
+        output_dir: Path,
+        *,
+        progress=None,
+        should_stop=None,
+        layouts=None,
     ):
         self.calls.append(output_dir)
         self.started.set()

@@ -1,4 +1,4 @@
-"""read_header and header_from_prefix: the direct scan (storage.dicomscan) gives what pydicom gives.
+"""read_header and header_from_prefix: the direct scan (core.dicomscan) gives what pydicom gives.
 
 The scan answers for Little Endian files with ASCII values and says NotSure for the rest; either
 way the header must be the one pydicom's reader builds. A prefix of a file still arriving gives
@@ -37,8 +37,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from nnunet_node.core import dicomscan
 from nnunet_node.core.errors import InvalidDicom
-from nnunet_node.storage import dicomscan
 from nnunet_node.storage.headers import (
     INSTANCE_INT_ATTRIBUTES,
     PATIENT_ATTRIBUTES,
