@@ -35,6 +35,8 @@ _SEQUENCE_END = 0xFFFEE0DD
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _TAG = struct.Struct("<HH")
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # tag, VR, 16-bit length (PS3.5 7.1.2)
+_IMPLICIT_HEADER = struct.Struct("<HHI")  # tag, 32-bit length (PS3.5 7.1.3)
 
 
 class NotSure(Exception):
@@ -60,14 +62,15 @@ class Element:
 
 
 def scan(
-    data: bytes, wanted: frozenset[int], *, complete: bool
+    data: bytes, wanted: frozenset[int], *, complete: bool, stop_after_wanted: bool = False
 ) -> tuple[str, dict[int, Element]] | None:
     """The transfer syntax and the wanted elements (``group << 16 | element``) of a Part 10
     file whose first bytes are ``data`` (all of it when ``complete``).
 
-    Returns None when ``data`` is not complete and ends before the pixel data. Raises
-    :class:`NotSure` when pydicom should decide, :class:`Truncated` for a complete ``data`` that
-    ends inside an element."""
+    Returns None when ``data`` is not complete and ends before the pixel data (before the first
+    tag past the largest wanted one with ``stop_after_wanted``: tags ascend, PS3.5 7.1, so no
+    wanted element can follow). Raises :class:`NotSure` when pydicom should decide,
+    :class:`Truncated` for a complete ``data`` that ends inside an element."""
     try:
         if data[128:132] != b"DICM":
             raise NotSure("no DICM prefix")
@@ -75,7 +78,8 @@ def scan(
         if not transfer_syntax or transfer_syntax in _NOT_LITTLE_ENDIAN_EXPLICIT:
             raise NotSure(f"transfer syntax {transfer_syntax!r}")
         implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-        return transfer_syntax, _dataset(data, pos, implicit, wanted, complete)
+        last = max(wanted) if stop_after_wanted and wanted else None
+        return transfer_syntax, _dataset(data, pos, implicit, wanted, complete, last)
     except _Short:
         if complete:
             raise Truncated("the file ends inside an element of its header") from None
@@ -132,22 +136,45 @@ PIXEL_DATA_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 
 
 def _dataset(
-    data: bytes, pos: int, implicit: bool, wanted: frozenset[int], complete: bool
+    data: bytes,
+    pos: int,
+    implicit: bool,
+    wanted: frozenset[int],
+    complete: bool,
+    last: int | None = None,
 ) -> dict[int, Element]:
+    # The hot loop of every header scan: one struct call per element header, no helper calls.
     found: dict[int, Element] = {}
     previous = -1
     end = len(data)
+    stop = 0xFFFFFFFF if last is None else last
+    header = _IMPLICIT_HEADER.unpack_from if implicit else _EXPLICIT_HEADER.unpack_from
+    u32 = _U32.unpack_from
+    long_vrs = _LONG_VRS
+    pixel_tags = PIXEL_DATA_TAGS
     while pos < end:
         if pos + 8 > end:
             raise _Short
-        group, element = _TAG.unpack_from(data, pos)
+        if implicit:
+            group, element, length = header(data, pos)
+            vr = None
+        else:
+            group, element, vr, length = header(data, pos)
         tag = group << 16 | element
-        if tag in PIXEL_DATA_TAGS:
+        if tag in pixel_tags or tag > stop:
             return found
         if tag <= previous:
             raise NotSure(f"tag ({group:04X},{element:04X}) out of order")
         previous = tag
-        vr, value_pos, length = _element(data, pos, implicit)
+        value_pos = pos + 8
+        if vr is not None:
+            if vr in long_vrs:
+                if pos + 12 > end:
+                    raise _Short
+                length = u32(data, pos + 8)[0]
+                value_pos = pos + 12
+            elif not (vr.isalpha() and vr.isupper()):
+                raise NotSure(f"not a VR: {vr!r}")
         if length == _UNDEFINED:
             if tag in wanted:
                 raise NotSure(f"({group:04X},{element:04X}) has an undefined length")

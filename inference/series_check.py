@@ -100,7 +100,7 @@ class SeriesRefused(InvalidRequest):
     and what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SliceHeader:
     """What the check needs of one instance (PS3.3 C.7.6.2 Image Plane, C.7.6.3 Image Pixel,
     C.7.6.1 General Image). ``pixel_spacing`` is (row spacing, column spacing) mm as stored."""
@@ -207,95 +207,78 @@ class SeriesLayout:
 
 
 # --- reading headers ---------------------------------------------------------------------------
-def _text(raw: bytes | None) -> str:
-    if raw is None:
-        return ""
-    return raw.decode("latin-1").strip("\x00 ")
-
-
-def _numbers(raw: str, count: int) -> tuple[float, ...] | None:
-    parts = [p.strip() for p in raw.split("\\")] if raw else []
+def _numbers(raw: bytes | None, count: int) -> tuple[float, ...] | None:
+    """``count`` finite numbers of a DS/IS value (backslash-separated ASCII), else None."""
+    if not raw:
+        return None
+    parts = raw.strip(b"\x00 ").split(b"\\")
     if len(parts) != count:
         return None
     try:
-        values = tuple(float(p) for p in parts)
+        values = tuple(map(float, parts))
     except ValueError:
         return None
-    return values if all(math.isfinite(v) for v in values) else None
+    return values if all(map(math.isfinite, values)) else None
 
 
-def _integer(raw: str) -> int | None:
-    try:
-        return int(float(raw)) if raw else None
-    except ValueError:
-        return None
+def _whole(raw: bytes | int | None) -> int | None:
+    if raw is None or isinstance(raw, int):
+        return raw
+    numbers = _numbers(raw, 1)
+    return int(numbers[0]) if numbers else None
 
 
-def header_from_values(path: Path, values: Mapping[str, str | int | None]) -> SliceHeader:
-    """A :class:`SliceHeader` from text values by keyword (Rows/Columns/NumberOfFrames may be
-    ints). Malformed numbers read as absent."""
+def _text(raw: bytes | int | None) -> str:
+    return raw.decode("latin-1").strip("\x00 ") if isinstance(raw, bytes) else ""
 
-    def text(keyword: str) -> str:
-        value = values.get(keyword)
-        return "" if value is None else str(value).strip("\x00 ")
 
-    def whole(keyword: str) -> int | None:
-        value = values.get(keyword)
-        return value if isinstance(value, int) else _integer(text(keyword))
-
-    position = _numbers(text("ImagePositionPatient"), 3)
-    orientation = _numbers(text("ImageOrientationPatient"), 6)
-    spacing = _numbers(text("PixelSpacing"), 2)
-    thickness = _numbers(text("SliceThickness"), 1)
+def header_from_values(path: Path, values: Mapping[str, bytes | int | None]) -> SliceHeader:
+    """A :class:`SliceHeader` from raw values by keyword: the bytes of each value as encoded
+    (text VRs), ints for Rows/Columns (US). Malformed numbers read as absent."""
+    get = values.get
+    position = _numbers(get("ImagePositionPatient"), 3)  # type: ignore[arg-type]
+    orientation = _numbers(get("ImageOrientationPatient"), 6)  # type: ignore[arg-type]
+    spacing = _numbers(get("PixelSpacing"), 2)  # type: ignore[arg-type]
+    thickness = _numbers(get("SliceThickness"), 1)  # type: ignore[arg-type]
     if spacing is not None and min(spacing) <= 0:
         spacing = None
+    image_type = _text(get("ImageType")).upper()
     return SliceHeader(
         path=path,
-        sop_instance_uid=text("SOPInstanceUID"),
-        series_instance_uid=text("SeriesInstanceUID"),
-        series_description=text("SeriesDescription"),
-        series_number=whole("SeriesNumber"),
-        image_type=tuple(p.strip().upper() for p in text("ImageType").split("\\") if p.strip()),
-        instance_number=whole("InstanceNumber"),
-        acquisition_number=whole("AcquisitionNumber"),
-        position=(position[0], position[1], position[2]) if position else None,
-        orientation=(
-            (
-                orientation[0],
-                orientation[1],
-                orientation[2],
-                orientation[3],
-                orientation[4],
-                orientation[5],
-            )
-            if orientation
-            else None
-        ),
-        rows=whole("Rows") or 0,
-        columns=whole("Columns") or 0,
-        pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+        sop_instance_uid=_text(get("SOPInstanceUID")),
+        series_instance_uid=_text(get("SeriesInstanceUID")),
+        series_description=_text(get("SeriesDescription")),
+        series_number=_whole(get("SeriesNumber")),
+        image_type=tuple(p.strip() for p in image_type.split("\\") if p.strip()),
+        instance_number=_whole(get("InstanceNumber")),
+        acquisition_number=_whole(get("AcquisitionNumber")),
+        position=position,  # type: ignore[arg-type]
+        orientation=orientation,  # type: ignore[arg-type]
+        rows=_whole(get("Rows")) or 0,
+        columns=_whole(get("Columns")) or 0,
+        pixel_spacing=spacing,  # type: ignore[arg-type]
         slice_thickness=thickness[0] if thickness and thickness[0] > 0 else None,
-        frames=whole("NumberOfFrames") or 1,
+        frames=_whole(get("NumberOfFrames")) or 1,
     )
 
 
+_US_TAGS = {_TAGS["Rows"], _TAGS["Columns"]}
+_KEYWORDS = {tag: keyword for keyword, tag in _TAGS.items()}
+
+
 def _scanned(path: Path, data: bytes, complete: bool) -> SliceHeader | None:
-    found = dicomscan.scan(data, _WANTED, complete=complete)
+    found = dicomscan.scan(data, _WANTED, complete=complete, stop_after_wanted=True)
     if found is None:
         return None
-    _, elements = found
-    values: dict[str, str | int | None] = {}
-    for keyword, tag in _TAGS.items():
-        element = elements.get(tag)
-        if element is None:
-            continue
-        if keyword in ("Rows", "Columns"):
+    values: dict[str, bytes | int | None] = {}
+    for tag, element in found[1].items():
+        if tag in _US_TAGS:
             if element.vr in (None, b"US", b"UN") and len(element.value) == 2:
-                values[keyword] = int(_US.unpack(element.value)[0])
+                values[_KEYWORDS[tag]] = _US.unpack(element.value)[0]
             elif element.value:
-                raise dicomscan.NotSure(f"{keyword} has VR {element.vr!r}")
+                raise dicomscan.NotSure(f"{_KEYWORDS[tag]} has VR {element.vr!r}")
         else:
-            values[keyword] = _text(element.value)
+            values[_KEYWORDS[tag]] = element.value
     return header_from_values(path, values)
 
 
@@ -304,17 +287,17 @@ def _pydicom_header(path: Path) -> SliceHeader | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAGS))
     except Exception:  # pydicom raises many types on files that are not DICOM
         return None
-    values: dict[str, str | int | None] = {}
+    values: dict[str, bytes | int | None] = {}
     for keyword in _TAGS:
-        element = ds.get(keyword)
-        if element is None:
+        value = ds.get(keyword)
+        if value is None:
             continue
-        if isinstance(element, int | float):
-            values[keyword] = str(element) if not isinstance(element, int) else element
-        elif isinstance(element, str):
-            values[keyword] = element
+        if keyword in ("Rows", "Columns"):
+            values[keyword] = int(value)
+        elif isinstance(value, str | int | float):
+            values[keyword] = str(value).encode("latin-1", "replace")
         else:  # multi-valued
-            values[keyword] = "\\".join(str(v) for v in element)
+            values[keyword] = "\\".join(str(v) for v in value).encode("latin-1", "replace")
     return header_from_values(path, values)
 
 
@@ -361,11 +344,15 @@ def pixels_identical(a: Path, b: Path) -> bool:
 
 
 # --- pure functions ----------------------------------------------------------------------------
+def _close(a: Sequence[float], b: Sequence[float], tol: float) -> bool:
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
 def same_orientation(
     a: Sequence[float], b: Sequence[float], tol: float = ORIENTATION_TOLERANCE
 ) -> bool:
     """Whether two ImageOrientationPatient values (6 direction cosines) agree within ``tol``."""
-    return bool(np.max(np.abs(np.asarray(a, float) - np.asarray(b, float))) <= tol)
+    return _close(a, b, tol)
 
 
 def plane_normal(orientation: Sequence[float]) -> np.ndarray:
@@ -400,9 +387,10 @@ def group_volumes(headers: Iterable[SliceHeader]) -> list[list[SliceHeader]]:
             g = group[0]
             assert g.orientation is not None and g.pixel_spacing is not None
             if (
-                (g.rows, g.columns) == (h.rows, h.columns)
-                and same_orientation(g.orientation, h.orientation)
-                and np.allclose(g.pixel_spacing, h.pixel_spacing, atol=PIXEL_SPACING_TOLERANCE_MM)
+                g.rows == h.rows
+                and g.columns == h.columns
+                and _close(g.orientation, h.orientation, ORIENTATION_TOLERANCE)
+                and _close(g.pixel_spacing, h.pixel_spacing, PIXEL_SPACING_TOLERANCE_MM)
             ):
                 group.append(h)
                 break

@@ -140,8 +140,9 @@ def _shift_plane(
 def resample_stack(stack: np.ndarray, layout: SeriesLayout) -> np.ndarray:
     """The (z, y, x) source slices in ``stack`` (one per kept file) onto ``layout``'s rectilinear
     grid, float32: linear along the normal between the two nearest source slices, each slice
-    shifted in its plane by its drift (gantry tilt), bilinear in-plane. Follows dcm2niix's tilt
-    correction (nii_dicom_batch.c, ``nii_saveNII3Dtilt``), generalised to uneven spacing."""
+    shifted in its plane by its drift (gantry tilt), bilinear in-plane: dcm2niix's gantry
+    tilt correction (each slice shifted in-plane), generalised to uneven spacing. Points outside
+    every source slice take the stack's minimum (air on CT)."""
     size_x, size_y, size_z = layout.grid_size
     shift_x, shift_y = layout.grid_shift
     sx, sy = layout.pixel_spacing_xy

@@ -4,6 +4,7 @@ series holding repeats, localizers, gaps, uneven spacing and gantry tilt."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -245,7 +246,7 @@ def test_read_slice_header_matches_pydicom(tmp_path: Path, small_phantom: Phanto
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     implicit = tmp_path / "implicit.dcm"
     ds.save_as(implicit, implicit_vr=True, little_endian=True)
-    assert read_slice_header(implicit) == SliceHeader(**{**h.__dict__, "path": implicit})
+    assert read_slice_header(implicit) == dataclasses.replace(h, path=implicit)
     (tmp_path / "notes.txt").write_text("not DICOM")
     assert read_slice_header(tmp_path / "notes.txt") is None
 
