@@ -69,9 +69,9 @@ def studies(node: NodeContext) -> Path:
     return node.settings.allowed_roots[0]
 
 
-def run(node: NodeContext, study: Path) -> JobView:
+def run(node: NodeContext, study: Path, **extra: Any) -> JobView:
     job_id = node.job_service.submit(
-        {**DICOM_ARGS, "study_path": str(study), "series_folders": ["ct"]}
+        {**DICOM_ARGS, "study_path": str(study), "series_folders": ["ct"], **extra}
     )
     return asyncio.run(node.job_service.wait(job_id, timeout=300))
 
@@ -197,7 +197,7 @@ def test_uneven_spacing_is_resampled_and_exported_on_the_source_slices(
 def test_gantry_tilt_puts_the_sphere_where_it_is(node: NodeContext, studies: Path) -> None:
     folder = studies / "tilt" / "ct"
     truth, files = tilted_series(folder, seed=34, degrees=12.0)
-    view = run(node, folder.parent)
+    view = run(node, folder.parent, save_proba_map=True, proba_threshold=0.5)
     assert view.result is not None
     assert any("gantry tilt of 12.0 degrees" in w for w in view.result["warnings"])
     image = prediction(view)
@@ -207,7 +207,14 @@ def test_gantry_tilt_puts_the_sphere_where_it_is(node: NodeContext, studies: Pat
     seg, _ = outputs(view)
     sphere = next(int(s.SegmentNumber) for s in seg.SegmentSequence if s.SegmentLabel == "Sphere")
     assert np.linalg.norm(seg_centroid(seg, sphere) - truth) < 2.0
-    assert_references_exactly(view, {sop_uid(f) for f in files})
+    kept = {sop_uid(f) for f in files}
+    assert_references_exactly(view, kept)
+    # the probabilities, too, are mapped back onto the tilted source slices
+    (proba_path,) = view.result["dicom_fractional_segmentation"]
+    assert dciodvfy(Path(proba_path)) == []
+    fractional = pydicom.dcmread(proba_path)
+    listed, frames = seg_references(fractional)
+    assert listed == kept and frames <= kept
 
 
 def _missing_slice(folder: Path) -> None:
