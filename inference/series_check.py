@@ -13,9 +13,10 @@ instances make the volume the model sees, in which order and on which grid:
    are left out as localizers, unless another is at least half its size (then the series holds
    two volumes and is refused: the node cannot know which one was meant);
 4. slices are sorted along the normal of their plane (row x column direction cosines,
-   PS3.3 C.7.6.2.1.1); instances at one position (:data:`POSITION_TOLERANCE`): identical copies
-   (same SOPInstanceUID, or the same pixel data) are dropped; true repeats (other pixels) keep the
-   latest acquisition: the highest AcquisitionNumber, then the highest InstanceNumber;
+   PS3.3 C.7.6.2.1.1); instances at one position (:data:`POSITION_TOLERANCE_MM`): identical
+   copies (same SOPInstanceUID, or the same pixel data) are dropped; true repeats (other pixels)
+   keep the latest acquisition: the highest AcquisitionNumber, then the highest InstanceNumber
+   (:func:`repeat_order`, which also picks the one kept of identical copies);
 5. the gaps between slices: uniform when every gap is within :data:`SPACING_TOLERANCE` of the
    median gap; a gap over :data:`MAX_GAP_RATIO` times the median means missing slices and the
    series is refused (an incomplete transfer is the usual cause, and interpolating over a hole
