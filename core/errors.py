@@ -1,9 +1,36 @@
 """The one exception tree of nnunet-node.
 
-Every error the node raises on purpose derives from :class:`NodeError`. The HTTP layer maps
-:class:`ClientError` subclasses to 4xx answers and everything else to 500; the DIMSE layer maps them
-to the statuses of PS3.4 (see ``node``). Messages are written for the user who sent the request:
-they name the field, model, path or UID at fault.
+Every error the node raises on purpose derives from :class:`NodeError`::
+
+    NodeError
+    ├── ConfigError             settings or the spec file are invalid (start-up)
+    ├── ClientError             the request is at fault (HTTP 4xx; status_code says which)
+    │   ├── InvalidRequest          400 a malformed or inconsistent request
+    │   │   └── UnsupportedMediaType    415 a body of a media type the endpoint does not take
+    │   ├── UnknownModel            400 a model name the spec does not know
+    │   ├── PathNotAllowed          400 a path outside the allowed roots
+    │   ├── UnsafeArchive           400 an upload with unsafe members, or too large unpacked
+    │   ├── InvalidDicom            400 bytes that are not DICOM, or lack the UIDs to file them
+    │   │   └── WrongStudy              an instance of another study than the STOW-RS target
+    │   ├── PayloadTooLarge         413 an upload over the size limit
+    │   ├── NotFound                404 a job, study, series, instance or dispatch that is absent
+    │   ├── Conflict                409 the object's state forbids the operation
+    │   └── NotAcceptable           406 no representation the client accepts can be served
+    ├── StorageFull             free disk space is below the floor; nothing was written
+    ├── ModelUnavailable        a known model whose files are absent
+    ├── InferenceError          nnU-Net or the post-processing failed on valid input
+    ├── ExportError             a DICOM-SEG or RTSTRUCT could not be written
+    ├── SendError               a destination could not be reached or refused instances
+    └── JobCancelled            the job was cancelled while it ran
+
+The HTTP layer answers :class:`ClientError` subclasses with their ``status_code`` and everything
+else with 500 (``api/errors.py``). The DIMSE layer maps exceptions to the statuses of PS3.4 in one
+decorator (``node/status.py``); an ingest failure maps to its C-STORE status and its STOW-RS
+Failure Reason through one table, ``storage/refusals.py``. Messages are written for the user who
+sent the request: they name the field, model, path or UID at fault.
+
+Exceptions that never leave the module that raises them (``storage.dicomscan``'s signals that a
+header needs pydicom) are not part of the tree.
 """
 
 from __future__ import annotations
@@ -28,6 +55,13 @@ class ClientError(NodeError):
 
 class InvalidRequest(ClientError):
     """A malformed or inconsistent request (HTTP 400)."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A body whose media type the endpoint does not take (HTTP 415), e.g. a STOW-RS body that
+    is not ``multipart/related; type="application/dicom"`` (PS3.18 10.5.1)."""
+
+    status_code = 415
 
 
 class UnknownModel(ClientError):
@@ -60,8 +94,19 @@ class Conflict(ClientError):
     status_code = 409
 
 
+class NotAcceptable(ClientError):
+    """No representation the client accepts can be served (HTTP 406, PS3.18 8.7.5)."""
+
+    status_code = 406
+
+
 class InvalidDicom(ClientError):
     """Bytes that do not parse as DICOM, or lack the UIDs needed to file them."""
+
+
+class WrongStudy(InvalidDicom):
+    """An instance sent to a STOW-RS study resource that belongs to another study
+    (PS3.18 10.5.1: "Store Instances" on a study stores instances of that study only)."""
 
 
 class StorageFull(NodeError):
@@ -78,6 +123,11 @@ class InferenceError(NodeError):
 
 class ExportError(NodeError):
     """A DICOM-SEG or RTSTRUCT could not be written (bad metadata, unusable geometry)."""
+
+
+class SendError(NodeError):
+    """A destination could not be reached, refused the association or refused instances
+    (the node's C-STORE SCU, PS3.4 B.2.3)."""
 
 
 class JobCancelled(NodeError):

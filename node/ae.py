@@ -95,8 +95,7 @@ class DicomNode:
         server.shutdown()
         for assoc in list(self.ae.active_associations):
             assoc.abort()
-        self.ae.shutdown()
-        self.handlers.archive.close()  # its spare files for streamed C-STOREs
+        self.ae.shutdown()  # the archive is closed by whoever made it (NodeContext.close)
         LOGGER.info("DICOM node %s stopped", self.settings.ae_title)
 
     def active_associations(self) -> list[Any]:

@@ -17,9 +17,10 @@ import httpx
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from nnunet_node.core.errors import SendError
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.core.settings import Settings
-from nnunet_node.pipeline.dispatch import SendError, send_files
+from nnunet_node.pipeline.dispatch import send_files
 from nnunet_node.pipeline.routing import Destination
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.models import Job

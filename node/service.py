@@ -20,7 +20,6 @@ from nnunet_node.core.settings import Settings
 from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.completion import CompletionWatcher
 from nnunet_node.pipeline.context import NodeContext, build_context
-from nnunet_node.pipeline.dispatch import Dispatcher
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,12 +46,7 @@ class DimseService:
             supersede=jobs.supersede,
             default_quiet_s=settings.series_quiet_s,
         )
-        self.dispatcher = Dispatcher(
-            context.session_factory,
-            self.routing,
-            calling_ae=settings.ae_title,
-            archive_dir=context.archive.root,
-        )
+        self.dispatcher = context.dispatcher  # made by the context; started and stopped here
         self._started = False
 
     @property

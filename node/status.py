@@ -6,10 +6,8 @@ turns them into the failure statuses of PS3.4:
 =============  ===================  =====================================================
 service        exception            status
 =============  ===================  =====================================================
-C-STORE        StorageFull          0xA700 Refused: out of resources (PS3.4 B.2.3)
-C-STORE        InvalidDicom         0xC000 Error: cannot understand (PS3.4 B.2.3)
-C-STORE        OSError              0xA701 Refused: out of resources (disk or database I/O)
-C-STORE        anything else        0xC001 Error: cannot understand (processing failure)
+C-STORE        any                  the C-STORE column of ``storage/refusals.py``, the
+                                    table STOW-RS answers from too (PS3.4 B.2.3)
 C-FIND/GET     ClientError          0xA900 Identifier does not match SOP class (C.4.1.1.4)
 C-FIND/GET     anything else        0xC001 Unable to process
 C-MOVE         ClientError          0xA900
@@ -33,7 +31,8 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from nnunet_node.core.errors import ClientError, InvalidDicom, StorageFull
+from nnunet_node.core.errors import ClientError
+from nnunet_node.storage.refusals import refusal_for
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,13 +53,7 @@ _PREAMBLE = {"C-ECHO": 0, "C-STORE": 0, "C-FIND": 0, "C-GET": 1, "C-MOVE": 2}
 def status_for(service: str, exc: BaseException) -> int:
     """The failure status for ``exc`` raised while serving ``service`` (table above)."""
     if service == "C-STORE":
-        if isinstance(exc, StorageFull):
-            return OUT_OF_RESOURCES
-        if isinstance(exc, InvalidDicom):
-            return CANNOT_UNDERSTAND
-        if isinstance(exc, OSError):
-            return OUT_OF_RESOURCES_IO
-        return UNABLE_TO_PROCESS
+        return refusal_for(exc).dimse_status
     if isinstance(exc, ClientError):
         return IDENTIFIER_DOES_NOT_MATCH
     return UNABLE_TO_PROCESS
@@ -68,7 +61,7 @@ def status_for(service: str, exc: BaseException) -> int:
 
 def _log(service: str, status: int, exc: BaseException, event: Any) -> None:
     peer = _peer(event)
-    expected = isinstance(exc, InvalidDicom | StorageFull | ClientError)
+    expected = refusal_for(exc).expected if service == "C-STORE" else isinstance(exc, ClientError)
     if expected:
         LOGGER.warning("%s from %s: 0x%04X: %s", service, peer, status, exc)
     else:

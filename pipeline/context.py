@@ -3,6 +3,9 @@
 :func:`build_context` is called by the app factory (``api.app``) and by the standalone DIMSE node
 (``nnunet-node dicom``). It builds; it starts nothing: the caller starts the job workers
 (``context.job_service.start()``) and any service, and calls :meth:`NodeContext.close` at the end.
+Whoever makes a resource closes it: the context closes what it built (database engine, archive,
+job service, model cache); a service stops only what it started (the DIMSE node its socket and
+threads, and the dispatcher's thread it started).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from nnunet_node.core.settings import Settings
 from nnunet_node.inference.cache import PredictorCache
 from nnunet_node.inference.device import DevicePolicy
 from nnunet_node.inference.engine import InferenceEngine
+from nnunet_node.pipeline.dispatch import Dispatcher
 from nnunet_node.pipeline.jobs import JobService
 from nnunet_node.pipeline.spec import NodeSpec
 from nnunet_node.storage.archive import Archive
@@ -37,6 +41,9 @@ class NodeContext:
     spec: NodeSpec
     job_service: JobService
     inference_engine: InferenceEngine
+    dispatcher: Dispatcher
+    """Sends routed jobs' results (not started: the DIMSE service runs its thread; the HTTP
+    API's dispatch retry marks a dispatch due through it, whether or not it runs here)."""
 
     def close(self) -> None:
         """Stop the workers (if started), empty the model cache and close the database pool."""
@@ -74,6 +81,9 @@ def build_context(settings: Settings, *, migrate: bool = True, recover: bool = T
         device = DevicePolicy(settings.device, settings.gpu_wait_s)
         inference_engine = InferenceEngine(cache, device)
         job_service = JobService(settings, sessions, spec, archive, inference_engine)
+        dispatcher = Dispatcher(
+            sessions, spec.routing, calling_ae=settings.ae_title, archive_dir=archive.root
+        )
     except BaseException:
         engine_sql.dispose()
         raise
@@ -85,4 +95,5 @@ def build_context(settings: Settings, *, migrate: bool = True, recover: bool = T
         spec=spec,
         job_service=job_service,
         inference_engine=inference_engine,
+        dispatcher=dispatcher,
     )

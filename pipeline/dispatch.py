@@ -30,7 +30,7 @@ from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from nnunet_node.core.errors import Conflict, NodeError, NotFound
+from nnunet_node.core.errors import Conflict, NotFound, SendError
 from nnunet_node.pipeline.routing import Destination, RoutingTable
 from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.models import Dispatch, DispatchStatus, Instance, Job, JobArtifact
@@ -42,10 +42,6 @@ MAX_RETRY_DELAY_S = 600.0
 CLAIM_LEASE_S = 300.0
 """A claimed dispatch is not picked again (by this or another process) for this long."""
 DEFAULT_MAX_PDU = 131072
-
-
-class SendError(NodeError):
-    """A destination could not be reached, refused the association or refused instances."""
 
 
 def utcnow() -> datetime:

@@ -28,18 +28,6 @@ DEFER_BYTES = 4096
 """Values longer than this are not read for metadata and become bulk data."""
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
-# PS3.18 Annex I (Store Instances Response Module) and I.2.2 (Failure Reason).
-FAILURE_PROCESSING = 0x0110
-FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122
-FAILURE_OUT_OF_RESOURCES = 0xA700
-FAILURE_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-FAILURE_CANNOT_UNDERSTAND = 0xC000
-FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
-FAILURE_STUDY_UID_MISMATCH = 0xC409
-"""Implementation-specific (PS3.18 I.2.2 allows them; in the Cxxx "cannot understand" range): the
-instance belongs to another study than the request's target resource (PS3.18 10.5.1). The same
-value dcm4chee uses; 0xC122 is already "Referenced Transfer Syntax not supported"."""
-
 
 def tag_hex(tag: int) -> str:
     return f"{int(tag):08X}"

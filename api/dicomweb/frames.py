@@ -26,7 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from nnunet_node.core.errors import ClientError, NotFound
+from nnunet_node.core.errors import ClientError, NotAcceptable, NotFound
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,12 +50,6 @@ FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc",
 }
-
-
-class NotAcceptable(ClientError):
-    """No representation the client accepts can be served (HTTP 406, PS3.18 8.7.5)."""
-
-    status_code = 406
 
 
 @dataclass(frozen=True)

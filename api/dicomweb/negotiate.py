@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from enum import Enum
 
-from nnunet_node.api.dicomweb.frames import NotAcceptable, frame_media_type, is_native
+from nnunet_node.api.dicomweb.frames import frame_media_type, is_native
 from nnunet_node.api.dicomweb.multipart import MediaType, split_accept
+from nnunet_node.core.errors import NotAcceptable
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"

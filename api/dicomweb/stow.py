@@ -28,18 +28,21 @@ from nnunet_node.api.dicomweb.common import (
     study_url,
 )
 from nnunet_node.api.dicomweb.dicom_json import (
-    FAILURE_CANNOT_UNDERSTAND,
-    FAILURE_OUT_OF_RESOURCES,
-    FAILURE_PROCESSING,
-    FAILURE_STUDY_UID_MISMATCH,
     MEDIA_TYPE,
     FailedRef,
     StoredRef,
     store_response,
 )
 from nnunet_node.api.dicomweb.multipart import Part, boundary_of, iter_parts, parse_media_type
-from nnunet_node.core.errors import InvalidDicom, InvalidRequest, PayloadTooLarge, StorageFull
+from nnunet_node.core.errors import (
+    InvalidDicom,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    WrongStudy,
+)
 from nnunet_node.storage.archive import Archive, IngestResult, read_header
+from nnunet_node.storage.refusals import refusal_for
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,12 +51,6 @@ router = APIRouter()
 DICOM = "application/dicom"
 INGEST_CONCURRENCY = 4
 """Parts of one request ingested at the same time."""
-
-
-class UnsupportedMediaType(InvalidRequest):
-    """A STOW-RS body that is not ``multipart/related; type="application/dicom"`` (HTTP 415)."""
-
-    status_code = 415
 
 
 def _check_content_type(raw: str | None) -> bytes:
@@ -82,52 +79,38 @@ def _uids_of(part: Part) -> tuple[str, str]:
 
 
 def _store_part(archive: Archive, part: Part, study: str | None) -> IngestResult:
-    """Ingest one part; raise ``_Refused`` with the Failure Reason when it is not stored."""
+    """Ingest one part. Raises what ingest raises, :class:`InvalidDicom` for a part that is not
+    DICOM and :class:`WrongStudy` for an instance of another study than the target's."""
     ctype = part.content_type
     if ctype is not None and ctype.type not in (DICOM, "application/octet-stream"):
-        raise _Refused(FAILURE_CANNOT_UNDERSTAND, f"part of type {ctype.type}")
+        raise InvalidDicom(f"part of type {ctype.type}")
     payload = part.payload()
-    try:
-        if study is not None:
-            header = read_header(payload)
-            if header.study_instance_uid != study:
-                raise _Refused(
-                    FAILURE_STUDY_UID_MISMATCH,
-                    f"study {header.study_instance_uid} is not the target study {study}",
-                    header.sop_class_uid,
-                    header.sop_instance_uid,
-                )
-        return archive.ingest(payload, source="stow")
-    except InvalidDicom as exc:
-        raise _Refused(FAILURE_CANNOT_UNDERSTAND, str(exc)) from exc
-    except StorageFull as exc:
-        raise _Refused(FAILURE_OUT_OF_RESOURCES, str(exc)) from exc
-
-
-class _Refused(Exception):
-    def __init__(self, reason: int, message: str, sop_class: str = "", sop: str = "") -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.sop_class = sop_class
-        self.sop = sop
+    if study is not None:
+        header = read_header(payload)
+        if header.study_instance_uid != study:
+            raise WrongStudy(f"study {header.study_instance_uid} is not the target study {study}")
+    return archive.ingest(payload, source="stow")
 
 
 async def _ingest(
     archive: Archive, part: Part, study: str | None, base: str
 ) -> StoredRef | FailedRef:
-    """One part to its Referenced or Failed SOP Sequence item; never raises."""
+    """One part to its Referenced or Failed SOP Sequence item; never raises. The Failure Reason
+    is the one C-STORE would answer for the same failure (``storage/refusals.py``)."""
     try:
         result = await run_in_threadpool(_store_part, archive, part, study)
-    except _Refused as refused:
-        sop_class, sop = refused.sop_class, refused.sop
-        if not sop:
-            sop_class, sop = await run_in_threadpool(_uids_of, part)
-        LOGGER.info("STOW-RS part %d refused (0x%04X): %s", part.index, refused.reason, refused)
-        return FailedRef(sop_class, sop, refused.reason, str(refused))
-    except Exception:
-        LOGGER.exception("STOW-RS part %d failed", part.index)
+    except Exception as exc:
+        refusal = refusal_for(exc)
+        if refusal.expected:
+            LOGGER.info(
+                "STOW-RS part %d refused (0x%04X): %s", part.index, refusal.failure_reason, exc
+            )
+        else:
+            LOGGER.exception("STOW-RS part %d failed", part.index)
         sop_class, sop = await run_in_threadpool(_uids_of, part)
-        return FailedRef(sop_class, sop, FAILURE_PROCESSING)
+        return FailedRef(
+            sop_class, sop, refusal.failure_reason, str(exc) if refusal.expected else ""
+        )
     finally:
         part.discard()
     url = instance_url(
@@ -171,7 +154,8 @@ async def _store(request: Request, context: Any, study: str | None) -> JSONRespo
     if broken is not None:
         if not results:
             raise broken
-        results.append(FailedRef("", "", FAILURE_CANNOT_UNDERSTAND, str(broken)))
+        reason = refusal_for(InvalidDicom(str(broken))).failure_reason  # cannot understand
+        results.append(FailedRef("", "", reason, str(broken)))
     stored = [r for r in results if isinstance(r, StoredRef)]
     failed = [r for r in results if isinstance(r, FailedRef)]
     if not stored and not failed:
@@ -203,5 +187,6 @@ async def store_instances(request: Request, context: ContextDep) -> JSONResponse
 
 @router.post("/studies/{study}", responses=_RESPONSES, response_class=JSONResponse)
 async def store_study_instances(request: Request, context: ContextDep, study: str) -> JSONResponse:
-    """STOW-RS: store instances of one study; parts of other studies fail with 0xC409."""
+    """STOW-RS: store instances of one study; parts of other studies fail with 0xC409
+    (``storage/refusals.py``)."""
     return await _store(request, context, check_uid(study, "StudyInstanceUID"))

@@ -6,7 +6,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -15,8 +15,6 @@ from nnunet_node.api.deps import ContextDep, JobServiceDep
 from nnunet_node.api.errors import responses
 from nnunet_node.api.routes.infer import REQUEST_BODY, JsonObject
 from nnunet_node.core.errors import InvalidRequest, NotFound
-from nnunet_node.pipeline.context import NodeContext
-from nnunet_node.pipeline.dispatch import Dispatcher
 from nnunet_node.pipeline.jobs import DispatchView, JobView
 from nnunet_node.storage.jobs import MAX_PAGE
 from nnunet_node.storage.models import JobStatus
@@ -119,21 +117,6 @@ async def cancel_job(job_id: str, jobs: JobServiceDep) -> JobView:
     return await run_in_threadpool(jobs.cancel, job_id)
 
 
-def _dispatcher(request: Request, context: NodeContext) -> Dispatcher:
-    """The running dispatcher (so that it sends at once), else one over the same database: the
-    dispatch row is the truth, whichever process sends it."""
-    for service in request.app.state.services.values():
-        running = getattr(service, "dispatcher", None)
-        if isinstance(running, Dispatcher):
-            return running
-    return Dispatcher(
-        context.session_factory,
-        context.spec.routing,
-        calling_ae=context.settings.ae_title,
-        archive_dir=context.archive.root,
-    )
-
-
 @router.post(
     "/{job_id}/dispatches/{dispatch_id}/retry",
     response_model=DispatchView,
@@ -142,7 +125,6 @@ def _dispatcher(request: Request, context: NodeContext) -> Dispatcher:
 async def retry_dispatch(
     job_id: str,
     dispatch_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
-    request: Request,
     context: ContextDep,
 ) -> DispatchView:
     """Send a job's results to a destination again (a failed or pending dispatch; 409 if sent)."""
@@ -151,7 +133,7 @@ async def retry_dispatch(
         job = context.job_service.get(job_id)
         if all(d.id != dispatch_id for d in job.dispatches):
             raise NotFound(f"job {job_id!r} has no dispatch {dispatch_id}")
-        _dispatcher(request, context).retry(dispatch_id)
+        context.dispatcher.retry(dispatch_id)
         view = next(d for d in context.job_service.get(job_id).dispatches if d.id == dispatch_id)
         return view
 

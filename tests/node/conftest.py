@@ -70,8 +70,10 @@ def sessions(tmp_path: Path, node_db_template: Path) -> Iterator[sessionmaker[Se
 
 
 @pytest.fixture
-def archive(tmp_path: Path, sessions: sessionmaker[Session]) -> Archive:
-    return Archive(tmp_path / "data" / "dicom", sessions)
+def archive(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Archive]:
+    made = Archive(tmp_path / "data" / "dicom", sessions)
+    yield made
+    made.close()  # closed by whoever made it: the nodes that used it have stopped by now
 
 
 @pytest.fixture

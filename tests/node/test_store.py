@@ -139,7 +139,8 @@ def test_free_disk_floor_answers_out_of_resources(
     )
     assert "Refused: OutOfResources" in result.stdout, result.stdout  # 0xA700
     assert _count(sessions, Instance) == 0
-    node.stop()  # which deletes the empty spare files kept for streamed C-STOREs
+    node.stop()
+    full.close()  # which deletes the empty spare files kept for streamed C-STOREs
     assert not [p for p in full.root.rglob("*") if p.is_file()]
 
 

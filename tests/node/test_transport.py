@@ -136,11 +136,12 @@ def test_an_aborted_transfer_leaves_no_file_no_row_and_no_open_file(
         time.sleep(0.02)
     assert not node.active_associations()
     assert _incoming_with_data(archive) == []
-    # Only the empty spare files stay open (and on disk) until the node stops.
+    # Only the empty spare files stay open (and on disk) until the archive closes.
     assert all(p.exists() and p.stat().st_size == 0 for p in _fds_under(archive.incoming))
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
     node.stop()
+    archive.close()  # by its maker, the test
     assert list(archive.incoming.iterdir()) == []
     assert _fds_under(archive.incoming) == []
 

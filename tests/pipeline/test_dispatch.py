@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from nnunet_node.core.errors import Conflict
+from nnunet_node.core.errors import Conflict, SendError
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
-from nnunet_node.pipeline.dispatch import Dispatcher, SendError, send_files
+from nnunet_node.pipeline.dispatch import Dispatcher, send_files
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
 from nnunet_node.storage.migrations import upgrade

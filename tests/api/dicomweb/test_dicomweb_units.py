@@ -15,7 +15,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from nnunet_node.api.dicomweb.dicom_json import (
-    FAILURE_CANNOT_UNDERSTAND,
     FailedRef,
     StoredRef,
     dataset_to_json,
@@ -23,7 +22,7 @@ from nnunet_node.api.dicomweb.dicom_json import (
     row_to_json,
     store_response,
 )
-from nnunet_node.api.dicomweb.frames import BulkValue, NotAcceptable, read_frames
+from nnunet_node.api.dicomweb.frames import BulkValue, read_frames
 from nnunet_node.api.dicomweb.multipart import (
     Part,
     encode_parts,
@@ -39,7 +38,7 @@ from nnunet_node.api.dicomweb.negotiate import (
     wants_json,
 )
 from nnunet_node.api.dicomweb.qido_params import parse_qido
-from nnunet_node.core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from nnunet_node.core.errors import InvalidRequest, NotAcceptable, NotFound, PayloadTooLarge
 
 
 async def _chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
@@ -177,7 +176,7 @@ def test_metadata_has_bulk_data_uri_for_pixels_and_round_trips(tmp_path: Path) -
 def test_store_response_lists_stored_and_failed() -> None:
     body = store_response(
         [StoredRef("1.2", "1.2.3", "http://x/studies/1/series/2/instances/1.2.3")],
-        [FailedRef("", "", FAILURE_CANNOT_UNDERSTAND)],
+        [FailedRef("", "", 0xC000)],  # Cannot understand
         study_url="http://x/studies/1",
     )
     ds = Dataset.from_json(body)
