@@ -225,8 +225,11 @@ def _numbers(raw: bytes | None, count: int) -> tuple[float, ...] | None:
 def _whole(raw: bytes | int | None) -> int | None:
     if raw is None or isinstance(raw, int):
         return raw
-    numbers = _numbers(raw, 1)
-    return int(numbers[0]) if numbers else None
+    try:
+        return int(raw.strip(b"\x00 "))
+    except ValueError:  # empty, or written as a decimal
+        numbers = _numbers(raw, 1)
+        return int(numbers[0]) if numbers else None
 
 
 def _text(raw: bytes | int | None) -> str:
@@ -308,13 +311,17 @@ def read_slice_header(path: Path) -> SliceHeader | None:
     Reads only the header: a direct scan of the first bytes (:mod:`core.dicomscan`), pydicom when
     the scan is not sure (Big Endian, deflated, undefined lengths). Raises OSError when the file
     cannot be read."""
-    with open(path, "rb") as handle:
-        data = handle.read(_SCAN_BYTES)
-        complete = len(data) < _SCAN_BYTES
+    fd = os.open(path, os.O_RDONLY)  # no buffered file object: this runs once per slice
+    try:
+        data = os.read(fd, _SCAN_BYTES)
         try:
-            header = _scanned(path, data, complete)
+            header = _scanned(path, data, len(data) < _SCAN_BYTES)
             if header is None:
-                data += handle.read(_SCAN_BYTES_MAX - len(data))
+                while len(data) < _SCAN_BYTES_MAX:
+                    more = os.read(fd, _SCAN_BYTES_MAX - len(data))
+                    if not more:
+                        break
+                    data += more
                 header = _scanned(path, data, len(data) < _SCAN_BYTES_MAX)
             if header is not None:
                 return header
@@ -323,6 +330,8 @@ def read_slice_header(path: Path) -> SliceHeader | None:
                 return None
         except dicomscan.Truncated:
             return None
+    finally:
+        os.close(fd)
     return _pydicom_header(path)
 
 
