@@ -642,11 +642,18 @@ def check_headers(
         drift_pixels = max(max(abs(u) / sx, abs(v) / sy) for u, v in offsets)
         if drift_pixels > TILT_TOLERANCE_PIXELS:
             resample = True
+            angle = tilt_degrees(heights_rel, offsets)
+            largest = max(math.hypot(u, v) for u, v in offsets)
+            what_moves = (
+                f"gantry tilt of {angle:.1f} degrees (the slices are stacked at an angle to "
+                "their plane)"
+                if angle >= 0.05
+                else f"the slice positions move by up to {largest:.2f} mm within their plane"
+            )
             warnings.append(
-                f"gantry tilt of {tilt_degrees(heights_rel, offsets):.1f} degrees (the slices "
-                "are stacked at an angle to their plane): the volume was resampled onto a "
-                f"rectilinear grid of {sx:g}x{sy:g}x{spacing:.2f} mm, as dcm2niix does; the "
-                "SEG and RTSTRUCT are mapped back onto the original slices"
+                f"{what_moves}: the volume was resampled onto a rectilinear grid of "
+                f"{sx:g}x{sy:g}x{spacing:.2f} mm, as dcm2niix does; the SEG and RTSTRUCT are "
+                "mapped back onto the original slices"
             )
     grid_shift = (0, 0)
     grid_slices = len(kept)

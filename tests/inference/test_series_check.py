@@ -353,3 +353,13 @@ def test_tilted_series_is_resampled_onto_a_rectilinear_grid(tmp_path: Path) -> N
     agree = (back > 0) == (tilted.image > 150)
     assert agree.all()
     assert [p.name for p in series.dicom_files] == [f.name for f in files]
+
+
+def test_in_plane_jitter_without_tilt_is_named_as_such() -> None:
+    """Slices that move sideways back and forth (no overall tilt) are still resampled, and the
+    warning says what moved instead of a tilt of 0 degrees."""
+    slices = [header(k + 1, 0.0, position=(0.4 if k % 2 else 0.0, 0.0, k * 2.5)) for k in range(6)]
+    slices[-1] = header(6, 0.0, position=(0.0, 0.0, 12.5))
+    layout = check_headers(slices, same_pixels=never_same)
+    assert layout.resample
+    assert any("move by up to 0.40 mm within their plane" in w for w in layout.warnings)
