@@ -6,7 +6,8 @@ Every error the node raises on purpose derives from :class:`NodeError`::
     ├── ConfigError             settings or the spec file are invalid (start-up)
     ├── ClientError             the request is at fault (HTTP 4xx; status_code says which)
     │   ├── InvalidRequest          400 a malformed or inconsistent request
-    │   │   └── UnsupportedMediaType    415 a body of a media type the endpoint does not take
+    │   │   ├── UnsupportedMediaType    415 a body of a media type the endpoint does not take
+    │   │   └── SeriesRefused           an input series that makes no volume matching the patient
     │   ├── UnknownModel            400 a model name the spec does not know
     │   ├── PathNotAllowed          400 a path outside the allowed roots
     │   ├── UnsafeArchive           400 an upload with unsafe members, or too large unpacked
@@ -29,7 +30,7 @@ decorator (``node/status.py``); an ingest failure maps to its C-STORE status and
 Failure Reason through one table, ``storage/refusals.py``. Messages are written for the user who
 sent the request: they name the field, model, path or UID at fault.
 
-Exceptions that never leave the module that raises them (``storage.dicomscan``'s signals that a
+Exceptions that never leave the module that raises them (``core.dicomscan``'s signals that a
 header needs pydicom) are not part of the tree.
 """
 
@@ -55,6 +56,12 @@ class ClientError(NodeError):
 
 class InvalidRequest(ClientError):
     """A malformed or inconsistent request (HTTP 400)."""
+
+
+class SeriesRefused(InvalidRequest):
+    """An input series from which no volume matching the patient can be built (missing slices,
+    two volumes, no position in the patient); the message says why and what to do (HTTP 400, or
+    the failed job's error). See ``inference/series_check.py``."""
 
 
 class UnsupportedMediaType(InvalidRequest):

@@ -51,7 +51,7 @@ import numpy as np
 import pydicom
 
 from nnunet_node.core import dicomscan
-from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.core.errors import InvalidRequest, SeriesRefused
 from nnunet_node.inference.request import Plan
 
 LOGGER = logging.getLogger(__name__)
@@ -94,11 +94,6 @@ _TAGS = {
 }
 _WANTED = frozenset(_TAGS.values())
 _US = struct.Struct("<H")
-
-
-class SeriesRefused(InvalidRequest):
-    """The series cannot be made into one volume that matches the patient; the message says why
-    and what to do."""
 
 
 @dataclass(slots=True)

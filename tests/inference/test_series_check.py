@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from nnunet_node.core.errors import SeriesRefused
 from nnunet_node.core.phantom import Phantom, make_phantom, write_dicom_series
 from nnunet_node.inference.series_check import (
-    SeriesRefused,
     SliceHeader,
     check_headers,
     check_series_folder,
