@@ -50,8 +50,18 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            _run(conn)
-            conn.commit()
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # Batch mode copies a table and drops the old one; with foreign keys on, that
+                # DROP would cascade to the rows referring to it (studies of a patient). The
+                # pragma only takes effect outside a transaction: set it on the raw connection.
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+            try:
+                _run(conn)
+                conn.commit()
+            finally:
+                if sqlite:
+                    conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
     finally:
         engine.dispose()
 

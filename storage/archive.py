@@ -300,6 +300,7 @@ class Archive:
         if header is None or header.sop_instance_uid != row.sop_instance_uid:
             with self.session_factory() as session, session.begin():
                 session.execute(delete(Instance).where(Instance.id == row.id))
+                self._indexer.prune(session.connection(), row.series_pk)
             return
         self._indexer.upsert(
             header,

@@ -13,6 +13,15 @@ winner's row is used.
 
 Group commit (SQLite): threads that want to commit while another does are served together by
 the next one to get the lock: one transaction, one WAL fsync, a savepoint per instance.
+
+Patient identity (PS3.3 C.7.1.1; IHE PIX): a patient is its Patient ID within its Issuer of
+Patient ID. A study whose Patient ID is empty or absent gets a patient record of its own (scoped
+to the study), so it never joins another person. Each study keeps the patient attributes of its
+first instance (the name, birth date and sex that C-FIND and QIDO-RS show for it); a later
+instance that names other values is stored as sent, the study keeps the first values, and a
+warning is logged. The patient record (PATIENT level C-FIND) takes the values of its latest study.
+An instance re-sent under another series moves there; a series, study or patient left with
+nothing under it is deleted.
 """
 
 from __future__ import annotations
@@ -35,6 +44,14 @@ _SE: Table = Series.__table__  # type: ignore[assignment]
 _I: Table = Instance.__table__  # type: ignore[assignment]
 
 PATIENT_KEY = ("patient_id", "issuer_of_patient_id")
+PATIENT_TRAITS = ("patient_name", "patient_birth_date", "patient_sex")
+"""Patient attributes each study keeps its own copy of (storage/models.py, Study)."""
+
+
+def patient_scope(header: Header) -> str:
+    """The patient record's scope: empty for an identified patient, the study's UID when the
+    Patient ID is empty or absent (one patient record per such study)."""
+    return "" if header.patient.get("patient_id") else header.study_instance_uid
 
 
 @dataclass
@@ -103,11 +120,13 @@ class Indexer:
             .join(_P, _P.c.id == _ST.c.patient_pk)
             .where(_ST.c.study_instance_uid == bindparam("uid"))
         )
-        self._select_instance = select(_I.c.id, _I.c.path).where(
+        self._select_instance = select(_I.c.id, _I.c.path, _I.c.series_pk).where(
             _I.c.sop_instance_uid == bindparam("uid")
         )
         self._select_patient = select(_P.c.id).where(
-            _P.c.patient_id == bindparam("pid"), _P.c.issuer_of_patient_id == bindparam("issuer")
+            _P.c.patient_id == bindparam("pid"),
+            _P.c.issuer_of_patient_id == bindparam("issuer"),
+            _P.c.study_scope == bindparam("scope"),
         )
         self._select_study_pk = select(_ST.c.id).where(_ST.c.study_instance_uid == bindparam("uid"))
         self._select_series_pk = select(_SE.c.id).where(
@@ -228,7 +247,36 @@ class Indexer:
                 return False, None
             existing = conn.execute(self._select_instance, uid).one()
         self._set(conn, _I, existing.id, values)
+        if existing.series_pk != series_pk:  # moved to another series
+            LOGGER.warning(
+                "instance %s moved to series %s",
+                header.sop_instance_uid,
+                header.series_instance_uid,
+            )
+            self.prune(conn, existing.series_pk)
         return True, existing.path
+
+    def prune(self, conn: Connection, series_pk: int) -> None:
+        """Delete the series when no instance is left in it, then its study when no series is
+        left, then the study's patient when no study is left (inside the caller's transaction),
+        so that queries and counts never show an empty entity."""
+        if conn.execute(select(_I.c.id).where(_I.c.series_pk == series_pk).limit(1)).first():
+            return
+        study_pk = conn.execute(select(_SE.c.study_pk).where(_SE.c.id == series_pk)).scalar()
+        conn.execute(_SE.delete().where(_SE.c.id == series_pk))
+        if (
+            study_pk is None
+            or conn.execute(select(_SE.c.id).where(_SE.c.study_pk == study_pk).limit(1)).first()
+        ):
+            return
+        patient_pk = conn.execute(select(_ST.c.patient_pk).where(_ST.c.id == study_pk)).scalar()
+        conn.execute(_ST.delete().where(_ST.c.id == study_pk))
+        if (
+            patient_pk is None
+            or conn.execute(select(_ST.c.id).where(_ST.c.patient_pk == patient_pk).limit(1)).first()
+        ):
+            return
+        conn.execute(_P.delete().where(_P.c.id == patient_pk))
 
     # --- helpers ------------------------------------------------------------------------
     def _set(self, conn: Connection, table: Table, pk: int, values: dict[str, Any]) -> None:
@@ -297,21 +345,26 @@ class Indexer:
         return series_pk
 
     def _new_study(self, conn: Connection, header: Header) -> int:
-        key = {k: header.patient[k] for k in PATIENT_KEY}
-        others = {k: v for k, v in header.patient.items() if k not in PATIENT_KEY}
-        params = {"pid": key["patient_id"], "issuer": key["issuer_of_patient_id"]}
+        key = {k: header.patient[k] for k in PATIENT_KEY} | {"study_scope": patient_scope(header)}
+        traits = {k: header.patient.get(k, "") for k in PATIENT_TRAITS}
+        params = {
+            "pid": key["patient_id"],
+            "issuer": key["issuer_of_patient_id"],
+            "scope": key["study_scope"],
+        }
         patient_pk = conn.execute(self._select_patient, params).scalar()
         if patient_pk is None:
-            patient_pk, _ = self._insert_or_get(conn, _P, key, others, self._select_patient, params)
+            patient_pk, _ = self._insert_or_get(conn, _P, key, traits, self._select_patient, params)
         else:
+            # A new study of a known patient: the patient record takes its values (the latest).
             current = conn.execute(select(*_P.c).where(_P.c.id == patient_pk)).one()._mapping
-            self._set(conn, _P, patient_pk, _changes(current, others))
+            self._set(conn, _P, patient_pk, _changes(current, traits))
         uid = {"uid": header.study_instance_uid}
         study_pk, created = self._insert_or_get(
             conn,
             _ST,
             {"study_instance_uid": header.study_instance_uid},
-            {"patient_pk": patient_pk, **header.study},
+            {"patient_pk": patient_pk, **header.study, **traits},
             self._select_study_pk,
             uid,
         )
@@ -321,10 +374,14 @@ class Indexer:
         return int(study_pk)
 
     def _refresh_study(self, conn: Connection, m: Any, header: Header) -> None:
-        """Newer headers refresh the study's attributes, and its patient's when the patient keys
-        agree: a study never moves to another patient (the first one kept, a warning logged)."""
+        """Newer headers refresh the study's own attributes. Its patient attributes are the
+        first instance's: a later instance only fills what is still empty, and one naming other
+        values is logged (module docstring). A study never moves to another patient."""
         study_changes = {k: v for k, v in header.study.items() if v not in ("", None)}
         study_changes = {k: v for k, v in study_changes.items() if m[f"st_{k}"] != v}
+        traits = {k: header.patient.get(k, "") for k in PATIENT_TRAITS}
+        conflicts = {k: v for k, v in traits.items() if v and m[f"st_{k}"] and m[f"st_{k}"] != v}
+        study_changes |= {k: v for k, v in traits.items() if v and not m[f"st_{k}"]}
         if study_changes:
             self._set(conn, _ST, m["st_id"], study_changes | {"updated_at": utcnow()})
         if any(m[f"p_{k}"] != header.patient[k] for k in PATIENT_KEY):
@@ -336,9 +393,13 @@ class Indexer:
                 header.patient["patient_id"],
             )
             return
-        patient_changes = {
-            k: v
-            for k, v in header.patient.items()
-            if k not in PATIENT_KEY and v not in ("", None) and m[f"p_{k}"] != v
-        }
-        self._set(conn, _P, m["p_id"], patient_changes)
+        if conflicts:
+            LOGGER.warning(
+                "study %s: instance %s names other patient attributes (%s); the study keeps "
+                "its first instance's values",
+                header.study_instance_uid,
+                header.sop_instance_uid,
+                ", ".join(sorted(conflicts)),
+            )
+        patient_fill = {k: v for k, v in traits.items() if v and not m[f"p_{k}"]}
+        self._set(conn, _P, m["p_id"], patient_fill)

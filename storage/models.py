@@ -49,18 +49,27 @@ TS = DateTime(timezone=True)
 
 
 class Patient(Base):
+    """One patient: Patient ID within its issuer (PS3.3 C.7.1.1, IHE PIX: an ID means one
+    person only together with its Issuer of Patient ID).
+
+    A study without a Patient ID gets a patient record of its own (``study_scope`` holds its
+    Study Instance UID), so it never joins another study's patient. The name, birth date and sex
+    here are the latest study's; each study keeps its own copy (:class:`Study`)."""
+
     __tablename__ = "patients"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    study_scope: Mapped[str] = mapped_column(UID, default="")
+    """Empty for an identified patient; the study's UID for a study without a Patient ID."""
     patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id", "study_scope"),)
 
 
 class Study(Base):
@@ -77,6 +86,10 @@ class Study(Base):
     study_id: Mapped[str] = mapped_column(String(16), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    # The patient as this study's instances name it (the first instance's values are kept).
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
 

@@ -92,6 +92,23 @@ ATTRIBUTES: dict[str, Attribute] = {
     ),
 }
 _ORDER: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_PATIENT_ONLY: tuple[Level, ...] = ("PATIENT",)
+
+STUDY_PATIENT_ATTRIBUTES: dict[str, Attribute] = _attrs(
+    "PATIENT",
+    ("PatientName", Study.patient_name, Kind.PN),
+    ("PatientBirthDate", Study.patient_birth_date, Kind.DATE),
+    ("PatientSex", Study.patient_sex, Kind.STRING),
+)
+"""Below the PATIENT level, each study's own patient attributes (storage/indexer.py): a study
+is always shown, and matched, with the name its instances carry."""
+
+
+def _attribute(keyword: str, levels: Collection[Level]) -> Attribute | None:
+    if "STUDY" in levels and keyword in STUDY_PATIENT_ATTRIBUTES:
+        return STUDY_PATIENT_ATTRIBUTES[keyword]
+    return ATTRIBUTES.get(keyword)
+
 
 COMPUTED: dict[Level, tuple[str, ...]] = {
     "PATIENT": (
@@ -142,7 +159,7 @@ def _conditions(
 ) -> list[ColumnElement[bool]]:
     conditions = []
     for keyword, value in query.items():
-        attr = ATTRIBUTES.get(keyword)
+        attr = _attribute(keyword, levels)
         if attr is None or attr.level not in levels:
             continue
         condition = value_condition(attr.column, value, attr.kind, dialect=dialect, fuzzy=fuzzy)
@@ -170,8 +187,9 @@ def _study_computed_conditions(
     return out
 
 
-def _columns(levels: Iterable[Level]) -> list[Any]:
-    return [a.column.label(a.keyword) for a in ATTRIBUTES.values() if a.level in levels]
+def _columns(levels: Collection[Level]) -> list[Any]:
+    attributes = (_attribute(k, levels) for k in ATTRIBUTES)
+    return [a.column.label(a.keyword) for a in attributes if a is not None and a.level in levels]
 
 
 def _dialect(session: Session) -> str:
@@ -237,7 +255,7 @@ def find_patients(
     """PATIENT level (Patient Root C-FIND): patients with a matching key, by arrival."""
     q = _normalise_query(query)
     conds = _conditions(q, {"PATIENT"}, dialect=_dialect(session), fuzzy=fuzzy)
-    stmt = select(Patient.id.label("_pk"), *_columns(("PATIENT",))).where(*conds)
+    stmt = select(Patient.id.label("_pk"), *_columns(_PATIENT_ONLY)).where(*conds)
     rows = _rows(session, _page(stmt.order_by(Patient.id), limit, offset))
     wanted = _wanted(include, "PATIENT")
     pks = [r["_pk"] for r in rows]
