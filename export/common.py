@@ -8,8 +8,12 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
+from nnunet_node.core import charset
 from nnunet_node.core.errors import ExportError
 
 
@@ -76,7 +80,7 @@ def with_type2_defaults(sources: Sequence[Dataset]) -> list[Dataset]:
     missing = [k for k in TYPE2_PATIENT_STUDY if any(k not in ds for ds in sources)]
     if not missing:
         return list(sources)
-    out = []
+    out: list[Dataset] = []
     for ds in sources:
         new = Dataset({tag: ds[tag] for tag in ds.keys()})  # noqa: SIM118 (iter gives elements)
         if hasattr(ds, "file_meta"):
@@ -108,3 +112,92 @@ def stable_uid(*parts: str) -> str:
 
 def now_or(value: dt.datetime | None) -> dt.datetime:
     return value if value is not None else dt.datetime.now()
+
+
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+"""The VRs whose values the Specific Character Set governs (PS3.5 6.1.2.3)."""
+_SINGLE_VALUED_VRS = frozenset({"ST", "LT", "UT"})
+_KEPT_AS_IS = frozenset({(), ("ISO_IR 6",), ("ISO_IR 100",), (charset.UTF8,)})
+"""Sets whose decodable values are copied without re-encoding (highdicom accepts them)."""
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:  # private or unknown: not text we can judge
+        return "UN"
+
+
+def _raw_text_elements(ds: Dataset) -> list[tuple[int, str, bytes]]:
+    out: list[tuple[int, str, bytes]] = []
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset gives elements)
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
+            continue
+        vr = elem.VR or _dictionary_vr(int(tag))
+        if vr in _TEXT_VRS and (not elem.value.isascii() or b"\x1b" in elem.value):
+            out.append((int(tag), vr, elem.value))
+    return out
+
+
+def _recode(ds: Dataset, declared: object, warnings: list[str]) -> tuple[Dataset, bool]:
+    """A new dataset over ``ds``'s elements with every text value decoded from ``declared``
+    (:func:`core.charset.decode`), items of sequences too; (dataset, any non-ASCII text)."""
+    declared = ds.get("SpecificCharacterSet") or declared
+    new = Dataset()
+    non_ascii = False
+    raw_text = {tag: (vr, raw) for tag, vr, raw in _raw_text_elements(ds)}
+    for tag in ds.keys():  # noqa: SIM118
+        if int(tag) == 0x00080005:
+            continue
+        if int(tag) in raw_text:
+            vr, raw = raw_text[int(tag)]
+            decoded = charset.decode(raw, declared, vr=vr)
+            if decoded.warning:
+                warnings.append(f"({int(tag) >> 16:04X},{int(tag) & 0xFFFF:04X}) {decoded.warning}")
+            text = decoded.text
+            value: object = text
+            if vr not in _SINGLE_VALUED_VRS and "\\" in text:
+                value = text.split("\\")
+            new.add(DataElement(tag, vr, value))
+            non_ascii = non_ascii or not text.isascii()
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            items = []
+            for item in elem.value:
+                recoded, item_non_ascii = _recode(item, declared, warnings)
+                items.append(recoded)
+                non_ascii = non_ascii or item_non_ascii
+            new.add(DataElement(tag, "SQ", DicomSequence(items)))
+        else:
+            new.add(elem)
+    return new, non_ascii
+
+
+def text_as_utf8(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[str]]:
+    """The sources with their text in a form highdicom and dciodvfy accept (PS3.5 6.1).
+
+    Sources in the default repertoire, ISO 8859-1 or UTF-8 whose values decode are returned as
+    they are. Others (ISO 2022 code extensions such as ``\\ISO 2022 IR 87``, GB18030, an
+    unknown or wrongly declared term) are replaced by new datasets with every text value decoded
+    (:func:`core.charset.decode`, with its fallback) and Specific Character Set ``ISO_IR 192``
+    (absent when every value is ASCII). Returns (datasets, warnings about the fallback); never
+    raises for a character set, so no job fails after inference for one."""
+    out: list[Dataset] = []
+    warnings: list[str] = []
+    for ds in sources:
+        terms = tuple(charset.terms_of(ds.get("SpecificCharacterSet")))
+        raw = _raw_text_elements(ds)
+        if terms in _KEPT_AS_IS and all(
+            charset.decode(value, terms, vr=vr).warning is None for _, vr, value in raw
+        ):
+            out.append(ds)
+            continue
+        new, non_ascii = _recode(ds, list(terms), warnings)
+        if hasattr(ds, "file_meta"):
+            new.file_meta = ds.file_meta
+        if non_ascii:
+            new.SpecificCharacterSet = charset.UTF8
+        out.append(new)
+    return out, sorted(set(warnings))

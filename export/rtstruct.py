@@ -40,7 +40,13 @@ from pydicom.valuerep import format_number_as_ds
 from skimage.measure import find_contours
 
 from nnunet_node.core.errors import ExportError
-from nnunet_node.export.common import check_sources, labels_present, now_or, software_version
+from nnunet_node.export.common import (
+    check_sources,
+    labels_present,
+    now_or,
+    software_version,
+    text_as_utf8,
+)
 from nnunet_node.export.metadata import ANATOMICAL_STRUCTURE, Concept, SegmentationMetadata
 
 LOGGER = logging.getLogger(__name__)
@@ -102,6 +108,7 @@ def make_rtstruct(
     slices = slices_by_label(label_map)
     planes = [_plane(ds, index, what) for index, ds in enumerate(source_datasets)]
     when = now_or(content_datetime)
+    source_datasets, _ = text_as_utf8(source_datasets)  # a no-op where the caller did it already
     first = source_datasets[0]
     frame_uid = str(first.FrameOfReferenceUID)
 

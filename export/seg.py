@@ -28,6 +28,7 @@ from nnunet_node.export.common import (
     now_or,
     software_version,
     stable_uid,
+    text_as_utf8,
     with_type2_defaults,
 )
 from nnunet_node.export.metadata import SegmentationMetadata, SegmentInfo
@@ -192,6 +193,7 @@ def _segmentation(
     description_suffix: str | None = None,
 ) -> Dataset:
     when = now_or(content_datetime)
+    sources, _ = text_as_utf8(sources)  # a no-op where the caller did it already
     source_series_uid = str(sources[0].SeriesInstanceUID)
     descriptions = [
         _segment_description(i + 1, info, metadata, source_series_uid)

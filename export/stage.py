@@ -15,7 +15,7 @@ import pydicom
 from pydicom import Dataset
 
 from nnunet_node.core.errors import ExportError
-from nnunet_node.export.common import now_or
+from nnunet_node.export.common import now_or, text_as_utf8
 from nnunet_node.export.files import dicom_output_name, write_dataset
 from nnunet_node.export.metadata import SegmentationMetadata
 from nnunet_node.export.rtstruct import make_rtstruct
@@ -67,8 +67,10 @@ def write_stage_dicom(
         datasets = read_sources([s for s in sources if not isinstance(s, Dataset)])
         if len(datasets) != len(sources):
             raise ExportError("sources must be all datasets or all file paths")
+    # Text in a form highdicom accepts (ISO 2022, GB18030, unknown sets: re-encoded as UTF-8).
+    datasets, charset_warnings = text_as_utf8(datasets)
     when = now_or(content_datetime)  # one time for the stage's objects
-    notes: list[str] = []
+    notes: list[str] = [f"source character set: {w}" for w in charset_warnings]
     seg_path = struct_path = fractional_path = None
 
     seg = make_binary_seg(label_map, datasets, metadata, content_datetime=when)

@@ -177,10 +177,9 @@ class NodeHandlers:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            response = query.to_dataset(row, keys)
+            # In the requester's character set where it can hold the values, else UTF-8.
+            response = query.to_dataset(row, keys, requested_charset=charset)
             response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
-            if charset and "SpecificCharacterSet" not in response:
-                response.SpecificCharacterSet = charset
             yield PENDING, response
 
     def _refs(self, identifier: Dataset, model: str) -> list[query.InstanceRef]:

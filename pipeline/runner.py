@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.errors import ExportError, InvalidRequest, JobCancelled, NotFound
 from nnunet_node.core.settings import Settings
+from nnunet_node.export.common import text_as_utf8
 from nnunet_node.export.files import dicom_output_name, write_dataset
 from nnunet_node.export.metadata import SegmentationMetadata
 from nnunet_node.export.rtstruct import make_rtstruct
@@ -270,6 +271,9 @@ class JobRunner:
             )
         metadata = self.spec.metadata_for(stage.model_id)
         sources = read_sources(stage.source_dicom_files)  # headers only: no pixel data in memory
+        # Text in a form highdicom accepts (ISO 2022, GB18030, unknown sets: as UTF-8).
+        sources, charset_notes = text_as_utf8(sources)
+        warnings.extend(f"stage {stage.index}: source character set: {n}" for n in charset_notes)
         # On the source slices the volume was built from (the grid itself unless it was resampled).
         label_map = stage.on_source_slices(sitk.GetArrayFromImage(stage.prediction), is_mask=True)
         stage_dir = Path(stage.folder)

@@ -7,7 +7,9 @@
   transfer syntaxes, ASCII values; ~10x faster than a pydicom Dataset, which matters on the
   C-STORE path (bench/bench_cstore.py);
 - pydicom (``dcmread(stop_before_pixels=True)``) for everything else: other character sets,
-  Big Endian, deflated datasets, anything the scan is not sure of.
+  Big Endian, deflated datasets, anything the scan is not sure of. Text that is not plain ASCII
+  is decoded by :func:`core.charset.decode` in the dataset's Specific Character Set, with its
+  fallback (UTF-8, then ISO 8859-1) and a logged warning for an unknown or wrongly declared set.
 
 tests/storage/test_headers.py checks that both give the same header.
 """
@@ -15,6 +17,7 @@ tests/storage/test_headers.py checks that both give the same header.
 from __future__ import annotations
 
 import io
+import logging
 import re
 import struct
 from collections.abc import Callable
@@ -25,11 +28,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from nnunet_node.core import dicomscan
+from nnunet_node.core import charset, dicomscan
 from nnunet_node.core.errors import InvalidDicom
 from nnunet_node.storage.indexer import Header
 from nnunet_node.storage.models import Base, Patient, Series, Study
 
+LOGGER = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _U16 = struct.Struct("<H")
 
@@ -98,6 +102,15 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(raw, bytes) and _plain_ascii(raw):
         return raw.decode("ascii").strip("\x00 ")
+    if isinstance(raw, bytes):
+        decoded = charset.decode(
+            raw, _raw(ds, "SpecificCharacterSet"), vr=pydicom.datadict.dictionary_VR(keyword)
+        )
+        if decoded.warning:
+            LOGGER.warning(
+                "%s of %s: %s", keyword, _raw_text(ds, "SOPInstanceUID"), decoded.warning
+            )
+        return decoded.text.strip("\x00 ")
     value = ds.get(keyword)
     if value is None:
         return ""

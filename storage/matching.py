@@ -4,7 +4,8 @@ Each function turns one query value into a SQLAlchemy condition on one column, o
 universal matching (an empty value, or a lone ``*``: C.2.2.2.3 and C.2.2.2.4). The kinds:
 
 - single value matching (C.2.2.2.1): equality; case-sensitive except for PN (person names),
-  which match case-insensitively as C.2.2.2.1 allows;
+  which match case-insensitively as C.2.2.2.1 allows, and a value of one component group
+  matches any group of a stored name (alphabetic, ideographic or phonetic);
 - wildcard matching (C.2.2.2.4): ``*`` any sequence, ``?`` one character. SQL ``LIKE`` with
   ``%``, ``_`` and the escape character escaped in the value, so they match only themselves. On
   SQLite, whose ``LIKE`` ignores case, a ``GLOB`` pattern keeps the match case-sensitive (and can
@@ -138,12 +139,21 @@ def range_condition(column: Any, lower: str | None, upper: str | None) -> Column
     return and_(*parts)
 
 
+def sql_lower(value: str, dialect: str) -> str:
+    """``value`` lowered as the database's ``lower()`` lowers a column: SQLite lowers ASCII
+    letters only (Ελένη stays as it is), PostgreSQL every letter."""
+    if dialect == "sqlite":
+        return "".join(c.lower() if c.isascii() else c for c in value)
+    return value.lower()
+
+
 def wildcard_condition(
     column: Any, value: str, *, dialect: str, case_sensitive: bool = True
 ) -> ColumnElement[bool]:
     """C.2.2.2.4 with the SQL pattern escaped; ``dialect`` picks GLOB on SQLite."""
     if not case_sensitive:
-        return func.lower(column).like(wildcard_to_like(value.lower()), escape=LIKE_ESCAPE)
+        lowered = sql_lower(value, dialect)
+        return func.lower(column).like(wildcard_to_like(lowered), escape=LIKE_ESCAPE)
     if dialect == "sqlite":
         return column.op("GLOB")(wildcard_to_glob(value))
     return column.like(wildcard_to_like(value), escape=LIKE_ESCAPE)
@@ -156,16 +166,27 @@ def pn_condition(
     matches the start of any name component (family, given, middle...)."""
     if fuzzy:
         stem = value.rstrip("*")
-        pattern = wildcard_to_like(stem.lower())
+        pattern = wildcard_to_like(sql_lower(stem, dialect))
         lowered = func.lower(column)
         return or_(
             lowered.like(pattern + "%", escape=LIKE_ESCAPE),
             lowered.like("%^" + pattern + "%", escape=LIKE_ESCAPE),
             lowered.like("% " + pattern + "%", escape=LIKE_ESCAPE),
         )
-    if has_wildcards(value):
-        return wildcard_condition(column, value, dialect=dialect, case_sensitive=False)
-    return func.lower(column) == value.lower()
+    whole = (
+        wildcard_condition(column, value, dialect=dialect, case_sensitive=False)
+        if has_wildcards(value)
+        else func.lower(column) == sql_lower(value, dialect)
+    )
+    if "=" in value:
+        return whole
+    # A value of one component group matches any group of a stored name (PS3.5 6.2.1.1:
+    # alphabetic=ideographic=phonetic), so 山田^太郎 finds Yamada^Tarou=山田^太郎=やまだ^たろう.
+    groups = (f"{value}=*", f"*={value}", f"*={value}=*")
+    return or_(
+        whole,
+        *(wildcard_condition(column, g, dialect=dialect, case_sensitive=False) for g in groups),
+    )
 
 
 def uid_condition(column: Any, value: str) -> ColumnElement[bool]:

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
+from nnunet_node.core.charset import answer_charset
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.storage.matching import Kind, split_values, value_condition
 from nnunet_node.storage.models import Instance, Patient, Series, Study
@@ -502,12 +503,18 @@ _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "
 _TEXT_VRS |= {"UI", "UR", "UT"}
 
 
-def to_dataset(row: Mapping[str, Any], keys: Iterable[str]) -> Dataset:
+def to_dataset(
+    row: Mapping[str, Any], keys: Iterable[str], *, requested_charset: Any = None
+) -> Dataset:
     """A response identifier with the requested keys: the row's value, or an empty value when
     the index does not hold the attribute (PS3.4 C.4.1.1.3.2). Rows' private ``_`` keys and
-    unknown keywords are skipped. Non-ASCII text sets Specific Character Set to UTF-8."""
+    unknown keywords are skipped.
+
+    Specific Character Set: the requester's (``requested_charset``, the C-FIND identifier's)
+    when it can encode every value, else ``ISO_IR 192`` (UTF-8) when a value is not ASCII
+    (:func:`core.charset.answer_charset`); absent for plain ASCII with no request."""
     ds = Dataset()
-    non_ascii = False
+    texts: list[str] = []
     for key in keys:
         if key.startswith("_"):
             continue
@@ -527,13 +534,14 @@ def to_dataset(row: Mapping[str, Any], keys: Iterable[str]) -> Dataset:
         if value is None or value == "" or value == []:
             ds.add_new(tag, vr, "" if vr in _TEXT_VRS else None)
             continue
-        if isinstance(value, str) and not value.isascii():
-            non_ascii = True
+        if isinstance(value, str):
+            texts.append(value)
         if vr == "IS" and isinstance(value, int):
             value = str(value)
         ds.add_new(tag, vr, value)
-    if non_ascii:
-        ds.SpecificCharacterSet = "ISO_IR 192"
+    answer = answer_charset(texts, requested_charset)
+    if answer is not None:
+        ds.SpecificCharacterSet = answer
     return ds
 
 

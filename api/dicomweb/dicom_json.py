@@ -173,13 +173,23 @@ def row_to_json(row: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
         if vr in _NUMBER_VRS:
             out[name] = {"vr": vr, "Value": [_number(vr, v) for v in values]}
         elif vr == "PN":
-            out[name] = {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
+            out[name] = {"vr": vr, "Value": [person_name_json(str(v)) for v in values]}
         else:
             out[name] = {"vr": vr, "Value": [str(v) for v in values]}
         non_ascii = non_ascii or any(isinstance(v, str) and not v.isascii() for v in values)
     if non_ascii:
         out["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
     return out
+
+
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def person_name_json(value: str) -> dict[str, str]:
+    """One person name as its component groups (PS3.18 F.2.2; PS3.5 6.2.1.1: alphabetic,
+    ideographic and phonetic groups separated by ``=``); empty groups are left out."""
+    groups = value.split("=")[: len(PN_GROUPS)]
+    return {name: group for name, group in zip(PN_GROUPS, groups, strict=False) if group}
 
 
 def keyword_or_tag(key: str) -> BaseTag | None:
