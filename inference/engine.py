@@ -77,6 +77,8 @@ class StageResult:
     dropped_components: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     source_layout: SeriesLayout | None = None
+    device: str = ""
+    """The torch device the stage's predictor ran on (``cpu``, ``cuda:0``)."""
 
     @property
     def label_array(self) -> np.ndarray:
@@ -462,6 +464,7 @@ class _Run:
             options=stage,
             dropped_components=dropped,
             timings=timings,
+            device=str(model.device),
         )
         self.results.append(result)
         self.report(stage, "done", 1.0)

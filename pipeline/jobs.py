@@ -85,6 +85,7 @@ class JobView(BaseModel):
     output_dir: str | None = None
     progress: dict[str, Any]
     result: dict[str, Any] | None = None
+    run_record: dict[str, Any] | None = None
     error: str | None = None
     attempts: int
     superseded_by: str | None = None
@@ -115,6 +116,7 @@ class JobView(BaseModel):
             output_dir=job.output_dir,
             progress=dict(job.progress or {}),
             result=job.result,
+            run_record=job.run_record,
             error=job.error,
             attempts=job.attempts,
             superseded_by=job.superseded_by,
@@ -538,7 +540,11 @@ class JobService:
         try:
             outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
             final = self.store.finish(
-                job.id, outcome.result, outcome.artifacts, progress=outcome.progress
+                job.id,
+                outcome.result,
+                outcome.artifacts,
+                progress=outcome.progress,
+                run_record=outcome.run_record,
             )
             if final.status == JobStatus.DONE:
                 self._run_hooks(job.id)

@@ -1,9 +1,10 @@
 """The zip of a job's outputs, served by ``GET /download/{job_id}``.
 
-Built once from the job's recorded artifacts and kept in the job folder
-(``<jobs>/<id>/<id>.zip``), so repeated downloads stream the same file. Member names are relative
-to the job's output folder (``stage_0/prediction.nii.gz``): never absolute, never ``..``, and a
-recorded file that lies outside the output folder (a link that points out) is left out.
+Built once from the job's recorded artifacts, plus its run record (``run.json``), and kept in the
+job folder (``<jobs>/<id>/<id>.zip``), so repeated downloads stream the same file. Member names
+are relative to the job's output folder (``stage_0/prediction.nii.gz``): never absolute, never
+``..``, and a recorded file that lies outside the output folder (a link that points out) is left
+out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from nnunet_node.core.errors import Conflict, NotFound
 from nnunet_node.core.settings import Settings
+from nnunet_node.pipeline.record import RUN_RECORD_NAME
 from nnunet_node.storage.models import Job, JobStatus
 
 LOGGER = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ def build_zip(settings: Settings, job: Job) -> Path:
                 LOGGER.warning("job %s: output %s is gone, not zipped", job.id, path)
                 continue
             members.setdefault(arcname, path)
+        record = root / RUN_RECORD_NAME
+        if members and record.is_file() and safe_arcname(record, root) == RUN_RECORD_NAME:
+            members.setdefault(RUN_RECORD_NAME, record)
         if not members:
             raise NotFound(f"job {job.id!r}: no output files left to download")
         target.parent.mkdir(parents=True, exist_ok=True)

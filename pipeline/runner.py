@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from nnunet_node.export.stage import read_sources
 from nnunet_node.inference.engine import StageResult
 from nnunet_node.inference.request import Plan, normalise
 from nnunet_node.inference.series_check import check_plan
+from nnunet_node.pipeline.record import build_run_record, write_run_record
 from nnunet_node.pipeline.spec import NodeSpec
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import unit_of_work
@@ -88,6 +90,8 @@ class RunOutcome:
     result: dict[str, Any]
     artifacts: list[ArtifactRecord] = field(default_factory=list)
     progress: dict[str, Any] = field(default_factory=dict)
+    run_record: dict[str, Any] | None = None
+    """The run record (:mod:`pipeline.record`), also written as ``run.json`` in the outputs."""
 
 
 class JobRunner:
@@ -134,6 +138,7 @@ class JobRunner:
         should_stop: Callable[[], bool],
     ) -> RunOutcome:
         started = time.monotonic()
+        started_at = datetime.now(UTC)
         stored = dict(job.request)
         request = public_request(stored)
         output_dir = Path(job.output_dir) if job.output_dir else job_folder(self.settings, job.id)
@@ -165,12 +170,14 @@ class JobRunner:
         warnings: list[str] = [w for layout in layouts.values() for w in layout.warnings]
         output_dir.mkdir(parents=True, exist_ok=True)
         stop_check()
+        timings: dict[str, float] = {"prepare_s": time.monotonic() - started}
 
         stages_total = len(plan.stages)
 
         def engine_progress(info: dict[str, Any]) -> None:
             progress({"stages": stages_total, **info})
 
+        t_inference = time.monotonic()
         results: Sequence[StageResult] = self.engine.run(
             plan,
             study_path,
@@ -179,7 +186,9 @@ class JobRunner:
             should_stop=should_stop,
             layouts=layouts,
         )
+        timings["inference_s"] = time.monotonic() - t_inference
         stop_check()
+        stage_timings: dict[int, dict[str, float]] = {}
 
         files: dict[str, list[str]] = {kind: [] for kind in RESULT_FILE_KINDS}
         artifacts: list[ArtifactRecord] = []
@@ -199,7 +208,10 @@ class JobRunner:
                         "fraction": 0.95,
                     }
                 )
+                t_export = time.monotonic()
                 self._export_dicom(job, plan, stage, files, artifacts, warnings)
+                stage_timings[stage.index] = {"dicom_export_s": time.monotonic() - t_export}
+            timings["dicom_export_s"] = sum(t["dicom_export_s"] for t in stage_timings.values())
 
         result: dict[str, Any] = {
             "time_elapsed": round(time.monotonic() - started, 3),
@@ -214,8 +226,23 @@ class JobRunner:
             **files,
             "warnings": warnings,
         }
+        timings["total_s"] = time.monotonic() - started
+        record = build_run_record(
+            job_id=job.id,
+            source=job.source,
+            route_name=job.route_name,
+            plan=plan,
+            results=results,
+            artifacts=artifacts,
+            warnings=warnings,
+            timings=timings,
+            stage_timings=stage_timings,
+            archive_series=list(job.series) if archive_job else [],
+            started_at=started_at,
+        )
+        write_run_record(record, output_dir)
         final = {"stages": stages_total, "stage": stages_total - 1, "step": "done", "fraction": 1.0}
-        return RunOutcome(result=result, artifacts=artifacts, progress=final)
+        return RunOutcome(result=result, artifacts=artifacts, progress=final, run_record=record)
 
     # --- archive inputs ---------------------------------------------------------------------
     def _export_series(

@@ -248,12 +248,16 @@ class JobStore:
         artifacts: Iterable[ArtifactRecord] = (),
         *,
         progress: dict[str, Any] | None = None,
+        run_record: dict[str, Any] | None = None,
     ) -> Job:
-        """Record the result and every output file. The job becomes ``done`` if it was still
-        running; one cancelled or superseded meanwhile keeps that status (its files are listed)."""
+        """Record the result, the run record and every output file. The job becomes ``done`` if it
+        was still running; one cancelled or superseded meanwhile keeps that status (its files are
+        listed)."""
         with unit_of_work(self._sessions) as session:
             job = self._load(session, job_id)
             job.result = dict(result)
+            if run_record is not None:
+                job.run_record = dict(run_record)
             job.finished_at = utcnow()
             if progress is not None:
                 job.progress = dict(progress)

@@ -183,6 +183,9 @@ class Job(Base):
     """``{"stage": i, "stages": n, "step": "...", "fraction": 0..1}``."""
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     """The response body the reference's /infer would answer, once done."""
+    run_record: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """How the result was made (versions, checkpoint hashes, effective request, inputs, timings,
+    outputs with checksums): the same document as ``run.json`` in the job's output folder."""
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     superseded_by: Mapped[str | None] = mapped_column(String(32), nullable=True)

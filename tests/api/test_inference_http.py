@@ -147,7 +147,12 @@ def test_single_model_nifti_while_healthz_stays_fast(node: Any, study: Any) -> N
     assert result["dicom_segmentation"] == []
     assert Path(result["nnunet_path"]).name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
     _check_segmentation(Path(result["nifti_prediction"][0]))
-    assert "stage_0/prediction.nii.gz" in _zip_names(node.client, result["job_id"])
+    names = set(_zip_names(node.client, result["job_id"]))
+    assert {"stage_0/prediction.nii.gz", "run.json"} <= names
+    record = node.client.get(f"/jobs/{result['job_id']}").json()["run_record"]
+    assert record["job_id"] == result["job_id"]
+    assert record["request"]["output_dir"] == str(out)
+    assert (out / "run.json").is_file()
 
 
 # --- the seed document's example 2: a cascade with DICOM input and RTSTRUCT --------------------

@@ -113,6 +113,7 @@ def test_nifti_job(node: NodeContext, studies: Path) -> None:
         "nifti_proba",
     ]
     assert zip_names(node, view.id) == [
+        "run.json",
         "stage_0/input_0_v1.nii.gz",
         "stage_0/prediction_v1.nii.gz",
         "stage_0/proba_v1.nii.gz",

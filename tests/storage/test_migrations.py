@@ -16,7 +16,7 @@ from nnunet_node.storage.migrations import current, downgrade, upgrade
 from nnunet_node.storage.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0002"
+HEAD = "0003"
 TABLES = {"patients", "studies", "series", "instances", "jobs", "job_artifacts", "dispatches"}
 
 
