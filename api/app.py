@@ -23,8 +23,12 @@ from fastapi.openapi.utils import get_openapi
 from nnunet_node.api.deps import API_KEY_HEADER, require_api_key
 from nnunet_node.api.dicomweb import router as dicomweb_router
 from nnunet_node.api.errors import install_error_handlers, responses
-from nnunet_node.api.middleware import CatchAllMiddleware, RateLimitMiddleware
-from nnunet_node.api.routes import health, infer, jobs, models
+from nnunet_node.api.middleware import (
+    CatchAllMiddleware,
+    DicomwebMetricsMiddleware,
+    RateLimitMiddleware,
+)
+from nnunet_node.api.routes import health, infer, jobs, metrics, models
 from nnunet_node.core.settings import Settings, load_settings
 from nnunet_node.inference.request import InferenceRequest
 from nnunet_node.pipeline.context import NodeContext, build_context
@@ -147,6 +151,7 @@ def create_app(
         "responses": responses(401, 429),
     }
     app.include_router(health.router)
+    app.include_router(metrics.router)  # its own check: the key unless metrics are public
     app.include_router(models.router, **protected)
     app.include_router(infer.router, **protected)
     app.include_router(jobs.router, **protected)
@@ -155,6 +160,7 @@ def create_app(
     # Added innermost first: CORS wraps the rate limit, which wraps the catch-all, so that 429 and
     # 500 answers carry CORS headers too and a browser client (OHIF) can read them.
     app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(DicomwebMetricsMiddleware)
     app.add_middleware(
         RateLimitMiddleware, per_minute=settings.rate_limit_per_minute, exempt=UNPROTECTED
     )

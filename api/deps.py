@@ -1,8 +1,9 @@
 """Dependencies shared by the routers, as ``Annotated`` aliases (``ContextDep``, ``ApiKeyDep``).
 
 The API key guards every route but the health probes (DESIGN.md, "Security defaults"). It is sent as
-``X-API-Key`` (the issue's header) or, for viewers such as OHIF that send bearer tokens, as
-``Authorization: Bearer <key>``; both are compared in constant time.
+``X-API-Key`` (the issue's header), or, for viewers such as OHIF that send bearer tokens, as
+``Authorization: Bearer <key>``, or in the dashboard's login cookie; each is compared in constant
+time. A 401 advertises ``Bearer`` (RFC 6750), the scheme a browser client can send.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from nnunet_node.pipeline.context import NodeContext
 from nnunet_node.pipeline.jobs import JobService
 
 API_KEY_HEADER = "X-API-Key"
+KEY_COOKIE = "nnunet_node_key"
+"""The cookie the dashboard's login sets (HttpOnly, SameSite=Strict): the key, for pages and the
+viewer served by the node itself."""
+AUTH_CHALLENGE = 'Bearer realm="nnunet-node"'
+"""What a 401 advertises (RFC 6750 3): browser clients such as OHIF can only send bearer tokens."""
 _api_key_header = APIKeyHeader(
     name=API_KEY_HEADER,
     auto_error=False,
@@ -47,24 +53,28 @@ def _presented_key(request: Request, header_key: str | None) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return None
+    cookie = request.cookies.get(KEY_COOKIE)
+    return cookie or None
+
+
+def key_matches(settings: Settings, presented: str | None) -> bool:
+    """Whether ``presented`` is the configured key (constant-time); True when none is set."""
+    if not settings.api_key:
+        return True
+    return presented is not None and secrets.compare_digest(
+        presented.encode("utf-8"), settings.api_key.encode("utf-8")
+    )
 
 
 def require_api_key(
     request: Request, header_key: Annotated[str | None, Security(_api_key_header)] = None
 ) -> None:
     """Refuse (401) a request without the configured key; allow all when no key is configured."""
-    expected = get_settings(request).api_key
-    if not expected:
-        return
-    presented = _presented_key(request, header_key)
-    if presented is None or not secrets.compare_digest(
-        presented.encode("utf-8"), expected.encode("utf-8")
-    ):
+    if not key_matches(get_settings(request), _presented_key(request, header_key)):
         raise HTTPException(
             401,
-            f"missing or wrong API key (send it as {API_KEY_HEADER})",
-            headers={"WWW-Authenticate": API_KEY_HEADER},
+            f"missing or wrong API key (send it as {API_KEY_HEADER} or Authorization: Bearer)",
+            headers={"WWW-Authenticate": AUTH_CHALLENGE},
         )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nnunet_node.api.errors import INTERNAL_ERROR, error_body
+from nnunet_node.core import metrics
 
 LOGGER = logging.getLogger(__name__)
 
@@ -143,3 +144,35 @@ class CatchAllMiddleware:
             if started:
                 raise
             await _send_json(send, 500, error_body(INTERNAL_ERROR), [])
+
+
+class DicomwebMetricsMiddleware:
+    """Count and time each DICOMweb request (STOW-RS, QIDO-RS, WADO-RS) by service and status,
+    from its arrival to the end of its (possibly streamed) response body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = (
+            metrics.dicomweb_service(scope.get("method", ""), scope.get("path", ""))
+            if scope["type"] == "http"
+            else None
+        )
+        if service is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def measuring_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measuring_send)
+        finally:
+            metrics.DICOMWEB_REQUESTS.labels(service, str(status)).inc()
+            metrics.DICOMWEB_SECONDS.labels(service).observe(time.perf_counter() - started)

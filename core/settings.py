@@ -83,6 +83,10 @@ class Settings(BaseSettings):
 
     # HTTP safety
     api_key: str | None = Field(None, validation_alias=_env("NNUNET_NODE_API_KEY", "api_key"))
+    metrics_public: bool = Field(
+        False, validation_alias=_env("NNUNET_NODE_METRICS_PUBLIC", "metrics_public")
+    )
+    """Serve ``/metrics`` without the API key (a Prometheus server inside the same network)."""
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, validation_alias=_env("NNUNET_NODE_ALLOWED_ROOTS", "allowed_roots")
     )

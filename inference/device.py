@@ -38,6 +38,22 @@ def cuda_free_mib() -> list[int]:
     return free
 
 
+def cuda_memory() -> list[tuple[str, int, int]]:
+    """``(device, used bytes, total bytes)`` of each visible CUDA device (empty without CUDA):
+    what the whole device has in use, by any process (``torch.cuda.mem_get_info``)."""
+    if not torch.cuda.is_available():
+        return []
+    out: list[tuple[str, int, int]] = []
+    for index in range(torch.cuda.device_count()):
+        try:
+            free_bytes, total = torch.cuda.mem_get_info(index)
+        except RuntimeError as exc:
+            LOGGER.warning("cannot read the memory of cuda:%d: %s", index, exc)
+            continue
+        out.append((f"cuda:{index}", int(total - free_bytes), int(total)))
+    return out
+
+
 class DevicePolicy:
     """Chooses the device for a model needing ``min_mem`` MiB.
 

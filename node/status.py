@@ -28,9 +28,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from nnunet_node.core import metrics
 from nnunet_node.core.errors import ClientError
 from nnunet_node.storage.refusals import refusal_for
 
@@ -76,6 +78,20 @@ def _peer(event: Any) -> str:
         return "?"
 
 
+def _is_failure(status: Any) -> bool:
+    """A failure status of PS3.7 C (0xA000-0xAFFF refused, 0xC000-0xCFFF error)."""
+    return isinstance(status, int) and (0xA000 <= status <= 0xAFFF or 0xC000 <= status <= 0xCFFF)
+
+
+def _is_failure_item(item: Any) -> bool:
+    return isinstance(item, tuple) and bool(item) and _is_failure(item[0])
+
+
+def _measure(service: str, outcome: str, started: float) -> None:
+    metrics.DIMSE_REQUESTS.labels(service, outcome).inc()
+    metrics.DIMSE_SECONDS.labels(service).observe(time.perf_counter() - started)
+
+
 def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate an event handler so that what it raises becomes ``service``'s failure status."""
 
@@ -87,31 +103,43 @@ def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., 
                 event = args[-1]  # handlers may be methods: the event comes last
                 yielded = 0
                 inner = handler(*args)
-                while True:
-                    try:
-                        item = next(inner)
-                    except StopIteration:
-                        return
-                    except Exception as exc:
-                        status = status_for(service, exc)
-                        _log(service, status, exc, event)
-                        if yielded < _PREAMBLE[service]:
-                            raise
-                        yield status, None
-                        return
-                    yielded += 1
-                    yield item
+                started = time.perf_counter()
+                outcome = "success"
+                try:
+                    while True:
+                        try:
+                            item = next(inner)
+                        except StopIteration:
+                            return
+                        except Exception as exc:
+                            outcome = "failure"
+                            status = status_for(service, exc)
+                            _log(service, status, exc, event)
+                            if yielded < _PREAMBLE[service]:
+                                raise
+                            yield status, None
+                            return
+                        yielded += 1
+                        if _is_failure_item(item):
+                            outcome = "failure"
+                        yield item
+                finally:
+                    _measure(service, outcome, started)
 
             return guarded_generator
 
         @functools.wraps(handler)
         def guarded(*args: Any) -> Any:
+            started = time.perf_counter()
             try:
-                return handler(*args)
+                answer = handler(*args)
             except Exception as exc:
                 status = status_for(service, exc)
                 _log(service, status, exc, args[-1])
+                _measure(service, "failure", started)
                 return status
+            _measure(service, "failure" if _is_failure(answer) else "success", started)
+            return answer
 
         return guarded
 

@@ -30,6 +30,7 @@ from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core import metrics
 from nnunet_node.core.errors import Conflict, NotFound, SendError
 from nnunet_node.pipeline.routing import Destination, RoutingTable
 from nnunet_node.storage.db import unit_of_work
@@ -331,6 +332,10 @@ class Dispatcher:
                 sent = self._sender(destination, files).sent
             except Exception as exc:  # every failure is recorded, none stops the thread
                 error = str(exc) or type(exc).__name__
+        metrics.DISPATCHES.labels(
+            destination.name if destination is not None else "unknown",
+            "sent" if error is None else "failed",
+        ).inc()
         with unit_of_work(self._sessions) as session:
             dispatch = session.get(Dispatch, dispatch_id)
             if dispatch is None:

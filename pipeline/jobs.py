@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core import metrics
 from nnunet_node.core.errors import ClientError, InvalidRequest, JobCancelled, NodeError, NotFound
 from nnunet_node.core.paths import resolve_inside
 from nnunet_node.core.settings import Settings
@@ -537,6 +538,8 @@ class JobService:
             return flag.is_set()
 
         progress = ProgressWriter(self.store, job.id, self.progress_interval_s)
+        started = time.monotonic()
+        result = "failed"
         try:
             outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
             final = self.store.finish(
@@ -546,10 +549,13 @@ class JobService:
                 progress=outcome.progress,
                 run_record=outcome.run_record,
             )
+            result = JobStatus(final.status).value
             if final.status == JobStatus.DONE:
                 self._run_hooks(job.id)
         except JobCancelled:
+            result = "cancelled"
             if self._abort.is_set() and self.store.requeue(job.id):
+                result = "requeued"
                 LOGGER.info("job %s interrupted by shutdown: back in the queue", job.id)
             else:
                 LOGGER.info("job %s stopped: %s", job.id, self.store.status(job.id).value)
@@ -561,6 +567,9 @@ class JobService:
             LOGGER.exception("job %s crashed", job.id)
             self.store.fail(job.id, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            metrics.JOB_SECONDS.labels("+".join(job.models or []), result).observe(
+                time.monotonic() - started
+            )
             progress.close()
             self._discard_upload(job)
             with self._lock:

@@ -28,6 +28,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core import metrics
 from nnunet_node.core.errors import ExportError, InvalidRequest, JobCancelled, NotFound
 from nnunet_node.core.settings import Settings
 from nnunet_node.export.common import text_as_utf8
@@ -241,6 +242,11 @@ class JobRunner:
             started_at=started_at,
         )
         write_run_record(record, output_dir)
+        for stage_record in record["stages"]:
+            for step, seconds in stage_record["timings_s"].items():
+                if step != "total_s":
+                    step_name = step.removesuffix("_s")
+                    metrics.STAGE_SECONDS.labels(stage_record["model"], step_name).observe(seconds)
         final = {"stages": stages_total, "stage": stages_total - 1, "step": "done", "fraction": 1.0}
         return RunOutcome(result=result, artifacts=artifacts, progress=final, run_record=record)
 

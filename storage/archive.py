@@ -53,6 +53,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core import metrics
 from nnunet_node.core.errors import InvalidDicom, StorageFull
 from nnunet_node.storage.db import make_read_sessionmaker
 from nnunet_node.storage.headers import fit_column, is_valid_uid, read_header
@@ -391,6 +392,7 @@ class Archive:
             else:
                 LOGGER.exception("indexed %s but could not move it into place", tmp.name)
             raise
+        metrics.instance_received(source, calling_ae, header.transfer_syntax_uid, size)
         return IngestResult(
             sop_instance_uid=header.sop_instance_uid,
             series_instance_uid=header.series_instance_uid,

@@ -387,6 +387,15 @@ class JobStore:
             )
         return requeued, failed
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status (every status present, 0 when none)."""
+        with unit_of_work(self._reads) as session:
+            rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        counts = {status.value: 0 for status in JobStatus}
+        for status, n in rows:
+            counts[JobStatus(status).value] = int(n)
+        return counts
+
     def queued_ids(self) -> builtins.list[str]:
         with unit_of_work(self._reads) as session:
             return builtins.list(

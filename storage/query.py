@@ -652,3 +652,21 @@ __all__ = [
     "keyword_of",
     "to_dataset",
 ]
+
+
+def index_counts(session: Session) -> dict[str, int]:
+    """Rows of the DICOM index at each level: ``patients``, ``studies``, ``series``,
+    ``instances``, and ``bytes``, the size of the archived files."""
+    counts = {
+        name: int(session.scalar(select(func.count()).select_from(model)) or 0)
+        for name, model in (
+            ("patients", Patient),
+            ("studies", Study),
+            ("series", Series),
+            ("instances", Instance),
+        )
+    }
+    counts["bytes"] = int(
+        session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0
+    )
+    return counts

@@ -78,7 +78,7 @@ def test_everything_else_needs_the_key(guarded: Any, path: str, headers: dict[st
     with httpx.Client(base_url=guarded.url, headers=headers) as client:
         answer = client.get(path)
     _assert_failed(answer, 401, "api key")
-    assert answer.headers["www-authenticate"] == "X-API-Key"
+    assert answer.headers["www-authenticate"] == 'Bearer realm="nnunet-node"'
 
 
 def test_posts_without_key_create_nothing(guarded: Any) -> None:

@@ -1,0 +1,116 @@
+"""The node's Prometheus metrics: every definition in one module that each layer may import.
+
+Counters and histograms are process-wide (prometheus-client's default registry), as in any
+Prometheus-instrumented service; the layers that do the work increment them:
+
+- ``storage`` — every instance filed, by source, calling AE and transfer syntax, and its bytes
+  (one counter increment on the C-STORE path, nothing else);
+- ``node`` — each DIMSE request (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET): outcome and latency;
+- ``api`` — each DICOMweb request (STOW-RS, QIDO-RS, WADO-RS): status and latency;
+- ``pipeline`` — each job's duration by model and outcome, each stage's steps by model, and each
+  dispatch attempt by destination and outcome.
+
+What is a state rather than an event (queue depth, running jobs, free disk, index size, the model
+cache, GPU memory) is read when ``/metrics`` is scraped, by a collector the HTTP layer builds over
+its own node (see ``api/routes/metrics.py``); the names it uses are defined here too.
+Names follow the Prometheus conventions (base units: seconds and bytes; ``_total`` counters).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+PREFIX = "nnunet_node"
+
+# Latencies of DIMSE and DICOMweb requests: 1 ms .. 60 s.
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Jobs and their stages: 50 ms .. 1 h.
+_JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+INSTANCES_RECEIVED = Counter(
+    f"{PREFIX}_instances_received",
+    "Instances filed in the archive, by how they came (dimse, stow, job, import), the calling "
+    "AE title and the transfer syntax UID.",
+    ["source", "calling_ae", "transfer_syntax"],
+)
+BYTES_RECEIVED = Counter(
+    f"{PREFIX}_received_bytes",
+    "Bytes of the instances filed in the archive (Part 10 files), by source and calling AE.",
+    ["source", "calling_ae"],
+)
+
+DIMSE_REQUESTS = Counter(
+    f"{PREFIX}_dimse_requests",
+    "DIMSE requests handled (PS3.7), by service and outcome (success or failure).",
+    ["service", "outcome"],
+)
+DIMSE_SECONDS = Histogram(
+    f"{PREFIX}_dimse_request_seconds",
+    "Time spent handling one DIMSE request (for C-STORE: filing the received dataset; for "
+    "C-FIND/C-MOVE/C-GET: the whole query or retrieval).",
+    ["service"],
+    buckets=_REQUEST_BUCKETS,
+)
+
+DICOMWEB_REQUESTS = Counter(
+    f"{PREFIX}_dicomweb_requests",
+    "DICOMweb requests (PS3.18) by service (stow, qido, wado) and HTTP status code.",
+    ["service", "status"],
+)
+DICOMWEB_SECONDS = Histogram(
+    f"{PREFIX}_dicomweb_request_seconds",
+    "Time from a DICOMweb request's arrival to the end of its response body.",
+    ["service"],
+    buckets=_REQUEST_BUCKETS,
+)
+
+JOB_SECONDS = Histogram(
+    f"{PREFIX}_job_duration_seconds",
+    "Run time of a job in a worker, by model (stage model ids joined with '+') and outcome "
+    "(done, failed, cancelled, requeued).",
+    ["model", "outcome"],
+    buckets=_JOB_BUCKETS,
+)
+STAGE_SECONDS = Histogram(
+    f"{PREFIX}_stage_step_seconds",
+    "Time of each step of an inference stage, by model and step (load, model, predict, write, "
+    "dicom_export).",
+    ["model", "step"],
+    buckets=_JOB_BUCKETS,
+)
+
+DISPATCHES = Counter(
+    f"{PREFIX}_dispatch_attempts",
+    "Attempts to send a job's results to a destination, by destination and outcome (sent, failed).",
+    ["destination", "outcome"],
+)
+
+# Names of the values read at scrape time (api/routes/metrics.py).
+JOBS_GAUGE = f"{PREFIX}_jobs"
+QUEUE_DEPTH = f"{PREFIX}_job_queue_depth"
+RUNNING_JOBS = f"{PREFIX}_jobs_running"
+DATA_FREE_BYTES = f"{PREFIX}_data_free_bytes"
+INDEX_SIZE = f"{PREFIX}_index_entries"
+MODEL_CACHE_HITS = f"{PREFIX}_model_cache_hits"
+MODEL_CACHE_LOADS = f"{PREFIX}_model_cache_loads"
+MODEL_CACHE_ENTRIES = f"{PREFIX}_model_cache_entries"
+GPU_MEMORY_USED = f"{PREFIX}_gpu_memory_used_bytes"
+GPU_MEMORY_TOTAL = f"{PREFIX}_gpu_memory_total_bytes"
+
+
+def instance_received(source: str, calling_ae: str, transfer_syntax: str, size: int) -> None:
+    """Count one filed instance of ``size`` bytes (the C-STORE hot path: two increments)."""
+    INSTANCES_RECEIVED.labels(source, calling_ae, transfer_syntax).inc()
+    BYTES_RECEIVED.labels(source, calling_ae).inc(size)
+
+
+def dicomweb_service(method: str, path: str) -> str | None:
+    """Which DICOMweb service a request under ``/dicom-web`` is (PS3.18 10): ``stow`` for a
+    POST, ``qido`` for a search (the path ends with ``studies``, ``series`` or ``instances``),
+    else ``wado`` (instances, metadata, frames, rendered); None outside ``/dicom-web``."""
+    if not path.startswith("/dicom-web"):
+        return None
+    if method == "POST":
+        return "stow"
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return "qido" if last in ("studies", "series", "instances") else "wado"
