@@ -1,4 +1,4 @@
-"""The app factory: the composition root of the node (DESIGN.md, "one place wires everything").
+"""The HTTP app factory, which the composition root ``nnunet_node.app`` calls.
 
 ``create_app(settings, services=...)`` builds a FastAPI app whose lifespan migrates the database,
 builds the pipeline context (archive, spec, inference engine, job service), recovers half-done
@@ -109,7 +109,8 @@ def _custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request_schema.pop("$defs", {}))
         components["InferenceRequest"] = request_schema
-        # /infer and /jobs need a study and its series (the seed document's required fields).
+        # /infer and /jobs need a study and its series (the contract's required fields,
+        # docs/reference-contract.md).
         components["InferenceRequestWithStudy"] = {
             **request_schema,
             "title": "InferenceRequestWithStudy",

@@ -1,9 +1,10 @@
 """Dependencies shared by the routers, as ``Annotated`` aliases (``ContextDep``, ``ApiKeyDep``).
 
-The API key guards every route but the health probes (DESIGN.md, "Security defaults"). It is sent as
-``X-API-Key`` (the issue's header), or, for viewers such as OHIF that send bearer tokens, as
-``Authorization: Bearer <key>``, or in the dashboard's login cookie; each is compared in constant
-time. A 401 advertises ``Bearer`` (RFC 6750), the scheme a browser client can send.
+The API key guards every route but the health probes (``docs/architecture.md``, "Security
+defaults"). It is sent as ``X-API-Key`` (the issue's header), or, for viewers such as OHIF that
+send bearer tokens, as ``Authorization: Bearer <key>``, or in the dashboard's login cookie; each is
+compared in constant time. A 401 advertises ``Bearer`` (RFC 6750), the scheme a browser client
+can send.
 """
 
 from __future__ import annotations

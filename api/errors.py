@@ -1,10 +1,10 @@
 """Every error the HTTP API answers is JSON ``{"status": "failed", "error": "..."}``.
 
-The seed document gives that shape for /infer's 400 and 500 answers; we use it for every status so a
-client needs one parser. :class:`core.errors.ClientError` subclasses carry their own status code;
-request validation stays 422 (FastAPI's convention) with the same shape plus ``details``; anything
-unexpected is logged with its traceback and answered 500 with a generic message, so internals
-(paths, SQL) do not leak to the client.
+The reference's contract (``docs/reference-contract.md``) gives that shape for /infer's 400 and 500
+answers; we use it for every status so a client needs one parser. :class:`core.errors.ClientError`
+subclasses carry their own status code; request validation stays 422 (FastAPI's convention) with the
+same shape plus ``details``; anything unexpected is logged with its traceback and answered 500 with
+a generic message, so internals (paths, SQL) do not leak to the client.
 """
 
 from __future__ import annotations

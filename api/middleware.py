@@ -1,8 +1,8 @@
 """ASGI middleware of our own: a per-client rate limit and the last-resort error answer.
 
 Both are plain ASGI (no ``BaseHTTPMiddleware``) so that streamed downloads and uploads pass through
-untouched. The reference's rate limit answers 500 (REFERENCE.md); ours answers 429 with
-``Retry-After`` and the JSON error body.
+untouched. The reference's rate limit answers 500 (``docs/reference-contract.md``); ours answers 429
+with ``Retry-After`` and the JSON error body.
 """
 
 from __future__ import annotations

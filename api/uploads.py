@@ -1,13 +1,14 @@
 """Uploads for ``/infer_file``: stream the multipart body to disk under a limit, extract safely.
 
 The reference writes the upload under the client's own file name (``../../x.zip`` escapes the upload
-folder), extracts tar members unfiltered and has no size limit (REFERENCE.md, "Service behaviour").
-Here the upload is written under a random name in ``uploads_dir`` while it streams in, and refused
-with 413 as soon as it passes the limit. Extraction first reads every member header and refuses the
-whole archive (400, nothing written) when a member is absolute, contains ``..``, is a link, a device
-or a FIFO, is encrypted, or when the members would unpack past the size or count limit. It then
-extracts into a fresh folder beside the destination, counting the bytes really decompressed (a zip
-header can lie about sizes), and renames it into place only when everything succeeded.
+folder), extracts tar members unfiltered and has no size limit (``docs/reference-contract.md``, "The
+reference's defects"). Here the upload is written under a random name in ``uploads_dir`` while it
+streams in, and refused with 413 as soon as it passes the limit. Extraction first reads every member
+header and refuses the whole archive (400, nothing written) when a member is absolute, contains
+``..``, is a link, a device or a FIFO, is encrypted, or when the members would unpack past the size
+or count limit. It then extracts into a fresh folder beside the destination, counting the bytes
+really decompressed (a zip header can lie about sizes), and renames it into place only when
+everything succeeded.
 """
 
 from __future__ import annotations

@@ -4,16 +4,15 @@
 For each model it prints
 - ``engine/bare``: warm engine run (read the input, predict, write prediction.nii.gz) over the bare
   predictor doing the same (``sitk.ReadImage`` + ``predict_single_npy_array`` +
-  ``sitk.WriteImage``),
-  both with the predictor already loaded; target at most 1.10;
+  ``sitk.WriteImage``), both with the predictor already loaded; target at most 1.10;
 - ``cold/warm``: the first engine run (which loads the checkpoint) over a warm one: what the cache
-saves.
+  saves.
 
 Models: ``demo`` (the committed ``phantom`` model on a phantom) and ``fullsize`` (nnU-Net's default
 3d_fullres network planned for 512 x 512 x 200 CT, untrained weights from
 ``scripts/make_fullsize_model.py``, made in /tmp when absent). On a CPU the full-size volume
-defaults
-to one patch of the plan (``--fullsize-shape`` to change it); on a GPU use a whole CT volume.
+defaults to one patch of the plan (``--fullsize-shape`` to change it); on a GPU use a whole CT
+volume.
 
     .venv/bin/python bench/bench_inference.py --models demo fullsize --repeats 3 --threads 2
 """

@@ -1,7 +1,8 @@
-"""File names of a stage's DICOM outputs (seed document, "Response schema") and writing them.
+"""File names of a stage's DICOM outputs (``docs/reference-contract.md``, "Response"), and
+writing them.
 
 ``prediction[_<suffix>].dcm`` is the binary SEG, ``struct[_<suffix>].dcm`` the RTSTRUCT and
-``proba[_<suffix>].dcm`` the fractional SEG (the seed document leaves that name open; the reference
+``proba[_<suffix>].dcm`` the fractional SEG (the contract leaves that name open; the reference
 names it after its probability NIfTI, ``proba[_<suffix>].nii.gz``, and so do we).
 """
 

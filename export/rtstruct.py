@@ -1,5 +1,5 @@
 """RT Structure Set objects (PS3.3 A.19) built with pydicom: highdicom has none, and rt-utils gets
-the geometry of non-square pixels wrong (FACTS.md).
+the geometry of non-square pixels wrong (``docs/facts.md``, "DICOM outputs").
 
 Contours are traced per image plane with ``skimage.measure.find_contours`` at level 0.5 on the
 slice's binary mask, padded by one pixel so every contour closes. Each traced boundary (the outline

@@ -168,7 +168,8 @@ def _segment_description(
         anatomic_regions=[info.anatomic_region.to_coded()] if info.anatomic_region else None,
         display_color=info.cielab,
     )
-    # No constructor argument for these two (FACTS.md): PS3.3 C.8.20.2 / C.8.20.4.
+    # No constructor argument for these two (docs/facts.md, "DICOM outputs"): PS3.3 C.8.20.2 and
+    # C.8.20.4.
     if info.type_modifier is not None:
         # nested in the type item (PS3.3 C.8.20.2, Segment Description Macro)
         description.SegmentedPropertyTypeCodeSequence[

@@ -1,5 +1,5 @@
 """One call for a stage's DICOM outputs: SEG, optional RTSTRUCT and fractional SEG, written beside
-the stage's NIfTI files under the seed document's names."""
+the stage's NIfTI files under the contract's names (``docs/reference-contract.md``)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ def write_stage_dicom(
 ) -> StageDicomOutputs:
     """Write ``prediction[_suffix].dcm`` (binary SEG), and when asked ``struct[_suffix].dcm``
     (RTSTRUCT) and ``proba[_suffix].dcm`` (fractional SEG of ``probabilities``, one channel per
-    label of ``probability_labels``, background excluded). An empty label map writes neither SEG
-    nor RTSTRUCT (seed document: "Empty predictions ... export is skipped") and says so in notes.
+    label of ``probability_labels``, background excluded). An empty label map writes neither SEG nor
+    RTSTRUCT (``docs/reference-contract.md``, "Response": empty predictions skip DICOM export) and
+    says so in notes.
     """
     datasets: list[Dataset] = [s for s in sources if isinstance(s, Dataset)]
     if len(datasets) != len(sources):

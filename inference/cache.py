@@ -2,12 +2,11 @@
 
 Loading a real nnU-Net checkpoint takes seconds; keeping predictors between jobs is what makes a
 node fast. The reference keeps them in a ``cachetools.TTLCache`` whose TTL counts from the
-insertion,
-so a busy model is reloaded every five minutes, and its ``/expire`` only drops entries that have
-already expired. Here an entry lives ``ttl_s`` after its *last* use, a background thread sweeps
-expired entries every ``sweep_s``, :meth:`PredictorCache.clear` empties everything, the number of
-entries is bounded (least recently used evicted first), and two jobs asking for the same key at once
-load it once.
+insertion, so a busy model is reloaded every five minutes, and its ``/expire`` only drops entries
+that have already expired. Here an entry lives ``ttl_s`` after its *last* use, a background thread
+sweeps expired entries every ``sweep_s``, :meth:`PredictorCache.clear` empties everything, the
+number of entries is bounded (least recently used evicted first), and two jobs asking for the same
+key at once load it once.
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ mirroring setting is part of the cache key, so no request changes another's ``us
 Outputs of stage ``i`` go to ``<output_dir>/stage_<i>/`` (``prediction[_suffix].nii.gz``,
 ``proba[_suffix].nii.gz``, ``input_<j>[_suffix].nii.gz``), all in the geometry of the stage's first
 input. Each stage is written under ``tmp_dir`` first and moved into place when complete, so a
-failed or
-cancelled job leaves no half-written stage. Paths were checked by the caller; nothing is written
-outside ``output_dir`` except the scratch folder under ``tmp_dir`` (inside ``output_dir`` unless the
-request gave an absolute path), which is removed afterwards.
+failed or cancelled job leaves no half-written stage. Paths were checked by the caller; nothing is
+written outside ``output_dir`` except the scratch folder under ``tmp_dir`` (inside ``output_dir``
+unless the request gave an absolute path), which is removed afterwards.
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ def load_model(
             )
         except (ImportError, RuntimeError, AttributeError) as exc:
             # nnU-Net finds a trainer class by importing every trainer module; some import timm and
-            # torchvision, which break beside a CPU-only torch (FACTS.md). Almost every trainer
+            # torchvision, which break beside a CPU-only torch (docs/facts.md). Almost every trainer
             # builds the standard architecture from the plans, so build that instead.
             LOGGER.warning(
                 "trainer lookup for %s failed (%s); building the plans' network directly",

@@ -1,22 +1,19 @@
 """The ``/infer`` request body and its normalisation into a :class:`Plan` of stages.
 
-The body keeps the reference server's fields (``seed/nnunet-serve-api.txt``). Normalisation fixes
-what
-the reference gets wrong (``REFERENCE.md``, "Request semantics"):
+The body keeps the reference server's fields (``docs/reference-contract.md``). Normalisation fixes
+what the reference gets wrong (``docs/reference-contract.md``, "The reference's defects"):
 
 - a flat ``series_folders`` list for one model is that model's list of series (the reference splits
-it
-  into characters), and the same holds for ``use_folds``, ``class_idx`` and every per-model field;
+  it into characters), and the same holds for ``use_folds``, ``class_idx`` and every per-model
+  field;
 - each model's ``default_args`` are merged *under* the request: a field the request sets wins;
 - cascade references (``from:<model>``, ``from:<model>=<label>``, ``from:<model>[<i>]``) to a model
-that
-  is not an earlier stage insert that model before the stage that needs it, fed with that stage's
-  first
-  N series (N = the inserted model's input channels); several inserted models in one stage each get
-  their own index; an unknown model in a reference is a client error (400), not a 500;
+  that is not an earlier stage insert that model before the stage that needs it, fed with that
+  stage's first N series (N = the inserted model's input channels); several inserted models in one
+  stage each get their own index; an unknown model in a reference is a client error (400), not
+  a 500;
 - every accepted field is honoured (``tta`` on every stage, ``tmp_dir``,
-``remove_objects_smaller_than``)
-  and every unknown field is rejected, naming it.
+  ``remove_objects_smaller_than``) and every unknown field is rejected, naming it.
 """
 
 from __future__ import annotations
@@ -44,8 +41,7 @@ class InferenceRequest(BaseModel):
 
     Per-model fields take one value for every model, or a list with one entry per model (``null``
     entries fall back to the model's ``default_args``). ``study_path`` and ``output_dir`` are
-    optional
-    here: the HTTP layer enforces what each endpoint requires.
+    optional here: the HTTP layer enforces what each endpoint requires.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -235,10 +231,8 @@ class Plan:
 
     def paths(self) -> list[tuple[str, str]]:
         """Every path the request names, as ``(field, raw path)``, for the caller to check against
-        the
-        allowed roots before anything runs. Series, ``crop_from`` and ``intersect_with`` are
-        relative
-        to ``study_path``; ``tmp_dir`` to ``output_dir``."""
+        the allowed roots before anything runs. Series, ``crop_from`` and ``intersect_with`` are
+        relative to ``study_path``; ``tmp_dir`` to ``output_dir``."""
         out: list[tuple[str, str]] = []
         if self.study_path is not None:
             out.append(("study_path", self.study_path))

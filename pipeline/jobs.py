@@ -1,4 +1,5 @@
-"""The job service: validate, queue, run in worker threads, wait, cancel (DESIGN.md, data flow 4-5).
+"""The job service: validate, queue, run in worker threads, wait, cancel (docs/architecture.md,
+"Data flow").
 
 HTTP (``/infer``, ``/infer_file``, ``/jobs``), DIMSE and STOW jobs all pass through here, so they
 share one queue, one history and one runner. A job is a database row before anything runs; workers

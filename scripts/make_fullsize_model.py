@@ -1,15 +1,13 @@
 """Make a full-size nnU-Net v2 model folder with UNTRAINED weights, for timing only.
 
-nnU-Net's default experiment planner (``ExperimentPlanner``, the one
-``nnUNetv2_plan_and_preprocess``
-uses) plans the ``3d_fullres`` configuration from a hand-written dataset fingerprint of a realistic
-CT
-dataset (default: 512 x 512 x 200 voxels of 0.78 x 0.78 x 2.5 mm, 1 channel, 5 labels); the network
-it
-plans is built with nnU-Net's own trainer class and saved as a checkpoint holding what the predictor
-reads. The result is a results folder like a trained model's (``dataset.json``, ``plans.json``,
-``fold_0/checkpoint_final.pth``), hundreds of MB, whose outputs mean nothing: loading it is what the
-predictor cache saves, and predicting with it is what a real model costs.
+nnU-Net's default experiment planner (``ExperimentPlanner``, the one that
+``nnUNetv2_plan_and_preprocess`` uses) plans the ``3d_fullres`` configuration from a hand-written
+dataset fingerprint of a realistic CT dataset (default: 512 x 512 x 200 voxels of 0.78 x 0.78 x 2.5
+mm, 1 channel, 5 labels); the network it plans is built with nnU-Net's own trainer class and saved
+as a checkpoint holding what the predictor reads. The result is a results folder like a trained
+model's (``dataset.json``, ``plans.json``, ``fold_0/checkpoint_final.pth``), hundreds of MB, whose
+outputs mean nothing: loading it is what the predictor cache saves, and predicting with it is what a
+real model costs.
 
 Written to /tmp by default; never commit it.
 

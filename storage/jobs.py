@@ -1,4 +1,5 @@
-"""Job records: the one queue that HTTP, DIMSE and STOW jobs share (DESIGN.md, data flow 4).
+"""Job records: the one queue that HTTP, DIMSE and STOW jobs share (``docs/architecture.md``,
+"Data flow" 4).
 
 A job is a row in ``jobs``; its state moves ``queued -> running -> done | failed`` (or
 ``cancelled`` / ``superseded``). Every change is one short transaction, so workers in several

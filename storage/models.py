@@ -110,7 +110,7 @@ class Series(Base):
     series_date: Mapped[str] = mapped_column(String(8), default="")
     series_time: Mapped[str] = mapped_column(String(16), default="")
     frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
-    # Arrival bookkeeping for series completion (DESIGN.md, data flow 2).
+    # Arrival bookkeeping for series completion (``docs/architecture.md``, "Data flow" 2).
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     called_ae: Mapped[str] = mapped_column(String(16), default="")
     first_received_at: Mapped[datetime] = mapped_column(TS, default=utcnow)

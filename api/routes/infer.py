@@ -1,4 +1,5 @@
-"""The seed document's inference endpoints: ``/infer``, ``/infer_file``, ``/download/{job_id}``.
+"""The reference's inference endpoints: ``/infer``, ``/infer_file``, ``/download/{job_id}``
+(``docs/reference-contract.md``).
 
 Each request becomes a job row before anything runs; the work happens in the job workers and the
 handler awaits the job without blocking the event loop, then answers the reference's synchronous

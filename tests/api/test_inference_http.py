@@ -1,8 +1,9 @@
-"""The seed document's examples, adapted to the demo models, through a live node over HTTP.
+"""The contract's examples (``docs/reference-contract.md``), adapted to the demo models, through a
+live node over HTTP.
 
 Each runs the real nnU-Net predictor on the committed tiny models (``phantom``, and the cascade
 ``phantom`` -> ``phantom_cube``) with NIfTI and DICOM inputs, and checks what a user would: the
-response fields the seed document lists, the files they name, the segmentation itself, the
+response fields the contract lists, the files they name, the segmentation itself, the
 download, the job history.
 """
 
@@ -82,7 +83,7 @@ def _zip_names(client: httpx.Client, job_id: str) -> list[str]:
         return sorted(zf.namelist())
 
 
-# --- the seed document's example 1: one model -----------------------------------------------------
+# --- the contract's example 1: one model -----------------------------------------------------
 def test_single_model_dicom_exports_seg_and_fractional_seg(node: Any, study: Any) -> None:
     body = {
         "nnunet_id": "phantom",
@@ -134,7 +135,7 @@ def test_single_model_nifti_while_healthz_stays_fast(node: Any, study: Any) -> N
     worker.join()
     result = _done(answers[0])
 
-    # /healthz answered all along while the job ran in a worker (DESIGN.md: never in the loop):
+    # /healthz answered all along while the job ran in a worker (never in the event loop):
     # typically within 100 ms, never held up for the length of the inference. (Single probes can
     # take longer on a loaded machine; bench/bench_api.py measures the percentiles.)
     assert len(latencies) >= 5
@@ -155,7 +156,7 @@ def test_single_model_nifti_while_healthz_stays_fast(node: Any, study: Any) -> N
     assert (out / "run.json").is_file()
 
 
-# --- the seed document's example 2: a cascade with DICOM input and RTSTRUCT --------------------
+# --- the contract's example 2: a cascade with DICOM input and RTSTRUCT --------------------
 def test_cascade_dicom_with_rtstruct_and_download(node: Any, study: Any) -> None:
     out = node.settings.data_dir / "out" / "cascade_dicom"
     body = {
@@ -239,7 +240,7 @@ def _wait_done(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[
 
 def test_post_jobs_answers_at_once_then_reports(node: Any, study: Any) -> None:
     """The cascade with NIfTI input, queued through /jobs: ``phantom_cube`` alone names
-    ``from:phantom``, so ``phantom`` is inserted as stage 0 (the seed document's injection)."""
+    ``from:phantom``, so ``phantom`` is inserted as stage 0 (the contract's injection)."""
     body = {
         "nnunet_id": "phantom_cube",
         "study_path": str(study.root),

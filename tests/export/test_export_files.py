@@ -1,4 +1,4 @@
-"""Output file names (seed document) and the atomic writer."""
+"""Output file names (``docs/reference-contract.md``) and the atomic writer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""write_stage_dicom: a stage's DICOM files under the seed document's names."""
+"""write_stage_dicom: a stage's DICOM files under the names of docs/reference-contract.md."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def run(
     return _run
 
 
-# --- the seed document's examples, adapted to the demo models -------------------------------------
+# --- the contract's examples, adapted to the demo models -------------------------------------
 
 
 def test_single_model_nifti_example(run: Callable[..., list[StageResult]], study: Study) -> None:
@@ -479,7 +479,7 @@ def test_a_trainer_class_that_cannot_be_imported_still_loads(
     registry: ModelRegistry, study: Study, tmp_path: Path, run: Callable[..., list[StageResult]]
 ) -> None:
     """TotalSegmentator and many published models name trainers (nnUNetTrainerNoMirroring, ...)
-    whose lookup imports torchvision, which fails beside a CPU-only torch (FACTS.md)."""
+    whose lookup imports torchvision, which fails beside a CPU-only torch (docs/facts.md)."""
     import shutil
 
     import torch

@@ -1,6 +1,6 @@
 """Request normalisation: per-model fields, default_args, cascade references, validation messages.
 
-Each "Request semantics" defect of REFERENCE.md that lives in normalisation has a test here
+Each defect of ``docs/reference-contract.md`` that lives in normalisation has a test here
 (``test_reference_defect_*``); the ones that need a prediction are in test_engine.py.
 """
 

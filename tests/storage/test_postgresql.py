@@ -1,4 +1,4 @@
-"""The same schema, ingest, queries and job claims on PostgreSQL (DESIGN.md: any SQLAlchemy URL).
+"""The same schema, ingest, queries and job claims on PostgreSQL (any SQLAlchemy URL works).
 
 Runs when ``NNUNET_NODE_TEST_POSTGRES_URL`` names a server database from which the test may create
 and drop a scratch database (``.ci/run`` starts a throw-away PostgreSQL and sets it); else skipped.
