@@ -8,6 +8,9 @@ so that a C-GET requestor can receive its instances over the same association.
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -84,3 +87,32 @@ def add_supported_contexts(ae: AE) -> None:
         )
     for uid in QUERY_RETRIEVE:
         ae.add_supported_context(uid, UNCOMPRESSED)
+
+
+def prefer_requested_syntaxes(event: Any) -> None:
+    """``EVT_REQUESTED`` handler: in each proposed presentation context, accept the first transfer
+    syntax the requester proposed that the node supports, rather than the first in the node's
+    own list (pynetdicom's default).
+
+    A requester lists its syntaxes in its order of preference (dcmtk's ``+xr``, ``+xs``...):
+    a C-GET requester that puts RLE Lossless first then receives RLE files as they are stored,
+    and a sender of compressed files is not asked to decompress them (PS3.8 9.3.2.2, 9.3.3.2:
+    the acceptor picks one of the proposed syntaxes).
+    """
+    assoc = event.assoc
+    proposed: dict[str, list[str]] = {}
+    for cx in assoc.requestor.primitive.presentation_context_definition_list:
+        if len(cx.transfer_syntax) > 1:
+            proposed.setdefault(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+    if not proposed:
+        return
+    contexts = []
+    for cx in assoc.acceptor.supported_contexts:
+        order = proposed.get(str(cx.abstract_syntax))
+        supported = [str(ts) for ts in cx.transfer_syntax]
+        if order and order[0] != supported[0]:
+            cx = copy.deepcopy(cx)
+            first = [ts for ts in order if ts in supported]
+            cx.transfer_syntax = first + [ts for ts in supported if ts not in first]
+        contexts.append(cx)
+    assoc.acceptor.supported_contexts = contexts

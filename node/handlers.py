@@ -19,7 +19,13 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from nnunet_node.core.errors import InvalidRequest
-from nnunet_node.node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from nnunet_node.node.contexts import (
+    FIND_MODELS,
+    GET_MODELS,
+    MOVE_MODELS,
+    prefer_requested_syntaxes,
+)
+from nnunet_node.node.retrieve import StoredInstance
 from nnunet_node.node.status import CANCEL, PENDING, SUCCESS, dimse_service
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
 from nnunet_node.pipeline.routing import RoutingTable
@@ -114,6 +120,7 @@ class NodeHandlers:
     def bindings(self) -> list[Any]:
         return [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_REQUESTED, prefer_requested_syntaxes),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -211,7 +218,7 @@ class NodeHandlers:
             {"contexts": contexts, "evt_handlers": NODELAY_HANDLERS, "max_pdu": self.max_pdu},
         )
         yield len(refs)
-        yield from self._sub_operations(event, refs)
+        yield from self._sub_operations(event, refs, str(event.assoc.requestor.ae_title).strip())
 
     @dimse_service("C-GET")
     def on_get(self, event: evt.Event) -> Iterator[Any]:
@@ -220,11 +227,22 @@ class NodeHandlers:
         yield len(refs)
         yield from self._sub_operations(event, refs)
 
-    def _sub_operations(self, event: evt.Event, refs: list[query.InstanceRef]) -> Iterator[Any]:
-        """One C-STORE sub-operation per file (PS3.4 C.4.2.3, C.4.3.3); the file is read only
-        when its turn comes."""
+    def _sub_operations(
+        self, event: evt.Event, refs: list[query.InstanceRef], move_originator: str | None = None
+    ) -> Iterator[Any]:
+        """One C-STORE sub-operation per file (PS3.4 C.4.2.3, C.4.3.3), sent from the file as
+        stored (node/retrieve.py); ``move_originator`` is the AE title that asked for a C-MOVE."""
         for ref in refs:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, pydicom.dcmread(self.archive.root / ref.path)
+            yield (
+                PENDING,
+                StoredInstance(
+                    self.archive.root / ref.path,
+                    ref.sop_class_uid,
+                    ref.sop_instance_uid,
+                    ref.transfer_syntax_uid,
+                    move_originator_aet=move_originator,
+                ),
+            )

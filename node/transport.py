@@ -57,6 +57,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from nnunet_node.node.retrieve import send_stored_files
 from nnunet_node.pipeline.dispatch import NodeAE
 
 LOGGER = logging.getLogger(__name__)
@@ -296,11 +297,14 @@ def make_event_driven(assoc: Any, *, store_sink: StoreSink | None = None) -> Non
 
 
 class EventDrivenRequestHandler(RequestHandler):
-    """The server's per-connection handler: pynetdicom's, with :func:`make_event_driven`."""
+    """The server's per-connection handler: pynetdicom's, with :func:`make_event_driven` (unless
+    the AE says ``event_driven=False``), sending stored files as they are (node/retrieve.py)."""
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        make_event_driven(assoc, store_sink=getattr(self.ae, "store_sink", None))
+        if getattr(self.ae, "event_driven", True):
+            make_event_driven(assoc, store_sink=getattr(self.ae, "store_sink", None))
+        send_stored_files(assoc)
         return assoc
 
 
@@ -315,6 +319,12 @@ class ServerAE(NodeAE):
         self.store_sink: StoreSink | None = None
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
-        if self.event_driven:
-            kwargs.setdefault("request_handler", EventDrivenRequestHandler)
+        kwargs.setdefault("request_handler", EventDrivenRequestHandler)
         return super().make_server(*args, **kwargs)
+
+    def associate(self, *args: Any, **kwargs: Any) -> Any:
+        """Request an association (C-MOVE sub-operations use it) that sends the stored files
+        the handlers yield from disk (node/retrieve.py)."""
+        assoc = super().associate(*args, **kwargs)
+        send_stored_files(assoc)
+        return assoc

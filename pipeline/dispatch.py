@@ -97,19 +97,33 @@ class NodeAE(AE):
 
 
 def storage_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
-    """One presentation context per SOP class: the files' own transfer syntaxes first, then the
-    uncompressed ones pynetdicom can convert to (PS3.8 9.3.2.2). At most 128 (PS3.8 9.3.2.2)."""
+    """The presentation contexts to send files of these ``(SOP Class UID, Transfer Syntax UID)``.
+
+    One context per SOP class and stored transfer syntax, so that the peer can accept each file
+    in the syntax it is stored in and it goes out as it is (an abstract syntax may be proposed in
+    several contexts, PS3.8 9.3.2.2; the acceptor picks one syntax per context), plus one per SOP
+    class with the uncompressed syntaxes a sender can convert to. Past the 128 contexts an
+    association carries (PS3.8 9.3.2.2), one context per SOP class lists them all, the stored
+    syntaxes first. Raises SendError for more than 128 SOP classes.
+    """
     by_class: dict[str, list[str]] = {}
     for sop_class, syntax in pairs:
         syntaxes = by_class.setdefault(sop_class, [])
         if syntax and syntax not in syntaxes:
             syntaxes.append(syntax)
-    contexts = []
-    for sop_class, syntaxes in by_class.items():
-        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if fallback not in syntaxes:
-                syntaxes.append(fallback)
-        contexts.append(build_context(sop_class, syntaxes))
+    fallback: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    contexts = [
+        build_context(sop_class, [syntax])
+        for sop_class, syntaxes in by_class.items()
+        for syntax in syntaxes
+    ]
+    contexts += [build_context(sop_class, fallback) for sop_class in by_class]
+    if len(contexts) <= 128:
+        return contexts
+    contexts = [
+        build_context(sop_class, syntaxes + [ts for ts in fallback if ts not in syntaxes])
+        for sop_class, syntaxes in by_class.items()
+    ]
     if len(contexts) > 128:
         raise SendError(f"{len(contexts)} SOP classes to send: one association carries 128")
     return contexts

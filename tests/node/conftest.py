@@ -24,8 +24,10 @@ from nnunet_node.storage.migrations import upgrade
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a dcmtk tool with Nagle off; output (stdout + stderr) in ``.stdout``."""
+def dcmtk(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk tool with Nagle off (in ``cwd``); output (stdout + stderr) in ``.stdout``."""
     return subprocess.run(
         list(args),
         env=DCMTK_ENV,
@@ -35,14 +37,20 @@ def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )
 
 
-def retrieve(tool: str, port: int, *options: str, **keys: str) -> subprocess.CompletedProcess[str]:
+def retrieve(
+    tool: str, port: int, *options: str, cwd: Path | None = None, **keys: str
+) -> subprocess.CompletedProcess[str]:
     """Run ``movescu`` or ``getscu`` (verbose) against the node at ``port`` with ``options``
-    (``-S``, ``-aem PACS``, ``-od DIR``...) and one ``-k Keyword=value`` per key, in order."""
+    (``-S``, ``-aem PACS``, ``-od DIR``...) and one ``-k Keyword=value`` per key, in order
+    (in ``cwd``: movescu's ``+B`` writes there, whatever ``-od`` says)."""
     identifier = [arg for key, value in keys.items() for arg in ("-k", f"{key}={value}")]
-    return dcmtk(tool, "-v", *options, "-aec", "NNUNET_NODE", *identifier, "127.0.0.1", str(port))
+    return dcmtk(
+        tool, "-v", *options, "-aec", "NNUNET_NODE", *identifier, "127.0.0.1", str(port), cwd=cwd
+    )
 
 
 @pytest.fixture(scope="session")

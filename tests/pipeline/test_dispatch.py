@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.errors import Conflict, SendError
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
-from nnunet_node.pipeline.dispatch import Dispatcher, send_files
+from nnunet_node.pipeline.dispatch import Dispatcher, send_files, storage_contexts
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
 from nnunet_node.storage.migrations import upgrade
@@ -171,3 +171,25 @@ def test_job_without_route_destinations_makes_no_dispatch(
     dispatcher.on_job_done(_done_job(sessions, results))
     with sessions() as session:
         assert session.scalars(select(Dispatch)).all() == []
+
+
+def test_storage_contexts_offer_each_stored_syntax_alone() -> None:
+    """One context per SOP class and stored syntax (the peer can take each file as it is), one
+    per class with the uncompressed syntaxes to convert to; past 128, one per class."""
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+    explicit, implicit, rle = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5"
+    contexts = storage_contexts([(ct, rle), (ct, explicit), (ct, rle), (mr, explicit)])
+    shapes = [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in contexts]
+    assert shapes == [
+        (ct, [rle]),
+        (ct, [explicit]),
+        (mr, [explicit]),
+        (ct, [explicit, implicit]),
+        (mr, [explicit, implicit]),
+    ]
+    many = [(f"1.2.3.{i}", syntax) for i in range(60) for syntax in (rle, explicit)]
+    merged = storage_contexts(many)
+    assert len(merged) == 60
+    assert list(merged[0].transfer_syntax) == [rle, explicit, implicit]
+    with pytest.raises(SendError, match="129 SOP classes"):
+        storage_contexts([(f"1.2.3.{i}", explicit) for i in range(129)])
