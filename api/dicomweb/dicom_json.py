@@ -2,8 +2,10 @@
 
 pydicom writes the model (``Dataset.to_json_dict``); this module decides what goes inline and what
 is referred to by a ``BulkDataURI`` (PS3.18 F.2.6): pixel data always, and any other top-level
-element that was too large to read (files are read with ``defer_size``, so pixel data and other
-large values never enter memory for a metadata request).
+binary value (OB, OD, OF, OL, OV, OW, UN) that was too large to read (files are read with
+``defer_size``, so pixel data and other large binary values never enter memory for a metadata
+request). Sequences and text are always inline, however large: a SEG's Segment Sequence or an
+RTSTRUCT's ROI Contour Sequence behind a BulkDataURI is something a viewer cannot open.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def dataset_to_json(ds: Dataset, *, bulk_base: str | None = None) -> dict[str, A
     """The JSON model of ``ds``; top-level deferred or pixel values become ``bulk_base/<tag>``.
 
     Without ``bulk_base`` such values are left out (QIDO-RS answers carry no bulk data).
-    Sequences are written inline whole: their items are small (codes, references, icons).
+    Sequences and text are written inline whole, however large: PS3.18 F.2.6 keeps bulk data
+    for binary values, and a viewer needs a SEG's or an RTSTRUCT's sequences in the metadata.
     """
     out: dict[str, Any] = {}
     for tag in sorted(ds.keys()):
@@ -47,6 +50,8 @@ def dataset_to_json(ds: Dataset, *, bulk_base: str | None = None) -> dict[str, A
         if raw is None:
             continue
         deferred = isinstance(raw, RawDataElement) and raw.value is None
+        if deferred and _stored_vr(raw) not in BINARY_VRS:
+            deferred = False  # a sequence or text: read it now and write it inline
         if deferred or int(tag) in PIXEL_DATA_TAGS:
             if bulk_base is None:
                 continue
@@ -63,6 +68,17 @@ def dataset_to_json(ds: Dataset, *, bulk_base: str | None = None) -> dict[str, A
         except Exception as exc:  # a malformed value in a stored file must not hide the rest
             LOGGER.warning("leaving out %s from the JSON model: %s", tag_hex(tag), exc)
     return out
+
+
+def _stored_vr(raw: RawDataElement) -> str:
+    """The VR of a deferred element: as stored (explicit VR) or from the data dictionary
+    (implicit VR); UN for a private or unknown tag."""
+    if raw.VR:
+        return str(raw.VR)
+    try:
+        return str(pydicom.datadict.dictionary_VR(raw.tag))
+    except KeyError:
+        return "UN"
 
 
 def read_metadata(path: Path, *, bulk_base: str | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from nnunet_node.api.dicomweb.dicom_json import (
     FailedRef,
@@ -171,6 +171,32 @@ def test_metadata_has_bulk_data_uri_for_pixels_and_round_trips(tmp_path: Path) -
     small = read_metadata(_instance(tmp_path), bulk_base="http://x/bulk")
     assert "BulkDataURI" in small["7FE00010"]  # pixel data is bulk even when small
     assert "7FE00010" not in dataset_to_json(pydicom.dcmread(path), bulk_base=None)
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_large_sequences_and_text_are_inline_large_binary_is_bulk(tmp_path: Path, ts: str) -> None:
+    """PS3.18 F.2.6: only binary values go behind a BulkDataURI. A sequence of 200 items or a
+    text of 10 kB (both over the defer size) stays in the metadata, as OHIF needs for SEG and
+    RTSTRUCT; a large private OB value and the pixel data are bulk."""
+    path = _instance(tmp_path, ts=ts)
+    ds = pydicom.dcmread(path)
+    items = []
+    for number in range(200):
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        item.ReferencedSOPInstanceUID = f"1.2.3.4.{number}"
+        items.append(item)
+    ds.ReferencedImageSequence = items
+    ds.ImageComments = "x" * 10_000
+    ds.add_new(0x00291010, "OB", b"\1" * 5000)
+    ds.save_as(path, enforce_file_format=True)
+    model = read_metadata(path, bulk_base="http://x/bulk")
+    sequence = model["00081140"]
+    assert "BulkDataURI" not in sequence and len(sequence["Value"]) == 200
+    assert sequence["Value"][199]["00081155"]["Value"] == ["1.2.3.4.199"]
+    assert model["00204000"]["Value"] == ["x" * 10_000]
+    assert model["00291010"]["BulkDataURI"] == "http://x/bulk/00291010"
+    assert "BulkDataURI" in model["7FE00010"]
 
 
 def test_store_response_lists_stored_and_failed() -> None:
