@@ -28,6 +28,7 @@ from nnunet_node.node.contexts import (
 from nnunet_node.node.retrieve import StoredInstance
 from nnunet_node.node.status import CANCEL, PENDING, SUCCESS, dimse_service
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
+from nnunet_node.pipeline.pynetdicom_internals import incoming_file
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage import query
 from nnunet_node.storage.archive import Archive, IncomingFile
@@ -164,7 +165,7 @@ class NodeHandlers:
             "calling_ae": str(event.assoc.requestor.ae_title),
             "called_ae": called_ae_title(event.assoc),
         }
-        incoming = getattr(event.request, "_dataset_file", None)
+        incoming = incoming_file(event.request)
         if isinstance(incoming, IncomingFile):
             self.archive.ingest_incoming(incoming, **origin)
         else:

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
-from nnunet_node.node.pynetdicom_internals import send_c_store_from_file
+from nnunet_node.pipeline.pynetdicom_internals import send_c_store_from_file
 
 LOGGER = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
+from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select, update
@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core import metrics
 from nnunet_node.core.errors import Conflict, NotFound, SendError
+from nnunet_node.pipeline.pynetdicom_internals import RequestingAE
 from nnunet_node.pipeline.routing import Destination, RoutingTable
 from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.models import Dispatch, DispatchStatus, Instance, Job, JobArtifact
@@ -85,15 +86,13 @@ class _RequestorSocket(AssociationSocket):
             raw.close()
 
 
-class NodeAE(AE):
+class NodeAE(RequestingAE):
     """The AE for every association the node requests or accepts (C-STORE SCU, C-MOVE
     sub-operations, the SCP): outgoing sockets are closed on failure; bind
     :data:`NODELAY_HANDLERS` (or :func:`set_tcp_nodelay`) for ``TCP_NODELAY``."""
 
-    def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> AssociationSocket:
-        sock = _RequestorSocket(assoc, address=address)
-        sock.tls_args = tls_args
-        return sock
+    def make_socket(self, assoc: Any, address: Any) -> AssociationSocket:
+        return _RequestorSocket(assoc, address=address)
 
 
 def storage_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:

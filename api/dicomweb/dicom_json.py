@@ -49,9 +49,10 @@ def dataset_to_json(ds: Dataset, *, bulk_base: str | None = None) -> dict[str, A
         raw = ds.get_item(tag, keep_deferred=True)
         if raw is None:
             continue
-        deferred = isinstance(raw, RawDataElement) and raw.value is None
-        if deferred and _stored_vr(raw) not in BINARY_VRS:
-            deferred = False  # a sequence or text: read it now and write it inline
+        # a deferred sequence or text is read now and written inline
+        deferred = (
+            isinstance(raw, RawDataElement) and raw.value is None and _stored_vr(raw) in BINARY_VRS
+        )
         if deferred or int(tag) in PIXEL_DATA_TAGS:
             if bulk_base is None:
                 continue
