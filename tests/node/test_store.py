@@ -46,10 +46,14 @@ def test_echoscu_and_tcp_nodelay_on_both_ends(start_node: NodeFactory) -> None:
 
     _, assoc = _scu(node.port)
     try:
+        def open_sockets() -> list[socket.socket]:  # the echo's association may still be ending
+            socks = [a.dul.socket.socket for a in node.active_associations() if a.dul.socket]
+            return [s for s in socks if s is not None and s.fileno() != -1]
+
         deadline = time.monotonic() + 5
-        while not node.active_associations() and time.monotonic() < deadline:
+        while not open_sockets() and time.monotonic() < deadline:
             time.sleep(0.01)
-        server_sock = node.active_associations()[0].dul.socket.socket
+        server_sock = open_sockets()[0]
         assert server_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         client_sock = assoc.dul.socket.socket  # type: ignore[attr-defined]
         assert client_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
