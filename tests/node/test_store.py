@@ -46,6 +46,7 @@ def test_echoscu_and_tcp_nodelay_on_both_ends(start_node: NodeFactory) -> None:
 
     _, assoc = _scu(node.port)
     try:
+
         def open_sockets() -> list[socket.socket]:  # the echo's association may still be ending
             socks = [a.dul.socket.socket for a in node.active_associations() if a.dul.socket]
             return [s for s in socks if s is not None and s.fileno() != -1]
