@@ -11,7 +11,10 @@ RTSTRUCT's ROI Contour Sequence behind a BulkDataURI is something a viewer canno
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +89,52 @@ def read_metadata(path: Path, *, bulk_base: str | None) -> dict[str, Any]:
     """The JSON model of one stored instance, reading only the values under ``DEFER_BYTES``."""
     ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
     return dataset_to_json(ds, bulk_base=bulk_base)
+
+
+_BULK_PLACEHOLDER = "\u0000bulk"
+"""Stands for the instance's bulk data URL base in a cached model (the URL depends on the host
+the request named); it cannot occur in a real value, where NUL is not allowed."""
+_BULK_PLACEHOLDER_JSON = json.dumps(_BULK_PLACEHOLDER)[1:-1].encode()
+
+
+class MetadataCache:
+    """The JSON model of each stored instance, kept on disk once built (WADO-RS metadata).
+
+    Building the model reads the file with pydicom and converts every element (~1.5 ms per CT
+    instance); a viewer asks for every series' metadata each time a study opens, so the model
+    is built on first request and kept under ``folder`` as ``<SOP Instance UID>.<size>.<mtime
+    ns>.json``: a re-sent instance (new file, new size or time) is built again, its old model
+    removed. The cache is no record: it is not fsynced, and deleting it loses nothing.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def model(self, path: Path, sop_instance_uid: str, bulk_base: str) -> bytes:
+        """The model of the file ``path`` as JSON bytes, BulkDataURIs under ``bulk_base``.
+        Raises OSError or pydicom's errors when the file cannot be read."""
+        stat = path.stat()
+        cached = self.folder / f"{sop_instance_uid}.{stat.st_size}.{stat.st_mtime_ns}.json"
+        try:
+            data = cached.read_bytes()
+        except OSError:
+            data = self._build(path, cached, sop_instance_uid)
+        base = json.dumps(bulk_base)[1:-1].encode()
+        return data.replace(_BULK_PLACEHOLDER_JSON, base)
+
+    def _build(self, path: Path, cached: Path, sop_instance_uid: str) -> bytes:
+        model = read_metadata(path, bulk_base=_BULK_PLACEHOLDER)
+        data = json.dumps(model, separators=(",", ":")).encode("utf-8")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for old in self.folder.glob(f"{sop_instance_uid}.*.json"):
+                old.unlink(missing_ok=True)
+            temporary = cached.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, cached)
+        except OSError as exc:  # a cache that cannot be written only costs time
+            LOGGER.warning("WADO-RS metadata cache: cannot write %s: %s", cached, exc)
+        return data
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ and every file read happens in Starlette's thread pool (a sync iterator given to
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from nnunet_node.api.deps import ContextDep
 from nnunet_node.api.dicomweb.common import check_uid, context_parts, instance_url, service_url
-from nnunet_node.api.dicomweb.dicom_json import MEDIA_TYPE, read_metadata
+from nnunet_node.api.dicomweb.dicom_json import MEDIA_TYPE, MetadataCache
 from nnunet_node.api.dicomweb.frames import BulkValue, read_frames
 from nnunet_node.api.dicomweb.multipart import (
     closing_delimiter,
@@ -143,19 +142,23 @@ async def _retrieve(
     )
 
 
-def _metadata_body(items: list[Located], base: str) -> Iterator[bytes]:
+def _metadata_body(items: list[Located], base: str, cache: MetadataCache) -> Iterator[bytes]:
     yield b"["
     first = True
     for item in items:
         bulk_base = f"{instance_url(base, item.study, item.series, item.sop)}/bulk"
         try:
-            model = read_metadata(item.path, bulk_base=bulk_base)
+            model = cache.model(item.path, item.sop, bulk_base)
         except Exception as exc:
             LOGGER.error("WADO-RS metadata: cannot read %s: %s", item.path, exc)
             continue
-        yield (b"" if first else b",") + json.dumps(model, separators=(",", ":")).encode("utf-8")
+        yield (b"" if first else b",") + model
         first = False
     yield b"]"
+
+
+METADATA_CACHE = ".metadata"
+"""The folder, under the archive's, of the cached JSON models (dicom_json.MetadataCache)."""
 
 
 async def _metadata(
@@ -164,7 +167,10 @@ async def _metadata(
     wants_json(request.headers.get("accept"))
     _, factory, archive = context_parts(context)
     items = await run_in_threadpool(locate, factory, archive.root, study, series, sop)
-    return StreamingResponse(_metadata_body(items, service_url(request)), media_type=MEDIA_TYPE)
+    cache = MetadataCache(archive.root / METADATA_CACHE)
+    return StreamingResponse(
+        _metadata_body(items, service_url(request), cache), media_type=MEDIA_TYPE
+    )
 
 
 def _frame_numbers(frames: str) -> list[int]:

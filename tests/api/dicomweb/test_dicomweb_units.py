@@ -4,6 +4,8 @@ Accept negotiation, frame extraction."""
 from __future__ import annotations
 
 import io
+import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from nnunet_node.api.dicomweb.dicom_json import (
     FailedRef,
+    MetadataCache,
     StoredRef,
     dataset_to_json,
     read_metadata,
@@ -197,6 +200,28 @@ def test_large_sequences_and_text_are_inline_large_binary_is_bulk(tmp_path: Path
     assert model["00204000"]["Value"] == ["x" * 10_000]
     assert model["00291010"]["BulkDataURI"] == "http://x/bulk/00291010"
     assert "BulkDataURI" in model["7FE00010"]
+
+
+def test_metadata_cache_serves_the_model_until_the_file_changes(tmp_path: Path) -> None:
+    """The model is kept once built and served with the request's bulk data base; a file
+    re-sent (other size or time) is read again and its old model removed."""
+    path = _instance(tmp_path)
+    sop = str(pydicom.dcmread(path).SOPInstanceUID)
+    cache = MetadataCache(tmp_path / "cache")
+    first = json.loads(cache.model(path, sop, "http://a/bulk"))
+    assert first == read_metadata(path, bulk_base="http://a/bulk")
+    (kept,) = (tmp_path / "cache").glob(f"{sop}.*.json")
+    second = json.loads(cache.model(path, sop, "https://b:1/x/bulk"))
+    assert second["7FE00010"]["BulkDataURI"] == "https://b:1/x/bulk/7FE00010"
+    assert second["00100020"]["Value"] == ["P1"]
+    ds = pydicom.dcmread(path)
+    ds.PatientID = "P2-resent"
+    ds.save_as(path, enforce_file_format=True)
+    os.utime(path, ns=(1, 1))  # whatever the clock, another time
+    third = json.loads(cache.model(path, sop, "http://a/bulk"))
+    assert third["00100020"]["Value"] == ["P2-resent"]
+    assert not kept.exists()
+    assert len(list((tmp_path / "cache").glob(f"{sop}.*.json"))) == 1
 
 
 def test_store_response_lists_stored_and_failed() -> None:
