@@ -37,11 +37,13 @@ from typing import Any
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 
 from nnunet_node.node.retrieve import send_stored_files
+from nnunet_node.node.status import CANNOT_UNDERSTAND
 from nnunet_node.pipeline.dispatch import NodeAE
 from nnunet_node.pipeline.pynetdicom_internals import (
     AcceptingHandler,
     StoreSink,
     after_run,
+    answer_invalid_store_requests,
     command_set,
     make_event_driven,
     send_responses_directly,
@@ -162,6 +164,7 @@ class ServerAE(NodeAE):
             self._fast(assoc)
             if self.store_sink is not None:
                 stream_store_datasets(assoc, self.store_sink)
+            answer_invalid_store_requests(assoc, CANNOT_UNDERSTAND)
             close = make_event_driven(assoc)
 
             def finish() -> None:

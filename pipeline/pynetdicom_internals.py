@@ -546,6 +546,13 @@ def stream_store_datasets(assoc: Any, open_sink: StoreSink) -> None:
         ):
             return
         command = message.command_set
+        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            value = command.get(keyword)
+            if value is not None and len(str(value)) > 64:
+                # pynetdicom would refuse to make a primitive of it and abort the association;
+                # without it the request is answered 0xC000 (answer_invalid_store_requests)
+                LOGGER.info("C-STORE: %s longer than 64 characters; request refused", keyword)
+                setattr(command, keyword, "")
         try:
             transfer_syntax = next(
                 cx.transfer_syntax[0]
@@ -607,6 +614,42 @@ def incoming_file(request: Any) -> Any:
     """The sink a C-STORE request's data set was streamed into (None: gathered in memory).
     Hook: the primitive's ``_dataset_file``."""
     return getattr(request, "_dataset_file", None)
+
+
+# --- requests pynetdicom would drop unanswered ----------------------------------------------
+
+
+def answer_invalid_store_requests(assoc: Any, status: int) -> None:
+    """Answer a C-STORE-RQ that lacks a required parameter (an empty Affected SOP Instance
+    UID, say) with ``status`` instead of dropping it: pynetdicom logs "Received unexpected
+    C-STORE service message" and sends nothing, so the requester waits for ever (PS3.7 9.1.1:
+    every request gets a response). What was streamed of its data set is deleted.
+
+    Hook: ``Association._serve_request`` (and the primitive's ``_dataset_file``). Public
+    replacement: pynetdicom answering such requests itself, or an event for them.
+    """
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if type(msg) is not C_STORE or msg.is_valid_request or msg.MessageID is None:
+            serve(msg, context_id)
+            return
+        sink = getattr(msg, "_dataset_file", None)
+        if sink is not None and hasattr(sink, "discard"):
+            with contextlib.suppress(OSError):
+                sink.discard()
+        LOGGER.warning(
+            "C-STORE from %s: 0x%04X: the request lacks a required parameter (SOP Class UID, "
+            "SOP Instance UID, Priority or data set)",
+            assoc.requestor.ae_title,
+            status,
+        )
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = msg.MessageID
+        response.Status = status
+        assoc.dimse.send_msg(response, context_id)
+
+    assoc._serve_request = serve_request
 
 
 # --- responses encoded directly -------------------------------------------------------------
