@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import lzma
+import os
 import re
 import secrets
 import shutil
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 import anyio
-from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
+from nnunet_node.api.dicomweb.multipart import Part, boundary_of, iter_parts, parse_media_type
 from nnunet_node.core.errors import InvalidRequest, PayloadTooLarge, StorageFull, UnsafeArchive
 
 LOGGER = logging.getLogger(__name__)
@@ -65,20 +66,6 @@ class Upload:
             self.file_path.unlink(missing_ok=True)
 
 
-@dataclass
-class _Header:
-    field: bytes = b""
-    value: bytes = b""
-
-
-class _Part:
-    def __init__(self) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.name = ""
-        self.is_file = False
-        self.data = bytearray()
-
-
 async def receive_multipart(
     content_type: str,
     stream: AsyncIterator[bytes],
@@ -87,122 +74,82 @@ async def receive_multipart(
     max_bytes: int,
     file_field: str = "file",
 ) -> Upload:
-    """Parse a ``multipart/form-data`` body from ``stream``, writing the part ``file_field`` to a
-    new file with a random name in ``uploads_dir``.
+    """Parse a ``multipart/form-data`` body (RFC 7578) from ``stream``, writing the part
+    ``file_field`` to a new file with a random name in ``uploads_dir``.
 
-    Raises :class:`PayloadTooLarge` when the file passes ``max_bytes`` (or a text field
-    :data:`MAX_FIELD_BYTES`) and :class:`InvalidRequest` for a body that is not form data; the
-    partial file is removed in both cases. The client's file name is never used.
+    The parts come from :func:`api.dicomweb.multipart.iter_parts`, the streaming reader STOW-RS
+    uses (python-multipart; a part past a few MB spills to a file in ``uploads_dir``, which is
+    then renamed into place). Raises :class:`PayloadTooLarge` once a part passes ``max_bytes``
+    (a text field :data:`MAX_FIELD_BYTES`) and :class:`InvalidRequest` for a body that is not
+    form data; nothing is left in ``uploads_dir`` then. The client's file name is never used.
     """
-    media_type, params = parse_options_header(content_type)
-    if media_type != b"multipart/form-data" or not params.get(b"boundary"):
+    media = parse_media_type(content_type)
+    if media.type != "multipart/form-data" or not media.param("boundary"):
         raise InvalidRequest("the body must be multipart/form-data with a boundary")
+    boundary = boundary_of(media)
     uploads_dir.mkdir(parents=True, exist_ok=True)
     target = uploads_dir / f"{secrets.token_hex(16)}.upload"
-
     fields: dict[str, str] = {}
-    parts: list[_Part] = []
-    header = _Header()
-    pending: list[tuple[_Part, str, bytes]] = []  # events of one parser.write(), in order
-
-    def on_part_begin() -> None:
-        parts.append(_Part())
-        if len(parts) > MAX_PARTS:
-            raise InvalidRequest(f"too many form fields (more than {MAX_PARTS})")
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header.field += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header.value += data[start:end]
-
-    def on_header_end() -> None:
-        parts[-1].headers[header.field.lower()] = header.value
-        header.field = header.value = b""
-
-    def on_headers_finished() -> None:
-        part = parts[-1]
-        disposition, options = parse_options_header(part.headers.get(b"content-disposition", b""))
-        if disposition != b"form-data" or b"name" not in options:
-            raise InvalidRequest("a form part lacks Content-Disposition: form-data; name=...")
-        part.name = options[b"name"].decode("utf-8", "replace")
-        part.is_file = part.name == file_field
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        pending.append((parts[-1], "data", data[start:end]))
-
-    def on_part_end() -> None:
-        pending.append((parts[-1], "end", b""))
-
-    parser = MultipartParser(
-        params[b"boundary"],
-        callbacks={
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
-
-    out: BinaryIO | None = None
     file_seen = False
-    file_done = False
     size = 0
-    buffer = bytearray()
+    count = 0
     try:
-        async for chunk in stream:
+        async for part in iter_parts(
+            stream,
+            boundary,
+            max_bytes=max_bytes + MAX_PARTS * MAX_FIELD_BYTES,
+            max_part_bytes=max(max_bytes, MAX_FIELD_BYTES),
+            spill_dir=uploads_dir,
+        ):
             try:
-                parser.write(chunk)
-            except (InvalidRequest, PayloadTooLarge):
-                raise
-            except Exception as exc:  # python-multipart raises its own parse errors
-                raise InvalidRequest(f"malformed multipart body: {exc}") from exc
-            for part, kind, data in pending:
-                if part.is_file:
-                    if kind == "data":
-                        if file_done:
-                            raise InvalidRequest(f"more than one {file_field!r} part")
-                        file_seen = True
-                        size += len(data)
-                        if size > max_bytes:
-                            raise PayloadTooLarge(
-                                f"file: the upload is larger than {max_bytes // MB} MB"
-                            )
-                        buffer += data
-                        if len(buffer) >= _COPY_CHUNK:
-                            out = out or target.open("xb")
-                            await anyio.to_thread.run_sync(out.write, bytes(buffer))
-                            buffer.clear()
-                    else:
-                        if file_done:
-                            raise InvalidRequest(f"more than one {file_field!r} part")
-                        file_seen = True
-                        file_done = True
-                elif kind == "data":
-                    part.data += data
-                    if len(part.data) > MAX_FIELD_BYTES:
+                count += 1
+                if count > MAX_PARTS:
+                    raise InvalidRequest(f"too many form fields (more than {MAX_PARTS})")
+                disposition, options = parse_options_header(
+                    part.headers.get("content-disposition", "")
+                )
+                if disposition != b"form-data" or b"name" not in options:
+                    raise InvalidRequest(
+                        "a form part lacks Content-Disposition: form-data; name=..."
+                    )
+                name = options[b"name"].decode("utf-8", "replace")
+                if name == file_field:
+                    if file_seen:
+                        raise InvalidRequest(f"more than one {file_field!r} part")
+                    if part.size > max_bytes:
                         raise PayloadTooLarge(
-                            f"{part.name}: form field larger than {MAX_FIELD_BYTES // MB} MB"
+                            f"file: the upload is larger than {max_bytes // MB} MB"
                         )
+                    file_seen = True
+                    size = part.size
+                    await anyio.to_thread.run_sync(_keep_part, part, target)
                 else:
-                    fields[part.name] = part.data.decode("utf-8", "replace")
-            pending.clear()
-        parser.finalize()
-        if file_seen:
-            out = out or target.open("xb")
-            if buffer:
-                await anyio.to_thread.run_sync(out.write, bytes(buffer))
-            out.close()
-            out = None
+                    if part.size > MAX_FIELD_BYTES:
+                        raise PayloadTooLarge(
+                            f"{name}: form field larger than {MAX_FIELD_BYTES // MB} MB"
+                        )
+                    fields[name] = part.read().decode("utf-8", "replace")
+            finally:
+                part.discard()
+    except PayloadTooLarge as exc:
+        target.unlink(missing_ok=True)
+        if "file:" in str(exc) or "form field" in str(exc):
+            raise
+        raise PayloadTooLarge(f"file: the upload is larger than {max_bytes // MB} MB") from exc
     except BaseException:
-        if out is not None:
-            out.close()
         target.unlink(missing_ok=True)
         raise
     return Upload(fields=fields, file_path=target if file_seen else None, file_size=size)
+
+
+def _keep_part(part: Part, target: Path) -> None:
+    """Move a finished part's bytes to ``target`` (a rename when it spilled to a file)."""
+    if part.path is not None:
+        os.replace(part.path, target)
+        part.path = None
+        return
+    with target.open("xb") as out:
+        out.write(part.data or b"")
 
 
 # --------------------------------------------------------------------------------------------

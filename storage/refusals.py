@@ -19,6 +19,9 @@ anything else  0xC001             0x0110          Error: unable to process / pro
                                                   failure
 =============  =================  ==============  ============================================
 
+PayloadTooLarge (a STOW-RS body without Content-Length that passes the upload limit midway)
+is answered as StorageFull: 0xA700, out of resources.
+
 The last row differs between the columns on purpose: C-STORE keeps to the ranges of PS3.4
 Table B.2-1 (0xC001 in "Error: cannot understand", Cxxx), while STOW-RS answers 0x0110
 "Processing failure", which PS3.18 I.2.2 lists for a failure of the origin server's own.
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnunet_node.core.errors import InvalidDicom, StorageFull, WrongStudy
+from nnunet_node.core.errors import InvalidDicom, PayloadTooLarge, StorageFull, WrongStudy
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ REFUSALS: tuple[tuple[type[BaseException], Refusal], ...] = (
     ),
     (InvalidDicom, Refusal(0xC000, 0xC000, "cannot understand", True)),
     (StorageFull, Refusal(0xA700, 0xA700, "out of resources", True)),
+    (PayloadTooLarge, Refusal(0xA700, 0xA700, "out of resources (the upload size limit)", True)),
     (OSError, Refusal(0xA701, 0xA701, "out of resources (input/output)", False)),
 )
 """Exception class -> refusal, the first matching row wins (subclasses come first)."""

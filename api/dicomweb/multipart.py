@@ -1,9 +1,12 @@
 """``multipart/related`` (RFC 2387) bodies for DICOMweb: parse uploads, write responses.
 
 STOW-RS (PS3.18 10.5) sends one DICOM Part 10 file per part; WADO-RS (PS3.18 10.4) answers with
-one part per instance, frame or bulk data value. Parsing streams: python-multipart's parser is fed
-the request body chunk by chunk and a part is handed on as soon as it ends, so a request holds at
-most one part (spilled to a temporary file past ``spill_bytes``) and is bounded by ``max_bytes``.
+one part per instance, frame or bulk data value; ``/infer_file`` uploads are ``multipart/form-data``
+(api/uploads.py reads them through :func:`iter_parts` too). Parsing streams: python-multipart's
+parser is fed the request body chunk by chunk and a part is handed on as soon as it ends, so a
+request holds at most one part (spilled to a temporary file past ``spill_bytes``) and is bounded by
+``max_bytes``. A preamble before the first delimiter and an epilogue after the last are ignored
+(RFC 2046 5.1.1); header parameters are parsed by python-multipart too.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from nnunet_node.core.errors import InvalidRequest, PayloadTooLarge
 
@@ -44,38 +47,15 @@ class MediaType:
         return self.params.get(name.lower(), default)
 
 
-def _split_params(text: str) -> list[str]:
-    """Split on ``;`` outside double quotes."""
-    pieces: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == ";" and not quoted:
-            pieces.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    pieces.append("".join(current))
-    return [p.strip() for p in pieces]
-
-
 def parse_media_type(value: str) -> MediaType:
-    """Parse one media type with parameters; names are lower-cased, quotes removed."""
-    head, *rest = _split_params(value)
-    params: dict[str, str] = {}
-    for item in rest:
-        if not item:
-            continue
-        name, sep, raw = item.partition("=")
-        if not sep:
-            continue
-        raw = raw.strip()
-        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-            raw = raw[1:-1]
-        params[name.strip().lower()] = raw
-    return MediaType(head.strip().lower(), params)
+    """Parse one media type with parameters (RFC 9110 8.3.1, RFC 2045 5.1: parameters in any
+    order, quoted or not) by python-multipart's header parser; the type and parameter names are
+    lower-cased, parameter values (a boundary is case-sensitive) are kept as sent."""
+    media, params = parse_options_header(value)
+    return MediaType(
+        media.decode("latin-1").strip().lower(),
+        {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in params.items()},
+    )
 
 
 def split_accept(value: str | None) -> list[MediaType]:
@@ -133,8 +113,11 @@ class Part:
 class _PartCollector:
     """Callbacks for python-multipart's parser that gather finished parts."""
 
-    def __init__(self, spill_bytes: int, spill_dir: Path | None) -> None:
+    def __init__(
+        self, spill_bytes: int, spill_dir: Path | None, max_part_bytes: int | None = None
+    ) -> None:
         self.spill_bytes = spill_bytes
+        self.max_part_bytes = max_part_bytes
         self.spill_dir = spill_dir
         self.finished: list[Part] = []
         self.ended = False
@@ -180,6 +163,10 @@ class _PartCollector:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
         self._size += len(chunk)
+        if self.max_part_bytes is not None and self._size > self.max_part_bytes:
+            raise PayloadTooLarge(
+                f"a part is over the limit of {self.max_part_bytes // (1024 * 1024)} MB"
+            )
         if self._file is not None:
             self._file.write(chunk)
             return
@@ -187,7 +174,7 @@ class _PartCollector:
         if len(self._buffer) > self.spill_bytes:
             if self.spill_dir is not None:
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=self.spill_dir)
+            fd, name = tempfile.mkstemp(prefix="multipart-", suffix=".part", dir=self.spill_dir)
             self._file = os.fdopen(fd, "wb")
             self._path = Path(name)
             self._file.write(self._buffer)
@@ -238,41 +225,81 @@ def boundary_of(content_type: MediaType) -> bytes:
         raise InvalidRequest("the multipart boundary must be ASCII") from exc
 
 
+class _Preamble:
+    """Drops what comes before the first delimiter (RFC 2046 5.1.1: the preamble, to be
+    ignored), which python-multipart's parser does not accept. The delimiter is ``--boundary``
+    at the start of the body or after a CRLF (the CRLF belongs to the delimiter)."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self.delimiter = b"--" + boundary
+        self.pending = b""
+        self.at_start = True
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes from the first delimiter on (empty while it has not arrived)."""
+        if self.done:
+            return chunk
+        data = self.pending + chunk
+        if self.at_start:
+            if data.startswith(self.delimiter):
+                self.done = True
+                return data
+            if self.delimiter.startswith(data):
+                self.pending = data  # perhaps the delimiter, still arriving
+                return b""
+            self.at_start = False
+        found = data.find(CRLF + self.delimiter)
+        if found >= 0:
+            self.done = True
+            return data[found + len(CRLF) :]
+        self.pending = data[-(len(self.delimiter) + len(CRLF) - 1) :]  # may straddle chunks
+        return b""
+
+
 async def iter_parts(
     chunks: AsyncIterator[bytes],
     boundary: bytes,
     *,
     max_bytes: int,
+    max_part_bytes: int | None = None,
     spill_bytes: int = DEFAULT_SPILL_BYTES,
     spill_dir: Path | None = None,
 ) -> AsyncIterator[Part]:
-    """Yield each part of a ``multipart/related`` body as soon as its closing boundary arrives.
+    """Yield each part of a ``multipart/related`` body (RFC 2046 5.1: preamble and epilogue
+    ignored) as soon as its closing delimiter arrives.
 
-    Raises :class:`PayloadTooLarge` once more than ``max_bytes`` arrived, and
-    :class:`InvalidRequest` for a body that is not multipart or ends inside a part (parts that
-    ended before are yielded first, so the caller keeps what it stored).
+    Raises :class:`PayloadTooLarge` once more than ``max_bytes`` arrived (or one part passed
+    ``max_part_bytes``): every part that ended within the limit is yielded first, the part the
+    limit cut is dropped (with its spill file).
+    Raises :class:`InvalidRequest` for a body that is not multipart or ends inside a part (parts
+    that ended before are yielded first, so the caller keeps what it stored).
     The caller owns yielded parts and calls :meth:`Part.discard` when done.
     """
-    collector = _PartCollector(spill_bytes, spill_dir)
+    collector = _PartCollector(spill_bytes, spill_dir, max_part_bytes)
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
+    preamble = _Preamble(boundary)
     received = 0
     try:
         async for chunk in chunks:
             if not chunk:
                 continue
+            over = received + len(chunk) > max_bytes
+            if over:
+                chunk = chunk[: max_bytes - received]  # parts that end within the limit count
             received += len(chunk)
-            if received > max_bytes:
-                raise PayloadTooLarge(
-                    f"the request body is over the limit of {max_bytes // (1024 * 1024)} MB"
-                )
             try:
-                parser.write(chunk)
+                parser.write(preamble.feed(chunk))
             except MultipartParseError as exc:
                 raise InvalidRequest(f"malformed multipart/related body: {exc}") from exc
             while collector.finished:
                 yield collector.finished.pop(0)
             if collector.ended:
                 break
+            if over:
+                raise PayloadTooLarge(
+                    f"the request body is over the limit of {max_bytes // (1024 * 1024)} MB"
+                )
         if not collector.ended:
             if collector.count == 0 and not collector.in_part:
                 raise InvalidRequest("the body holds no multipart/related part with that boundary")

@@ -139,18 +139,34 @@ async def _store(request: Request, context: Any, study: str | None) -> JSONRespo
             slots.release()
 
     broken: InvalidRequest | None = None
+    oversized: PayloadTooLarge | None = None
     try:
         async for part in iter_parts(
             request.stream(), boundary, max_bytes=max_bytes, spill_dir=settings.uploads_dir
         ):
             await slots.acquire()
             pending.append(asyncio.create_task(ingest(part)))
+    except PayloadTooLarge as exc:
+        oversized = exc  # a body without Content-Length that passed the limit midway
     except InvalidRequest as exc:
         broken = exc  # a malformed or truncated tail: the whole parts before it still count
     finally:
         # Whatever ended the body (its end, a malformed tail, the size limit), the parts that
         # arrived whole are stored before the answer goes out.
         results = await asyncio.gather(*pending)
+    headers: dict[str, str] = {}
+    if oversized is not None:
+        # PS3.18 10.5.3: 413 only when nothing was stored; otherwise the answer lists each part
+        # stored and each failed, and one failure for the part the limit cut (the rest of the
+        # body was not read).
+        if not results:
+            raise oversized
+        message = (
+            f"{oversized}: the body was cut after {len(results)} whole part(s); "
+            "the part being received then and any after it were not read"
+        )
+        results.append(FailedRef("", "", refusal_for(oversized).failure_reason, message))
+        headers["Warning"] = f'299 nnunet-node "{message}"'
     if broken is not None:
         if not results:
             raise broken
@@ -166,7 +182,7 @@ async def _store(request: Request, context: Any, study: str | None) -> JSONRespo
     # PS3.18 10.5.3: 200 all stored, 202 some stored, 409 none stored.
     status = 200 if not failed else (202 if stored else 409)
     LOGGER.info("STOW-RS: %d stored, %d failed", len(stored), len(failed))
-    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {

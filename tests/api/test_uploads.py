@@ -284,3 +284,16 @@ def test_multipart_over_the_limit_removes_the_partial_file(tmp_path: Path) -> No
 def test_multipart_needs_form_data_with_a_boundary(tmp_path: Path, content_type: str) -> None:
     with pytest.raises(InvalidRequest, match="multipart"):
         anyio.run(lambda: receive_multipart(content_type, _chunks(b"", 1), tmp_path, max_bytes=MB))
+
+
+def test_multipart_form_data_with_a_preamble_and_an_epilogue(tmp_path: Path) -> None:
+    """RFC 2046 5.1.1: what comes before the first delimiter and after the last is ignored."""
+    body = b"a preamble\r\n" + _multipart("xyz", "{}", b"PK-bytes") + b"an epilogue\r\n"
+    upload = anyio.run(
+        lambda: receive_multipart(
+            'multipart/form-data; boundary="xyz"', _chunks(body, 5), tmp_path, max_bytes=MB
+        )
+    )
+    assert upload.fields == {"request": "{}"}
+    assert upload.file_path is not None and upload.file_path.read_bytes() == b"PK-bytes"
+    upload.discard()
