@@ -93,8 +93,14 @@ def make_rtstruct(
     sop_instance_uid: str | None = None,
     content_datetime: dt.datetime | None = None,
 ) -> Dataset | None:
-    """An RTSTRUCT with one ROI per label value present in ``label_map`` (z, y, x, in the z order
-    of ``source_datasets``); ROI Number = label value. None when the map is empty."""
+    """An RT Structure Set (PS3.3 A.19) with one ROI per label value present in ``label_map``.
+
+    ``label_map``: integer or boolean array (z, y, x), one slice per item of ``source_datasets``
+    (same z order). ROI Number = label value; each slice's mask is traced into CLOSED_PLANAR
+    contours on that image's plane (ContourData in mm, patient coordinates, PS3.3 C.8.8.6), each
+    referencing its image (ContourImageSequence). None when the map is empty. Raises
+    :class:`ExportError` when the array and the sources disagree or a source's geometry
+    (ImagePositionPatient, ImageOrientationPatient, PixelSpacing) is unusable."""
     label_map = np.asarray(label_map)
     if label_map.dtype == np.bool_:
         label_map = label_map.astype(np.uint8)

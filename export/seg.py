@@ -49,8 +49,14 @@ def make_binary_seg(
     sop_instance_uid: str | None = None,
     content_datetime: dt.datetime | None = None,
 ) -> Dataset | None:
-    """A BINARY SEG with one segment per label value present in ``label_map`` (z, y, x, in the z
-    order of ``source_datasets``). Returns None when the map is empty: no object is written then."""
+    """A BINARY Segmentation (PS3.3 A.51, C.8.20) with one segment per label value present.
+
+    ``label_map``: integer or boolean array (z, y, x), one slice per item of ``source_datasets``
+    (single-frame images of one series and frame of reference, in the same z order); segment
+    number = label value, described by ``metadata``. ``series_number``, the UIDs and
+    ``content_datetime`` default to new ones (the job passes values derived from its id).
+    Returns None when the map is empty: no object is written then. Raises :class:`ExportError`
+    when the array and the sources disagree, or a label has no segment in ``metadata``."""
     label_map = np.asarray(label_map)
     if label_map.dtype == np.bool_:
         label_map = label_map.astype(np.uint8)
@@ -91,8 +97,10 @@ def make_fractional_seg(
     """A FRACTIONAL SEG of type PROBABILITY (PS3.3 C.8.20.2.3), MaximumFractionalValue 255.
 
     ``probabilities`` is (labels, z, y, x) with values in 0..1, one channel per foreground label in
-    ``labels``. Stored values are round(p * 255), so read-back is within 1/510 of the input. Labels
-    whose map rounds to zero everywhere get no segment; None when none is left.
+    ``labels``, slices in the z order of ``source_datasets``. Stored values are round(p * 255), so
+    read-back is within 1/510 of the input. Labels whose map rounds to zero everywhere get no
+    segment; None when none is left. Raises :class:`ExportError` for a shape that does not match
+    the sources, repeated or background labels, or values outside 0..1 (NaN included).
     """
     probabilities = np.asarray(probabilities)
     what = f"model {metadata.model_id!r} fractional SEG"

@@ -43,7 +43,7 @@ from nnunet_node.inference.postprocess import (
 from nnunet_node.inference.request import InputRef, Plan, Stage
 from nnunet_node.inference.series_check import SeriesLayout, series_path
 from nnunet_node.inference.volumes import (
-    Series,
+    SeriesVolume,
     array_onto_grid,
     bounding_box,
     intersect_boxes,
@@ -253,9 +253,16 @@ class InferenceEngine:
         should_stop: Callable[[], bool] | None = None,
         layouts: dict[Path, SeriesLayout] | None = None,
     ) -> list[StageResult]:
-        """Run every stage in order; raise :class:`JobCancelled` when ``should_stop()`` turns
-        true. ``layouts`` are the series checks already made (:func:`series_check.check_plan`),
-        by series path; series without one are checked when read."""
+        """Run every stage of ``plan`` in order and return one :class:`StageResult` per stage.
+
+        Series are read under ``study_path``; each stage's files go to
+        ``<output_dir>/stage_<i>/`` (label map and probabilities in the geometry of the stage's
+        first input; probabilities are (classes, z, y, x), channel 0 background). ``progress`` is
+        told each step; ``layouts`` are the series checks already made
+        (:func:`series_check.check_plan`), by series path, and series without one are checked when
+        read. Raises :class:`JobCancelled` when ``should_stop()`` turns true,
+        :class:`InvalidRequest` for series that cannot feed the model (channels, references), and
+        :class:`InferenceError` when nnU-Net or a model load fails."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp_root = Path(plan.tmp_dir)
@@ -301,7 +308,7 @@ class _Run:
         self._progress = progress
         self._should_stop = should_stop
         self.results: list[StageResult] = []
-        self._series_cache: dict[Path, Series] = {}
+        self._series_cache: dict[Path, SeriesVolume] = {}
         self.layouts: dict[Path, SeriesLayout] = {}
 
     # --- helpers ------------------------------------------------------------------------------
@@ -323,7 +330,7 @@ class _Run:
     def path(self, raw: str) -> Path:
         return series_path(raw, self.study_path)
 
-    def series(self, raw: str, what: str) -> Series:
+    def series(self, raw: str, what: str) -> SeriesVolume:
         path = self.path(raw)
         if path not in self._series_cache:
             self._series_cache[path] = read_series(path, what=what, layout=self.layouts.get(path))

@@ -29,10 +29,12 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
-class Series:
-    """A volume as read. For a DICOM series, ``dicom_files`` are the kept instances in the order of
-    the source slices and ``layout`` the check's decision (None for image files and for a single
-    multi-frame file, whose ``dicom_files`` is that file)."""
+class SeriesVolume:
+    """One series read for a job: its image (a SimpleITK volume, x, y, z order, spacing in mm).
+    For a DICOM series, ``dicom_files`` are the kept instances in the order of the source slices
+    and ``layout`` the check's decision (None for image files and for a single multi-frame file,
+    whose ``dicom_files`` is that file). Not to be confused with the index's row of a series,
+    ``storage.models.Series``."""
 
     image: sitk.Image
     path: Path
@@ -49,18 +51,20 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
-def read_series(path: Path, *, what: str = "series", layout: SeriesLayout | None = None) -> Series:
+def read_series(
+    path: Path, *, what: str = "series", layout: SeriesLayout | None = None
+) -> SeriesVolume:
     """Read one series (see module doc); raise :class:`InvalidRequest` naming ``what`` and the
     path (:class:`~inference.series_check.SeriesRefused` for a refused DICOM series). ``layout``
     is the check's result for a DICOM folder when the caller already has it."""
     if path.is_file():
-        return Series(_read_file(path, what), path)
+        return SeriesVolume(_read_file(path, what), path)
     if not path.is_dir():
         raise InvalidRequest(f"{what}: {path} does not exist")
     if layout is None:
         layout = check_series_folder(path, what=what)
     if layout is not None:
-        return Series(read_dicom_volume(layout, what), path, list(layout.files), layout)
+        return SeriesVolume(read_dicom_volume(layout, what), path, list(layout.files), layout)
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
     if len(series_ids) > 1:
         raise InvalidRequest(
@@ -74,10 +78,10 @@ def read_series(path: Path, *, what: str = "series", layout: SeriesLayout | None
             image = reader.Execute()
         except RuntimeError as exc:
             raise InvalidRequest(f"{what}: cannot read the DICOM series in {path}: {exc}") from exc
-        return Series(_as_volume(image), path, [Path(f) for f in files])
+        return SeriesVolume(_as_volume(image), path, [Path(f) for f in files])
     images = sorted(p for p in path.iterdir() if _is_image_file(p))
     if len(images) == 1:
-        return Series(_read_file(images[0], what), images[0])
+        return SeriesVolume(_read_file(images[0], what), images[0])
     if not images:
         raise InvalidRequest(f"{what}: {path} holds neither a DICOM series nor an image file")
     raise InvalidRequest(f"{what}: {path} holds {len(images)} image files; name one of them")

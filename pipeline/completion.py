@@ -24,7 +24,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import pydicom
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core.clock import as_utc, utcnow
 from nnunet_node.core.errors import ClientError, NodeError
 from nnunet_node.pipeline.routing import Route, RoutingTable, series_attributes
 from nnunet_node.storage.db import unit_of_work
@@ -45,15 +46,6 @@ SUPERSEDABLE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
 
 Submit = Callable[..., str]
 Supersede = Callable[[str, str], Any]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored datetime is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core import metrics
+from nnunet_node.core.clock import as_utc, utcnow
 from nnunet_node.core.errors import Conflict, NotFound, SendError
 from nnunet_node.pipeline.pynetdicom_internals import RequestingAE
 from nnunet_node.pipeline.routing import Destination, RoutingTable
@@ -44,17 +45,6 @@ MAX_RETRY_DELAY_S = 600.0
 CLAIM_LEASE_S = 300.0
 """A claimed dispatch is not picked again (by this or another process) for this long."""
 DEFAULT_MAX_PDU = 131072
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored datetime is UTC."""
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 # --- the C-STORE SCU ----------------------------------------------------------------------
@@ -143,9 +133,12 @@ def send_files(
     timeout_s: float = 30.0,
     max_pdu: int = DEFAULT_MAX_PDU,
 ) -> SendReport:
-    """C-STORE ``paths`` (DICOM Part 10 files) to ``destination`` over one association.
+    """C-STORE ``paths`` (DICOM Part 10 files) to ``destination`` over one association, as a
+    Storage SCU (PS3.4 B.2), with the presentation contexts of :func:`storage_contexts`.
 
-    Raises :class:`SendError` when the association cannot be made or any instance fails.
+    ``timeout_s`` bounds the association and each response (seconds); ``max_pdu`` is in bytes.
+    Raises :class:`SendError` when the association cannot be made, a response does not come, or
+    any instance gets a failure status (warnings count as sent, PS3.4 B.2.3).
     """
     report = SendReport()
     if not paths:

@@ -144,10 +144,16 @@ class Archive:
         calling_ae: str = "",
         called_ae: str = "",
     ) -> IngestResult:
-        """File and index one Part 10 instance; return only once both are durable.
+        """File and index one Part 10 instance (PS3.10 7.1: preamble, ``DICM``, File Meta
+        Information, then the dataset as sent); return only once both are durable (module
+        docstring, and ``docs/architecture.md``, "Crash safety of ingest").
 
-        Raises InvalidDicom (unparsable, missing or unsafe UIDs) or StorageFull (below the
-        free-space floor); in both cases nothing is written.
+        ``data`` is the file's bytes or a path to copy them from; ``source`` says how it came
+        (``dimse``, ``stow``, ``job``), the AE titles which association brought it. Raises
+        :class:`InvalidDicom` (unparsable, missing or unsafe UIDs, PS3.5 9.1) or
+        :class:`StorageFull` (below the free-space floor), nothing written in both cases; an
+        ``OSError`` of the disk or the database leaves nothing acknowledged either.
+        ``storage/refusals.py`` maps each to its C-STORE status and STOW-RS Failure Reason.
         """
         header = read_header(data)
         size = len(data) if isinstance(data, bytes | bytearray) else Path(data).stat().st_size

@@ -34,7 +34,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from nnunet_node.storage.models import Instance, Patient, Series, Study, utcnow
+from nnunet_node.core.clock import utcnow
+from nnunet_node.storage.models import Instance, Patient, Series, Study
 
 LOGGER = logging.getLogger(__name__)
 

@@ -16,15 +16,16 @@ import logging
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import CursorResult, Engine, Select, String, cast, func, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
+from nnunet_node.core.clock import as_utc, utcnow
 from nnunet_node.core.errors import Conflict, NotFound
 from nnunet_node.storage.db import make_read_sessionmaker, unit_of_work
-from nnunet_node.storage.models import Job, JobArtifact, JobStatus, utcnow
+from nnunet_node.storage.models import Job, JobArtifact, JobStatus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ MAX_ATTEMPTS = 2
 RESTART_REASON = "interrupted by a restart"
 TERMINAL = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SUPERSEDED})
 MAX_PAGE = 1000
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """Stored datetimes are UTC; SQLite hands them back naive."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
