@@ -3,7 +3,8 @@
 Writes a phantom CT study (``core.phantom``) to a temporary folder, sends it to the node by
 C-STORE, waits for the job the default routing rule makes of it (``GET /jobs?study_uid=...`` over
 HTTP; straight from the database when the HTTP API is not running, as with ``nnunet-node dicom``),
-and prints where the SEG and RTSTRUCT landed and how long each step took.
+and prints where the SEG and RTSTRUCT landed and how long each step took. While it waits, a
+progress bar (rich) follows the job's status, stage and step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 from pydicom.uid import generate_uid
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
 
 from nnunet_node.core.errors import SendError
@@ -50,6 +52,7 @@ def _jobs_from_db(settings: Settings, study_uid: str) -> list[dict[str, Any]]:
                     "status": j.status.value,
                     "route_name": j.route_name,
                     "error": j.error,
+                    "progress": j.progress,
                     "result": j.result,
                     "artifacts": [
                         {"kind": a.kind, "path": a.path, "sop_instance_uid": a.sop_instance_uid}
@@ -64,6 +67,19 @@ def _jobs_from_db(settings: Settings, study_uid: str) -> list[dict[str, Any]]:
             ]
     finally:
         engine.dispose()
+
+
+def _progress_of(job: dict[str, Any]) -> dict[str, Any]:
+    """The bar's description and completed fraction from a job's ``status`` and ``progress``
+    (``stage``, ``stages``, ``step``, ``fraction``)."""
+    progress = job.get("progress") or {}
+    status = str(job.get("status"))
+    step = progress.get("step") or ""
+    stages = progress.get("stages")
+    stage = progress.get("stage")
+    where = f" · stage {int(stage) + 1}/{stages}" if stage is not None and stages else ""
+    fraction = 1.0 if status == "done" else float(progress.get("fraction") or 0.0)
+    return {"description": f"{status}{where} {step}".rstrip(), "completed": fraction}
 
 
 def run_demo(
@@ -112,24 +128,35 @@ def run_demo(
     queued_at: float | None = None
     job: dict[str, Any] | None = None
     source = "HTTP"
+    bar = Progress(
+        TextColumn("   {task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    task = bar.add_task("series quiet period", total=1.0)
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            jobs = _jobs_over_http(client, study_uid)
-            if jobs is None:
-                source = "database"
-                jobs = _jobs_from_db(settings, study_uid)
-            if jobs:
-                job = jobs[0]
-                if queued_at is None:
-                    queued_at = time.perf_counter()
-                    print(
-                        f"   job {job['id']} (rule {job.get('route_name')}) queued "
-                        f"{queued_at - sent:.1f} s after the last instance (read via {source})"
-                    )
-                if job["status"] in TERMINAL:
-                    break
-            time.sleep(0.5)
+        with bar:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                jobs = _jobs_over_http(client, study_uid)
+                if jobs is None:
+                    source = "database"
+                    jobs = _jobs_from_db(settings, study_uid)
+                if jobs:
+                    job = jobs[0]
+                    if queued_at is None:
+                        queued_at = time.perf_counter()
+                        bar.console.print(
+                            f"   job {job['id']} (rule {job.get('route_name')}) queued "
+                            f"{queued_at - sent:.1f} s after the last instance (read via {source})",
+                            soft_wrap=True,
+                        )
+                    bar.update(task, **_progress_of(job))
+                    if job["status"] in TERMINAL:
+                        break
+                time.sleep(0.5)
     finally:
         client.close()
 
