@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: setup run test lint demo-model bench
+.PHONY: setup run test lint demo-model bench viewer
 
 setup:
 	./scripts/setup.sh
@@ -15,3 +15,6 @@ lint: setup
 
 demo-model: setup
 	.venv/bin/python scripts/make_demo_models.py
+
+viewer:
+	./scripts/fetch_viewer.sh

@@ -16,11 +16,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
-from nnunet_node.api.deps import API_KEY_HEADER, require_api_key
+from nnunet_node.api.deps import API_KEY_HEADER, _presented_key, key_matches, require_api_key
 from nnunet_node.api.dicomweb import router as dicomweb_router
 from nnunet_node.api.errors import install_error_handlers, responses
 from nnunet_node.api.middleware import (
@@ -29,6 +29,8 @@ from nnunet_node.api.middleware import (
     RateLimitMiddleware,
 )
 from nnunet_node.api.routes import health, infer, jobs, metrics, models
+from nnunet_node.api.ui import pages as ui_pages
+from nnunet_node.api.viewer import ViewerMiddleware, viewer_dist
 from nnunet_node.core.settings import Settings, load_settings
 from nnunet_node.inference.request import InferenceRequest
 from nnunet_node.pipeline.context import NodeContext, build_context
@@ -157,6 +159,7 @@ def create_app(
     app.include_router(infer.router, **protected)
     app.include_router(jobs.router, **protected)
     app.include_router(dicomweb_router, **protected)  # carries /dicom-web
+    ui_pages.install(app)  # /ui: the dashboard (its own login redirect)
 
     # Added innermost first: CORS wraps the rate limit, which wraps the catch-all, so that 429 and
     # 500 answers carry CORS headers too and a browser client (OHIF) can read them.
@@ -173,5 +176,16 @@ def create_app(
             allow_headers=["Authorization", API_KEY_HEADER, "Content-Type", "Accept"],
             expose_headers=["Retry-After", "Location", "Content-Disposition"],
         )
+    # The OHIF build, outermost: its static files need neither the key nor the rate limit.
+    app.state.viewer = viewer_dist(settings.viewer_dir)
+    if app.state.viewer is not None:
+
+        def authorised(scope: Any) -> bool:
+            request = Request(scope)
+            return key_matches(
+                settings, _presented_key(request, request.headers.get(API_KEY_HEADER))
+            )
+
+        app.add_middleware(ViewerMiddleware, dist=app.state.viewer, authorised=authorised)
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     return app

@@ -48,6 +48,11 @@ def get_job_service(request: Request) -> JobService:
     return get_context(request).job_service
 
 
+def client_address(request: Request) -> str | None:
+    """The HTTP client's address as the server saw it (kept with its jobs for status pages)."""
+    return request.client.host if request.client else None
+
+
 def _presented_key(request: Request, header_key: str | None) -> str | None:
     if header_key:
         return header_key

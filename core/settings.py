@@ -87,6 +87,10 @@ class Settings(BaseSettings):
         False, validation_alias=_env("NNUNET_NODE_METRICS_PUBLIC", "metrics_public")
     )
     """Serve ``/metrics`` without the API key (a Prometheus server inside the same network)."""
+    viewer_dir: Path = Field(
+        Path("viewer"), validation_alias=_env("NNUNET_NODE_VIEWER_DIR", "viewer_dir")
+    )
+    """Where ``make viewer`` put the OHIF build (served at ``/viewer`` when present)."""
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, validation_alias=_env("NNUNET_NODE_ALLOWED_ROOTS", "allowed_roots")
     )

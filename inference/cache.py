@@ -160,6 +160,12 @@ class PredictorCache:
                 for key in self._entries
             ]
 
+    def held_keys(self) -> list[Hashable]:
+        """The keys held now (for status pages: the engine's keys name folder and device)."""
+        with self._lock:
+            self._entries.expire()
+            return list(self._entries)
+
     def __len__(self) -> int:
         with self._lock:
             self._entries.expire()

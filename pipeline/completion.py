@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.clock import as_utc, utcnow
@@ -56,6 +56,21 @@ class _Candidate:
     last_received_at: datetime
     called_ae: str
     calling_ae: str
+
+
+@dataclass(frozen=True)
+class WaitingSeries:
+    """A series not yet routed since its last arrival: the rules it matches and when each fires
+    (``last_received_at`` plus the rule's quiet period, UTC)."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    series_description: str
+    calling_ae: str
+    instances: int
+    last_received_at: datetime
+    rules: tuple[tuple[str, datetime], ...]
 
 
 class CompletionWatcher:
@@ -215,6 +230,67 @@ class CompletionWatcher:
                 .values(completion_handled_at=series.last_received_at)
                 .execution_options(synchronize_session=False)
             )
+
+    # --- status --------------------------------------------------------------------------
+    def waiting(self, limit: int = 200) -> list[WaitingSeries]:
+        """Series received by DIMSE or STOW that routing has not handled since their last
+        instance, newest first, with the rules each matches and when those fire (for status
+        pages; reads one header per series, no pixels)."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(
+                    Series.id,
+                    Series.series_instance_uid,
+                    Study.study_instance_uid,
+                    Series.last_received_at,
+                    Series.called_ae,
+                    Series.calling_ae,
+                    Series.modality,
+                    Series.series_description,
+                    select(func.count(Instance.id))
+                    .where(Instance.series_pk == Series.id)
+                    .scalar_subquery(),
+                )
+                .join(Study, Series.study_pk == Study.id)
+                .where(
+                    or_(
+                        Series.completion_handled_at.is_(None),
+                        Series.completion_handled_at < Series.last_received_at,
+                    )
+                )
+                .order_by(Series.last_received_at.desc())
+                .limit(limit)
+            ).all()
+        out: list[WaitingSeries] = []
+        for pk, uid, study, last, called, calling, modality, description, count in rows:
+            candidate = _Candidate(pk, uid, study, as_utc(last), called or "", calling or "")
+            source, header = self._first_instance(candidate)
+            if source not in TRIGGER_SOURCES:
+                continue
+            rules: list[tuple[str, datetime]] = []
+            if header is not None:
+                attributes = series_attributes(
+                    header,
+                    called_ae=candidate.called_ae,
+                    calling_ae=candidate.calling_ae,
+                    keywords=self._routing.match_keywords(),
+                )
+                for route in self._routing.matching(attributes):
+                    quiet = timedelta(seconds=route.quiet_period(self._default_quiet_s))
+                    rules.append((route.name, candidate.last_received_at + quiet))
+            out.append(
+                WaitingSeries(
+                    series_instance_uid=uid,
+                    study_instance_uid=study,
+                    modality=modality or "",
+                    series_description=description or "",
+                    calling_ae=candidate.calling_ae,
+                    instances=int(count or 0),
+                    last_received_at=candidate.last_received_at,
+                    rules=tuple(rules),
+                )
+            )
+        return out
 
     # --- thread --------------------------------------------------------------------------
     def start(self) -> None:

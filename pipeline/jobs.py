@@ -35,6 +35,7 @@ from nnunet_node.inference.request import Plan, normalise
 from nnunet_node.inference.series_check import check_plan
 from nnunet_node.pipeline.outputs import build_zip
 from nnunet_node.pipeline.runner import (
+    CLIENT_KEY,
     STUDY_PATH_KEY,
     JobRunner,
     archive_inputs,
@@ -266,6 +267,7 @@ class JobService:
         output_dir: Path | None = None,
         series_uids: list[str] | None = None,
         route_name: str | None = None,
+        client: str | None = None,
     ) -> str:
         """Validate ``request`` and queue it; return the job id (the row exists when this returns).
 
@@ -276,7 +278,8 @@ class JobService:
         ``series_folders`` defaults to the series UIDs; entries ``{series}`` / ``{series[i]}``
         stand for the first / i-th series (a route can so feed cascades, e.g.
         ``["{series}", "from:phantom"]``). Outputs go to ``output_dir`` (argument, else the
-        request's) or ``<jobs>/<id>/``.
+        request's) or ``<jobs>/<id>/``. ``client`` (an HTTP client's address) is kept for status
+        pages.
         """
         if not isinstance(request, dict):
             raise InvalidRequest("the request body must be a JSON object")
@@ -309,6 +312,8 @@ class JobService:
             if study_path is not None:
                 stored.pop("study_path", None)
                 stored[STUDY_PATH_KEY] = str(Path(study_path).resolve())
+        if client:
+            stored[CLIENT_KEY] = client
         out = output_dir or (Path(plan.output_dir) if plan.output_dir else None)
         out_resolved = (
             resolve_inside(out, [*self.settings.allowed_roots, self.settings.jobs_dir])

@@ -71,6 +71,10 @@ STUDY_PATH_KEY = "_study_path"
 request, never shown in the request a job echoes (the client did not send it)."""
 
 
+CLIENT_KEY = "_client"
+"""The address of the HTTP client that sent a job, kept in the stored request for status pages."""
+
+
 def job_folder(settings: Settings, job_id: str) -> Path:
     """``<jobs>/<job_id>/``: inputs of archive jobs, default outputs, the download zip."""
     return settings.jobs_dir / job_id

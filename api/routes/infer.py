@@ -19,7 +19,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from nnunet_node.api.deps import JobServiceDep, SettingsDep
+from nnunet_node.api.deps import JobServiceDep, SettingsDep, client_address
 from nnunet_node.api.errors import error_response, responses
 from nnunet_node.api.uploads import MB, extract_archive, receive_multipart, study_root
 from nnunet_node.core.errors import Conflict, InvalidRequest, PayloadTooLarge
@@ -82,9 +82,10 @@ async def run_job(jobs: JobService, job_id: str) -> JSONResponse:
 
 
 @router.post("/infer", openapi_extra=REQUEST_BODY, responses=responses(400, 401, 422, 429, 500))
-async def infer(body: JsonObject, jobs: JobServiceDep) -> JSONResponse:
+async def infer(body: JsonObject, jobs: JobServiceDep, request: Request) -> JSONResponse:
     """Run one model or a cascade on a study folder and answer when the job has finished."""
-    job_id = await run_in_threadpool(lambda: jobs.submit(body, source="http"))
+    client = client_address(request)
+    job_id = await run_in_threadpool(lambda: jobs.submit(body, source="http", client=client))
     return await run_job(jobs, job_id)
 
 
@@ -113,13 +114,18 @@ def _first_series(request: dict[str, Any]) -> str | None:
 
 
 def _extract_and_submit(
-    jobs: JobService, request: dict[str, Any], archive: Path, folder: Path, max_bytes: int
+    jobs: JobService,
+    request: dict[str, Any],
+    archive: Path,
+    folder: Path,
+    max_bytes: int,
+    client: str | None = None,
 ) -> str:
     """Extract ``archive`` into ``folder`` (removed again if anything fails) and queue the job."""
     try:
         root = extract_archive(archive, folder / "study", max_bytes=max_bytes)
         study = study_root(root, _first_series(request))
-        return jobs.submit(request, source="http", study_path=study)
+        return jobs.submit(request, source="http", study_path=study, client=client)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -152,6 +158,7 @@ async def infer_file(request: Request, jobs: JobServiceDep, settings: SettingsDe
             upload.file_path,
             folder,
             settings.max_extract_mb * MB,
+            client_address(request),
         )
     finally:
         upload.discard()

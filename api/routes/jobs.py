@@ -6,12 +6,12 @@ import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from nnunet_node.api.deps import ContextDep, JobServiceDep
+from nnunet_node.api.deps import ContextDep, JobServiceDep, client_address
 from nnunet_node.api.errors import responses
 from nnunet_node.api.routes.infer import REQUEST_BODY, JsonObject
 from nnunet_node.core.errors import InvalidRequest, NotFound
@@ -44,9 +44,10 @@ class JobPage(BaseModel):
     openapi_extra=REQUEST_BODY,
     responses=responses(400, 401, 422, 429),
 )
-async def create_job(body: JsonObject, jobs: JobServiceDep) -> JSONResponse:
+async def create_job(body: JsonObject, jobs: JobServiceDep, request: Request) -> JSONResponse:
     """Queue an inference job (same body as /infer) and answer 202 with its id at once."""
-    job_id = await run_in_threadpool(lambda: jobs.submit(body, source="http"))
+    client = client_address(request)
+    job_id = await run_in_threadpool(lambda: jobs.submit(body, source="http", client=client))
     url = f"/jobs/{job_id}"
     return JSONResponse(
         JobCreated(job_id=job_id, status="queued", url=url).model_dump(),

@@ -260,3 +260,23 @@ def test_watcher_thread_routes_on_its_own(archive: Archive, jobs: RecordingJobs)
     finally:
         w.stop()
     assert len(jobs.jobs()) == 1
+
+
+def test_waiting_lists_unrouted_series_with_their_rules_and_firing_times(
+    archive: Archive, jobs: RecordingJobs
+) -> None:
+    slow = receive(archive, 3, called="SLOW")  # matches ct-fast (2 s) and ct-slow (100 s)
+    ours = receive(archive, 2, source="job")  # a result of ours: never routed, never waiting
+    w = watcher(archive, jobs)
+    [entry] = w.waiting()
+    assert entry.series_instance_uid == slow and ours != slow
+    assert entry.instances == 3 and entry.calling_ae == "CT1" and entry.modality == "CT"
+    fires = dict(entry.rules)
+    assert set(fires) == {"ct-fast", "ct-slow"}
+    assert fires["ct-slow"] - fires["ct-fast"] == timedelta(seconds=98)
+    assert fires["ct-fast"] - entry.last_received_at == timedelta(seconds=2)
+    # the fast rule fires; the slow one still waits, so the series stays listed
+    assert len(w.check(later(3))) == 1
+    assert [e.series_instance_uid for e in w.waiting()] == [slow]
+    assert len(w.check(later(101))) == 1
+    assert w.waiting() == []

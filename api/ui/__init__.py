@@ -1,0 +1,1 @@
+"""The dashboard at ``/ui`` (see :mod:`nnunet_node.api.ui.pages`)."""

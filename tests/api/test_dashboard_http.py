@@ -1,0 +1,102 @@
+"""The dashboard's and the viewer's HTTP contract, without a browser: the login and its cookie
+(which the API accepts too), the pages' answers, and how a viewer build is served (its page under
+``/viewer`` with the isolation headers, its files at the root, the node's own ``app-config.js``).
+A stand-in build (an ``index.html`` and two scripts) takes the place of OHIF's here; the browser
+tests run the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+KEY = "dashboard-key"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, make_node: Callable[..., Any]) -> Iterator[Any]:
+    root = tmp_path_factory.mktemp("dashboard")
+    dist = root / "viewer" / "dist"
+    dist.mkdir(parents=True)
+    (dist / "index.html").write_text("<html><script src='/app.bundle.1.js'></script></html>")
+    (dist / "app.bundle.1.js").write_text("console.log('viewer')")
+    (dist / "assets").mkdir()
+    (dist / "assets" / "worker.js").write_text("self.onmessage = () => {}")
+    with make_node(root / "data", api_key=KEY, viewer_dir=root / "viewer") as live:
+        yield live
+
+
+def bare(node: Any) -> httpx.Client:
+    return httpx.Client(base_url=node.url, timeout=30, follow_redirects=False)
+
+
+def test_pages_need_the_key_and_the_login_sets_a_cookie_the_api_accepts(node: Any) -> None:
+    with bare(node) as client:
+        answer = client.get("/ui/jobs?status=done")
+        assert answer.status_code == 303
+        assert answer.headers["location"] == "/ui/login?next=/ui/jobs%3Fstatus%3Ddone"
+        assert client.get("/jobs").status_code == 401
+        wrong = client.post("/ui/login", data={"key": "nope", "next": "/ui/jobs"})
+        assert wrong.status_code == 401 and "Wrong key" in wrong.text
+        # only a path of this node may follow the login
+        good = client.post("/ui/login", data={"key": KEY, "next": "https://elsewhere.example/"})
+        assert good.status_code == 303 and good.headers["location"] == "/ui/jobs"
+        cookie = good.headers["set-cookie"]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        for page in ("/ui/jobs", "/ui/jobs/rows", "/ui/waiting", "/ui/studies", "/ui/models"):
+            answer = client.get(page)
+            assert answer.status_code == 200, page
+            assert answer.headers["content-type"].startswith("text/html")
+        assert client.get("/ui/destinations").status_code == 200
+        assert client.get("/jobs").status_code == 200  # the API takes the cookie
+        assert client.get("/dicom-web/studies").status_code == 200
+        assert client.get("/ui/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+        client.post("/ui/logout")
+        client.cookies.clear()
+        assert client.get("/jobs").status_code == 401
+
+
+def test_static_assets_are_served_by_the_node(node: Any) -> None:
+    with bare(node) as client:
+        htmx = client.get("/ui/static/htmx.min.js")
+        assert htmx.status_code == 200 and "htmx" in htmx.text[:2000]
+        assert client.get("/ui/static/htmx.LICENSE").status_code == 200
+        page = client.get("/ui/login").text
+        assert 'src="/ui/static/htmx.min.js"' in page
+        assert "http://" not in page and "https://" not in page  # nothing from elsewhere
+
+
+def test_the_viewer_build_is_served_with_its_own_config(node: Any) -> None:
+    with bare(node) as client:
+        assert client.get("/viewer").status_code == 303  # the login first
+        # ... unless OHIF's token parameter carries the key (OHIF sends it as a bearer token)
+        assert client.get("/viewer/viewer?StudyInstanceUIDs=1.2&token=x").status_code == 200
+        client.post("/ui/login", data={"key": KEY, "next": "/viewer"})
+        for path in ("/viewer", "/viewer/viewer?StudyInstanceUIDs=1.2.3"):
+            page = client.get(path)
+            assert page.status_code == 200 and "app.bundle.1.js" in page.text
+            assert page.headers["cross-origin-opener-policy"] == "same-origin"
+            assert page.headers["cross-origin-embedder-policy"] == "credentialless"
+        script = client.get("/app.bundle.1.js")
+        assert script.status_code == 200 and "viewer" in script.text
+        worker = client.get("/assets/worker.js")
+        assert worker.headers["cross-origin-embedder-policy"] == "credentialless"
+        config = client.get("/app-config.js")
+        assert config.status_code == 200
+        assert 'routerBasename": "/viewer"' in config.text
+        assert 'window.location.origin + "/dicom-web"' in config.text
+        # paths that are not the build's still reach the node
+        assert client.get("/nothing-here").status_code == 404
+        assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_metrics_are_public_only_when_configured(
+    tmp_path: Path, make_node: Callable[..., Any]
+) -> None:
+    with make_node(tmp_path / "data", api_key=KEY, metrics_public=True) as live, bare(live) as c:
+        assert c.get("/metrics").status_code == 200
+        assert c.get("/jobs").status_code == 401
