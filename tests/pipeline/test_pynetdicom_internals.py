@@ -1,0 +1,181 @@
+"""The contract between nnunet_node.pipeline.pynetdicom_internals and the installed pynetdicom.
+
+Every private name and shape the module relies on is checked here against pynetdicom itself, so
+that a new release that changes one fails here, loudly and by name, rather than slowing down or
+breaking the node in some other test (the module never falls back silently). When a check fails:
+read the new pynetdicom code, adapt the hook (or move to the public API its docstring names),
+then update the check.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+
+import pynetdicom
+import pytest
+from pynetdicom import AE, _config, _handlers, evt
+from pynetdicom import fsm as pynetdicom_fsm
+from pynetdicom._globals import MODE_ACCEPTOR, MODE_REQUESTOR
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from nnunet_node.pipeline import pynetdicom_internals as internals
+
+
+def _source(obj: object) -> str:
+    return inspect.getsource(obj)  # type: ignore[arg-type]
+
+
+def test_the_pinned_release() -> None:
+    major, minor = (int(part) for part in pynetdicom.__version__.split(".")[:2])
+    assert (major, minor) == (3, 0), f"pynetdicom {pynetdicom.__version__}: re-check every hook"
+
+
+def test_socket_and_association_factories() -> None:
+    # RequestingAE overrides AE._create_socket, which associate() calls before connecting
+    assert list(inspect.signature(AE._create_socket).parameters) == [
+        "self",
+        "assoc",
+        "address",
+        "tls_args",
+    ]
+    assert "self._create_socket(assoc, local_address, tls_args)" in _source(AE.associate)
+    # AcceptingHandler repeats RequestHandler._create_association less its deepcopy
+    original = _source(RequestHandler._create_association)
+    for line in (
+        "Association(self.ae, MODE_ACCEPTOR)",
+        "assoc._server = self.server",
+        "AssociationSocket(assoc, client_socket=self.request)",
+        "assoc.acceptor.maximum_length = self.ae.maximum_pdu_size",
+        "assoc.acceptor.ae_title = self.server.ae_title",
+        "assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid",
+        "assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)",
+        "assoc.requestor.address_info = self.remote",
+        "for event in self.server._handlers:",
+    ):
+        assert line in original, f"RequestHandler._create_association changed: {line!r}"
+    assert original.count("assoc.") == 12, "RequestHandler._create_association sets more now"
+    assert "assoc = self._create_association()" in _source(RequestHandler.handle)
+    assert MODE_ACCEPTOR != MODE_REQUESTOR
+
+
+def test_negotiation_only_reads_the_supported_contexts() -> None:
+    from pynetdicom import presentation
+
+    source = _source(presentation.negotiate_as_acceptor)
+    assert "ac_context.transfer_syntax" in source
+    assert "ac_context.transfer_syntax =" not in source and "ac_context._" not in source
+
+
+def test_dul_queues_state_and_socket() -> None:
+    dul_source = _source(DULServiceProvider)
+    for name in (
+        "self.to_provider_queue",
+        "self.to_user_queue",
+        "self._run_loop_delay",
+        "self.event_queue",
+        "self.socket.ready",
+        "time.sleep(self._run_loop_delay)",
+        "self.to_provider_queue.queue[0]",  # peeked: our queue keeps .queue
+        "self.socket.recv(6)",
+        "self.socket.recv(pdu_length)",
+    ):
+        assert name in dul_source, f"DULServiceProvider no longer has {name!r}"
+    assert "dul.to_provider_queue.get(False)" in _source(pynetdicom_fsm.DT_1)
+    assert "dul._send(P_DATA_TF(primitive))" in _source(pynetdicom_fsm.DT_1)
+    assert "self.socket.send(pdu.encode())" in _source(DULServiceProvider._send)
+    assert "Sta6" in _source(pynetdicom_fsm)  # the data transfer state's name
+    socket_source = _source(AssociationSocket)
+    for name in ("def ready(self)", "def send(self, bytestream", "def recv(self, nr_bytes"):
+        assert name in socket_source, f"AssociationSocket.{name} changed"
+    assert isinstance(AssociationSocket.ready, property)
+    assert "self._is_connected" in socket_source and "self.event_queue" in socket_source
+
+
+def test_dimse_provider_and_messages() -> None:
+    dimse_source = _source(DIMSEServiceProvider)
+    for name in (
+        "def get_msg(self, block: bool = False)",
+        "self.msg_queue.get(block=block, timeout=self.dimse_timeout)",
+        "def receive_primitive(self, primitive",
+        "def send_msg(self, primitive",
+        "self.message.message_to_primitive()",
+        "self.msg_queue.put((context_id, cast(DimseServiceType, d_primitive)))",
+        "self.dul.send_pdu(pdata)",
+        "def maximum_pdu_size(self)",
+    ):
+        assert name in dimse_source, f"DIMSEServiceProvider changed: {name!r}"
+    message = C_STORE_RQ()
+    for name in ("_data_set_file", "_data_set_path", "data_set", "command_set", "context_id"):
+        assert hasattr(message, name), f"DIMSEMessage.{name} is gone"
+    encode = _source(DIMSEMessage.encode_msg)
+    assert "self._data_set_path" in encode and "f.read(max_pdu_length - 6)" in encode
+    assert 'getattr(primitive, "_dataset_path", None)' in _source(DIMSEMessage.primitive_to_message)
+    to_primitive = _source(DIMSEMessage.message_to_primitive)
+    assert "primitive._dataset_path = self._data_set_path" in to_primitive
+    assert "primitive._dataset_file = self._data_set_file" in to_primitive
+    request = C_STORE()
+    assert request.is_valid_request is False  # nothing set: what we answer 0xC000
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # process-wide: not used
+
+
+def test_association_internals() -> None:
+    source = _source(Association)
+    for name in (
+        "self._reactor_checkpoint",
+        "self._is_paused",
+        "def _check_received_status(self",
+        "def _handle_no_response(self)",
+        "def _serve_request(self, msg",
+        "if not msg.is_valid_request:",
+        "self._serve_request(msg, cast(int, context_id))",
+        "context_id, msg = self.dimse.get_msg(block=False)",
+        "self.acse.is_release_requested()",
+    ):
+        assert name in source, f"Association changed: {name!r}"
+    ae = AE()
+    assoc = Association(ae, MODE_ACCEPTOR)
+    assert isinstance(assoc._reactor_checkpoint, threading.Event)
+    assert isinstance(assoc.dimse.msg_queue, queue.Queue)
+    assert isinstance(assoc.dul.to_user_queue, queue.Queue)
+    assert isinstance(assoc.dul.to_provider_queue, queue.Queue)
+    assert callable(assoc.run)
+    # the standard log handlers are bound by default (so unbinding them does something)
+    bound = {handler for event in (evt.EVT_PDU_SENT,) for handler in assoc.get_handlers(event)}
+    assert any(_handlers.standard_pdu_sent_handler in entry for entry in bound)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "standard_dimse_recv_handler",
+        "standard_dimse_sent_handler",
+        "standard_pdu_recv_handler",
+        "standard_pdu_sent_handler",
+    ],
+)
+def test_standard_log_handlers(name: str) -> None:
+    assert callable(getattr(_handlers, name))
+
+
+def test_module_names_what_it_uses() -> None:
+    """The one module: no other module of the package imports pynetdicom's private parts."""
+    import pathlib
+
+    root = pathlib.Path(internals.__file__).resolve().parents[1]
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "pynetdicom_internals.py" or ".venv" in path.parts:
+            continue
+        if "tests" in path.parts or "bench" in path.parts:
+            continue
+        text = path.read_text()
+        if "pynetdicom._" in text or "from pynetdicom import _" in text:
+            offenders.append(str(path.relative_to(root)))
+    assert not offenders, offenders
