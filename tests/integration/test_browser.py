@@ -124,15 +124,21 @@ def login(site: Site) -> None:
 
 
 def row_state(site: Site) -> tuple[str, tuple[str, ...]] | None:
-    """Status and stage fractions of the first job row, after asking htmx to refresh it."""
+    """Status and stage fractions of the first job row, after asking htmx to refresh it (read in
+    one go: htmx may swap the row between two reads)."""
     page = site.page
     page.evaluate("htmx.trigger('#job-rows', 'refresh')")
     page.wait_for_timeout(150)
-    row = page.locator("tr.job").first
-    if row.count() == 0:
+    state = page.evaluate(
+        """() => { const row = document.querySelector('tr.job');
+          if (!row) return null;
+          return [row.dataset.job, row.dataset.status,
+                  [...row.querySelectorAll('.stage')].map(e => e.dataset.fraction)]; }"""
+    )
+    if state is None:
         return None
-    fractions = tuple(row.locator(".stage").evaluate_all("s => s.map(e => e.dataset.fraction)"))
-    return str(row.get_attribute("data-status")), fractions
+    site.job_id = site.job_id or str(state[0])
+    return str(state[1]), tuple(state[2])
 
 
 def test_dashboard_follows_a_routed_job(site: Site) -> None:
@@ -168,7 +174,7 @@ def test_dashboard_follows_a_routed_job(site: Site) -> None:
     assert "SCANNER" in row.inner_text() and "phantom" in row.inner_text()
     site.shot("02-jobs-done")
 
-    site.job_id = str(row.get_attribute("data-job"))
+    assert row.get_attribute("data-job") == site.job_id
     row.locator("a").first.click()
     page = site.page
     page.wait_for_url(f"**/ui/jobs/{site.job_id}")
