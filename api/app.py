@@ -19,6 +19,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from nnunet_node.api.deps import API_KEY_HEADER, _presented_key, key_matches, require_api_key
 from nnunet_node.api.dicomweb import router as dicomweb_router
@@ -36,6 +37,9 @@ from nnunet_node.inference.request import InferenceRequest
 from nnunet_node.pipeline.context import NodeContext, build_context
 
 LOGGER = logging.getLogger(__name__)
+
+DOCS_ASSETS = "/docs-assets"
+"""Where Swagger UI's and ReDoc's scripts and styles are served from (no CDN)."""
 
 UNPROTECTED = ("/healthz", "/readyz")
 """Health probes answer without the API key and outside the rate limit (orchestrators poll them)."""
@@ -136,12 +140,15 @@ def create_app(
     reverse order; without them the app serves HTTP and runs jobs but has no DICOM node.
     """
     settings = settings or load_settings()
-    app = FastAPI(
+    # fastapi-offline ships Swagger UI's and ReDoc's scripts, so /docs and /redoc work with no
+    # internet: their assets are served by the node itself under DOCS_ASSETS.
+    app = FastAPIOffline(
         title="nnunet-node",
         version="0.1.0",
         description="nnU-Net inference as an HTTP API and DICOM node. Send the API key as "
         f"{API_KEY_HEADER} when one is configured.",
         lifespan=_lifespan,
+        static_url=DOCS_ASSETS,
     )
     app.state.settings = settings
     app.state.context = None

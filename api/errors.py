@@ -2,9 +2,10 @@
 
 The reference's contract (``docs/reference-contract.md``) gives that shape for /infer's 400 and 500
 answers; we use it for every status so a client needs one parser. :class:`core.errors.ClientError`
-subclasses carry their own status code; request validation stays 422 (FastAPI's convention) with the
-same shape plus ``details``; anything unexpected is logged with its traceback and answered 500 with
-a generic message, so internals (paths, SQL) do not leak to the client.
+subclasses carry their own status code; a body that is not JSON, or not a JSON object, is 400; other
+request validation stays 422 (FastAPI's convention) with the same shape plus ``details``; anything
+unexpected is logged with its traceback and answered 500 with a generic message, so internals
+(paths, SQL) do not leak to the client.
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ async def _node_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = exc.errors()
+    first = details[0] if details else {}
+    if first.get("type") == "json_invalid":
+        # Not JSON at all: a bad request (400), as the reference answers any unreadable body.
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg", "invalid JSON")
+        return error_response(400, f"the request body is not valid JSON: {reason}")
+    if first.get("type") == "dict_type" and tuple(first.get("loc", ())) == ("body",):
+        return error_response(400, "the request body must be a JSON object")
     message = describe_validation_error(exc, skip=("body",)) if details else "invalid request"
     return error_response(422, message, details=details)
 

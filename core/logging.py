@@ -1,23 +1,94 @@
-"""Logging set-up shared by the server, the DIMSE node and the command line."""
+"""Logging set-up shared by the server, the DIMSE node and the command line.
+
+One line per event that matters to whoever runs the node (an association, a series complete, a
+job's state, a dispatch), at ``NNUNET_NODE_LOG_LEVEL`` (default INFO). Libraries that narrate
+their own work at INFO are held at WARNING unless the level is DEBUG: pynetdicom (every PDU),
+highdicom (several lines per object written), httpx (every request of ``nnunet-node demo``),
+alembic's plugin set-up and uvicorn's access log (every request, probes and job polling
+included). Health probes (``/healthz``, ``/readyz``) are never logged.
+
+``NNUNET_NODE_LOG_FORMAT=json`` writes one JSON object per line (python-json-logger's
+``JsonFormatter``: ``time``, ``level``, ``logger``, ``message``, and ``exc_info`` when there is a
+traceback) for log collectors; ``text`` (default) writes ``time level logger: message``.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Literal
+
+from pythonjsonlogger.json import JsonFormatter
+
+LogFormat = Literal["text", "json"]
+
+QUIET_LIBRARIES = (
+    "pynetdicom",
+    "highdicom",
+    "httpx",
+    "httpcore",
+    "alembic.runtime.plugins",
+    "uvicorn.access",
+)
+"""Loggers held at WARNING unless the node's level is DEBUG."""
+
+PROBE_PATHS = ("/healthz", "/readyz")
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Send records of every logger to stderr, one line each, at ``level``."""
+class ConnectFailureFilter(logging.Filter):
+    """Drops pynetdicom's two ERROR lines for an outgoing connection that failed: the node
+    reports it itself, once (a dispatch attempt's WARNING, a C-MOVE's 0xA801)."""
+
+    PREFIXES = ("Association request failed: unable to connect", "TCP Initialisation Error")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.PREFIXES)
+
+
+class ProbeFilter(logging.Filter):
+    """Drops uvicorn's access-log records of health probes (orchestrators poll them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3:
+            path = str(args[2]).split("?", 1)[0]
+            return path not in PROBE_PATHS
+        return True
+
+
+def make_formatter(fmt: LogFormat) -> logging.Formatter:
+    """The formatter of the node's one handler (see the module docstring)."""
+    if fmt == "json":
+        return JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+    return logging.Formatter(TEXT_FORMAT)
+
+
+def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
+    """Send records of every logger to stderr, one line each, at ``level``, in ``fmt``.
+
+    Called again (tests, a second app in one process), it updates the level and format of the
+    handler it installed instead of adding another.
+    """
     root = logging.getLogger()
-    if any(getattr(h, "_nnunet_node", False) for h in root.handlers):
-        root.setLevel(level.upper())
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler._nnunet_node = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
+    handler = next((h for h in root.handlers if getattr(h, "_nnunet_node", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._nnunet_node = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    handler.setFormatter(make_formatter(fmt))
     root.setLevel(level.upper())
-    # Chatty at INFO: pynetdicom (every PDU), httpx (every request of `nnunet-node demo`),
-    # alembic's plugin set-up. Keep them quiet unless asked.
-    for name in ("pynetdicom", "httpx", "alembic.runtime.plugins"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    quiet = max(logging.WARNING, root.level) if root.level > logging.DEBUG else root.level
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)
+    for name, kind in (
+        ("uvicorn.access", ProbeFilter),
+        ("pynetdicom.transport", ConnectFailureFilter),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())

@@ -20,6 +20,13 @@ from nnunet_node.core.errors import ConfigError, describe_validation_error
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, 16 chars
 
 
+_VARIABLES = {
+    "tls_cert": "NNUNET_NODE_TLS_CERT",
+    "tls_key": "NNUNET_NODE_TLS_KEY",
+    "tls_ca": "NNUNET_NODE_TLS_CA",
+}
+
+
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
@@ -55,7 +62,15 @@ class Settings(BaseSettings):
     """``NNUNET_NODE_DATA``: archive, job outputs, uploads and the default SQLite file."""
     db_url: str | None = Field(None, validation_alias=_env("NNUNET_NODE_DB_URL", "db_url"))
     """``NNUNET_NODE_DB_URL``: any SQLAlchemy URL; default SQLite in the data folder."""
-    log_level: str = Field("INFO", validation_alias=_env("NNUNET_NODE_LOG_LEVEL", "log_level"))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", validation_alias=_env("NNUNET_NODE_LOG_LEVEL", "log_level")
+    )
+    """``NNUNET_NODE_LOG_LEVEL``: DEBUG also lets libraries (pynetdicom, uvicorn's access log)
+    narrate their work."""
+    log_format: Literal["text", "json"] = Field(
+        "text", validation_alias=_env("NNUNET_NODE_LOG_FORMAT", "log_format")
+    )
+    """``NNUNET_NODE_LOG_FORMAT``: ``json`` writes one JSON object per line for log collectors."""
 
     # DIMSE
     dicom_enabled: bool = Field(
@@ -63,11 +78,30 @@ class Settings(BaseSettings):
     )
     ae_title: str = Field("NNUNET_NODE", validation_alias=_env("NNUNET_NODE_AE_TITLE", "ae_title"))
     dicom_host: str = Field(
-        "0.0.0.0", validation_alias=_env("NNUNET_NODE_DICOM_HOST", "dicom_host")
+        "127.0.0.1", validation_alias=_env("NNUNET_NODE_DICOM_HOST", "dicom_host")
     )
+    """``NNUNET_NODE_DICOM_HOST``: the address the DICOM node listens on; loopback by default,
+    so that nothing outside the machine reaches it until peers are declared."""
     dicom_port: int = Field(
         11112, ge=0, le=65535, validation_alias=_env("NNUNET_NODE_DICOM_PORT", "dicom_port")
     )
+    dicom_tls_port: int | None = Field(
+        None, ge=0, le=65535, validation_alias=_env("NNUNET_NODE_DICOM_TLS_PORT", "dicom_tls_port")
+    )
+    """``NNUNET_NODE_DICOM_TLS_PORT``: a second DICOM port that speaks TLS (PS3.15 B.1, B.9);
+    needs ``NNUNET_NODE_TLS_CERT`` and ``NNUNET_NODE_TLS_KEY``. Unset: no TLS port."""
+    dicom_access: Literal["auto", "peers", "open-store", "open"] = Field(
+        "auto", validation_alias=_env("NNUNET_NODE_DICOM_ACCESS", "dicom_access")
+    )
+    """``NNUNET_NODE_DICOM_ACCESS``: who may use the DICOM node (node/access.py). ``peers``: the
+    spec's declared peers, each for what it ``allow``s; ``open-store``: peers, and any other AE
+    may C-ECHO and C-STORE; ``open``: anyone may do anything; ``auto`` (default): ``open`` while
+    the node listens on loopback only, ``peers`` otherwise."""
+    dicom_check_host: bool = Field(
+        False, validation_alias=_env("NNUNET_NODE_DICOM_CHECK_HOST", "dicom_check_host")
+    )
+    """``NNUNET_NODE_DICOM_CHECK_HOST``: a peer is recognised only from its declared ``host``
+    (each peer may also set ``check_host``)."""
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         validation_alias=_env("NNUNET_NODE_ALLOWED_AES", "allowed_calling_aes"),
@@ -109,6 +143,19 @@ class Settings(BaseSettings):
     )
     """Requests per minute per client address; 0 turns the limit off."""
 
+    # TLS (DICOM and HTTP)
+    tls_cert: Path | None = Field(None, validation_alias=_env("NNUNET_NODE_TLS_CERT", "tls_cert"))
+    """``NNUNET_NODE_TLS_CERT``: the node's certificate (PEM, chain allowed) for the DICOM TLS
+    port, HTTPS, and as client certificate when it sends to a TLS peer."""
+    tls_key: Path | None = Field(None, validation_alias=_env("NNUNET_NODE_TLS_KEY", "tls_key"))
+    """``NNUNET_NODE_TLS_KEY``: the private key (PEM, unencrypted) of ``NNUNET_NODE_TLS_CERT``."""
+    tls_ca: Path | None = Field(None, validation_alias=_env("NNUNET_NODE_TLS_CA", "tls_ca"))
+    """``NNUNET_NODE_TLS_CA``: CA certificates (PEM). When set, a client of the DICOM TLS port
+    must present a certificate they signed, and a TLS peer the node sends to is verified
+    against them (otherwise against the system's CAs)."""
+    https: bool = Field(False, validation_alias=_env("NNUNET_NODE_HTTPS", "https"))
+    """``NNUNET_NODE_HTTPS``: serve the HTTP API over TLS with the node's certificate."""
+
     # Inference
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", validation_alias=_env("NNUNET_NODE_DEVICE", "device")
@@ -126,6 +173,11 @@ class Settings(BaseSettings):
         4, ge=1, validation_alias=_env("NNUNET_NODE_CACHE_MAX_ENTRIES", "cache_max_entries")
     )
     workers: int = Field(1, ge=1, validation_alias=_env("NNUNET_NODE_WORKERS", "workers"))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("allowed_calling_aes", "cors_origins", mode="before")
     @classmethod
@@ -155,6 +207,22 @@ class Settings(BaseSettings):
                 self, "allowed_roots", [p.expanduser().resolve() for p in self.allowed_roots]
             )
         object.__setattr__(self, "model_serve_spec", self.model_serve_spec.expanduser().resolve())
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None:
+                path = path.expanduser().resolve()
+                if not path.is_file():
+                    raise ValueError(f"{_VARIABLES[name]}: {path} is not a file")
+                object.__setattr__(self, name, path)
+        needs_cert = {
+            "NNUNET_NODE_DICOM_TLS_PORT": self.dicom_tls_port is not None,
+            "NNUNET_NODE_HTTPS": self.https,
+        }
+        for variable, needed in needs_cert.items():
+            if needed and (self.tls_cert is None or self.tls_key is None):
+                raise ValueError(f"{variable} needs NNUNET_NODE_TLS_CERT and NNUNET_NODE_TLS_KEY")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("NNUNET_NODE_TLS_CERT and NNUNET_NODE_TLS_KEY go together")
         return self
 
     # --- derived --------------------------------------------------------------------------

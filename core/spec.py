@@ -10,9 +10,10 @@ The file keeps the reference server's format (``model_folder`` and ``models``, s
     │   └── metadata: MetadataEntry            (a dcmqi template path, or the inline form)
     │       └── segment_names: [SegmentEntry]  (a SNOMED CT name, or a mapping)
     │           └── category, type_modifier, anatomic_region: ConceptEntry
-    ├── destinations: {name: DestinationEntry} (ae_title, host, port, max_attempts, retry_delay_s)
+    ├── destinations: {name: DestinationEntry} (ae_title, host, port, max_attempts, retry_delay_s,
+    │                                           tls)
     ├── routes: [RouteEntry]                   (match, nnunet_id, args, destinations, quiet_seconds)
-    └── peers: [PeerEntry]                     (ae_title, host, port, tls, operations)
+    └── peers: [PeerEntry]                     (ae_title, host, port, tls, operations, check_host)
 
     DcmqiTemplate                              (the JSON file a metadata ``path`` names)
     └── segmentAttributes: [DcmqiSegment]      (codes: DcmqiCode)
@@ -475,6 +476,8 @@ class DestinationEntry(_Entry):
     """Dispatch attempts before a dispatch is marked failed (it can be retried by hand)."""
     retry_delay_s: Seconds = 5.0
     """Seconds before the second attempt; doubled after each failure (at most 10 minutes)."""
+    tls: StrictBool = False
+    """Send over TLS (PS3.15 B.1); a peer entry with the same AE title may say so too."""
 
 
 class PeerEntry(_Entry):
@@ -484,7 +487,11 @@ class PeerEntry(_Entry):
     ``get``, ``move``: the query/retrieve services of PS3.4 C); ``host`` is where it connects from
     and listens; ``port`` where it accepts associations (needed to send to it, e.g. as a C-MOVE
     destination); ``tls``: associations with it use the Basic TLS Secure Transport Connection
-    Profile (PS3.15 B.1). A peer without ``port`` only calls the node."""
+    Profile (PS3.15 B.1). A peer without ``port`` only calls the node. ``check_host``: the peer is
+    recognised only when it calls from the address ``host`` resolves to (node/access.py).
+
+    A destination is a declared peer too (it may use every operation unless a peer entry with its
+    AE title says otherwise)."""
 
     ae_title: AETitle
     host: Name
@@ -493,6 +500,7 @@ class PeerEntry(_Entry):
     operations: Annotated[frozenset[PeerOperation], BeforeValidator(_listify)] = frozenset(
         PEER_OPERATIONS
     )
+    check_host: StrictBool = False
 
 
 def _match_patterns(value: Any) -> dict[str, re.Pattern[str]]:

@@ -1,17 +1,76 @@
-"""``nnunet-node``: serve the node, run the DIMSE node alone, migrate the database, run the demo.
+"""``nnunet-node``: the command line (a composition root: it may import every package).
 
-Each sub-command imports its package only when chosen, so ``nnunet-node db upgrade`` does not load
-torch. This module is a composition root: it may import every package.
+Each sub-command imports what it needs only when chosen, so ``nnunet-node db upgrade`` does not
+load torch. Every setting comes from the environment (the README's configuration table); a bad
+one, or a port that is taken, stops the command with one line naming the variable to change.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
+import textwrap
 
 from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.logging import configure_logging
 from nnunet_node.core.settings import Settings, load_settings
+
+DESCRIPTION = """\
+A DICOM node that runs nnU-Net models. Scanners and PACS send it series (DICOM C-STORE or
+DICOMweb STOW-RS); each series a routing rule matches, and each HTTP request, becomes a job that
+writes NIfTI, DICOM-SEG and RTSTRUCT and can send them on to a PACS.
+
+Settings are environment variables (see the README's configuration table), for example
+MODEL_SERVE_SPEC (models, peers and rules), NNUNET_NODE_DATA (archive and database),
+NNUNET_SERVE_PORT (HTTP, default 12345), NNUNET_NODE_DICOM_PORT (DICOM, default 11112).
+"""
+
+EPILOG = """\
+first steps:
+  nnunet-node serve      start everything (what `make run` does)
+  nnunet-node demo       in a second terminal: send a phantom study, watch its result arrive
+  nnunet-node <command> --help   for the options of one command
+"""
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound because something listens there (0: never)."""
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return False
+
+
+def check_ports(settings: Settings, *, http: tuple[str, int] | None) -> None:
+    """Refuse to start when a port the node needs is taken, naming the setting to change.
+
+    (uvicorn would bind only after start-up and report it in a traceback; pynetdicom too.)
+    """
+    wanted: list[tuple[str, int, str]] = []
+    if http is not None:
+        wanted.append((http[0], http[1], "NNUNET_SERVE_PORT (or --port)"))
+    if settings.dicom_enabled:
+        wanted.append((settings.dicom_host, settings.dicom_port, "NNUNET_NODE_DICOM_PORT"))
+        if settings.dicom_tls_port is not None:
+            wanted.append(
+                (settings.dicom_host, settings.dicom_tls_port, "NNUNET_NODE_DICOM_TLS_PORT")
+            )
+    for host, port, variable in wanted:
+        if _port_in_use(host, port):
+            raise ConfigError(
+                f"port {port} on {host} is already in use (another node or program): "
+                f"set {variable} to a free port"
+            )
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -19,12 +78,21 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from nnunet_node.app import create_app
 
+    host = args.host or settings.http_host
+    port = args.port or settings.http_port
+    check_ports(settings, http=(host, port))
     app = create_app(settings)
+    tls: dict[str, str] = {}
+    if settings.https:
+        assert settings.tls_cert is not None and settings.tls_key is not None
+        tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
     uvicorn.run(
         app,
-        host=args.host or settings.http_host,
-        port=args.port or settings.http_port,
-        log_level=settings.log_level.lower(),
+        host=host,
+        port=port,
+        log_config=None,  # the node's handler and format (core/logging.py)
+        log_level=None,
+        **tls,  # type: ignore[arg-type]
     )
     return 0
 
@@ -32,6 +100,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 def _dicom(settings: Settings, args: argparse.Namespace) -> int:
     from nnunet_node.node.service import run_standalone
 
+    check_ports(settings, http=None)
     return run_standalone(settings)
 
 
@@ -52,31 +121,87 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunet-node", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _help(text: str) -> str:
+    return textwrap.dedent(text).strip()
 
-    serve = sub.add_parser("serve", help="HTTP API, DIMSE node and job workers in one process")
-    serve.add_argument("--host", default=None, help="HTTP address (default NNUNET_NODE_HOST)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet-node",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    serve = sub.add_parser(
+        "serve",
+        help="start the node: HTTP API, DICOM node and job workers",
+        description=_help(
+            """
+            Start the whole node in one process: the HTTP API (reference endpoints, jobs,
+            DICOMweb, docs at /docs), the DICOM node (C-STORE, C-FIND, C-MOVE, C-GET) and the job
+            workers. The database is migrated first. Stop it with Ctrl-C.
+            """
+        ),
+    )
     serve.add_argument(
-        "--port", type=int, default=None, help="HTTP port (default NNUNET_SERVE_PORT)"
+        "--host", default=None, help="HTTP address to listen on (default: NNUNET_NODE_HOST)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=None, help="HTTP port (default: NNUNET_SERVE_PORT, 12345)"
     )
     serve.set_defaults(func=_serve)
 
     dicom = sub.add_parser(
-        "dicom", help="the DIMSE node with its job workers, without the HTTP API"
+        "dicom",
+        help="start the DICOM node and job workers only (no HTTP API)",
+        description=_help(
+            """
+            Start the DICOM node and the job workers without the HTTP API: series received by
+            C-STORE are routed, inferred and sent on as with `serve`. Stop it with Ctrl-C.
+            """
+        ),
     )
     dicom.set_defaults(func=_dicom)
 
-    demo = sub.add_parser("demo", help="send a phantom study to a running node and follow its job")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=None, help="DIMSE port of the running node")
-    demo.add_argument("--http-port", type=int, default=None, help="HTTP port of the running node")
+    demo = sub.add_parser(
+        "demo",
+        help="send a phantom CT study to a running node and show its results arrive",
+        description=_help(
+            """
+            With a node running (`nnunet-node serve` in another terminal): write a phantom CT
+            study, send it to the node by C-STORE, follow the job the routing rule makes of it,
+            and receive its DICOM-SEG and RTSTRUCT at a small storage SCP this command runs
+            for the occasion (the default spec's DEMO_DEST peer).
+            """
+        ),
+    )
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address of the running node (default: 127.0.0.1)"
+    )
+    demo.add_argument(
+        "--port", type=int, default=None, help="its DICOM port (default: NNUNET_NODE_DICOM_PORT)"
+    )
+    demo.add_argument(
+        "--http-port", type=int, default=None, help="its HTTP port (default: NNUNET_SERVE_PORT)"
+    )
     demo.set_defaults(func=_demo)
 
-    db = sub.add_parser("db", help="database migrations")
-    db.add_argument("action", choices=["upgrade", "downgrade"])
-    db.add_argument("revision", nargs="?", default=None)
+    db = sub.add_parser(
+        "db",
+        help="upgrade or downgrade the database schema",
+        description=_help(
+            """
+            Apply the database migrations (the node also upgrades at every start). Without a
+            revision, `upgrade` goes to the newest and `downgrade` one step back.
+            """
+        ),
+    )
+    db.add_argument("action", choices=["upgrade", "downgrade"], help="which way to migrate")
+    db.add_argument(
+        "revision", nargs="?", default=None, help="target revision (default: head, or -1)"
+    )
     db.set_defaults(func=_db)
     return parser
 
@@ -85,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        return int(args.func(settings, args))
     except ConfigError as exc:
         print(f"nnunet-node: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
-    return int(args.func(settings, args))
 
 
 if __name__ == "__main__":

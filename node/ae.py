@@ -1,6 +1,12 @@
 """The node's application entity: a non-blocking pynetdicom server with the node's handlers.
 
-- AE title, address and port from the settings (port 0 picks a free one: :attr:`DicomNode.port`).
+- AE title, address and port from the settings (port 0 picks a free one: :attr:`DicomNode.port`);
+  the address is loopback unless ``NNUNET_NODE_DICOM_HOST`` says otherwise.
+- With ``NNUNET_NODE_DICOM_TLS_PORT``, a second server on that port speaks TLS (PS3.15 B.1) with
+  the node's certificate (core/tls.py), checking client certificates against
+  ``NNUNET_NODE_TLS_CA`` when it is set. Both ports serve the same AE and handlers.
+- Access control (node/access.py): declared peers, ``NNUNET_NODE_DICOM_ACCESS``, checked when
+  an association is requested; the start-up log says how open the node is.
 - ``NNUNET_NODE_ALLOWED_AES``: when set, an association from any other calling AE title is
   rejected (A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised;
   PS3.8 9.3.4). Rejecting the association, rather than answering 0x0124 per operation, keeps
@@ -13,12 +19,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import ssl
+from collections.abc import Callable
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.settings import Settings
+from nnunet_node.core.tls import client_context, server_context
+from nnunet_node.node.access import AccessPolicy, effective_mode
 from nnunet_node.node.contexts import add_supported_contexts
 from nnunet_node.node.handlers import NodeHandlers
 from nnunet_node.node.transport import ServerAE
@@ -29,6 +43,52 @@ LOGGER = logging.getLogger(__name__)
 
 MAX_PDU = 131072
 MAX_ASSOCIATIONS = 32
+TLS_HANDSHAKE_TIMEOUT_S = 30.0
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved from the accepting thread
+    (where one silent client would hold up every other connection) into the connection's own
+    thread, bounded by :data:`TLS_HANDSHAKE_TIMEOUT_S`. A failed handshake (an untrusted or
+    missing client certificate, plain DICOM on the TLS port) closes the connection and is logged
+    as one WARNING line."""
+
+    def get_request(self) -> Any:
+        assert self.socket is not None
+        return self.socket.accept()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+                LOGGER.warning("TLS connection from %s refused: %s", client_address[0], reason)
+                with contextlib.suppress(OSError):
+                    request.close()
+                return
+        super().process_request_thread(request, client_address)
+
+
+class NodeServerAE(ServerAE):
+    """The node's AE: its servers are :class:`NodeServer`, and each accepted association goes to
+    the ``association_hooks`` (the access check, node/access.py) before it starts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.association_hooks: list[Callable[[Any], None]] = []
+
+    def make_server(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("server_class") in (None, ThreadedAssociationServer):
+            kwargs["server_class"] = NodeServer
+        return super().make_server(*args, **kwargs)
+
+    def on_accepted(self, assoc: Any) -> None:
+        for hook in self.association_hooks:
+            hook(assoc)
+        super().on_accepted(assoc)
 
 
 class DicomNode:
@@ -42,21 +102,39 @@ class DicomNode:
         *,
         host: str | None = None,
         port: int | None = None,
+        tls_port: int | None = None,
         max_pdu: int = MAX_PDU,
         event_driven: bool = True,
     ) -> None:
         self.settings = settings
         self.host = host if host is not None else settings.dicom_host
         self._requested_port = port if port is not None else settings.dicom_port
-        self.handlers = NodeHandlers(archive, routing, max_pdu=max_pdu)
-        self.ae = ServerAE(ae_title=settings.ae_title, event_driven=event_driven)
-        self.ae.store_sink = self.handlers.open_store_sink
+        self._requested_tls_port = tls_port if tls_port is not None else settings.dicom_tls_port
+        self.handlers = NodeHandlers(
+            archive, routing, max_pdu=max_pdu, tls_client=self._tls_client(settings, routing)
+        )
+        self.access = AccessPolicy(
+            effective_mode(settings.dicom_access, self.host),
+            list(routing.peers),
+            check_host=settings.dicom_check_host,
+        )
+        self.ae = NodeServerAE(ae_title=settings.ae_title, event_driven=event_driven)
+        self.ae.store_sink = self.access.guard_store_sink(self.handlers.open_store_sink)
+        self.ae.association_hooks.append(self.access.guard_association)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.maximum_associations = MAX_ASSOCIATIONS
         self.ae.require_calling_aet = list(settings.allowed_calling_aes)
         self.ae.require_called_aet = False
         add_supported_contexts(self.ae)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
+
+    @staticmethod
+    def _tls_client(settings: Settings, routing: RoutingTable) -> ssl.SSLContext | None:
+        """The context of C-MOVE sub-associations to TLS peers (None when no peer uses TLS)."""
+        if not any(peer.tls for peer in routing.peers):
+            return None
+        return client_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
     @property
     def port(self) -> int:
@@ -66,23 +144,78 @@ class DicomNode:
         return int(self._server.server_address[1])
 
     @property
+    def tls_port(self) -> int | None:
+        """The TLS port (the chosen one when the settings said 0); None without one."""
+        if self._tls_server is None:
+            return self._requested_tls_port
+        return int(self._tls_server.server_address[1])
+
+    @property
     def running(self) -> bool:
         return self._server is not None
 
+    def _bindings(self) -> list[Any]:
+        """The handlers' bindings, C-STORE behind the access policy's per-message check."""
+        return [
+            (event, self.access.guard_store(handler) if event is evt.EVT_C_STORE else handler)
+            for event, handler in self.handlers.bindings()
+        ]
+
+    def _listen(
+        self, port: int, variable: str, context: ssl.SSLContext | None
+    ) -> ThreadedAssociationServer:
+        try:
+            server = self.ae.start_server(
+                (self.host, port), block=False, evt_handlers=self._bindings(), ssl_context=context
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {port} on {self.host} is already in use: set {variable} to a free port"
+                ) from exc
+            raise ConfigError(
+                f"cannot listen on {self.host}:{port} ({variable}, NNUNET_NODE_DICOM_HOST): "
+                f"{exc.strerror or exc}"
+            ) from exc
+        assert server is not None  # block=False returns the server
+        return server
+
     def start(self) -> None:
+        """Listen on the plain port, and on the TLS port when one is set. Raises
+        :class:`ConfigError` naming the setting when a port is taken or the TLS files are bad."""
         if self._server is not None:
             return
-        self._server = self.ae.start_server(
-            (self.host, self._requested_port),
-            block=False,
-            evt_handlers=self.handlers.bindings(),
+        tls_context = None
+        if self._requested_tls_port is not None:
+            settings = self.settings
+            if settings.tls_cert is None or settings.tls_key is None:
+                raise ConfigError(
+                    "NNUNET_NODE_DICOM_TLS_PORT needs NNUNET_NODE_TLS_CERT and NNUNET_NODE_TLS_KEY"
+                )
+            tls_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        self._server = self._listen(self._requested_port, "NNUNET_NODE_DICOM_PORT", None)
+        if tls_context is not None and self._requested_tls_port is not None:
+            try:
+                self._tls_server = self._listen(
+                    self._requested_tls_port, "NNUNET_NODE_DICOM_TLS_PORT", tls_context
+                )
+            except ConfigError:
+                self.stop()
+                raise
+        tls = (
+            f", TLS on port {self.tls_port}"
+            + (" (client certificates checked)" if self.settings.tls_ca else "")
+            if self._tls_server is not None
+            else ""
         )
         LOGGER.info(
-            "DICOM node %s listening on %s:%d%s",
+            "DICOM node %s listening on %s:%d%s; %s%s",
             self.settings.ae_title,
             self.host,
             self.port,
-            f" (calling AEs allowed: {', '.join(self.settings.allowed_calling_aes)})"
+            tls,
+            self.access.describe(),
+            f"; calling AEs allowed: {', '.join(self.settings.allowed_calling_aes)}"
             if self.settings.allowed_calling_aes
             else "",
         )
@@ -90,9 +223,12 @@ class DicomNode:
     def stop(self) -> None:
         """Stop accepting, then end the associations still open (abort after their timeout)."""
         server, self._server = self._server, None
+        tls_server, self._tls_server = self._tls_server, None
         if server is None:
             return
         server.shutdown()
+        if tls_server is not None:
+            tls_server.shutdown()
         for assoc in list(self.ae.active_associations):
             assoc.abort()
         self.ae.shutdown()  # the archive is closed by whoever made it (NodeContext.close)

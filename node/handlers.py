@@ -11,6 +11,7 @@ once the file and its index rows are committed (PS3.4 B.2.3).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,10 +114,19 @@ def query_keys(identifier: Dataset) -> tuple[list[str], dict[str, str]]:
 class NodeHandlers:
     """The handlers bound to the node's server; one instance per AE."""
 
-    def __init__(self, archive: Archive, routing: RoutingTable, *, max_pdu: int) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        routing: RoutingTable,
+        *,
+        max_pdu: int,
+        tls_client: ssl.SSLContext | None = None,
+    ) -> None:
         self.archive = archive
         self.routing = routing
         self.max_pdu = max_pdu
+        self.tls_client = tls_client
+        """Context of C-MOVE sub-associations to peers declared with ``tls: true``."""
 
     def bindings(self) -> list[Any]:
         return [
@@ -213,11 +223,14 @@ class NodeHandlers:
         model = MOVE_MODELS[str(event.request.AffectedSOPClassUID)]
         refs = self._refs(event.identifier, model)
         contexts = storage_contexts((r.sop_class_uid, r.transfer_syntax_uid) for r in refs)
-        yield (
-            destination.host,
-            destination.port,
-            {"contexts": contexts, "evt_handlers": NODELAY_HANDLERS, "max_pdu": self.max_pdu},
-        )
+        association: dict[str, Any] = {
+            "contexts": contexts,
+            "evt_handlers": NODELAY_HANDLERS,
+            "max_pdu": self.max_pdu,
+        }
+        if destination.tls and self.tls_client is not None:
+            association["tls_args"] = (self.tls_client, destination.host)
+        yield destination.host, destination.port, association
         yield len(refs)
         yield from self._sub_operations(event, refs, str(event.assoc.requestor.ae_title).strip())
 

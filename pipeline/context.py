@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.settings import Settings
+from nnunet_node.core.tls import client_context
 from nnunet_node.inference.cache import PredictorCache
 from nnunet_node.inference.device import DevicePolicy
 from nnunet_node.inference.engine import InferenceEngine
@@ -81,8 +82,17 @@ def build_context(settings: Settings, *, migrate: bool = True, recover: bool = T
         device = DevicePolicy(settings.device, settings.gpu_wait_s)
         inference_engine = InferenceEngine(cache, device)
         job_service = JobService(settings, sessions, spec, archive, inference_engine)
+        tls_peers = any(peer.tls for peer in spec.routing.peers)
         dispatcher = Dispatcher(
-            sessions, spec.routing, calling_ae=settings.ae_title, archive_dir=archive.root
+            sessions,
+            spec.routing,
+            calling_ae=settings.ae_title,
+            archive_dir=archive.root,
+            tls_context=(
+                client_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+                if tls_peers
+                else None
+            ),
         )
     except BaseException:
         engine_sql.dispose()

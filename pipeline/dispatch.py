@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core import metrics
 from nnunet_node.core.clock import as_utc, utcnow
 from nnunet_node.core.errors import Conflict, NotFound, SendError
+from nnunet_node.core.tls import client_context
 from nnunet_node.pipeline.pynetdicom_internals import RequestingAE
 from nnunet_node.pipeline.routing import Destination, RoutingTable
 from nnunet_node.storage.db import unit_of_work
@@ -132,9 +134,14 @@ def send_files(
     calling_ae: str,
     timeout_s: float = 30.0,
     max_pdu: int = DEFAULT_MAX_PDU,
+    tls_context: ssl.SSLContext | None = None,
 ) -> SendReport:
     """C-STORE ``paths`` (DICOM Part 10 files) to ``destination`` over one association, as a
     Storage SCU (PS3.4 B.2), with the presentation contexts of :func:`storage_contexts`.
+
+    A destination declared with ``tls: true`` is reached over TLS (PS3.15 B.1) with
+    ``tls_context`` (core/tls.py ``client_context``: the peer's certificate is verified and must
+    name ``destination.host``); without a context one with the system's CAs is made.
 
     ``timeout_s`` bounds the association and each response (seconds); ``max_pdu`` is in bytes.
     Raises :class:`SendError` when the association cannot be made, a response does not come, or
@@ -143,6 +150,11 @@ def send_files(
     report = SendReport()
     if not paths:
         return report
+    if destination.port is None:
+        raise SendError(f"{destination.name}: no port to send to")
+    tls_args = None
+    if destination.tls:
+        tls_args = (tls_context or client_context(), destination.host)
     metas = []
     for path in paths:
         meta = read_file_meta_info(path)
@@ -158,9 +170,23 @@ def send_files(
         ae_title=destination.ae_title,
         max_pdu=max_pdu,
         evt_handlers=NODELAY_HANDLERS,
+        tls_args=tls_args,
     )
     if not assoc.is_established:
-        reason = "rejected the association" if assoc.is_rejected else "could not be reached"
+        sock = getattr(assoc.dul, "socket", None)
+        raw = getattr(sock, "socket", None)
+        connected = raw is not None
+        if raw is not None:  # pynetdicom leaves a connection the peer dropped open
+            raw.close()
+            sock.socket = None  # type: ignore[union-attr]
+        if assoc.is_rejected:
+            reason = "rejected the association"
+        elif tls_args is not None:
+            reason = "could not be reached over TLS (down, or the TLS handshake failed)"
+        elif connected:
+            reason = "closed the connection without answering (does it expect TLS?)"
+        else:
+            reason = "could not be reached (nothing listens there)"
         raise SendError(f"{where} {reason}")
     try:
         for message_id, path in enumerate(paths, start=1):
@@ -202,13 +228,16 @@ class Dispatcher:
         archive_dir: Path,
         poll_s: float = 1.0,
         sender: Sender | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._sessions = session_factory
         self._routing = routing
         self._archive_dir = archive_dir
         self._poll_s = poll_s
         self._sender: Sender = sender or (
-            lambda dest, paths: send_files(dest, paths, calling_ae=calling_ae)
+            lambda dest, paths: send_files(
+                dest, paths, calling_ae=calling_ae, tls_context=tls_context
+            )
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -364,17 +393,23 @@ class Dispatcher:
                 dispatch.status = DispatchStatus.FAILED
                 dispatch.next_attempt_at = None
                 LOGGER.warning(
-                    "dispatch %s failed after %d attempt(s): %s", dispatch_id, failures, error
+                    "dispatch %s to %s: failed after %d attempt(s): %s",
+                    dispatch_id,
+                    destination.name if destination else dispatch.destination,
+                    failures,
+                    error,
                 )
             else:
                 delay = min(
                     destination.retry_delay_s * 2 ** (round_failures - 1), MAX_RETRY_DELAY_S
                 )
                 dispatch.next_attempt_at = utcnow() + timedelta(seconds=delay)
-                LOGGER.info(
-                    "dispatch %s: attempt %d failed (%s); next in %.1f s",
+                LOGGER.warning(
+                    "dispatch %s to %s: attempt %d of %d failed: %s; next in %.0f s",
                     dispatch_id,
+                    destination.name,
                     round_failures,
+                    limit,
                     error,
                     delay,
                 )

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -76,7 +76,8 @@ class JobView(BaseModel):
 
     model_config = ConfigDict(from_attributes=True)
 
-    id: str
+    id: str = Field(serialization_alias="job_id")
+    """Answered as ``job_id``, the reference's name, in every HTTP answer (``/jobs`` too)."""
     source: str
     status: str
     request: dict[str, Any]

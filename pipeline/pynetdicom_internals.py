@@ -33,6 +33,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -148,7 +149,10 @@ class EventDrivenSocket(AssociationSocket):
                 if select.select([self._wake_r], [], [], DUL_WAIT_S)[0]:
                     self._wake_r.recv(4096)
             return False
-        timeout = 0.0 if not self.event_queue.empty() else DUL_WAIT_S
+        # A TLS socket may hold decrypted bytes that select() cannot see (pynetdicom #528).
+        pending = getattr(self.socket, "pending", None)
+        buffered = bool(pending and pending())
+        timeout = 0.0 if buffered or not self.event_queue.empty() else DUL_WAIT_S
         try:
             readable, _, _ = select.select([self.socket, self._wake_r], [], [], timeout)
         except (OSError, TimeoutError, ValueError):
@@ -157,7 +161,7 @@ class EventDrivenSocket(AssociationSocket):
         if self._wake_r in readable:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
-        return self.socket in readable
+        return buffered or self.socket in readable
 
     def send(self, bytestream: bytes) -> None:
         with self._send_lock:
@@ -309,12 +313,15 @@ def after_run(assoc: Any, finish: Callable[[], None]) -> None:
 
 def _direct_ok(assoc: Any) -> EventDrivenSocket | None:
     """The socket to write P-DATA to from this thread, or None to queue them for the DUL:
-    only in Sta6 (data transfer, PS3.8 9.2), with nothing queued before them, and with no
-    handler bound to the send notifications that the DUL thread would have fired."""
+    only over plain TCP, in Sta6 (data transfer, PS3.8 9.2), with nothing queued before them, and
+    with no handler bound to the send notifications that the DUL thread would have fired."""
     dul = assoc.dul
     sock = dul.socket
     if (
         not isinstance(sock, EventDrivenSocket)
+        # A TLS connection is one OpenSSL object, not to be written by one thread while the
+        # DUL thread reads it: its P-DATA go through the DUL thread.
+        or isinstance(sock.socket, ssl.SSLSocket)
         or dul.state_machine.current_state != "Sta6"
         or not dul.to_provider_queue.empty()
         or assoc.get_handlers(evt.EVT_PDU_SENT)

@@ -264,12 +264,12 @@ def test_post_jobs_answers_at_once_then_reports(node: Any, study: Any) -> None:
     # Without an output_dir the outputs live in the job's own folder.
     for path in result["nifti_prediction"]:
         assert Path(path).is_file()
-        assert Path(path).is_relative_to(node.settings.jobs_dir / job["id"])
+        assert Path(path).is_relative_to(node.settings.jobs_dir / job["job_id"])
     assert job["started_at"] >= job["created_at"]
     assert job["finished_at"] >= job["started_at"]
-    finished = node.client.post(f"/jobs/{job['id']}/cancel")
+    finished = node.client.post(f"/jobs/{job['job_id']}/cancel")
     assert finished.status_code == 409
-    assert node.client.get(f"/jobs/{job['id']}").json()["status"] == "done"
+    assert node.client.get(f"/jobs/{job['job_id']}").json()["status"] == "done"
 
 
 def test_archive_job_downloads_and_history_filters(node: Any, study: Any) -> None:
@@ -299,14 +299,14 @@ def test_archive_job_downloads_and_history_filters(node: Any, study: Any) -> Non
     assert total >= 7
     created = [item["created_at"] for item in everything["items"]]
     assert created == sorted(created, reverse=True)  # newest first
-    assert everything["items"][0]["id"] == job_id
+    assert everything["items"][0]["job_id"] == job_id
 
-    assert [j["id"] for j in page(patient_id="PH5")["items"]] == [job_id]
+    assert [j["job_id"] for j in page(patient_id="PH5")["items"]] == [job_id]
     uid = results[0].study_instance_uid
-    assert [j["id"] for j in page(study_uid=uid)["items"]] == [job_id]
-    assert [j["id"] for j in page(source="dimse")["items"]] == [job_id]
+    assert [j["job_id"] for j in page(study_uid=uid)["items"]] == [job_id]
+    assert [j["job_id"] for j in page(source="dimse")["items"]] == [job_id]
     assert page(source="http")["total"] == total - 1
-    assert [j["id"] for j in page(created_after=before.isoformat())["items"]] == [job_id]
+    assert [j["job_id"] for j in page(created_after=before.isoformat())["items"]] == [job_id]
     assert page(created_before=before.isoformat())["total"] == total - 1
     cascades = page(model="phantom_cube")
     assert cascades["total"] >= 2
@@ -317,8 +317,8 @@ def test_archive_job_downloads_and_history_filters(node: Any, study: Any) -> Non
 
     first, second = page(limit=3, offset=0), page(limit=3, offset=3)
     assert first["total"] == second["total"] == total
-    ids = [j["id"] for j in first["items"]] + [j["id"] for j in second["items"]]
-    assert ids == [j["id"] for j in everything["items"][:6]]
+    ids = [j["job_id"] for j in first["items"]] + [j["job_id"] for j in second["items"]]
+    assert ids == [j["job_id"] for j in everything["items"][:6]]
     assert page(limit=5, offset=total)["items"] == []
 
 
@@ -344,7 +344,7 @@ def test_queued_jobs_survive_a_restart(tmp_path: Path, make_node: Any, make_stud
         first.context.job_service.stop()  # no worker: jobs stay queued
         keep, drop = (first.client.post("/jobs", json=body).json()["job_id"] for _ in range(2))
         queued = first.client.get("/jobs", params={"status": "queued"}).json()
-        assert {j["id"] for j in queued["items"]} == {keep, drop}
+        assert {j["job_id"] for j in queued["items"]} == {keep, drop}
         cancelled = first.client.post(f"/jobs/{drop}/cancel")
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] == "cancelled"

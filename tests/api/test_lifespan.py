@@ -3,16 +3,14 @@ them all; dispatches can be retried over HTTP."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.models import Dispatch, DispatchStatus
+from tests.peer_tools import tool
 
 
 def _port_open(port: int) -> bool:
@@ -21,14 +19,13 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.skipif(shutil.which("echoscu") is None, reason="dcmtk's echoscu is not installed")
 def test_lifespan_starts_and_stops_the_dimse_node(tmp_path: Path, make_node: Any) -> None:
     with make_node(tmp_path / "data", dicom_enabled=True, dicom_port=0) as live:
         service = live.app.state.services["dimse"]
         port = service.port
         assert port
         echo = subprocess.run(
-            ["echoscu", "-aec", live.settings.ae_title, "127.0.0.1", str(port)],
+            [tool("echoscu"), "-aec", live.settings.ae_title, "127.0.0.1", str(port)],
             capture_output=True,
             timeout=30,
             env={"TCP_NODELAY": "1"},

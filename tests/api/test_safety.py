@@ -173,18 +173,24 @@ def test_unknown_route_and_job_are_json_404(guarded: Any) -> None:
     _assert_failed(guarded.client.get("/download/0123abcd"), 404)
 
 
-def test_query_validation_is_422_with_details(guarded: Any) -> None:
+def test_query_validation_is_422_and_a_body_that_is_no_json_object_400(guarded: Any) -> None:
     body = _assert_failed(guarded.client.get("/jobs", params={"limit": 0}), 422, "limit")
     assert body["details"][0]["loc"] == ["query", "limit"]
     _assert_failed(guarded.client.get("/jobs", params={"created_after": "yesterday"}), 400)
     _assert_failed(guarded.client.get("/jobs", params={"status": "sleeping"}), 422, "status")
-    _assert_failed(guarded.client.post("/infer", content=b"[1, 2]"), 422)
-    _assert_failed(
-        guarded.client.post(
-            "/infer", content=b"{not json", headers={"content-type": "application/json"}
-        ),
-        422,
-    )
+    # A body that is not JSON, or not a JSON object: 400 in the reference's shape, no job.
+    count = _job_count(guarded)
+    json_type = {"content-type": "application/json"}
+    for path in ("/infer", "/jobs"):
+        body = _assert_failed(
+            guarded.client.post(path, content=b"[1, 2]", headers=json_type), 400, "JSON object"
+        )
+        assert set(body) == {"status", "error"}
+        body = _assert_failed(
+            guarded.client.post(path, content=b"{not json", headers=json_type), 400, "not valid"
+        )
+        assert set(body) == {"status", "error"}
+    assert _job_count(guarded) == count
 
 
 def _bad_requests(study: Path) -> list[tuple[dict[str, Any], str]]:

@@ -12,6 +12,7 @@ from pydicom import Dataset
 from skimage.draw import polygon
 
 from nnunet_node.core.phantom import Phantom
+from tests.peer_tools import tool
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Series:
 def dciodvfy(path: Path) -> list[str]:
     """Run dicom3tools' validator on a file; return its error lines (warnings are allowed)."""
     proc = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+        [tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60, check=False
     )
     return [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line]
 

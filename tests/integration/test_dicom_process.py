@@ -21,6 +21,7 @@ from sqlalchemy import select
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.models import Instance
 from tests.node.peers import DCMTK_ENV, free_port
+from tests.peer_tools import tool
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 120
@@ -113,7 +114,16 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(
     node_process.start()
     port = node_process.env["NNUNET_NODE_DICOM_PORT"]
     storescu = subprocess.Popen(
-        ["storescu", "-v", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", port, str(files[0].parent)],
+        [
+            tool("storescu"),
+            "-v",
+            "+sd",
+            "-aec",
+            "NNUNET_NODE",
+            "127.0.0.1",
+            port,
+            str(files[0].parent),
+        ],
         env=DCMTK_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

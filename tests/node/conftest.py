@@ -20,6 +20,7 @@ from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.migrations import upgrade
+from tests.peer_tools import tool
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -27,9 +28,10 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 def dcmtk(
     *args: str, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a dcmtk tool with Nagle off (in ``cwd``); output (stdout + stderr) in ``.stdout``."""
+    """Run a dcmtk tool (found by its real location; skipped when missing) with Nagle off (in
+    ``cwd``); output (stdout + stderr) in ``.stdout``."""
     return subprocess.run(
-        list(args),
+        [tool(args[0]), *args[1:]],
         env=DCMTK_ENV,
         capture_output=False,
         stdout=subprocess.PIPE,

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.peer_tools import tool
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -30,12 +32,22 @@ def wait_listening(port: int, timeout: float = 20.0) -> None:
 
 
 @contextmanager
-def storescp(folder: Path, *, ae_title: str = "PACS", port: int | None = None) -> Iterator[int]:
-    """dcmtk's storescp writing what it receives to ``folder``; yields its port."""
+def storescp(
+    folder: Path,
+    *,
+    ae_title: str = "PACS",
+    port: int | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
+) -> Iterator[int]:
+    """dcmtk's storescp writing what it receives to ``folder``; yields its port. With ``tls``
+    (key, certificate, CA file) it speaks TLS only and requires a client certificate the CA
+    signed."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    secure = ["+tls", str(tls[0]), str(tls[1]), "+cf", str(tls[2])] if tls else []
+    options = [*secure, "-aet", ae_title, "-od", str(folder), "--accept-all"]
     process = subprocess.Popen(
-        ["storescp", "-aet", ae_title, "-od", str(folder), "--accept-all", str(port)],
+        [tool("storescp"), *options, str(port)],
         env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,0 +1,185 @@
+"""DICOM over TLS (PS3.15 B.1): dcmtk's storescu and findscu with ``+tls`` and pynetdicom's
+C-GET against the node's TLS port, a client whose certificate the node does not trust, and the
+node's own C-STORE (dispatch and C-MOVE) to a dcmtk storescp that speaks only TLS. Certificates
+are made for the test (tests/tls_certs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from nnunet_node.core.tls import client_context
+from nnunet_node.node.ae import DicomNode
+from nnunet_node.pipeline.dispatch import SendError, send_files
+from nnunet_node.pipeline.routing import Peer
+from nnunet_node.storage.models import Instance
+from tests.node.conftest import NodeFactory, dcmtk, retrieve
+from tests.node.peers import free_port, received, storescp
+from tests.tls_certs import Pki, make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_node(start_node: NodeFactory, pki: Pki) -> DicomNode:
+    node = start_node(
+        dicom_tls_port=0, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_ca=pki.ca
+    )
+    assert node.tls_port and node.tls_port != node.port
+    return node
+
+
+def _instances(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+def _tls_args(pki: Pki, client: tuple[Path, Path] | None = None) -> list[str]:
+    key, cert = client or (pki.client.key, pki.client.cert)
+    return ["+tls", str(key), str(cert), "+cf", str(pki.ca)]
+
+
+def test_storescu_and_findscu_over_tls(
+    tls_node: DicomNode, pki: Pki, sessions: sessionmaker[Session], phantom_series: list[Path]
+) -> None:
+    stored = dcmtk(
+        "storescu", "-v", *_tls_args(pki), "-aec", "NNUNET_NODE", "localhost",
+        str(tls_node.tls_port), *map(str, phantom_series),
+    )  # fmt: skip
+    assert stored.returncode == 0, stored.stdout
+    assert _instances(sessions) == len(phantom_series)
+
+    study_uid = pydicom.dcmread(phantom_series[0], stop_before_pixels=True).StudyInstanceUID
+    found = dcmtk(
+        "findscu", "-v", "-S", *_tls_args(pki), "-aec", "NNUNET_NODE",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+        "localhost", str(tls_node.tls_port),
+    )  # fmt: skip
+    assert found.returncode == 0, found.stdout
+    assert study_uid in found.stdout and "Final Find Response (Success)" in found.stdout
+
+
+def test_c_get_over_tls_with_pynetdicom(
+    tls_node: DicomNode, pki: Pki, phantom_series: list[Path]
+) -> None:
+    stored = dcmtk(
+        "storescu", *_tls_args(pki), "-aec", "NNUNET_NODE", "localhost",
+        str(tls_node.tls_port), *map(str, phantom_series),
+    )  # fmt: skip
+    assert stored.returncode == 0, stored.stdout
+    got: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        got.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="GETTER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    context = client_context(pki.client.cert, pki.client.key, pki.ca)
+    assoc = ae.associate(
+        "localhost",
+        tls_node.tls_port,
+        ae_title="NNUNET_NODE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        tls_args=(context, "localhost"),
+    )
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = pydicom.dcmread(
+        phantom_series[0], stop_before_pixels=True
+    ).StudyInstanceUID
+    try:
+        statuses = [
+            status.Status
+            for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+        ]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0x0000
+    expected = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in phantom_series
+    }
+    assert set(got) == expected
+
+
+def test_a_client_certificate_the_node_does_not_trust_is_refused(
+    tls_node: DicomNode, pki: Pki, sessions: sessionmaker[Session], phantom_series: list[Path]
+) -> None:
+    rogue = (pki.rogue_client.key, pki.rogue_client.cert)
+    refused = dcmtk(
+        "storescu", *_tls_args(pki, rogue), "-aec", "NNUNET_NODE", "localhost",
+        str(tls_node.tls_port), str(phantom_series[0]),
+    )  # fmt: skip
+    assert refused.returncode != 0, refused.stdout
+    assert "TLS" in refused.stdout or "Association Request Failed" in refused.stdout
+    # No certificate at all, and plain DICOM on the TLS port: refused too.
+    anonymous = dcmtk(
+        "storescu", "+tla", "-aec", "NNUNET_NODE", "localhost",
+        str(tls_node.tls_port), str(phantom_series[0]),
+    )  # fmt: skip
+    assert anonymous.returncode != 0, anonymous.stdout
+    plain = dcmtk(
+        "storescu", "-aec", "NNUNET_NODE", "localhost", str(tls_node.tls_port),
+        str(phantom_series[0]),
+    )  # fmt: skip
+    assert plain.returncode != 0, plain.stdout
+    assert _instances(sessions) == 0
+    # The plain port still works beside the TLS one.
+    ok = dcmtk(
+        "storescu", "-aec", "NNUNET_NODE", "127.0.0.1", str(tls_node.port), str(phantom_series[0])
+    )
+    assert ok.returncode == 0, ok.stdout
+    assert _instances(sessions) == 1
+
+
+def test_the_node_sends_to_a_tls_destination(
+    pki: Pki, phantom_series: list[Path], tmp_path: Path
+) -> None:
+    port = free_port()
+    peer = Peer("SECURE_PACS", "SECURE", "localhost", port, tls=True)
+    context = client_context(pki.server.cert, pki.server.key, pki.ca)
+    tls = (pki.server.key, pki.server.cert, pki.ca)
+    with storescp(tmp_path / "pacs", ae_title="SECURE", port=port, tls=tls):
+        report = send_files(peer, phantom_series, calling_ae="NNUNET_NODE", tls_context=context)
+        assert report.sent == len(phantom_series)
+        # Without TLS the same peer is not reached.
+        plain = Peer("SECURE_PACS", "SECURE", "localhost", port)
+        with pytest.raises(SendError):
+            send_files(plain, phantom_series[:1], calling_ae="NNUNET_NODE", timeout_s=5)
+    assert len(received(tmp_path / "pacs")) == len(phantom_series)
+
+
+def test_c_move_to_a_tls_peer(
+    start_node: NodeFactory, pki: Pki, phantom_series: list[Path], tmp_path: Path
+) -> None:
+    port = free_port()
+    peers = {"peers": [{"ae_title": "SECURE", "host": "localhost", "port": port, "tls": True}]}
+    node = start_node(
+        routing=peers, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_ca=pki.ca
+    )
+    stored = dcmtk(
+        "storescu", "-aec", "NNUNET_NODE", "127.0.0.1", str(node.port), *map(str, phantom_series)
+    )
+    assert stored.returncode == 0, stored.stdout
+    study_uid = pydicom.dcmread(phantom_series[0], stop_before_pixels=True).StudyInstanceUID
+    tls = (pki.server.key, pki.server.cert, pki.ca)
+    with storescp(tmp_path / "pacs", ae_title="SECURE", port=port, tls=tls):
+        moved = retrieve(
+            "movescu", node.port, "-S", "-aem", "SECURE",
+            QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid,
+        )  # fmt: skip
+        assert "Final Move Response (Success)" in moved.stdout or moved.returncode == 0
+    assert len(received(tmp_path / "pacs")) == len(phantom_series)
