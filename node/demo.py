@@ -5,30 +5,122 @@ C-STORE, waits for the job the default routing rule makes of it (``GET /jobs?stu
 HTTP; straight from the database when the HTTP API is not running, as with ``nnunet-node dicom``),
 and prints where the SEG and RTSTRUCT landed and how long each step took. While it waits, a
 progress bar (rich) follows the job's status, stage and step.
+
+So that the results have somewhere to go, the demo runs the rule's destination itself for the
+occasion (:class:`DemoDestination`, a small storage SCP with the destination's AE title, on its
+loopback host and port) and shows the SEG and RTSTRUCT arriving there. When something already
+listens on that port (a PACS of your own, ``storescp``), the results go there instead.
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from pydicom.uid import generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
 
 from nnunet_node.core.errors import SendError
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.core.settings import Settings
+from nnunet_node.core.spec import SpecFile
+from nnunet_node.node.access import is_loopback
 from nnunet_node.pipeline.dispatch import send_files
-from nnunet_node.pipeline.routing import Destination
+from nnunet_node.pipeline.routing import Destination, RoutingTable
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.models import Job
 
 TERMINAL = {"done", "failed", "cancelled", "superseded"}
 DEFAULT_TIMEOUT_S = 300.0
+ARRIVAL_TIMEOUT_S = 60.0
+PHANTOM_ATTRIBUTES = {"Modality": "CT", "SeriesDescription": "Phantom CT"}
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One instance the demo destination received."""
+
+    modality: str
+    sop_instance_uid: str
+    calling_ae: str
+
+
+class DemoDestination:
+    """A small storage SCP standing in for a rule's destination during the demo: it accepts
+    C-STORE of any storage SOP class (PS3.4 B) as ``destination.ae_title`` on the destination's
+    host and port and remembers what arrived (nothing is written to disk)."""
+
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self.arrivals: list[Arrival] = []
+        self._arrived = threading.Condition()
+        self._server: ThreadedAssociationServer | None = None
+
+    def start(self) -> bool:
+        """Listen; False when the port is taken (another SCP is the destination)."""
+        ae = AE(ae_title=self.destination.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        try:
+            self._server = ae.start_server(
+                (self.destination.host, int(self.destination.port or 0)),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            )
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        dataset = event.dataset
+        arrival = Arrival(
+            str(dataset.get("Modality", "")),
+            str(dataset.get("SOPInstanceUID", "")),
+            str(event.assoc.requestor.ae_title).strip(),
+        )
+        with self._arrived:
+            self.arrivals.append(arrival)
+            self._arrived.notify_all()
+        return 0x0000
+
+    def wait_for(self, modalities: set[str], timeout_s: float) -> list[Arrival]:
+        """What arrived once every modality in ``modalities`` did, or at ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while not modalities <= {a.modality for a in self.arrivals}:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._arrived.wait(left)
+            return list(self.arrivals)
+
+
+def _demo_destinations(settings: Settings) -> list[Destination]:
+    """The loopback destinations of the rules a phantom CT series matches."""
+    try:
+        routing = RoutingTable.from_spec(SpecFile.read(settings.model_serve_spec))
+    except Exception as exc:  # the node itself reports a bad spec; the demo goes on without
+        print(f"   (the spec {settings.model_serve_spec} could not be read: {exc})")
+        return []
+    names = {d for route in routing.matching(PHANTOM_ATTRIBUTES) for d in route.destinations}
+    return [
+        routing.destinations[name]
+        for name in sorted(names)
+        if routing.destinations[name].port is not None
+        and is_loopback(routing.destinations[name].host)
+    ]
 
 
 def _jobs_over_http(client: httpx.Client, study_uid: str) -> list[dict[str, Any]] | None:
@@ -48,7 +140,7 @@ def _jobs_from_db(settings: Settings, study_uid: str) -> list[dict[str, Any]]:
             jobs = session.scalars(select(Job).where(Job.study_instance_uid == study_uid)).all()
             return [
                 {
-                    "id": j.id,
+                    "job_id": j.id,
                     "status": j.status.value,
                     "route_name": j.route_name,
                     "error": j.error,
@@ -94,8 +186,39 @@ def run_demo(
     """Send a phantom study to the node at ``host:port`` and follow its job; 0 when it is done."""
     port = port or settings.dicom_port
     http_port = http_port or settings.http_port
-    headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
     started = time.perf_counter()
+    scps: list[DemoDestination] = []
+    for destination in _demo_destinations(settings):
+        scp = DemoDestination(destination)
+        if scp.start():
+            scps.append(scp)
+            print(
+                f"0. listening as the rule's destination {destination.name} "
+                f"({destination.ae_title}@{destination.host}:{destination.port}) for the results"
+            )
+        else:
+            print(
+                f"0. something already listens at {destination.name} "
+                f"({destination.host}:{destination.port}): the results go there"
+            )
+    try:
+        return _run(settings, host, port, http_port, started, scps, timeout_s, phantom_shape)
+    finally:
+        for scp in scps:
+            scp.stop()
+
+
+def _run(
+    settings: Settings,
+    host: str,
+    port: int,
+    http_port: int,
+    started: float,
+    scps: list[DemoDestination],
+    timeout_s: float,
+    phantom_shape: tuple[int, int, int] | None,
+) -> int:
+    headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
 
     with tempfile.TemporaryDirectory(prefix="nnunet-node-demo-") as tmp:
         study_uid = generate_uid()
@@ -149,7 +272,7 @@ def run_demo(
                     if queued_at is None:
                         queued_at = time.perf_counter()
                         bar.console.print(
-                            f"   job {job['id']} (rule {job.get('route_name')}) queued "
+                            f"   job {job['job_id']} (rule {job.get('route_name')}) queued "
                             f"{queued_at - sent:.1f} s after the last instance (read via {source})",
                             soft_wrap=True,
                         )
@@ -165,9 +288,9 @@ def run_demo(
         print("   no job was made: does a rule of the spec's `routes:` match phantom CT series?")
         return 1
     if job["status"] != "done":
-        print(f"   job {job['id']} ended {job['status']}: {job.get('error') or 'timed out'}")
+        print(f"   job {job['job_id']} ended {job['status']}: {job.get('error') or 'timed out'}")
         return 1
-    print(f"4. job {job['id']} done in {finished - (queued_at or sent):.1f} s")
+    print(f"4. job {job['job_id']} done in {finished - (queued_at or sent):.1f} s")
     result = job.get("result") or {}
     for kind, label in (("dicom_segmentation", "DICOM-SEG"), ("dicom_struct", "RTSTRUCT")):
         for path in result.get(kind) or []:
@@ -178,7 +301,14 @@ def run_demo(
             f"   {len(archived)} result instance(s) also in the node's archive "
             f"({settings.archive_dir}/{study_uid}/...): find them with findscu, QIDO-RS or WADO-RS"
         )
-    for dispatch in job.get("dispatches", []):
-        print(f"   sent to {dispatch['destination']}: {dispatch['status']}")
-    print(f"total {finished - started:.1f} s")
+    for scp in scps:
+        arrived = scp.wait_for({"SEG", "RTSTRUCT"}, ARRIVAL_TIMEOUT_S)
+        name = scp.destination
+        if not {"SEG", "RTSTRUCT"} <= {a.modality for a in arrived}:
+            print(f"5. {name.name} has not received the SEG and RTSTRUCT yet: see the node's log")
+            return 1
+        print(f"5. received at {name.name} ({name.ae_title}@{name.host}:{name.port}):")
+        for arrival in arrived:
+            print(f"   {arrival.modality} {arrival.sop_instance_uid} from {arrival.calling_ae}")
+    print(f"total {time.perf_counter() - started:.1f} s")
     return 0

@@ -276,20 +276,30 @@ def test_restart_during_quiet_period_still_runs_the_job(tmp_path: Path) -> None:
 
 
 def test_demo_sends_a_phantom_study_and_reports_the_results(
-    flow: Flow, capsys: pytest.CaptureFixture[str]
+    flow: Flow, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     from nnunet_node.node.demo import run_demo
 
     settings = flow.node.context.settings
-    # No HTTP API in this process: the demo reads the job from the database instead.
-    code = run_demo(
-        settings,
-        "127.0.0.1",
-        flow.node.port,
-        free_port(),
-        timeout_s=180,
-        phantom_shape=(32, 32, 32),
-    )
+    # No HTTP API in this process: the demo reads the job from the database instead. Nothing
+    # listens at the rule's destination PACS: the demo stands in for it and sees the results.
+    with caplog.at_level("INFO"):
+        code = run_demo(
+            settings,
+            "127.0.0.1",
+            flow.node.port,
+            free_port(),
+            timeout_s=180,
+            phantom_shape=(32, 32, 32),
+        )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "DICOM-SEG:" in out and "RTSTRUCT:" in out and "read via database" in out
+    assert "listening as the rule's destination PACS" in out
+    received_lines = out.split("5. received at PACS")[1].splitlines()[1:]
+    assert sorted(line.split()[0] for line in received_lines if line.startswith("   ")) == [
+        "RTSTRUCT",
+        "SEG",
+    ]
+    assert all("from NNUNET_NODE" in line for line in received_lines if line.startswith("   "))
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
