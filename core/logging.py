@@ -4,8 +4,9 @@ One line per event that matters to whoever runs the node (an association, a seri
 job's state, a dispatch), at ``NNUNET_NODE_LOG_LEVEL`` (default INFO). Libraries that narrate
 their own work at INFO are held at WARNING unless the level is DEBUG: pynetdicom (every PDU),
 highdicom (several lines per object written), httpx (every request of ``nnunet-node demo``),
-alembic's plugin set-up and uvicorn's access log (every request, probes and job polling
-included). Health probes (``/healthz``, ``/readyz``) are never logged.
+alembic's set-up (the node logs the migration itself), numexpr and uvicorn's access log (every
+request, probes and job polling included). Health probes (``/healthz``, ``/readyz``) are never
+logged.
 
 ``NNUNET_NODE_LOG_FORMAT=json`` writes one JSON object per line (python-json-logger's
 ``JsonFormatter``: ``time``, ``level``, ``logger``, ``message``, and ``exc_info`` when there is a
@@ -28,6 +29,8 @@ QUIET_LIBRARIES = (
     "httpx",
     "httpcore",
     "alembic.runtime.plugins",
+    "alembic.runtime.migration",
+    "numexpr",
     "uvicorn.access",
 )
 """Loggers held at WARNING unless the node's level is DEBUG."""

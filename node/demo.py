@@ -50,6 +50,7 @@ class Arrival:
 
     modality: str
     sop_instance_uid: str
+    study_instance_uid: str
     calling_ae: str
 
 
@@ -88,6 +89,7 @@ class DemoDestination:
         arrival = Arrival(
             str(dataset.get("Modality", "")),
             str(dataset.get("SOPInstanceUID", "")),
+            str(dataset.get("StudyInstanceUID", "")),
             str(event.assoc.requestor.ae_title).strip(),
         )
         with self._arrived:
@@ -95,16 +97,17 @@ class DemoDestination:
             self._arrived.notify_all()
         return 0x0000
 
-    def wait_for(self, modalities: set[str], timeout_s: float) -> list[Arrival]:
-        """What arrived once every modality in ``modalities`` did, or at ``timeout_s``."""
+    def wait_for(self, study_uid: str, modalities: set[str], timeout_s: float) -> list[Arrival]:
+        """What arrived of the study once every modality in ``modalities`` did, or at
+        ``timeout_s`` (another node sending to the same port does not count)."""
         deadline = time.monotonic() + timeout_s
         with self._arrived:
-            while not modalities <= {a.modality for a in self.arrivals}:
+            while True:
+                ours = [a for a in self.arrivals if a.study_instance_uid == study_uid]
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+                if modalities <= {a.modality for a in ours} or left <= 0:
+                    return ours
                 self._arrived.wait(left)
-            return list(self.arrivals)
 
 
 def _demo_destinations(settings: Settings) -> list[Destination]:
@@ -302,7 +305,7 @@ def _run(
             f"({settings.archive_dir}/{study_uid}/...): find them with findscu, QIDO-RS or WADO-RS"
         )
     for scp in scps:
-        arrived = scp.wait_for({"SEG", "RTSTRUCT"}, ARRIVAL_TIMEOUT_S)
+        arrived = scp.wait_for(study_uid, {"SEG", "RTSTRUCT"}, ARRIVAL_TIMEOUT_S)
         name = scp.destination
         if not {"SEG", "RTSTRUCT"} <= {a.modality for a in arrived}:
             print(f"5. {name.name} has not received the SEG and RTSTRUCT yet: see the node's log")

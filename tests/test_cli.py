@@ -1,0 +1,157 @@
+"""The command line as a user meets it: help written for users, one line naming the setting when a
+port is taken, and ``nnunet-node serve`` over HTTPS with JSON logs and its docs served offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nnunet_node.cli import build_parser, main
+from nnunet_node.core.settings import Settings
+from tests.node.peers import free_port
+from tests.tls_certs import make_pki
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_is_written_for_users(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for words in ("serve", "dicom", "demo", "db", "NNUNET_SERVE_PORT", "nnunet-node demo"):
+        assert words in text
+    for command in ("serve", "dicom", "demo", "db"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: nnunet-node {command}")
+        description = out.split("\n\n")[1]
+        assert len(description.split()) >= 12, description  # a sentence or two, not a stub
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "taken"),
+    [
+        ("serve", "NNUNET_SERVE_PORT", "http"),
+        ("serve", "NNUNET_NODE_DICOM_PORT", "dicom"),
+        ("dicom", "NNUNET_NODE_DICOM_PORT", "dicom"),
+    ],
+)
+def test_a_taken_port_stops_with_one_line_naming_the_setting(
+    command: str,
+    variable: str,
+    taken: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = free_port()
+        monkeypatch.setenv("NNUNET_NODE_DATA", str(tmp_path / "data"))
+        monkeypatch.setenv("NNUNET_SERVE_PORT", str(port if taken == "http" else other))
+        monkeypatch.setenv("NNUNET_NODE_DICOM_PORT", str(port if taken == "dicom" else other))
+        assert main([command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert variable in err and str(port) in err and "already in use" in err
+
+
+def test_settings_name_the_missing_tls_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="NNUNET_NODE_TLS_CERT"):
+        Settings(data_dir=tmp_path, dicom_tls_port=2762)
+    with pytest.raises(ValueError, match="NNUNET_NODE_TLS_CA"):
+        Settings(data_dir=tmp_path, tls_ca=tmp_path / "absent.crt")
+
+
+@contextmanager
+def https_node(tmp: Path) -> Iterator[tuple[str, ssl.SSLContext, list[str]]]:
+    """``nnunet-node serve`` in a subprocess: HTTPS, JSON logs, no DICOM port; yields its URL,
+    a context trusting its CA and a list that holds its log lines once the block has ended."""
+    pki = make_pki(tmp / "pki")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "NNUNET_NODE_DATA": str(tmp / "data"),
+        "MODEL_SERVE_SPEC": str(REPO / "model-serve-spec.yaml"),
+        "NNUNET_SERVE_PORT": str(port),
+        "NNUNET_NODE_DICOM_ENABLED": "false",
+        "NNUNET_NODE_HTTPS": "true",
+        "NNUNET_NODE_TLS_CERT": str(pki.server.cert),
+        "NNUNET_NODE_TLS_KEY": str(pki.server.key),
+        "NNUNET_NODE_LOG_FORMAT": "json",
+        "NNUNET_NODE_DEVICE": "cpu",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nnunet_node.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"https://localhost:{port}"
+    trust = ssl.create_default_context(cafile=str(pki.ca))
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", verify=trust, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                out = process.communicate()[0]
+                pytest.fail(f"nnunet-node serve did not start over HTTPS:\n{out}")
+            time.sleep(0.5)
+        yield url, trust, lines
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            out, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, _ = process.communicate()
+        lines.extend(out.splitlines())
+
+
+@pytest.mark.slow
+def test_serve_over_https_with_json_logs_and_offline_docs(tmp_path: Path) -> None:
+    with https_node(tmp_path) as (url, ca, lines):
+        with httpx.Client(base_url=url, verify=ca, timeout=30) as client:
+            assert client.get("/readyz").status_code == 200
+            docs = client.get("/docs")
+            assert docs.status_code == 200
+            assert "cdn" not in docs.text.lower()
+            assert "/docs-assets/swagger-ui-bundle.js" in docs.text
+            script = client.get("/docs-assets/swagger-ui-bundle.js")
+            assert script.status_code == 200 and "SwaggerUIBundle" in script.text
+            assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+            assert client.get("/openapi.json").json()["info"]["title"] == "nnunet-node"
+            for _ in range(3):
+                client.get("/healthz")
+            assert client.get("/jobs").status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on the port
+            httpx.get(url.replace("https", "http") + "/healthz", timeout=5)
+    records = [json.loads(line) for line in lines if line.strip()]  # every line is JSON
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    messages = [str(r["message"]) for r in records]
+    assert any("node ready" in m for m in messages), messages
+    assert not any("/healthz" in m or "/readyz" in m for m in messages), messages
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], records
