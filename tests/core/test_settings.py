@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_node.core.errors import ConfigError
-from nnunet_node.core.settings import load_settings
+from nnunet_node.core.settings import Settings, load_settings
 
 
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,3 +46,16 @@ def test_bad_values_name_the_variable(
     monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError, match=named):
         load_settings()
+
+
+def test_the_readme_configuration_table_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("## Configuration (environment variables)")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip().strip("`") for line in table.splitlines() if "|" in line}
+    variables = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        choices = getattr(alias, "choices", [])
+        variables |= {str(c) for c in choices if isinstance(c, str) and c.isupper()}
+    assert len(variables) >= 30
+    assert variables - rows == set()
