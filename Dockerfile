@@ -50,7 +50,11 @@ RUN useradd --system --uid 1000 --home-dir /data nnunet \
     && chown nnunet /data /models
 USER nnunet
 
+# Inside a container both listen on every interface (the published ports reach them); the DICOM
+# side then answers only the spec's declared peers (NNUNET_NODE_DICOM_ACCESS=auto, README
+# "Access control").
 ENV NNUNET_NODE_HOST=0.0.0.0 \
+    NNUNET_NODE_DICOM_HOST=0.0.0.0 \
     NNUNET_SERVE_PORT=12345 \
     NNUNET_NODE_DICOM_PORT=11112 \
     NNUNET_NODE_DATA=/data \
