@@ -88,10 +88,12 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
     quiet = max(logging.WARNING, root.level) if root.level > logging.DEBUG else root.level
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(quiet)
-    for name, kind in (
-        ("uvicorn.access", ProbeFilter),
-        ("pynetdicom.transport", ConnectFailureFilter),
-    ):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in logger.filters):
-            logger.addFilter(kind())
+    install_filter("uvicorn.access", ProbeFilter)
+    install_filter("pynetdicom.transport", ConnectFailureFilter)
+
+
+def install_filter(logger_name: str, kind: type[logging.Filter]) -> None:
+    """Add a ``kind`` filter to a logger once (idempotent)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core import metrics
 from nnunet_node.core.clock import as_utc, utcnow
 from nnunet_node.core.errors import Conflict, NotFound, SendError
+from nnunet_node.core.logging import ConnectFailureFilter, install_filter
 from nnunet_node.core.tls import client_context
 from nnunet_node.pipeline.pynetdicom_internals import RequestingAE
 from nnunet_node.pipeline.routing import Destination, RoutingTable
@@ -41,6 +42,9 @@ from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.models import Dispatch, DispatchStatus, Instance, Job, JobArtifact
 
 LOGGER = logging.getLogger(__name__)
+# Every association the node requests reports its own failure (a dispatch attempt's one WARNING,
+# a C-MOVE's 0xA801): pynetdicom's two ERROR lines for a refused connection are dropped.
+install_filter("pynetdicom.transport", ConnectFailureFilter)
 
 DICOM_ARTIFACT_KINDS = ("dicom_segmentation", "dicom_struct", "dicom_fractional_segmentation")
 MAX_RETRY_DELAY_S = 600.0

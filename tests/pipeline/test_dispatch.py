@@ -115,7 +115,10 @@ def test_destination_down_then_back(
 
 
 def test_destination_that_stays_down_fails_and_can_be_retried(
-    tmp_path: Path, sessions: sessionmaker[Session], results: list[Path]
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    results: list[Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     port = free_port()
     dispatcher = Dispatcher(
@@ -125,8 +128,15 @@ def test_destination_that_stays_down_fails_and_can_be_retried(
         archive_dir=tmp_path,
     )
     dispatcher.on_job_done(_done_job(sessions, results))
-    dispatcher.run_due()
-    dispatcher.run_due()
+    with caplog.at_level("INFO"):
+        dispatcher.run_due()
+        dispatcher.run_due()
+    # One WARNING line per attempt (the last says it failed), no ERROR from anyone.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert "attempt 1 of 2 failed" in warnings[0] and "could not be reached" in warnings[0]
+    assert "failed after 2 attempt(s)" in warnings[1]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == []
     failed = _dispatch(sessions)
     assert failed.status == DispatchStatus.FAILED and len(failed.attempts) == 2
     assert failed.next_attempt_at is None
