@@ -38,7 +38,7 @@ COPY nnunet_node nnunet_node
 # (an unpinned torchvision pulled in through timm would). A plain (non-editable) install: the
 # migrations travel inside the package.
 RUN pip freeze | grep -Ei '^(torch|torchvision)==' > /tmp/keep-torch.txt \
-    && pip install -c /tmp/keep-torch.txt . \
+    && pip install -c /tmp/keep-torch.txt ".[postgresql]" \
     && rm /tmp/keep-torch.txt
 
 # The demo models and their spec, used when nothing is mounted at /models.

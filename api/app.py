@@ -29,7 +29,7 @@ from nnunet_node.api.middleware import (
     DicomwebMetricsMiddleware,
     RateLimitMiddleware,
 )
-from nnunet_node.api.routes import health, infer, jobs, metrics, models
+from nnunet_node.api.routes import health, infer, jobs, metrics, models, workers
 from nnunet_node.api.ui import pages as ui_pages
 from nnunet_node.api.viewer import ViewerMiddleware, viewer_dist
 from nnunet_node.core.settings import Settings, load_settings
@@ -78,7 +78,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             stack.push_async_callback(_stop_service, name, service)
             app.state.services[name] = service
             LOGGER.info("service %s started", name)
-        LOGGER.info("node ready: HTTP API, %d job worker(s)", settings.workers)
+        if settings.broker_url:
+            LOGGER.info("node ready: HTTP API; jobs go to the broker")
+        else:
+            LOGGER.info("node ready: HTTP API, %d job worker(s)", settings.workers)
         yield
         LOGGER.info("node stopping")
 
@@ -165,6 +168,7 @@ def create_app(
     app.include_router(models.router, **protected)
     app.include_router(infer.router, **protected)
     app.include_router(jobs.router, **protected)
+    app.include_router(workers.router, **protected)
     app.include_router(dicomweb_router, **protected)  # carries /dicom-web
     ui_pages.install(app)  # /ui: the dashboard (its own login redirect)
 

@@ -37,6 +37,20 @@ def _split(value: object, sep: str) -> object:
     return value
 
 
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_queue_name(value: str) -> str:
+    """A job queue's name: letters, digits, ``_ . -``, at most 64 characters (a broker routing
+    key everywhere). Raises :class:`ValueError` otherwise."""
+    if not isinstance(value, str) or not _QUEUE_NAME.match(value):
+        raise ValueError(
+            f"queue name {value!r}: 1 to 64 letters, digits, '_', '.' or '-' (first a letter "
+            "or digit)"
+        )
+    return value
+
+
 class Settings(BaseSettings):
     """Every setting of the node. Field docs name the environment variable."""
 
@@ -174,6 +188,32 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, validation_alias=_env("NNUNET_NODE_WORKERS", "workers"))
 
+    # Jobs past one machine (Celery workers; docs in README, "Workers on other hosts")
+    broker_url: str | None = Field(
+        None, validation_alias=_env("NNUNET_NODE_BROKER_URL", "broker_url")
+    )
+    """``NNUNET_NODE_BROKER_URL``: a Celery broker (``redis://host:6379/0``, ``amqp://...``). Set,
+    ``serve`` runs no jobs itself: it hands job ids to ``nnunet-node worker`` processes."""
+    default_queue: str = Field(
+        "default", validation_alias=_env("NNUNET_NODE_DEFAULT_QUEUE", "default_queue")
+    )
+    """``NNUNET_NODE_DEFAULT_QUEUE``: the queue of jobs whose route and model name none."""
+    job_lease_s: float = Field(
+        60.0, ge=1, validation_alias=_env("NNUNET_NODE_JOB_LEASE_S", "job_lease_s")
+    )
+    """``NNUNET_NODE_JOB_LEASE_S``: a worker renews its running job's lease every quarter of this;
+    a job whose lease ran out (its worker died) is run again by another worker."""
+    job_max_attempts: int = Field(
+        2, ge=1, validation_alias=_env("NNUNET_NODE_JOB_MAX_ATTEMPTS", "job_max_attempts")
+    )
+    """``NNUNET_NODE_JOB_MAX_ATTEMPTS``: runs of a job whose worker (or process) died, at most."""
+    broker_resend_s: float = Field(
+        60.0, gt=0, validation_alias=_env("NNUNET_NODE_BROKER_RESEND_S", "broker_resend_s")
+    )
+    """``NNUNET_NODE_BROKER_RESEND_S``: when the broker holds fewer messages for a queue than it
+    has queued jobs (restarted without its data), the ids sent longer ago than this are sent
+    again; a copy delivered twice still runs once."""
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -188,6 +228,20 @@ class Settings(BaseSettings):
     @classmethod
     def _colon_list(cls, value: object) -> object:
         return _split(value, ":")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if "://" not in value:
+            raise ValueError("must be a broker URL such as redis://host:6379/0 or amqp://host//")
+        return value.strip()
+
+    @field_validator("default_queue")
+    @classmethod
+    def _check_queue(cls, value: str) -> str:
+        return check_queue_name(value)
 
     @field_validator("ae_title")
     @classmethod

@@ -112,6 +112,21 @@ def cache_key(stage: Stage, device: torch.device) -> tuple[Any, ...]:
     )
 
 
+def describe_key(key: Any, model_ids: dict[str, str]) -> dict[str, Any]:
+    """A predictor cache key (:func:`cache_key`) as a record: ``model`` (its id, looked up by
+    folder in ``model_ids``, else the folder), ``folds``, ``checkpoint``, ``tta``, ``device``."""
+    if isinstance(key, tuple) and len(key) == 5:
+        folder, folds, checkpoint, tta, device = key
+        return {
+            "model": model_ids.get(str(folder), str(folder)),
+            "folds": list(folds),
+            "checkpoint": checkpoint,
+            "tta": bool(tta),
+            "device": str(device),
+        }
+    return {"model": str(key)}
+
+
 def load_model(
     folder: Path, folds: tuple[int | str, ...], checkpoint: str, tta: bool, device: torch.device
 ) -> LoadedModel:

@@ -104,6 +104,64 @@ def _dicom(settings: Settings, args: argparse.Namespace) -> int:
     return run_standalone(settings)
 
 
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    if args.concurrency != 1:
+        print(
+            "nnunet-node worker: --concurrency must be 1 (one job at a time per process); "
+            "start one worker per GPU",
+            file=sys.stderr,
+        )
+        return 2
+    device = args.device or settings.device
+    mode = device
+    if device.startswith("cuda:"):
+        # One GPU per process: make it the only visible one, before torch is imported.
+        index = device.split(":", 1)[1]
+        if not index.isdigit():
+            print(
+                f"nnunet-node worker: --device {device!r}: expected cuda:<index>", file=sys.stderr
+            )
+            return 2
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            listed = [v.strip() for v in visible.split(",") if v.strip()]
+            if int(index) >= len(listed):
+                print(
+                    f"nnunet-node worker: --device {device}: CUDA_VISIBLE_DEVICES={visible} "
+                    f"lists {len(listed)} device(s)",
+                    file=sys.stderr,
+                )
+                return 2
+            index = listed[int(index)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = index
+        mode = "cuda"
+    if mode not in ("auto", "cpu", "cuda"):
+        print(
+            f"nnunet-node worker: --device {device!r}: auto, cpu, cuda or cuda:<index>",
+            file=sys.stderr,
+        )
+        return 2
+    settings = settings.model_copy(update={"device": mode})
+    queues = [q.strip() for q in (args.queues or settings.default_queue).split(",") if q.strip()]
+    from nnunet_node.core.settings import check_queue_name
+
+    try:
+        queues = [check_queue_name(q) for q in queues]
+    except ValueError as exc:
+        print(f"nnunet-node worker: --queues: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from nnunet_node.pipeline.celery_worker import WorkerOptions, default_name, run_worker
+
+    options = WorkerOptions(name=args.name or default_name(), queues=queues, device=device)
+    return run_worker(settings, options)
+
+
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from nnunet_node.node.demo import run_demo
 
@@ -164,6 +222,40 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     dicom.set_defaults(func=_dicom)
+
+    worker = sub.add_parser(
+        "worker",
+        help="take jobs from the broker (NNUNET_NODE_BROKER_URL) and run them, one at a time",
+        description=_help(
+            """
+            Run jobs on this host for a node whose NNUNET_NODE_BROKER_URL is set: one process
+            per GPU, one job at a time, models kept loaded between jobs. It needs the node's
+            database (NNUNET_NODE_DB_URL), data folder (NNUNET_NODE_DATA, shared storage) and
+            spec, and a database the node has migrated. Stop it with Ctrl-C (the running job
+            ends first).
+            """
+        ),
+    )
+    worker.add_argument(
+        "--device",
+        default=None,
+        help="auto, cpu, cuda or cuda:<index> (one GPU per worker; default NNUNET_NODE_DEVICE)",
+    )
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated queues to take jobs from (default NNUNET_NODE_DEFAULT_QUEUE)",
+    )
+    worker.add_argument(
+        "--concurrency", type=int, default=1, help="jobs at a time: 1 (one process per GPU)"
+    )
+    worker.add_argument(
+        "--name", default=None, help="unique worker name (default nnunet-<pid>@<host>)"
+    )
+    worker.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
+    )
+    worker.set_defaults(func=_worker)
 
     demo = sub.add_parser(
         "demo",

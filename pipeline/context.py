@@ -57,10 +57,15 @@ class NodeContext:
         self.engine_sql.dispose()
 
 
-def build_context(settings: Settings, *, migrate: bool = True, recover: bool = True) -> NodeContext:
+def build_context(
+    settings: Settings, *, migrate: bool = True, recover: bool = True, broker: bool = True
+) -> NodeContext:
     """Everything the node needs, wired: database (migrated unless ``migrate`` is false), archive
     (half-done writes of a crash finished or dropped when ``recover``), spec, inference engine with
-    its predictor cache, and the job service (workers not started)."""
+    its predictor cache, and the job service (workers not started). With ``broker`` and
+    ``NNUNET_NODE_BROKER_URL`` set, the job service hands jobs to the broker
+    (:class:`~nnunet_node.pipeline.broker.BrokerQueue`) instead of running them; worker processes
+    pass ``broker=False``: they run the jobs."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
@@ -81,7 +86,12 @@ def build_context(settings: Settings, *, migrate: bool = True, recover: bool = T
         )
         device = DevicePolicy(settings.device, settings.gpu_wait_s)
         inference_engine = InferenceEngine(cache, device)
-        job_service = JobService(settings, sessions, spec, archive, inference_engine)
+        queue = None
+        if broker and settings.broker_url:
+            from nnunet_node.pipeline.broker import BrokerQueue  # imports Celery
+
+            queue = BrokerQueue(settings, sessions)
+        job_service = JobService(settings, sessions, spec, archive, inference_engine, queue=queue)
         tls_peers = any(peer.tls for peer in spec.routing.peers)
         dispatcher = Dispatcher(
             sessions,

@@ -11,26 +11,37 @@ processes may share the queue. Inference runs in the worker threads, never in th
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
+import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core import metrics
-from nnunet_node.core.errors import ClientError, InvalidRequest, JobCancelled, NodeError, NotFound
+from nnunet_node.core.errors import (
+    ClientError,
+    Conflict,
+    InvalidRequest,
+    JobCancelled,
+    NodeError,
+    NotFound,
+)
 from nnunet_node.core.paths import resolve_inside
 from nnunet_node.core.settings import Settings
+from nnunet_node.inference.engine import describe_key
 from nnunet_node.inference.request import Plan, normalise
 from nnunet_node.inference.series_check import check_plan
 from nnunet_node.pipeline.outputs import build_zip
@@ -46,7 +57,8 @@ from nnunet_node.pipeline.spec import NodeSpec
 from nnunet_node.storage.archive import Archive, is_valid_uid
 from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.jobs import ArtifactRecord, JobFilters, JobStore, as_utc, is_terminal
-from nnunet_node.storage.models import Job, JobStatus, Patient, Series, Study
+from nnunet_node.storage.models import Job, JobStatus, Patient, Series, Study, utcnow
+from nnunet_node.storage.workers import JobLeases, WorkerInfo, WorkerStore
 
 LOGGER = logging.getLogger(__name__)
 
@@ -92,6 +104,12 @@ class JobView(BaseModel):
     run_record: dict[str, Any] | None = None
     error: str | None = None
     attempts: int
+    queue: str = "default"
+    """The queue whose workers may run it (see ``GET /workers``)."""
+    queue_position: int | None = None
+    """While queued: how many queued jobs of its queue are ahead of it (0: it is next)."""
+    worker: str | None = None
+    """The worker process that runs (or ran) it; ``None`` when the node ran it itself."""
     superseded_by: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -123,6 +141,8 @@ class JobView(BaseModel):
             run_record=job.run_record,
             error=job.error,
             attempts=job.attempts,
+            queue=job.queue or "default",
+            worker=job.worker,
             superseded_by=job.superseded_by,
             created_at=created,
             started_at=as_utc(job.started_at),
@@ -152,12 +172,28 @@ class JobView(BaseModel):
 
 
 # --- the service ----------------------------------------------------------------------------
+class JobQueue(Protocol):
+    """Where queued jobs go instead of this process's worker threads: a broker
+    (:class:`nnunet_node.pipeline.broker.BrokerQueue`). ``submit`` is called once the row is
+    committed as queued; losing a submit loses no job (the row stays queued)."""
+
+    def submit(self, job_id: str) -> None: ...
+
+    def start(self, *, recover: bool = True) -> None: ...
+
+    def stop(self, timeout: float | None = 30.0) -> None: ...
+
+
 class JobService:
     """Validate and queue jobs, run them in ``settings.workers`` threads, report on them.
 
     ``on_done`` holds callables ``(job_id) -> None`` run in the worker thread after a job finished
     with status ``done`` (dispatch registers one to send results on); their errors are logged and
     never change the job.
+
+    With a ``queue`` (a broker), this process runs no job: ``submit`` hands the id to the queue,
+    ``start`` / ``stop`` start and stop it, and worker processes run jobs with
+    :meth:`run_claimed`.
     """
 
     def __init__(
@@ -170,8 +206,11 @@ class JobService:
         *,
         poll_s: float = 1.0,
         progress_interval_s: float = 0.25,
+        queue: JobQueue | None = None,
     ) -> None:
         self.settings = settings
+        self.queue = queue
+        self.leases = JobLeases(session_factory)
         self.session_factory = session_factory
         self.spec = spec
         self.archive = archive
@@ -188,6 +227,8 @@ class JobService:
         self._running: dict[str, threading.Event] = {}
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._lock = threading.Lock()
+        self._jobs_done = 0
+        self._started_at = utcnow()
 
     # --- validation --------------------------------------------------------------------------
     def validate(
@@ -331,9 +372,31 @@ class JobService:
             study_instance_uid=study_uid,
             patient_id=patient_id,
             output_dir=str(out_resolved),
+            queue=self.queue_for(route_name, plan.model_ids),
         )
-        self._wake.set()
+        if self.queue is not None:
+            self.queue.submit(job_id)
+        else:
+            self._wake.set()
         return job_id
+
+    def queue_for(self, route_name: str | None, model_ids: list[str]) -> str:
+        """The queue of a job: its route's ``queue``, else the first of its models' that names
+        one, else ``NNUNET_NODE_DEFAULT_QUEUE``."""
+        raw = self.spec.raw if isinstance(self.spec.raw, dict) else {}
+        if route_name:
+            for route in raw.get("routes") or []:
+                if isinstance(route, dict) and route.get("name") == route_name:
+                    if route.get("queue"):
+                        return str(route["queue"])
+                    break
+        by_id = {
+            m.get("id"): m.get("queue") for m in raw.get("models") or [] if isinstance(m, dict)
+        }
+        for model_id in model_ids:
+            if by_id.get(model_id):
+                return str(by_id[model_id])
+        return self.settings.default_queue
 
     def _series_owner(self, series_uids: list[str]) -> tuple[str | None, str | None]:
         """Study UID and patient id of archived series (every one must be in the archive)."""
@@ -353,7 +416,11 @@ class JobService:
 
     # --- reading -----------------------------------------------------------------------------
     def get(self, job_id: str) -> JobView:
-        return JobView.of(self.store.get(job_id))
+        """The job as the API shows it, with its place in its queue while queued."""
+        view = JobView.of(self.store.get(job_id))
+        if view.status == JobStatus.QUEUED:
+            view.queue_position = self.leases.queue_position(job_id)
+        return view
 
     def list(
         self,
@@ -460,7 +527,11 @@ class JobService:
 
     # --- workers -----------------------------------------------------------------------------
     def start(self, *, recover: bool = True) -> None:
-        """Start the workers; first requeue (or fail) jobs a dead process left running."""
+        """Start the workers; first requeue (or fail) jobs a dead process left running. With a
+        broker queue, start that instead (jobs of lost workers are found by their leases)."""
+        if self.queue is not None:
+            self.queue.start(recover=recover)
+            return
         if self._threads:
             return
         if recover:
@@ -476,6 +547,9 @@ class JobService:
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop the workers. A running job may finish for ``timeout`` seconds; then it is asked
         to stop and goes back to the queue (queued jobs stay queued and run after a restart)."""
+        if self.queue is not None:
+            self.queue.stop(timeout)
+            return
         if not self._threads:
             return
         self._stopping.set()
@@ -501,6 +575,53 @@ class JobService:
         """Tell idle workers to look at the queue now."""
         self._wake.set()
 
+    def loaded_models(self) -> builtins.list[dict[str, Any]]:
+        """The predictors this process holds loaded (model, folds, checkpoint, tta, device)."""
+        cache = getattr(self.engine, "cache", None)
+        if cache is None:
+            return []
+        ids = {str(m.folder): m.id for m in self.spec.registry.models}
+        return [describe_key(key, ids) for key in cache.held_keys()]
+
+    def workers(self) -> builtins.list[WorkerInfo]:
+        """The workers alive now. With a broker: the worker processes whose heartbeat is at most
+        one lease (``NNUNET_NODE_JOB_LEASE_S``) old. In-process: this process, which runs every
+        queue (``["*"]``), with the job its threads started first as ``current_job``."""
+        if self.queue is not None:
+            return WorkerStore(self.session_factory).alive(self.settings.job_lease_s)
+        cache = getattr(self.engine, "cache", None)
+        with self._lock:
+            running = list(self._running)
+        return [
+            WorkerInfo(
+                name=f"in-process-{os.getpid()}@{socket.gethostname()}",
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                device=self.settings.device,
+                queues=["*"],
+                models=self.loaded_models(),
+                current_job=running[0] if running else None,
+                jobs_done=self._jobs_done,
+                model_loads=cache.stats.loads if cache is not None else 0,
+                started_at=self._started_at,
+                heartbeat_at=utcnow(),
+            )
+        ]
+
+    def run_claimed(self, job: Job, *, worker: str) -> None:
+        """Run a job that the worker process ``worker`` has claimed (its name is on the row) and
+        record the outcome, only while it still holds the job (see ``storage.workers``)."""
+        self._execute(job, worker=worker)
+
+    def request_stop(self, job_id: str) -> bool:
+        """Ask a job running in this process to stop at its next check; False if none does."""
+        with self._lock:
+            flag = self._running.get(job_id)
+        if flag is None:
+            return False
+        flag.set()
+        return True
+
     def run_pending(self) -> int:
         """Claim and run queued jobs in this thread until none is left (tools and tests)."""
         count = 0
@@ -525,7 +646,7 @@ class JobService:
             except Exception:  # recording the outcome failed (database away): keep working
                 LOGGER.exception("job %s: its outcome could not be recorded", job.id)
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job, *, worker: str | None = None) -> None:
         flag = threading.Event()
         with self._lock:
             self._running[job.id] = flag
@@ -549,13 +670,19 @@ class JobService:
         result = "failed"
         try:
             outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
-            final = self.store.finish(
-                job.id,
-                outcome.result,
-                outcome.artifacts,
-                progress=outcome.progress,
-                run_record=outcome.run_record,
-            )
+            try:
+                final = self.store.finish(
+                    job.id,
+                    outcome.result,
+                    outcome.artifacts,
+                    progress=outcome.progress,
+                    run_record=outcome.run_record,
+                    worker=worker,
+                )
+            except Conflict as exc:  # another worker took the job over: it records the outcome
+                LOGGER.warning("job %s: result not recorded: %s", job.id, exc)
+                result = "lost"
+                return
             result = JobStatus(final.status).value
             if final.status == JobStatus.DONE:
                 self._run_hooks(job.id)
@@ -564,15 +691,17 @@ class JobService:
             if self._abort.is_set() and self.store.requeue(job.id):
                 result = "requeued"
                 LOGGER.info("job %s interrupted by shutdown: back in the queue", job.id)
+            elif worker is not None and not self.leases.holds(job.id, worker):
+                LOGGER.info("job %s stopped: no longer held by %s", job.id, worker)
             else:
                 LOGGER.info("job %s stopped: %s", job.id, self.store.status(job.id).value)
                 if self.store.status(job.id) == JobStatus.RUNNING:
                     self.store.cancel(job.id, reason="stopped")
         except NodeError as exc:  # client errors (an unreadable series) included: their message
-            self.store.fail(job.id, str(exc))
+            self.store.fail(job.id, str(exc), worker=worker)
         except Exception as exc:
             LOGGER.exception("job %s crashed", job.id)
-            self.store.fail(job.id, f"internal error: {type(exc).__name__}: {exc}")
+            self.store.fail(job.id, f"internal error: {type(exc).__name__}: {exc}", worker=worker)
         finally:
             metrics.JOB_SECONDS.labels("+".join(job.models or []), result).observe(
                 time.monotonic() - started
@@ -581,6 +710,7 @@ class JobService:
             self._discard_upload(job)
             with self._lock:
                 self._running.pop(job.id, None)
+                self._jobs_done += 1
             self._notify(job.id)
 
     def _discard_upload(self, job: Job) -> None:
@@ -594,7 +724,8 @@ class JobService:
         if not path.is_relative_to(uploads) or path == uploads:
             return
         try:
-            if self.store.status(job.id) == JobStatus.QUEUED:
+            # queued again (shutdown), or running on another worker that took it over: still needed
+            if not is_terminal(self.store.status(job.id)):
                 return
         except NodeError:
             return

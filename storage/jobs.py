@@ -96,8 +96,10 @@ class JobStore:
         patient_id: str | None = None,
         output_dir: str | None = None,
         job_id: str | None = None,
+        queue: str = "default",
     ) -> Job:
-        """Insert a queued job and return it."""
+        """Insert a queued job (on ``queue``, for workers that take jobs from a broker) and
+        return it."""
         job = Job(
             id=job_id or uuid.uuid4().hex,
             source=source,
@@ -109,6 +111,7 @@ class JobStore:
             study_instance_uid=study_instance_uid,
             patient_id=patient_id,
             output_dir=output_dir,
+            queue=queue,
             progress={},
             attempts=0,
             created_at=utcnow(),
@@ -244,12 +247,20 @@ class JobStore:
         *,
         progress: dict[str, Any] | None = None,
         run_record: dict[str, Any] | None = None,
+        worker: str | None = None,
     ) -> Job:
         """Record the result, the run record and every output file. The job becomes ``done`` if it
         was still running; one cancelled or superseded meanwhile keeps that status (its files are
-        listed)."""
+        listed).
+
+        ``worker`` (a worker process's name): record only while that worker still holds the job;
+        one that lost it (its lease ran out and another worker took the job over) records
+        nothing and gets :class:`Conflict`.
+        """
         with unit_of_work(self._sessions) as session:
             job = self._load(session, job_id)
+            if worker is not None and job.worker != worker:
+                raise Conflict(f"job {job_id!r} is held by {job.worker!r}, not {worker!r}")
             job.result = dict(result)
             if run_record is not None:
                 job.run_record = dict(run_record)
@@ -269,18 +280,28 @@ class JobStore:
             if job.status == JobStatus.RUNNING:
                 job.status = JobStatus.DONE
                 job.error = None
+            job.lease_expires_at = None
             session.flush()
             job = self._load(session, job_id, refresh=True)
         LOGGER.info("job %s finished: %s", job_id, job.status.value)
         return job
 
-    def fail(self, job_id: str, error: str) -> Job:
-        """Mark a running (or queued) job failed with ``error``; other states are left alone."""
+    def fail(self, job_id: str, error: str, *, worker: str | None = None) -> Job:
+        """Mark a running (or queued) job failed with ``error``; other states are left alone,
+        and so is a job that ``worker`` (when given) no longer holds."""
+        condition = [Job.id == job_id, Job.status.in_([JobStatus.RUNNING, JobStatus.QUEUED])]
+        if worker is not None:
+            condition.append(Job.worker == worker)
         with unit_of_work(self._sessions) as session:
             session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status.in_([JobStatus.RUNNING, JobStatus.QUEUED]))
-                .values(status=JobStatus.FAILED, error=error, finished_at=utcnow())
+                .where(*condition)
+                .values(
+                    status=JobStatus.FAILED,
+                    error=error,
+                    finished_at=utcnow(),
+                    lease_expires_at=None,
+                )
                 .execution_options(synchronize_session=False)
             )
             job = self._load(session, job_id, refresh=True)

@@ -70,6 +70,13 @@ def current(url: str) -> str | None:
         engine.dispose()
 
 
+def head() -> str | None:
+    """The newest revision among the package's migration scripts."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
 def _safe(url: str) -> str:
     from sqlalchemy.engine import make_url
 

@@ -198,7 +198,21 @@ class Job(Base):
         back_populates="job", cascade="all, delete-orphan", order_by="Dispatch.id"
     )
 
-    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+    # Where and by whom it runs (docs: README, "Workers on other hosts").
+    queue: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
+    """The queue whose workers may run it: the route's or the first model's, else the default."""
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """The worker that runs it (or ran it last); ``None`` for in-process workers."""
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    """Until when its running worker holds it; the worker renews it while alive. Once past, the
+    job is run again by another worker (or failed after the last attempt)."""
+    enqueued_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    """When its id was last handed to the broker (``None`` in-process)."""
+
+    __table_args__ = (
+        Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_queue_status_created", "queue", "status", "created_at"),
+    )
 
 
 class JobArtifact(Base):
@@ -246,3 +260,25 @@ class Dispatch(Base):
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="dispatches")
+
+
+class Worker(Base):
+    """A ``nnunet-node worker`` process, as its heartbeats describe it (``GET /workers``)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    """Unique per process: ``<name>@<host>`` (the Celery node name)."""
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    device: Mapped[str] = mapped_column(String(32), default="")
+    queues: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    models: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    """The predictors it holds loaded (model folder, folds, checkpoint, device)."""
+    current_job: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    """Jobs it ran to an end (done, failed or stopped)."""
+    model_loads: Mapped[int] = mapped_column(Integer, default=0)
+    """Predictors it loaded from disk (a warm cache hit loads none)."""
+    started_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(TS, default=utcnow, index=True)

@@ -16,8 +16,17 @@ from nnunet_node.storage.migrations import current, downgrade, upgrade
 from nnunet_node.storage.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0003"
-TABLES = {"patients", "studies", "series", "instances", "jobs", "job_artifacts", "dispatches"}
+HEAD = "0004"
+TABLES = {
+    "patients",
+    "studies",
+    "series",
+    "instances",
+    "jobs",
+    "job_artifacts",
+    "dispatches",
+    "workers",
+}
 
 
 def _tables(url: str) -> set[str]:
