@@ -6,13 +6,14 @@ The file keeps the reference server's format (``model_folder`` and ``models``, s
     SpecFile
     ├── model_folder: str                      (relative to the spec file's folder)
     ├── models: [ModelEntry]
-    │   ├── id, name, aliases, rel_path | totalseg_task, min_mem (MiB), default_args
+    │   ├── id, name, aliases, rel_path | totalseg_task, min_mem (MiB), default_args, queue
     │   └── metadata: MetadataEntry            (a dcmqi template path, or the inline form)
     │       └── segment_names: [SegmentEntry]  (a SNOMED CT name, or a mapping)
     │           └── category, type_modifier, anatomic_region: ConceptEntry
     ├── destinations: {name: DestinationEntry} (ae_title, host, port, max_attempts, retry_delay_s,
     │                                           tls)
-    ├── routes: [RouteEntry]                   (match, nnunet_id, args, destinations, quiet_seconds)
+    ├── routes: [RouteEntry]                   (match, nnunet_id, args, destinations, quiet_seconds,
+    │                                           queue)
     └── peers: [PeerEntry]                     (ae_title, host, port, tls, operations, check_host)
 
     DcmqiTemplate                              (the JSON file a metadata ``path`` names)
@@ -40,6 +41,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -54,6 +56,7 @@ from pydantic import (
 from pydicom.datadict import dictionary_VR, keyword_dict
 
 from nnunet_node.core.errors import ConfigError, validation_message
+from nnunet_node.core.settings import check_queue_name
 
 DEFAULT_MIN_MEM_MIB = 4000
 """``min_mem`` when a model does not give it: MiB of free GPU memory a job needs."""
@@ -195,6 +198,8 @@ def _seconds(value: Any) -> float:
 
 
 Seconds = Annotated[float, BeforeValidator(_seconds)]
+QueueName = Annotated[str, Field(strict=True), AfterValidator(check_queue_name)]
+"""A job queue: 1 to 64 letters, digits, ``_ . -`` (a broker routing key everywhere)."""
 """A duration in seconds, >= 0 (an integer or a decimal number)."""
 
 
@@ -449,6 +454,8 @@ class ModelEntry(_Entry):
     default_args: Annotated[dict[str, Any], BeforeValidator(_mapping_or_empty)] = {}
     metadata: MetadataEntry | None = None
     totalseg_task: Name | None = None
+    queue: QueueName | None = None
+    """The job queue of this model's group: workers on the hosts that hold it listen on it."""
 
     @model_validator(mode="after")
     def _located(self) -> ModelEntry:
@@ -545,6 +552,8 @@ class RouteEntry(_Entry):
     destinations: Annotated[tuple[str, ...], BeforeValidator(_listify)] = ()
     quiet_seconds: Seconds | None = None
     rerun: StrictBool = True
+    queue: QueueName | None = None
+    """The job queue of its jobs (else their first model's that names one, else the default)."""
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
         """Every pattern matches the whole value; an absent attribute counts as empty."""

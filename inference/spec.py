@@ -62,6 +62,8 @@ class ModelSpec:
     default_args: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     metadata: MetadataEntry | None = field(default=None, hash=False, compare=False)
     totalseg_task: str | None = None
+    queue: str | None = None
+    """The job queue of this model's group (workers on the hosts that hold it listen on it)."""
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -288,6 +290,7 @@ def _model_spec(entry: ModelEntry, model_folder: Path, totalseg_root: Path) -> M
         default_args=dict(entry.default_args),
         metadata=entry.metadata,
         totalseg_task=task,
+        queue=entry.queue,
     )
 
 

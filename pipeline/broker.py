@@ -43,6 +43,9 @@ VISIBILITY_TIMEOUT_S = 3600.0
 that runs longer gets a second copy, which its claim drops; lost workers are found sooner through
 the job's lease."""
 
+NEVER_SENT_GRACE_S = 5.0
+"""A queued job that was never sent is sent by the sweep once it is this old."""
+
 FORGET_WORKERS_AFTER_S = 86400.0
 """Rows of workers silent for a day are removed (a killed worker never removes its own)."""
 
@@ -190,7 +193,9 @@ class BrokerQueue:
         a restart without its data), resend the ids last sent over ``broker_resend_s`` ago."""
         requeued, failed = self.leases.reap(max_attempts=self.settings.job_max_attempts)
         sent = self.send(requeued)
-        sent += self.send(self.leases.unsent())
+        # Jobs whose submit could not send them (broker away); a few seconds' grace keeps the
+        # sweep from doubling a submit that is sending right now.
+        sent += self.send(self.leases.unsent(min_age_s=NEVER_SENT_GRACE_S))
         stale = self.leases.unsent(self.settings.broker_resend_s)
         if stale:
             counts = self.leases.queued_counts()

@@ -30,8 +30,6 @@ from celery import Celery
 from nnunet_node.core.settings import Settings
 from nnunet_node.pipeline.broker import RUN_JOB_TASK, make_celery
 from nnunet_node.pipeline.context import NodeContext, build_context
-from nnunet_node.pipeline.dispatch import Dispatcher
-from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.migrations import current, head
 from nnunet_node.storage.models import JobStatus, utcnow
 from nnunet_node.storage.workers import JobLeases, WorkerInfo, WorkerStore
@@ -77,14 +75,9 @@ class RemoteWorker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        routing = RoutingTable.from_spec(context.spec.raw)
-        # Rows only: the node's dispatcher thread sends them (from the node's AE title).
-        self.dispatcher = Dispatcher(
-            context.session_factory,
-            routing,
-            calling_ae=self.settings.ae_title,
-            archive_dir=context.archive.root,
-        )
+        # Rows only (its thread is not started here): the node's dispatcher sends them, from the
+        # node's AE title.
+        self.dispatcher = context.dispatcher
         context.job_service.on_done.append(self.dispatcher.on_job_done)
 
     # --- the task ------------------------------------------------------------------------------

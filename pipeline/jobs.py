@@ -383,19 +383,14 @@ class JobService:
     def queue_for(self, route_name: str | None, model_ids: list[str]) -> str:
         """The queue of a job: its route's ``queue``, else the first of its models' that names
         one, else ``NNUNET_NODE_DEFAULT_QUEUE``."""
-        raw = self.spec.raw if isinstance(self.spec.raw, dict) else {}
         if route_name:
-            for route in raw.get("routes") or []:
-                if isinstance(route, dict) and route.get("name") == route_name:
-                    if route.get("queue"):
-                        return str(route["queue"])
-                    break
-        by_id = {
-            m.get("id"): m.get("queue") for m in raw.get("models") or [] if isinstance(m, dict)
-        }
+            route = self.spec.routing.route(route_name)
+            if route is not None and route.queue:
+                return route.queue
         for model_id in model_ids:
-            if by_id.get(model_id):
-                return str(by_id[model_id])
+            queue = self.spec.registry.resolve(model_id).queue
+            if queue:
+                return queue
         return self.settings.default_queue
 
     def _series_owner(self, series_uids: list[str]) -> tuple[str | None, str | None]:

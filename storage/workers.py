@@ -244,17 +244,23 @@ class JobLeases:
             )
 
     def unsent(
-        self, older_than_s: float | None = None, limit: int = 500
+        self, older_than_s: float | None = None, *, min_age_s: float = 0.0, limit: int = 500
     ) -> builtins.list[tuple[str, str]]:
-        """``(job id, queue)`` of queued jobs never sent to the broker or, with ``older_than_s``,
-        last sent more than that many seconds ago; oldest first."""
+        """``(job id, queue)`` of queued jobs created over ``min_age_s`` seconds ago that were
+        never sent to the broker or, with ``older_than_s``, were last sent more than that many
+        seconds ago; oldest first."""
+        now = utcnow()
         stale: ColumnElement[bool] = Job.enqueued_at.is_(None)
         if older_than_s is not None:
-            stale = or_(stale, Job.enqueued_at < utcnow() - timedelta(seconds=older_than_s))
+            stale = or_(stale, Job.enqueued_at < now - timedelta(seconds=older_than_s))
         with unit_of_work(self._sessions) as session:
             rows = session.execute(
                 select(Job.id, Job.queue)
-                .where(Job.status == JobStatus.QUEUED, stale)
+                .where(
+                    Job.status == JobStatus.QUEUED,
+                    Job.created_at < now - timedelta(seconds=min_age_s),
+                    stale,
+                )
                 .order_by(Job.created_at, Job.id)
                 .limit(limit)
             ).all()
