@@ -322,6 +322,22 @@ def test_archive_job_downloads_and_history_filters(node: Any, study: Any) -> Non
     assert page(limit=5, offset=total)["items"] == []
 
 
+def test_workers_lists_the_node_itself_when_it_runs_the_jobs(node: Any) -> None:
+    """No broker: the node's own threads are the one worker, taking every queue."""
+    answer = node.client.get("/workers")
+    assert answer.status_code == 200
+    (worker,) = answer.json()
+    assert worker["queues"] == ["*"]
+    assert worker["device"] == "cpu"
+    assert worker["current_job"] is None
+    assert worker["jobs_done"] >= 4, "the inference tests above ran jobs here"
+    loaded = {m["model"] for m in worker["models"]}
+    assert {"phantom", "phantom_cube"} <= loaded
+    assert worker["model_loads"] >= len(worker["models"])
+    done = node.client.get("/jobs", params={"status": "done", "limit": 1}).json()["items"][0]
+    assert (done["queue"], done["queue_position"], done["worker"]) == ("default", None, None)
+
+
 def test_readyz_reports_the_cache_and_expire_empties_it(node: Any) -> None:
     ready = node.client.get("/readyz").json()
     assert ready["status"] == "ok"
