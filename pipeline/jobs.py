@@ -465,8 +465,9 @@ class JobService:
             flag = self._running.get(job_id)
         if flag is not None:
             flag.set()  # the worker removes its upload when it stops
-        else:
+        elif job.worker is None or job.started_at is None:  # not running on a worker process
             self._discard_upload(job)
+        # else a worker process ran it: that worker removes the upload when it stops
         self._notify(job_id)
         return JobView.of(job)
 

@@ -172,6 +172,10 @@ class Worker:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(20)
 
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -384,6 +388,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             cluster.wait_workers(list(workers))
             yield cluster
         finally:
+            for worker in cluster.workers.values():
+                worker.terminate()
             for worker in cluster.workers.values():
                 worker.stop()
             client.close()
