@@ -221,6 +221,14 @@ async def models_page(request: Request) -> HTMLResponse:
     return _page(request, "models.html", models=found)
 
 
+@router.get("/workers", response_class=HTMLResponse)
+async def workers_page(request: Request) -> HTMLResponse:
+    guard(request)
+    context = get_context(request)
+    found = await run_in_threadpool(context.job_service.workers)
+    return _page(request, "workers.html", workers=found)
+
+
 def install(app: FastAPI) -> None:
     """Add the dashboard to ``app``: its pages, its static files and the login redirect."""
 

@@ -52,6 +52,9 @@ def test_pages_need_the_key_and_the_login_sets_a_cookie_the_api_accepts(node: An
             assert answer.status_code == 200, page
             assert answer.headers["content-type"].startswith("text/html")
         assert client.get("/ui/destinations").status_code == 200
+        workers = client.get("/ui/workers")  # no broker: the node itself is the one worker
+        assert workers.status_code == 200
+        assert "in-process-" in workers.text and "<td>*</td>" in workers.text
         assert client.get("/jobs").status_code == 200  # the API takes the cookie
         assert client.get("/dicom-web/studies").status_code == 200
         assert client.get("/ui/jobs/0123456789abcdef0123456789abcdef").status_code == 404

@@ -427,7 +427,7 @@ def test_jobs_from_http_and_cstore_run_once_on_both_workers(cluster: Cluster) ->
 
     def routed_jobs() -> list[str] | None:
         page = cluster.client.get("/jobs", params={"source": "dimse", "limit": 50}).json()
-        ids = [j["id"] for j in page["items"]]
+        ids = [j["job_id"] for j in page["items"]]
         return ids if len(ids) == 4 else None
 
     routed = cluster.wait("four routed jobs", routed_jobs, 120, 0.3)
@@ -440,8 +440,8 @@ def test_jobs_from_http_and_cstore_run_once_on_both_workers(cluster: Cluster) ->
         kinds = sorted(a["kind"] for a in view["artifacts"])
         assert kinds == ["dicom_segmentation", "dicom_struct", "nifti_prediction"], kinds
         # SEG and RTSTRUCT filed in the archive once each, by whichever worker ran the job
-        assert len(cluster.job_objects(view["id"])) == 2
-        names = _zip_names(cluster.client, view["id"])
+        assert len(cluster.job_objects(view["job_id"])) == 2
+        names = _zip_names(cluster.client, view["job_id"])
         assert any(n.endswith("prediction.nii.gz") for n in names), names
     with cluster.sessions() as session:
         filed = session.scalar(select(func.count(Instance.id)).where(Instance.source == "job"))
@@ -472,6 +472,9 @@ def test_a_second_job_for_the_same_model_does_not_load_it_again(cluster: Cluster
         assert [m["model"] for m in worker["models"]] == ["phantom"]
         assert worker["device"] == "cpu"
     assert alive["a@loopback"]["queues"] == ["default", "cube"]
+    page = cluster.client.get("/ui/workers")  # the dashboard lists them too
+    assert page.status_code == 200
+    assert 'data-worker="a@loopback"' in page.text and 'data-worker="b@loopback"' in page.text
 
 
 def test_model_group_queue_and_queue_position(cluster: Cluster) -> None:
