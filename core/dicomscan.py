@@ -62,7 +62,12 @@ class Element:
 
 
 def scan(
-    data: bytes, wanted: frozenset[int], *, complete: bool, stop_after_wanted: bool = False
+    data: bytes,
+    wanted: frozenset[int],
+    *,
+    complete: bool,
+    stop_after_wanted: bool = False,
+    size: int | None = None,
 ) -> tuple[str, dict[int, Element]] | None:
     """The transfer syntax and the wanted elements (``group << 16 | element``) of a Part 10
     file whose first bytes are ``data`` (all of it when ``complete``).
@@ -70,7 +75,15 @@ def scan(
     Returns None when ``data`` is not complete and ends before the pixel data (before the first
     tag past the largest wanted one with ``stop_after_wanted``: tags ascend, PS3.5 7.1, so no
     wanted element can follow). Raises :class:`NotSure` when pydicom should decide,
-    :class:`Truncated` for a complete ``data`` that ends inside an element."""
+    :class:`Truncated` for a complete ``data`` that ends inside an element.
+
+    ``size``, the whole file's length in bytes (``len(data)`` when ``complete``), also checks
+    that the pixel data element fits in the file: a defined length must end within it, and an
+    encapsulated value (PS3.5 A.4) held in ``data`` must reach its Sequence Delimitation Item.
+    A file cut inside its pixel data raises :class:`Truncated` (pydicom reads it without a word,
+    and its frames would be short). Its pixels are not decoded."""
+    if complete and size is None:
+        size = len(data)
     try:
         if data[128:132] != b"DICM":
             raise NotSure("no DICM prefix")
@@ -79,7 +92,7 @@ def scan(
             raise NotSure(f"transfer syntax {transfer_syntax!r}")
         implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
         last = max(wanted) if stop_after_wanted and wanted else None
-        return transfer_syntax, _dataset(data, pos, implicit, wanted, complete, last)
+        return transfer_syntax, _dataset(data, pos, implicit, wanted, complete, last, size)
     except _Short:
         if complete:
             raise Truncated("the file ends inside an element of its header") from None
@@ -142,6 +155,7 @@ def _dataset(
     wanted: frozenset[int],
     complete: bool,
     last: int | None = None,
+    size: int | None = None,
 ) -> dict[int, Element]:
     # The hot loop of every header scan: one struct call per element header, no helper calls.
     found: dict[int, Element] = {}
@@ -161,7 +175,11 @@ def _dataset(
         else:
             group, element, vr, length = header(data, pos)
         tag = group << 16 | element
-        if tag in pixel_tags or tag > stop:
+        if tag in pixel_tags:
+            if size is not None:
+                _check_pixel_data(data, pos, implicit, size)
+            return found
+        if tag > stop:
             return found
         if tag <= previous:
             raise NotSure(f"tag ({group:04X},{element:04X}) out of order")
@@ -191,6 +209,25 @@ def _dataset(
     if not complete:
         raise _Short  # the pixel data, or more elements, may follow
     return found
+
+
+def _check_pixel_data(data: bytes, pos: int, implicit: bool, size: int) -> None:
+    """Raise :class:`Truncated` when the pixel data element at ``pos`` does not fit in a file
+    of ``size`` bytes whose first bytes are ``data``."""
+    _, value_pos, length = _element(data, pos, implicit)
+    if length != _UNDEFINED:
+        if value_pos + length > size:
+            raise Truncated(
+                f"the file ends inside its pixel data: {value_pos + length - size} of its "
+                f"{length} bytes are missing"
+            )
+        return
+    if size > len(data):
+        return  # an encapsulated value beyond the bytes given: not checked
+    try:
+        _skip_items(data, value_pos, True)
+    except _Short:
+        raise Truncated("the file ends inside its encapsulated pixel data") from None
 
 
 def _skip_items(data: bytes, pos: int, implicit: bool) -> int:

@@ -56,7 +56,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core import metrics
 from nnunet_node.core.errors import InvalidDicom, StorageFull
 from nnunet_node.storage.db import make_read_sessionmaker
-from nnunet_node.storage.headers import fit_column, is_valid_uid, read_header
+from nnunet_node.storage.headers import (
+    fit_column,
+    is_valid_uid,
+    read_header,
+    read_header_pydicom,
+)
 from nnunet_node.storage.incoming import IncomingFile, SpareFiles, new_temp
 from nnunet_node.storage.indexer import Header, Indexer
 from nnunet_node.storage.models import Instance
@@ -202,6 +207,7 @@ class Archive:
                     raise StorageFull(f"no space left in {self.root}") from incoming.error
                 raise incoming.error
             header = incoming.header()
+            incoming.check_complete()
             self._check_space(0)  # the file is already on the disk: what is left is free
         except BaseException:
             incoming.discard()
@@ -256,10 +262,15 @@ class Archive:
             (p for p in self.incoming.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime
         )
         for tmp in temps:
+            cut = False
             try:
                 header: Header | None = read_header(tmp)
             except InvalidDicom:
-                header = None
+                cut = True  # never filed as it is; its header may still say whose it was
+                try:
+                    header = read_header_pydicom(tmp)
+                except InvalidDicom:
+                    header = None
             # Unreadable: the name may still say whose it was ("<SOPInstanceUID>.<random>.tmp").
             sop = header.sop_instance_uid if header else tmp.name.rsplit(".", 2)[0]
             with self.session_factory() as session:
@@ -269,7 +280,7 @@ class Archive:
                     else None
                 )
             size = tmp.stat().st_size
-            if row is None or header is None or size != row.size_bytes:
+            if row is None or header is None or cut or size != row.size_bytes:
                 if header is not None or size:
                     LOGGER.warning("recover: %s was never acknowledged: deleted", tmp.name)
                 tmp.unlink(missing_ok=True)

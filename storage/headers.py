@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import struct
 from collections.abc import Callable
@@ -199,10 +200,11 @@ def _build(
     return header
 
 
-def _scanned_header(data: bytes, *, complete: bool) -> Header | None:
+def _scanned_header(data: bytes, *, complete: bool, size: int | None = None) -> Header | None:
     """The header by :func:`core.dicomscan.scan`; None when the bytes end too soon.
-    Raises NotSure (pydicom must read it) or InvalidDicom (bad UIDs)."""
-    found = dicomscan.scan(data, _WANTED, complete=complete)
+    ``size`` (the whole file's length) also checks that the pixel data fits in the file.
+    Raises NotSure (pydicom must read it), Truncated or InvalidDicom (bad UIDs)."""
+    found = dicomscan.scan(data, _WANTED, complete=complete, size=size)
     if found is None:
         return None
     transfer_syntax, elements = found
@@ -267,15 +269,17 @@ def read_header(data: bytes | bytearray | Path | BinaryIO) -> Header:
         try:
             with open(data, "rb") as handle:
                 prefix = handle.read(SCAN_BYTES)
+                size = os.fstat(handle.fileno()).st_size
         except OSError as exc:
             raise InvalidDicom(f"cannot read {data.name}: {exc}") from exc
         complete = len(prefix) < SCAN_BYTES
     elif isinstance(data, bytes | bytearray):
         prefix, complete = bytes(data), True
+        size = len(prefix)
     else:
         return read_header_pydicom(data)
     try:
-        header = _scanned_header(prefix, complete=complete)
+        header = _scanned_header(prefix, complete=complete, size=size)
         if header is not None:
             return header
     except dicomscan.NotSure:

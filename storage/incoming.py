@@ -8,6 +8,8 @@ import threading
 import uuid
 from pathlib import Path
 
+from nnunet_node.core import dicomscan
+from nnunet_node.core.errors import InvalidDicom
 from nnunet_node.storage.headers import Header, header_from_prefix, read_header
 
 LOGGER = logging.getLogger(__name__)
@@ -88,6 +90,18 @@ class IncomingFile:
             whole = self.size == len(self._head)
             self._header = read_header(bytes(self._head) if whole else self.path)
         return self._header
+
+    def check_complete(self) -> None:
+        """Raise InvalidDicom when the received file ends inside its pixel data (PS3.5 7.1:
+        the element's length says more bytes than came). Read from the head kept in memory, so
+        a header longer than :data:`HEAD_BYTES`, or one only pydicom reads, is not checked."""
+        whole = self.size == len(self._head)
+        try:
+            dicomscan.scan(bytes(self._head), frozenset(), complete=whole, size=self.size)
+        except dicomscan.NotSure:
+            return
+        except dicomscan.Truncated as exc:
+            raise InvalidDicom(f"not a readable DICOM Part 10 file: {exc}") from exc
 
     def complete(self) -> None:
         """The receiver wrote the last byte: start making the file durable now, in the

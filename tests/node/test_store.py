@@ -252,3 +252,36 @@ def test_several_associations_at_once_lose_nothing_and_duplicate_nothing(
     assert _count(sessions, Series) == 4
     files = [p for p in archive.root.rglob("*.dcm") if ".incoming" not in p.parts]
     assert len(files) == 40
+
+
+def test_dataset_cut_inside_its_pixel_data_is_refused_and_the_stored_copy_kept(
+    start_node: NodeFactory, tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """A sender that stops inside the pixel data (its length says more bytes than came) gets
+    0xC000; the copy the node already held is not replaced by the short one."""
+    node = start_node()
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_uid)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(256)) * 32
+    whole = tmp_path / "whole.dcm"
+    pydicom.dcmwrite(whole, ds, enforce_file_format=True)
+    assert _raw_store(node.port, whole) == 0x0000
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    assert _raw_store(node.port, cut) == 0xC000
+    stored = list((tmp_path / "data" / "dicom").rglob(f"{sop_uid}.dcm"))
+    assert len(stored) == 1
+    assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData  # the whole copy
+    assert _count(sessions, Instance) == 1

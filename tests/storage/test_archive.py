@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core.errors import InvalidDicom, StorageFull
 from nnunet_node.storage.archive import Archive, is_valid_uid
 from nnunet_node.storage.models import Instance, Patient, Series, Study
+from tests.storage.conftest import build_dataset, encode
 
 
 def _count(sessions: sessionmaker[Session], model: type) -> int:
@@ -362,3 +363,13 @@ def test_ingest_without_fsync_is_still_complete(
     result = archive.ingest(make_instance(), source="dimse")
     assert result.path.is_file()
     assert _count(index_sessions, Instance) == 1
+
+
+def test_a_cut_copy_does_not_replace_the_stored_instance(archive: Archive) -> None:
+    """Re-sending an instance cut short inside its pixel data is refused; the copy filed before
+    stays as it was."""
+    whole = encode(build_dataset(size=64))
+    result = archive.ingest(whole, source="stow")
+    with pytest.raises(InvalidDicom, match="pixel data"):
+        archive.ingest(whole[: len(whole) - 500], source="stow")
+    assert result.path.read_bytes() == whole

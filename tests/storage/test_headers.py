@@ -853,3 +853,33 @@ def test_a_large_header_in_a_file_is_read_past_the_scanned_bytes(tmp_path: Path)
     assert expected.instance["instance_number"] == 42
     assert read(path) == expected
     assert read(data) == expected
+
+
+# --- files cut inside their pixel data ---------------------------------------------------------
+
+
+def _encapsulated(ds: Dataset) -> bytes:
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 300 + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    return encode(ds)
+
+
+def test_a_file_cut_inside_its_pixel_data_is_refused(tmp_path: Path) -> None:
+    """A sender that stops early (STOW-RS, C-STORE) must not have its short file filed: pydicom
+    reads it without a word, and the archive would replace a good copy with it."""
+    whole = encode(build_dataset(size=64))
+    assert read_header(whole).sop_instance_uid  # the whole file is fine
+    with pytest.raises(InvalidDicom, match="pixel data"):
+        read_header(whole[:-100])
+    big = encode(build_dataset(size=512))  # longer than the prefix read from a path
+    path = tmp_path / "big.dcm"
+    path.write_bytes(big)
+    assert read_header(path).sop_instance_uid
+    path.write_bytes(big[: len(big) - 1000])
+    with pytest.raises(InvalidDicom, match="pixel data"):
+        read_header(path)
+    jpeg = _encapsulated(build_dataset(size=8))
+    assert read_header(jpeg).sop_instance_uid
+    with pytest.raises(InvalidDicom, match="pixel data"):
+        read_header(jpeg[:-20])
