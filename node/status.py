@@ -105,11 +105,13 @@ def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., 
                 inner = handler(*args)
                 started = time.perf_counter()
                 outcome = "success"
+                suboperations: Any = None
                 try:
                     while True:
                         try:
                             item = next(inner)
                         except StopIteration:
+                            suboperations = None
                             return
                         except Exception as exc:
                             outcome = "failure"
@@ -122,8 +124,14 @@ def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., 
                         yielded += 1
                         if _is_failure_item(item):
                             outcome = "failure"
+                        if service == "C-MOVE" and yielded <= 2:
+                            suboperations = item if yielded == 2 else -1
                         yield item
                 finally:
+                    if suboperations not in (None, 0):
+                        # pynetdicom stopped taking the C-MOVE's answers before its end: it
+                        # answered 0xA801 (destination unknown, or no association with it).
+                        outcome = "failure"
                     _measure(service, outcome, started)
 
             return guarded_generator

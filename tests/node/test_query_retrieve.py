@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from prometheus_client import REGISTRY
 
 from nnunet_node.node.ae import DicomNode
 from tests.node.conftest import NodeFactory, dcmtk, retrieve
@@ -121,7 +122,16 @@ def test_study_root_refuses_patient_level(stored: Stored) -> None:
     assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # 0xA900
 
 
+def _moves(outcome: str) -> float:
+    """The node's count of C-MOVE requests with ``outcome`` (``/metrics``' counter)."""
+    sample = REGISTRY.get_sample_value(
+        "nnunet_node_dimse_requests_total", {"service": "C-MOVE", "outcome": outcome}
+    )
+    return sample or 0.0
+
+
 def test_movescu_to_storescp_destination(stored: Stored, tmp_path: Path) -> None:
+    failures = _moves("failure")
     with storescp(tmp_path / "pacs", port=stored.pacs_port):
         result = retrieve(
             "movescu",
@@ -141,9 +151,11 @@ def test_movescu_to_storescp_destination(stored: Stored, tmp_path: Path) -> None
         dump = dcmtk("dcmdump", "-q", str(path))
         assert dump.returncode == 0 and "(7fe0,0010)" in dump.stdout, dump.stdout
     assert {pydicom.dcmread(p).SOPInstanceUID for p in files} == set(stored.sop_uids)
+    assert _moves("failure") == failures
 
 
 def test_move_to_unknown_ae_is_refused(stored: Stored) -> None:
+    failures = _moves("failure")
     result = retrieve(
         "movescu",
         stored.node.port,
@@ -154,9 +166,11 @@ def test_move_to_unknown_ae_is_refused(stored: Stored) -> None:
         StudyInstanceUID=stored.study_uid,
     )
     assert "Refused: MoveDestinationUnknown" in result.stdout, result.stdout  # 0xA801
+    assert _moves("failure") == failures + 1  # /metrics counts it as a failure
 
 
 def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
+    failures = _moves("failure")
     result = retrieve(
         "movescu",
         stored.node.port,
@@ -168,6 +182,7 @@ def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
     )
     assert "Received Final Move Response" in result.stdout
     assert "(Success)" not in result.stdout.split("Received Final Move Response")[1]
+    assert _moves("failure") == failures + 1
 
 
 def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:
