@@ -253,9 +253,12 @@ def test_other_pages(site: Site) -> None:
     page.goto(site.url("/ui/studies?patient=phantom"))
     study = page.locator(f"tr.study[data-study='{site.study_uid}']")
     assert "CT" in study.inner_text() and "SEG" in study.inner_text()
-    assert study.locator("a.open").get_attribute("href") == (
-        f"/viewer/viewer?StudyInstanceUIDs={site.study_uid}"
-    )
+    if site.node.app.state.viewer is not None:
+        assert study.locator("a.open").get_attribute("href") == (
+            f"/viewer/viewer?StudyInstanceUIDs={site.study_uid}"
+        )
+    else:  # no viewer fetched (make viewer): the page offers no link to it
+        assert study.locator("a.open").count() == 0
     site.shot("08-studies")
     page.goto(site.url("/ui/studies?modality=MR"))
     assert "No study matches" in page.inner_text("table.studies")
