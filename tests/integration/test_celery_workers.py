@@ -323,11 +323,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
     tmp = tmp_path_factory.mktemp("cluster")
     logs = tmp / "logs"
     logs.mkdir()
-    redis = RedisServer(tmp / "redis")
-    redis.start()
-    upgrade(pg_database)  # as `nnunet-node db upgrade` would; the node's start finds it current
-    pacs_folder = tmp / "pacs"
-    with storescp(pacs_folder) as pacs_port:
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, even if set-up fails
+        redis = RedisServer(tmp / "redis")
+        stack.callback(redis.stop)
+        redis.start()
+        upgrade(pg_database)  # as `nnunet-node db upgrade` would; the node's start finds it current
+        pacs_folder = tmp / "pacs"
+        pacs_port = stack.enter_context(storescp(pacs_folder))
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -342,10 +344,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             "NNUNET_NODE_ALLOWED_ROOTS": str(tmp),
             "NNUNET_NODE_LOG_LEVEL": "INFO",
         }
-        workers = {
-            name: Worker(name, queues, env, logs)
-            for name, queues in (("a@loopback", "default,cube"), ("b@loopback", "default"))
-        }
+        workers: dict[str, Worker] = {}
+
+        def stop_workers() -> None:
+            for worker in workers.values():
+                worker.terminate()
+            for worker in workers.values():
+                worker.stop()
+
+        stack.callback(stop_workers)
+        for name, queues in (("a@loopback", "default,cube"), ("b@loopback", "default")):
+            workers[name] = Worker(name, queues, env, logs)
         settings = load_settings(
             data_dir=tmp / "data",
             db_url=pg_database,
@@ -361,16 +370,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             rate_limit_per_minute=0,
         )
         app = create_app(settings)
-        sock = socket.socket()
+        sock = stack.enter_context(socket.socket())
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+        def stop_node() -> None:
+            server.should_exit = True
+            thread.join(60)
+
         thread.start()
+        stack.callback(stop_node)
         while not server.started:
             assert thread.is_alive(), "the node did not start"
             time.sleep(0.05)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60)
+        client = stack.enter_context(
+            httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60)
+        )
         engine = make_engine(pg_database)
+        stack.callback(engine.dispose)
         cluster = Cluster(
             settings=settings,
             app=app,
@@ -384,20 +402,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             studies=tmp / "studies",
             sessions=make_sessionmaker(engine),
         )
-        try:
-            cluster.wait_workers(list(workers))
-            yield cluster
-        finally:
-            for worker in cluster.workers.values():
-                worker.terminate()
-            for worker in cluster.workers.values():
-                worker.stop()
-            client.close()
-            server.should_exit = True
-            thread.join(60)
-            sock.close()
-            engine.dispose()
-            redis.stop()
+        cluster.wait_workers(list(workers))
+        yield cluster
 
 
 def _storescu(port: int, folder: Path) -> None:
