@@ -31,12 +31,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core import metrics
 from nnunet_node.core.errors import ExportError, InvalidRequest, JobCancelled, NotFound
 from nnunet_node.core.settings import Settings
-from nnunet_node.export.common import text_as_utf8
-from nnunet_node.export.files import dicom_output_name, write_dataset
+from nnunet_node.export.files import DicomKind
 from nnunet_node.export.metadata import SegmentationMetadata
-from nnunet_node.export.rtstruct import make_rtstruct
-from nnunet_node.export.seg import make_binary_seg, make_fractional_seg
-from nnunet_node.export.stage import read_sources
+from nnunet_node.export.stage import read_sources, write_stage_dicom
 from nnunet_node.inference.engine import StageResult
 from nnunet_node.inference.request import Plan, normalise
 from nnunet_node.inference.series_check import check_plan
@@ -59,11 +56,12 @@ RESULT_FILE_KINDS = (
 )
 
 
-_OBJECT_NAMES = {
-    "dicom_segmentation": "SEG",
-    "dicom_fractional_segmentation": "fractional SEG",
-    "dicom_struct": "RTSTRUCT",
+RESULT_KIND: dict[DicomKind, str] = {
+    "seg": "dicom_segmentation",
+    "fractional": "dicom_fractional_segmentation",
+    "rtstruct": "dicom_struct",
 }
+"""The /infer response field that lists each kind of DICOM object."""
 
 
 STUDY_PATH_KEY = "_study_path"
@@ -307,73 +305,48 @@ class JobRunner:
                 "so no DICOM-SEG or RTSTRUCT can reference it"
             )
         metadata = self.spec.metadata_for(stage.model_id)
-        sources = read_sources(stage.source_dicom_files)  # headers only: no pixel data in memory
-        # Text in a form highdicom accepts (ISO 2022, GB18030, unknown sets: as UTF-8).
-        sources, charset_notes = text_as_utf8(sources)
-        warnings.extend(f"stage {stage.index}: source character set: {n}" for n in charset_notes)
-        # On the source slices the volume was built from (the grid itself unless it was resampled).
-        label_map = stage.on_source_slices(sitk.GetArrayFromImage(stage.prediction), is_mask=True)
-        stage_dir = Path(stage.folder)
+        probabilities: np.ndarray | None = None
+        labels: list[int] = []
+        if plan.save_proba_map and stage.probabilities is not None:
+            probabilities, labels = _foreground_probabilities(stage, metadata)
+            probabilities = stage.on_source_slices(probabilities, is_mask=False)
 
-        def uids(kind: str) -> tuple[str, str]:
+        def uids(kind: DicomKind) -> tuple[str, str]:
             # Derived from the job: a retried job re-files the same objects instead of new ones.
             seed = [job.id, str(stage.index), kind]
             series_uid = generate_uid(entropy_srcs=[*seed, "series"])
             return series_uid, generate_uid(entropy_srcs=[*seed, "instance"])
 
-        def keep(ds: Dataset | None, kind: str, name_kind: str, what: str) -> None:
-            if ds is None:
-                warnings.append(
-                    f"stage {stage.index} ({stage.model_id}): empty {what}, "
-                    f"no {_OBJECT_NAMES[kind]} written"
-                )
-                return
-            path = write_dataset(ds, stage_dir / dicom_output_name(name_kind, plan.suffix))  # type: ignore[arg-type]
-            ingested = self.archive.ingest_dataset(ds, source="job")
-            files[kind].append(str(path))
+        def file_in_archive(ds: Dataset, _path: Path) -> None:
+            self.archive.ingest_dataset(ds, source="job")
+
+        written = write_stage_dicom(
+            Path(stage.folder),
+            # On the source slices the volume was built from (the grid itself unless resampled).
+            stage.on_source_slices(sitk.GetArrayFromImage(stage.prediction), is_mask=True),
+            read_sources(stage.source_dicom_files),  # headers only: no pixel data in memory
+            metadata,
+            suffix=plan.suffix,
+            rtstruct=plan.save_rt_struct_output,
+            probabilities=probabilities if labels else None,
+            probability_labels=labels or None,
+            uids=uids,
+            on_written=file_in_archive,
+            subject=f"stage {stage.index} ({stage.model_id})",
+        )
+        warnings.extend(written.notes)
+        for obj in written.objects:
+            kind = RESULT_KIND[obj.kind]
+            files[kind].append(str(obj.path))
             artifacts.append(
                 ArtifactRecord(
                     kind,
-                    str(path),
+                    str(obj.path),
                     stage.index,
-                    sop_instance_uid=ingested.sop_instance_uid,
-                    series_instance_uid=ingested.series_instance_uid,
+                    sop_instance_uid=obj.sop_instance_uid,
+                    series_instance_uid=obj.series_instance_uid,
                 )
             )
-
-        series_uid, sop_uid = uids("seg")
-        seg = make_binary_seg(
-            label_map,
-            sources,
-            metadata,
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
-        )
-        keep(seg, "dicom_segmentation", "seg", "prediction")
-        if plan.save_proba_map and stage.probabilities is not None:
-            proba, labels = _foreground_probabilities(stage, metadata)
-            proba = stage.on_source_slices(proba, is_mask=False)
-            if labels:
-                series_uid, sop_uid = uids("fractional")
-                frac = make_fractional_seg(
-                    proba,
-                    labels,
-                    sources,
-                    metadata,
-                    series_instance_uid=series_uid,
-                    sop_instance_uid=sop_uid,
-                )
-                keep(frac, "dicom_fractional_segmentation", "fractional", "probability map")
-        if plan.save_rt_struct_output:
-            series_uid, sop_uid = uids("rtstruct")
-            rt = make_rtstruct(
-                label_map,
-                sources,
-                metadata,
-                series_instance_uid=series_uid,
-                sop_instance_uid=sop_uid,
-            )
-            keep(rt, "dicom_struct", "rtstruct", "prediction")
 
 
 def _foreground_probabilities(
