@@ -11,7 +11,8 @@ test: setup
 	.venv/bin/python -m pytest
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy \
+		&& .venv/bin/mypy --strict -p nnunet_node.pipeline -p nnunet_node.storage
 
 demo-model: setup
 	.venv/bin/python scripts/make_demo_models.py

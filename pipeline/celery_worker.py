@@ -24,14 +24,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from celery import Celery
 
+from nnunet_node.core.clock import utcnow
 from nnunet_node.core.settings import Settings
 from nnunet_node.pipeline.broker import RUN_JOB_TASK, make_celery
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.migrations import current, head
-from nnunet_node.storage.models import JobStatus, utcnow
+from nnunet_node.storage.models import JobStatus
 from nnunet_node.storage.workers import JobLeases, WorkerInfo, WorkerStore
 
 LOGGER = logging.getLogger(__name__)
@@ -182,11 +184,13 @@ def register_task(app: Celery, handler: Callable[[str], str]) -> None:
     a lost pool process.
     """
 
-    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(job_id: str) -> str:
         return handler(str(job_id))
 
-    del run_job
+    # Celery's task decorator is unannotated: applied as a call through an Any-typed reference,
+    # so run_job keeps its own signature for mypy --strict.
+    task: Any = app.task
+    task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(run_job)
 
 
 def run_worker(settings: Settings, options: WorkerOptions) -> int:

@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core import metrics
+from nnunet_node.core.clock import utcnow
 from nnunet_node.core.errors import (
     ClientError,
     Conflict,
@@ -57,7 +58,7 @@ from nnunet_node.pipeline.spec import NodeSpec
 from nnunet_node.storage.archive import Archive, is_valid_uid
 from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.jobs import ArtifactRecord, JobFilters, JobStore, as_utc, is_terminal
-from nnunet_node.storage.models import Job, JobStatus, Patient, Series, Study, utcnow
+from nnunet_node.storage.models import Job, JobStatus, Patient, Series, Study
 from nnunet_node.storage.workers import JobLeases, WorkerInfo, WorkerStore
 
 LOGGER = logging.getLogger(__name__)

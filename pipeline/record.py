@@ -92,7 +92,7 @@ def _jsonable(value: Any) -> Any:
 
 def effective_stage(stage: Stage) -> dict[str, Any]:
     """A stage's options after request, ``default_args`` and the node's defaults."""
-    return _jsonable(
+    options: dict[str, Any] = _jsonable(
         {
             "index": stage.index,
             "model": stage.model.id,
@@ -113,6 +113,7 @@ def effective_stage(stage: Stage) -> dict[str, Any]:
             "save_proba_map": stage.save_proba_map,
         }
     )
+    return options
 
 
 def effective_request(plan: Plan) -> dict[str, Any]:
@@ -162,7 +163,7 @@ def input_record(result: StageResult) -> dict[str, Any]:
     """A stage's first input: its series (UIDs from the first file's header, instance count) and
     its geometry as SimpleITK reports it (size and spacing in x, y, z order; spacing and origin in
     mm, LPS; direction cosines row-major)."""
-    image = result.prediction
+    image: Any = result.prediction  # SimpleITK's methods are unannotated
     options = getattr(result, "options", None)
     entry: dict[str, Any] = {
         "stage": result.index,

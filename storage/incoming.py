@@ -10,7 +10,8 @@ from pathlib import Path
 
 from nnunet_node.core import dicomscan
 from nnunet_node.core.errors import InvalidDicom
-from nnunet_node.storage.headers import Header, header_from_prefix, read_header
+from nnunet_node.storage.headers import header_from_prefix, read_header
+from nnunet_node.storage.indexer import Header
 
 LOGGER = logging.getLogger(__name__)
 

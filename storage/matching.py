@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_
+from sqlalchemy import Boolean, ColumnElement, and_, func, or_
 
 from nnunet_node.core.errors import InvalidRequest
 
@@ -151,12 +151,13 @@ def wildcard_condition(
     column: Any, value: str, *, dialect: str, case_sensitive: bool = True
 ) -> ColumnElement[bool]:
     """C.2.2.2.4 with the SQL pattern escaped; ``dialect`` picks GLOB on SQLite."""
+    col: ColumnElement[Any] = column
     if not case_sensitive:
         lowered = sql_lower(value, dialect)
-        return func.lower(column).like(wildcard_to_like(lowered), escape=LIKE_ESCAPE)
+        return func.lower(col).like(wildcard_to_like(lowered), escape=LIKE_ESCAPE)
     if dialect == "sqlite":
-        return column.op("GLOB")(wildcard_to_glob(value))
-    return column.like(wildcard_to_like(value), escape=LIKE_ESCAPE)
+        return col.op("GLOB", return_type=Boolean)(wildcard_to_glob(value))
+    return col.like(wildcard_to_like(value), escape=LIKE_ESCAPE)
 
 
 def pn_condition(
@@ -192,9 +193,10 @@ def pn_condition(
 def uid_condition(column: Any, value: str) -> ColumnElement[bool]:
     """C.2.2.2.2: one UID or a list of them."""
     uids = split_values(value, commas=True)
+    col: ColumnElement[Any] = column
     if len(uids) == 1:
-        return column == uids[0]
-    return column.in_(uids)
+        return col == uids[0]
+    return col.in_(uids)
 
 
 def value_condition(
@@ -209,7 +211,7 @@ def value_condition(
     if value is None or is_universal(value):
         return None
     text = value.strip(" \x00")
-    col = column  # typed loosely: the kinds below know their column types
+    col: ColumnElement[Any] = column  # the kinds below know their column types
     if kind is Kind.UID:
         return uid_condition(col, text)
     if kind is Kind.INT:

@@ -31,9 +31,10 @@ from typing import Any
 from sqlalchemy import ColumnElement, CursorResult, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core.clock import utcnow
 from nnunet_node.core.errors import NotFound
 from nnunet_node.storage.db import unit_of_work
-from nnunet_node.storage.models import Job, JobStatus, Worker, utcnow
+from nnunet_node.storage.models import Job, JobStatus, Worker
 
 LOGGER = logging.getLogger(__name__)
 
