@@ -368,7 +368,7 @@ def write_dicom_series(
 def main(argv: Sequence[str] | None = None) -> None:
     """Write a demo study: NIfTI image and labels, and the DICOM CT series."""
     parser = argparse.ArgumentParser(
-        prog="python -m core.phantom", description="Write a synthetic CT phantom study."
+        prog="python -m nnunet_node.core.phantom", description="Write a synthetic CT phantom study."
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
