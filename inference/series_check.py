@@ -716,10 +716,14 @@ def series_path(raw: str, study_path: Path) -> Path:
     return path if path.is_absolute() else Path(study_path) / path
 
 
-def check_plan(plan: Plan, study_path: Path) -> dict[Path, SeriesLayout]:
+def check_plan(
+    plan: Plan, study_path: Path, *, name_fields: bool = True
+) -> dict[Path, SeriesLayout]:
     """The layout of every DICOM series folder a plan reads (stage inputs, ``crop_from``,
     ``intersect_with``), keyed by :func:`series_path`. Folders that do not exist (yet) or hold no
-    DICOM are skipped. Raises :class:`SeriesRefused` / :class:`InvalidRequest` naming the field."""
+    DICOM are skipped. Raises :class:`SeriesRefused` / :class:`InvalidRequest`, naming the request
+    field unless ``name_fields`` is false (jobs whose folders the node filled in itself, from a
+    C-STORE or STOW-RS series: the series' own number and description name it there)."""
     layouts: dict[Path, SeriesLayout] = {}
     for field_name, raw in plan.paths():
         if field_name in ("study_path", "output_dir", "tmp_dir"):
@@ -730,6 +734,8 @@ def check_plan(plan: Plan, study_path: Path) -> dict[Path, SeriesLayout]:
         try:
             layout = check_series_folder(path, what=field_name)
         except SeriesRefused as exc:
+            if not name_fields:
+                raise
             raise SeriesRefused(f"{field_name}: {exc}") from exc
         if layout is not None:
             layouts[path] = layout

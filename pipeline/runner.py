@@ -169,7 +169,7 @@ class JobRunner:
             study_path = Path(str(plan.study_path)).resolve()
         # The geometry of every DICOM series, before any model is loaded: a refused series fails
         # the job here, within seconds (README "Series geometry").
-        layouts = check_plan(plan, study_path)
+        layouts = check_plan(plan, study_path, name_fields=not archive_job)
         warnings: list[str] = [w for layout in layouts.values() for w in layout.warnings]
         output_dir.mkdir(parents=True, exist_ok=True)
         stop_check()

@@ -261,6 +261,8 @@ def test_refused_series_fail_before_any_model_is_loaded(
     assert view.status == "failed"
     assert view.error is not None and reason in view.error, view.error
     assert "series 1 (Phantom CT)" in view.error
+    # The node filled in the archive job's series folders: the message names no request field.
+    assert "series_folders" not in view.error, view.error
     assert cache_use(node) == before  # the predictor cache was not touched
     assert view.artifacts == []
     # a study folder is checked at submission: no job at all

@@ -34,5 +34,6 @@ def test_stow_series_with_a_missing_slice_fails_its_job_before_any_model(
     assert job.error is not None
     assert "series 1 (Phantom CT): the series is incomplete" in job.error
     assert "missing between image 20 and image 22" in job.error
+    assert "series_folders" not in job.error, job.error  # a field the sender never wrote
     assert (stats.hits, stats.misses, stats.loads) == before  # no model was loaded
     assert job.artifacts == []
