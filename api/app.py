@@ -21,7 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
-from nnunet_node.api.deps import API_KEY_HEADER, _presented_key, key_matches, require_api_key
+from nnunet_node.api.deps import API_KEY_HEADER, request_authorised, require_api_key
 from nnunet_node.api.dicomweb import router as dicomweb_router
 from nnunet_node.api.errors import install_error_handlers, responses
 from nnunet_node.api.middleware import (
@@ -193,9 +193,7 @@ def create_app(
 
         def authorised(scope: Any) -> bool:
             request = Request(scope)
-            return key_matches(
-                settings, _presented_key(request, request.headers.get(API_KEY_HEADER))
-            )
+            return request_authorised(settings, request, request.headers.get(API_KEY_HEADER))
 
         app.add_middleware(ViewerMiddleware, dist=app.state.viewer, authorised=authorised)
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]

@@ -25,7 +25,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from nnunet_node.api.deps import KEY_COOKIE, _presented_key, get_context, key_matches
+from nnunet_node.api.deps import (
+    KEY_COOKIE,
+    get_context,
+    key_matches,
+    request_authorised,
+    session_token,
+)
 from nnunet_node.api.ui import views
 from nnunet_node.api.viewer import viewer_link
 from nnunet_node.core.errors import ClientError
@@ -55,7 +61,7 @@ class LoginRequired(Exception):
 def guard(request: Request) -> None:
     """Raise :class:`LoginRequired` unless the request carries the key (cookie or header)."""
     settings = request.app.state.settings
-    if not key_matches(settings, _presented_key(request, request.headers.get("x-api-key"))):
+    if not request_authorised(settings, request, request.headers.get("x-api-key")):
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(target)
 
@@ -93,7 +99,11 @@ async def login(
     answer = RedirectResponse(_safe_next(next), status_code=303)
     if settings.api_key:
         answer.set_cookie(
-            KEY_COOKIE, key, httponly=True, samesite="strict", secure=request.url.scheme == "https"
+            KEY_COOKIE,
+            session_token(settings.api_key),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
         )
     return answer
 

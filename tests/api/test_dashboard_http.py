@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nnunet_node.api.deps import KEY_COOKIE
+
 KEY = "dashboard-key"
 
 
@@ -47,6 +49,11 @@ def test_pages_need_the_key_and_the_login_sets_a_cookie_the_api_accepts(node: An
         assert good.status_code == 303 and good.headers["location"] == "/ui/jobs"
         cookie = good.headers["set-cookie"]
         assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        assert KEY not in cookie  # a session token made from the key, never the key itself
+        # a cookie holding the raw key is no session
+        with bare(node) as other:
+            other.cookies.set(KEY_COOKIE, KEY)
+            assert other.get("/jobs").status_code == 401
         for page in ("/ui/jobs", "/ui/jobs/rows", "/ui/waiting", "/ui/studies", "/ui/models"):
             answer = client.get(page)
             assert answer.status_code == 200, page
