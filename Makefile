@@ -10,11 +10,12 @@ run: setup
 test: setup
 	.venv/bin/python -m pytest
 
-# The second mypy run is strict on pipeline and storage only: the modules they import (inference,
-# export, core) are checked by the first, plain run (--follow-imports=silent keeps them out of it).
+# The second mypy run is strict on pipeline and storage and on every module of ours they import
+# (inference, export, core ...). Without PYTHONPATH: mypy takes the interpreter's path entries for
+# installed packages and silences their errors, which would hide the imported modules' errors.
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy \
-		&& .venv/bin/mypy --strict --follow-imports=silent -p nnunet_node.pipeline -p nnunet_node.storage
+		&& env -u PYTHONPATH .venv/bin/mypy --strict -p nnunet_node.pipeline -p nnunet_node.storage
 
 demo-model: setup
 	.venv/bin/python scripts/make_demo_models.py

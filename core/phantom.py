@@ -36,6 +36,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from nnunet_node.core import images
+
 LOGGER = logging.getLogger(__name__)
 
 SPHERE_LABEL = 1
@@ -218,9 +220,7 @@ def make_phantom(
 
 
 def _with_geometry(img: sitk.Image, ph: Phantom) -> sitk.Image:
-    img.SetSpacing(ph.spacing)
-    img.SetOrigin(ph.origin)
-    img.SetDirection(ph.direction)
+    images.set_geometry(img, origin=ph.origin, spacing=ph.spacing, direction=ph.direction)
     return img
 
 

@@ -34,7 +34,7 @@ destination, then the key: see :func:`config_error`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -92,17 +92,17 @@ def _number_as_text(value: Any) -> Any:
     return value
 
 
-def _long_string(max_len: int) -> Any:
-    def check(value: Any) -> str:
-        value = _number_as_text(value)
+def _long_string(max_len: int) -> Callable[[Any], str]:
+    def check(raw: Any) -> str:
+        value = _number_as_text(raw)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"must be a non-empty string, got {value!r}")
-        value = value.strip()
-        if len(value) > max_len or "\\" in value or any(ord(c) < 32 for c in value):
+        text = value.strip()
+        if len(text) > max_len or "\\" in text or any(ord(c) < 32 for c in text):
             raise ValueError(
-                f"{value!r} must be at most {max_len} characters without '\\' or control characters"
+                f"{text!r} must be at most {max_len} characters without '\\' or control characters"
             )
-        return value
+        return text
 
     return check
 

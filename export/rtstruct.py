@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 from pydicom import Dataset
@@ -37,7 +38,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pydicom.valuerep import format_number_as_ds
-from skimage.measure import find_contours
+from skimage import measure
 
 from nnunet_node.core.errors import ExportError
 from nnunet_node.export.common import (
@@ -50,6 +51,11 @@ from nnunet_node.export.common import (
 from nnunet_node.export.metadata import ANATOMICAL_STRUCTURE, Concept, SegmentationMetadata
 
 LOGGER = logging.getLogger(__name__)
+
+#: scikit-image's ``find_contours(image, level)`` (unannotated there): the iso-lines of a 2-D
+#: array at ``level``, each an (n, 2) array of (row, column) points, closed ones repeating their
+#: first point last.
+_find_contours = cast(Callable[[np.ndarray, float], list[np.ndarray]], measure.find_contours)
 
 CONTOUR_DATA = Tag(0x3006, 0x0050)
 
@@ -272,7 +278,7 @@ def trace_slice(mask: np.ndarray) -> list[np.ndarray]:
     repeating the first. Outlines of islands and of holes alike (even-odd rule)."""
     padded = np.pad(mask.astype(np.uint8), 1)
     out = []
-    for contour in find_contours(padded, 0.5):
+    for contour in _find_contours(padded, 0.5):
         if len(contour) < 4 or not np.allclose(contour[0], contour[-1]):
             continue  # cannot happen with the padding; guard anyway
         points = _drop_collinear(contour[:-1] - 1.0)

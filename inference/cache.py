@@ -16,11 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from cachetools import TTLCache
 
 LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,7 +47,8 @@ class PredictorCache:
 
     ``get(key, loader)`` returns the cached value and restarts its TTL, or calls ``loader()`` once
     (outside the lock, so other keys stay available while a model loads) and caches the result.
-    ``timer`` is injectable so tests can move time without sleeping.
+    ``timer`` is injectable so tests can move time without sleeping. A key's value is what its
+    loader returned, so ``get`` returns the loader's type.
     """
 
     def __init__(
@@ -73,7 +76,7 @@ class PredictorCache:
         self.stats = CacheStats()
 
     # --- use ------------------------------------------------------------------------------
-    def get(self, key: Hashable, loader: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable, loader: Callable[[], T]) -> T:
         while True:
             with self._lock:
                 try:
@@ -85,7 +88,7 @@ class PredictorCache:
                     self._entries[key] = value
                     self._used[key] = self._timer()
                     self.stats.hits += 1
-                    return value
+                    return cast(T, value)
                 pending = self._pending.get(key)
                 if pending is None:
                     pending = _Pending()
@@ -100,13 +103,13 @@ class PredictorCache:
             if pending.error is None:
                 with self._lock:
                     self.stats.hits += 1
-                return pending.value
+                return cast(T, pending.value)
             # The load failed for the first caller; try once more ourselves.
             with self._lock:
                 if self._pending.get(key) is pending:
                     del self._pending[key]
 
-    def _load(self, key: Hashable, loader: Callable[[], Any], pending: _Pending) -> Any:
+    def _load(self, key: Hashable, loader: Callable[[], T], pending: _Pending) -> T:
         try:
             started = time.perf_counter()
             value = loader()

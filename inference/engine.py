@@ -32,6 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from nnunet_node.core import images
 from nnunet_node.core.errors import InferenceError, InvalidRequest, JobCancelled
 from nnunet_node.inference.cache import PredictorCache
 from nnunet_node.inference.device import DevicePolicy
@@ -378,7 +379,7 @@ class _Run:
             input_images.append(image)
             channels.append(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
         data = np.stack(channels)
-        spacing_zyx = tuple(float(s) for s in reversed(reference.GetSpacing()))
+        spacing_zyx = tuple(reversed(images.spacing(reference)))
         shape = data.shape[1:]
 
         # Masks that crop the input or filter the output, all on this stage's grid.
@@ -511,7 +512,7 @@ class _Run:
         if ref.label is not None:
             arr = (arr == ref.label).astype(np.uint8)
         source = to_image(arr, result.prediction)
-        return sitk.Cast(onto_grid(source, reference, is_mask=True), sitk.sitkFloat32)
+        return images.cast(onto_grid(source, reference, is_mask=True), sitk.sitkFloat32)
 
     def predict(
         self,

@@ -39,13 +39,14 @@ def labels_from_probabilities(
     (channel 0 background)."""
     values = np.asarray(label_values, dtype=np.uint16)
     if threshold is None:
-        return values[np.argmax(probabilities, axis=0)]
+        labels: np.ndarray = values[np.argmax(probabilities, axis=0)]
+        return labels
     if probabilities.shape[0] < 2:
         return np.zeros(probabilities.shape[1:], dtype=np.uint16)
     foreground = probabilities[1:]
     best = np.argmax(foreground, axis=0)
     best_p = np.take_along_axis(foreground, best[None], axis=0)[0]
-    out = values[1:][best]
+    out: np.ndarray = values[1:][best]
     out[best_p < threshold] = 0
     return out
 

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from nnunet_node.core import images
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.inference.series_check import SeriesLayout, check_series_folder
 
@@ -65,49 +66,48 @@ def read_series(
         layout = check_series_folder(path, what=what)
     if layout is not None:
         return SeriesVolume(read_dicom_volume(layout, what), path, list(layout.files), layout)
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    series_ids = images.gdcm_series_ids(str(path))
     if len(series_ids) > 1:
         raise InvalidRequest(
             f"{what}: {path} holds {len(series_ids)} DICOM series; point to a folder with one"
         )
     if len(series_ids) == 1:
-        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_ids[0]))
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
+        files = images.gdcm_series_files(str(path), series_ids[0])
         try:
-            image = reader.Execute()
+            image = images.read_series_files(files)
         except RuntimeError as exc:
             raise InvalidRequest(f"{what}: cannot read the DICOM series in {path}: {exc}") from exc
         return SeriesVolume(_as_volume(image), path, [Path(f) for f in files])
-    images = sorted(p for p in path.iterdir() if _is_image_file(p))
-    if len(images) == 1:
-        return SeriesVolume(_read_file(images[0], what), images[0])
-    if not images:
+    image_files = sorted(p for p in path.iterdir() if _is_image_file(p))
+    if len(image_files) == 1:
+        return SeriesVolume(_read_file(image_files[0], what), image_files[0])
+    if not image_files:
         raise InvalidRequest(f"{what}: {path} holds neither a DICOM series nor an image file")
-    raise InvalidRequest(f"{what}: {path} holds {len(images)} image files; name one of them")
+    raise InvalidRequest(f"{what}: {path} holds {len(image_files)} image files; name one of them")
 
 
 def read_dicom_volume(layout: SeriesLayout, what: str = "series") -> sitk.Image:
     """The volume of a checked DICOM series: the kept files read in order (pixel values after
     the Modality LUT, as GDCM gives them), on ``layout``'s grid (x, y, z). Resampled series are
     float32, linear interpolation, filled with the volume's minimum outside the source slices."""
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in layout.files])
     try:
-        image = _as_volume(reader.Execute())
+        image = _as_volume(images.read_series_files([str(f) for f in layout.files]))
     except RuntimeError as exc:
         raise InvalidRequest(f"{what}: cannot read the DICOM series: {exc}") from exc
-    if image.GetSize() != (layout.columns, layout.rows, len(layout.files)):
+    if images.size(image) != (layout.columns, layout.rows, len(layout.files)):
         raise InvalidRequest(
-            f"{what}: read a volume of {image.GetSize()} voxels where the headers say "
+            f"{what}: read a volume of {images.size(image)} voxels where the headers say "
             f"{(layout.columns, layout.rows, len(layout.files))}"
         )
     if layout.resample:
         array = resample_stack(sitk.GetArrayFromImage(image), layout)
         image = sitk.GetImageFromArray(array)
-    image.SetOrigin(layout.grid_origin)
-    image.SetSpacing(layout.grid_spacing)
-    image.SetDirection(layout.grid_direction)
+    images.set_geometry(
+        image,
+        origin=layout.grid_origin,
+        spacing=layout.grid_spacing,
+        direction=layout.grid_direction,
+    )
     return image
 
 
@@ -130,7 +130,7 @@ def _shift_plane(
     """``out[j, i] = plane[j + offset_y, i + offset_x]`` (interpolated with spline ``order``)."""
     if order == 0:
         offset_yx = (float(np.round(offset_yx[0])), float(np.round(offset_yx[1])))
-    return ndimage.affine_transform(
+    shifted: np.ndarray = ndimage.affine_transform(
         plane,
         np.ones(2),
         offset=offset_yx,
@@ -139,6 +139,7 @@ def _shift_plane(
         mode="constant",
         cval=fill,
     )
+    return shifted
 
 
 def resample_stack(stack: np.ndarray, layout: SeriesLayout) -> np.ndarray:
@@ -201,27 +202,27 @@ def onto_source_slices(
 
 def _read_file(path: Path, what: str) -> sitk.Image:
     try:
-        return _as_volume(sitk.ReadImage(str(path)))
+        return _as_volume(images.read_image(str(path)))
     except RuntimeError as exc:
         raise InvalidRequest(f"{what}: {path} is not an image SimpleITK can read: {exc}") from exc
 
 
 def _as_volume(image: sitk.Image) -> sitk.Image:
-    if image.GetNumberOfComponentsPerPixel() != 1:
+    if images.components_per_pixel(image) != 1:
         raise InvalidRequest("multi-component (colour or vector) images are not model inputs")
-    if image.GetDimension() == 2:
-        image = sitk.JoinSeries([image])
-    if image.GetDimension() != 3:
-        raise InvalidRequest(f"expected a 3D volume, got {image.GetDimension()} dimensions")
+    if images.dimension(image) == 2:
+        image = images.join_series([image])
+    if images.dimension(image) != 3:
+        raise InvalidRequest(f"expected a 3D volume, got {images.dimension(image)} dimensions")
     return image
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+        images.size(a) == images.size(b)
+        and np.allclose(images.spacing(a), images.spacing(b), atol=tol)
+        and np.allclose(images.origin(a), images.origin(b), atol=tol)
+        and np.allclose(images.direction(a), images.direction(b), atol=tol)
     )
 
 
@@ -229,9 +230,9 @@ def onto_grid(image: sitk.Image, reference: sitk.Image, *, is_mask: bool) -> sit
     """``image`` resampled onto ``reference``'s grid (identity transform, physical space)."""
     pixel = sitk.sitkUInt16 if is_mask else sitk.sitkFloat32
     if same_grid(image, reference):
-        return sitk.Cast(image, pixel) if image.GetPixelID() != pixel else image
+        return images.cast(image, pixel) if images.pixel_id(image) != pixel else image
     interpolator = sitk.sitkNearestNeighbor if is_mask else sitk.sitkLinear
-    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, pixel)
+    return sitk.Resample(image, reference, images.identity_transform(), interpolator, 0.0, pixel)
 
 
 def array_onto_grid(
@@ -239,7 +240,7 @@ def array_onto_grid(
 ) -> np.ndarray:
     """Like :func:`onto_grid` for a (z, y, x) array laid out on ``geometry``."""
     image = sitk.GetImageFromArray(array)
-    image.CopyInformation(geometry)
+    images.copy_geometry(image, geometry)
     return sitk.GetArrayFromImage(onto_grid(image, reference, is_mask=is_mask))
 
 
@@ -249,9 +250,12 @@ def to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
         image = sitk.GetImageFromArray(np.moveaxis(array, 0, -1), isVector=True)
     else:
         image = sitk.GetImageFromArray(array)
-    image.SetOrigin(reference.GetOrigin())
-    image.SetSpacing(reference.GetSpacing())
-    image.SetDirection(reference.GetDirection())
+    images.set_geometry(
+        image,
+        origin=images.origin(reference),
+        spacing=images.spacing(reference),
+        direction=images.direction(reference),
+    )
     return image
 
 
