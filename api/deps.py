@@ -85,6 +85,14 @@ def request_authorised(settings: Settings, request: Request, header_key: str | N
     cookie made from it; True when no key is configured."""
     if not settings.api_key or key_matches(settings, _presented_key(request, header_key)):
         return True
+    return has_session(settings, request)
+
+
+def has_session(settings: Settings, request: Request) -> bool:
+    """Whether ``request`` carries a dashboard session cookie made from the configured key (its
+    pages then offer "Log out"); False when no key is configured."""
+    if not settings.api_key:
+        return False
     cookie = request.cookies.get(KEY_COOKIE)
     return cookie is not None and _same(cookie, session_token(settings.api_key))
 

@@ -2,8 +2,9 @@
 
 Usage: ``.venv/bin/python bench/bench_cstore.py [--count 1000] [--rounds 2]``
 
-Each round sends ``--count`` CT instances of 512x512 (int16, ~0.5 MB each) with ``storescu``
-(``TCP_NODELAY=1``) over one association to
+Each round sends ``--count`` CT instances of 512x512 (int16, ~0.5 MB each) with dcmtk's
+``storescu`` (found by its real location, never pynetdicom's script of the same name; the
+summary names the path; ``TCP_NODELAY=1``) over one association to
 
 (a) a bare pynetdicom storage SCP that only writes the received bytes
     (``event.encoded_dataset()`` to a file), with the node's maximum PDU, and
@@ -51,6 +52,7 @@ from nnunet_node.pipeline.routing import RoutingTable  # noqa: E402
 from nnunet_node.storage.archive import Archive  # noqa: E402
 from nnunet_node.storage.db import make_engine, make_sessionmaker  # noqa: E402
 from nnunet_node.storage.migrations import upgrade  # noqa: E402
+from tests.peer_tools import find_tool, missing_reason  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -138,12 +140,25 @@ def node_scp(data: Path, *, event_driven: bool = True, fsync: bool = True) -> It
         engine.dispose()
 
 
+def storescu() -> str:
+    """dcmtk's storescu, by its real location: the first ``storescu`` on ``PATH`` may be
+    pynetdicom's Python script (in ``.venv/bin``), which takes other options and is far slower.
+
+    :raises SystemExit: dcmtk is not installed.
+    """
+    path = find_tool("storescu")
+    if path is None:
+        raise SystemExit(missing_reason("storescu"))
+    return path
+
+
 def send(port: int, folders: list[Path], called: str) -> float:
-    """storescu per folder, all at once; returns the wall time of the slowest."""
+    """dcmtk's storescu per folder, all at once; returns the wall time of the slowest."""
+    program = storescu()
     started = time.perf_counter()
     processes = [
         subprocess.Popen(
-            ["storescu", "+sd", "-aec", called, "127.0.0.1", str(port), str(folder)],
+            [program, "+sd", "-aec", called, "127.0.0.1", str(port), str(folder)],
             env=ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -182,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    print(f"storescu: {storescu()} (dcmtk)", flush=True)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-cstore-"))
     try:
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(v) for k, v in results.items()}
         print()
         print(
-            f"C-STORE, {args.count} CT 512x512 instances, storescu TCP_NODELAY=1, "
+            f"C-STORE, {args.count} CT 512x512 instances, {storescu()} TCP_NODELAY=1, "
             f"max PDU {MAX_PDU} (median of {args.rounds} rounds)"
         )
         for n, label in (("1", "1 association "), ("4", "4 associations")):

@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, FastAPI, Form, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydicom.valuerep import PersonName
 
 from nnunet_node.api.deps import (
     KEY_COOKIE,
     get_context,
+    has_session,
     key_matches,
     request_authorised,
     session_token,
@@ -43,11 +45,28 @@ HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 POLL = "every 2s"
 
+
+def person_name(value: object) -> str:
+    """A DICOM PN value (PS3.5 6.2.1: ``family^given^middle^prefix^suffix``, up to three
+    ``=``-separated groups: alphabetic, ideographic, phonetic) as a list of people shows it:
+    ``Phantom^Demo`` is "Phantom, Demo", ``Smith^John^Q^Dr^Jr`` is "Smith, Dr John Q, Jr". The
+    first non-empty group is shown; an empty or missing value is ""."""
+    if not value:
+        return ""
+    group = next((g for g in PersonName(str(value)).components if g.strip("^ ")), "")
+    family, given, middle, prefix, suffix = ([*group.split("^"), "", "", "", ""])[:5]
+    forenames = " ".join(part.strip() for part in (prefix, given, middle) if part.strip())
+    name = ", ".join(part for part in (family.strip(), forenames) if part)
+    return f"{name}, {suffix.strip()}" if suffix.strip() else name
+
+
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals.update(since=views.since, poll=POLL, statuses=[s.value for s in JobStatus])
 templates.env.filters["viewer"] = viewer_link
+templates.env.filters["person_name"] = person_name
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
+"""The login, the logout and ``/ui`` itself: open to everyone."""
 
 
 class LoginRequired(Exception):
@@ -58,7 +77,7 @@ class LoginRequired(Exception):
         self.target = target
 
 
-def guard(request: Request) -> None:
+async def guard(request: Request) -> None:
     """Raise :class:`LoginRequired` unless the request carries the key (cookie or header)."""
     settings = request.app.state.settings
     if not request_authorised(settings, request, request.headers.get("x-api-key")):
@@ -66,9 +85,13 @@ def guard(request: Request) -> None:
         raise LoginRequired(target)
 
 
+pages = APIRouter(prefix="/ui", include_in_schema=False, dependencies=[Depends(guard)])
+"""Every page and fragment of the dashboard: each first passes :func:`guard`."""
+
+
 def _page(request: Request, name: str, **values: Any) -> HTMLResponse:
     values.setdefault("viewer", request.app.state.viewer is not None)
-    values.setdefault("protected", bool(request.app.state.settings.api_key))
+    values.setdefault("logged_in", has_session(request.app.state.settings, request))
     return templates.TemplateResponse(request, name, values)
 
 
@@ -128,16 +151,14 @@ async def home(request: Request) -> RedirectResponse:
     return RedirectResponse("/ui/jobs", status_code=307)
 
 
-@router.get("/jobs", response_class=HTMLResponse)
+@pages.get("/jobs", response_class=HTMLResponse)
 async def jobs_page(request: Request) -> HTMLResponse:
-    guard(request)
     filters = _job_filters(request)
     return _page(request, "jobs.html", filters=filters, query=urlencode(filters))
 
 
-@router.get("/jobs/rows", response_class=HTMLResponse)
+@pages.get("/jobs/rows", response_class=HTMLResponse)
 async def job_rows(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Response:
-    guard(request)
     context = get_context(request)
     filters = _job_filters(request)
 
@@ -160,17 +181,15 @@ async def job_rows(request: Request, limit: Annotated[int, Query(ge=1, le=500)] 
     return _page(request, "_job_rows.html", rows=rows, total=total)
 
 
-@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+@pages.get("/jobs/{job_id}", response_class=HTMLResponse)
 async def job_page(request: Request, job_id: str) -> HTMLResponse:
-    guard(request)
     context = get_context(request)
     job = await run_in_threadpool(context.job_service.get, job_id)
     return _page(request, "job.html", job=job)
 
 
-@router.get("/jobs/{job_id}/detail", response_class=HTMLResponse)
+@pages.get("/jobs/{job_id}/detail", response_class=HTMLResponse)
 async def job_detail(request: Request, job_id: str) -> HTMLResponse:
-    guard(request)
     context = get_context(request)
 
     def load() -> dict[str, Any]:
@@ -182,9 +201,8 @@ async def job_detail(request: Request, job_id: str) -> HTMLResponse:
 
 
 # --- the other pages ----------------------------------------------------------------------------
-@router.get("/waiting", response_class=HTMLResponse)
+@pages.get("/waiting", response_class=HTMLResponse)
 async def waiting_page(request: Request, fragment: bool = False) -> HTMLResponse:
-    guard(request)
     context = get_context(request)
     series = await run_in_threadpool(views.waiting_series, context, request.app.state.services)
     return _page(request, "_waiting.html" if fragment else "waiting.html", series=series)
@@ -199,9 +217,8 @@ _STUDY_KEYS = {
 }
 
 
-@router.get("/studies", response_class=HTMLResponse)
+@pages.get("/studies", response_class=HTMLResponse)
 async def studies_page(request: Request) -> HTMLResponse:
-    guard(request)
     context = get_context(request)
     form = {k: v for k in _STUDY_KEYS if (v := request.query_params.get(k, "").strip())}
     query = {_STUDY_KEYS[k]: v for k, v in form.items()}
@@ -215,25 +232,22 @@ async def studies_page(request: Request) -> HTMLResponse:
     return _page(request, "studies.html", studies=found, form=form, error=error)
 
 
-@router.get("/destinations", response_class=HTMLResponse)
+@pages.get("/destinations", response_class=HTMLResponse)
 async def destinations_page(request: Request) -> HTMLResponse:
-    guard(request)
     context = get_context(request)
     found = await run_in_threadpool(views.destinations, context)
     return _page(request, "destinations.html", destinations=found)
 
 
-@router.get("/models", response_class=HTMLResponse)
+@pages.get("/models", response_class=HTMLResponse)
 async def models_page(request: Request) -> HTMLResponse:
-    guard(request)
     context = get_context(request)
     found = await run_in_threadpool(views.models, context)
     return _page(request, "models.html", models=found)
 
 
-@router.get("/workers", response_class=HTMLResponse)
+@pages.get("/workers", response_class=HTMLResponse)
 async def workers_page(request: Request) -> HTMLResponse:
-    guard(request)
     context = get_context(request)
     found = await run_in_threadpool(context.job_service.workers)
     return _page(request, "workers.html", workers=found)
@@ -248,4 +262,5 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(LoginRequired, to_login)
     app.include_router(router)
+    app.include_router(pages)
     app.mount("/ui/static", StaticFiles(directory=str(STATIC)), name="ui-static")

@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from nnunet_node.api.deps import KEY_COOKIE
+from nnunet_node.api.ui.pages import person_name
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
 
 KEY = "dashboard-key"
 
@@ -68,6 +70,71 @@ def test_pages_need_the_key_and_the_login_sets_a_cookie_the_api_accepts(node: An
         client.post("/ui/logout")
         client.cookies.clear()
         assert client.get("/jobs").status_code == 401
+
+
+def test_log_out_is_offered_only_to_a_logged_in_session(node: Any) -> None:
+    with bare(node) as client:
+        before = client.get("/ui/login")
+        assert before.status_code == 200 and 'name="key"' in before.text
+        assert "Log out" not in before.text and 'action="/ui/logout"' not in before.text
+        client.post("/ui/login", data={"key": KEY, "next": "/ui/jobs"})
+        page = client.get("/ui/jobs")
+        assert page.status_code == 200 and 'action="/ui/logout"' in page.text
+        assert "Log out" in page.text
+        client.post("/ui/logout")
+        client.cookies.clear()
+        after = client.get("/ui/login")
+        assert "Log out" not in after.text
+    # the key in a header opens the pages but is no session to log out of
+    with bare(node) as client:
+        page = client.get("/ui/models", headers={"X-API-Key": KEY})
+        assert page.status_code == 200 and "Log out" not in page.text
+
+
+def test_studies_page_shows_patient_names_as_people_write_them(node: Any, tmp_path: Path) -> None:
+    """A study stored by STOW-RS with PatientName ``Smith^John^Q^Dr^Jr`` (PS3.5 6.2.1 PN) is
+    listed as "Smith, Dr John Q, Jr", never as the raw value."""
+    files = write_dicom_series(
+        make_phantom(5, shape=(32, 32, 32)),
+        tmp_path / "ct",
+        patient_id="PN-1",
+        patient_name="Smith^John^Q^Dr^Jr",
+    )
+    body = b"".join(
+        b"--pn-parts\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes() + b"\r\n"
+        for f in files
+    )
+    with bare(node) as client:
+        stored = client.post(
+            "/dicom-web/studies",
+            content=body + b"--pn-parts--\r\n",
+            headers={
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=pn-parts',
+                "X-API-Key": KEY,
+            },
+        )
+        assert stored.status_code == 200, stored.text
+        page = client.get("/ui/studies?patient_id=PN-1", headers={"X-API-Key": KEY})
+        assert page.status_code == 200
+        assert "Smith, Dr John Q, Jr" in page.text
+        assert "Smith^John" not in page.text
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("Phantom^Demo", "Phantom, Demo"),
+        ("Smith^John^Q^Dr^Jr", "Smith, Dr John Q, Jr"),
+        ("Doe", "Doe"),
+        ("^Anna", "Anna"),
+        ("Yamada^Tarou=山田^太郎=やまだ^たろう", "Yamada, Tarou"),
+        ("=山田^太郎", "山田, 太郎"),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_person_names_are_shown_family_name_first(value: str | None, shown: str) -> None:
+    assert person_name(value) == shown
 
 
 def test_static_assets_are_served_by_the_node(node: Any) -> None:

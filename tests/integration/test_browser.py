@@ -253,6 +253,8 @@ def test_other_pages(site: Site) -> None:
     page.goto(site.url("/ui/studies?patient=phantom"))
     study = page.locator(f"tr.study[data-study='{site.study_uid}']")
     assert "CT" in study.inner_text() and "SEG" in study.inner_text()
+    # PatientName Phantom^Demo (PS3.5 PN) shown as a name, family name first
+    assert "Phantom, Demo" in study.inner_text() and "^" not in study.inner_text()
     if site.node.app.state.viewer is not None:
         assert study.locator("a.open").get_attribute("href") == (
             f"/viewer/viewer?StudyInstanceUIDs={site.study_uid}"
