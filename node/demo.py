@@ -26,7 +26,6 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from sqlalchemy import select
 
 from nnunet_node.core.errors import SendError
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
@@ -36,7 +35,7 @@ from nnunet_node.node.access import is_loopback
 from nnunet_node.pipeline.dispatch import send_files
 from nnunet_node.pipeline.routing import Destination, RoutingTable
 from nnunet_node.storage.db import make_engine, make_sessionmaker
-from nnunet_node.storage.models import Job
+from nnunet_node.storage.jobs import MAX_PAGE, JobFilters, JobStore
 
 TERMINAL = {"done", "failed", "cancelled", "superseded"}
 DEFAULT_TIMEOUT_S = 300.0
@@ -139,27 +138,27 @@ def _jobs_over_http(client: httpx.Client, study_uid: str) -> list[dict[str, Any]
 def _jobs_from_db(settings: Settings, study_uid: str) -> list[dict[str, Any]]:
     engine = make_engine(settings.database_url)
     try:
-        with make_sessionmaker(engine)() as session:
-            jobs = session.scalars(select(Job).where(Job.study_instance_uid == study_uid)).all()
-            return [
-                {
-                    "job_id": j.id,
-                    "status": j.status.value,
-                    "route_name": j.route_name,
-                    "error": j.error,
-                    "progress": j.progress,
-                    "result": j.result,
-                    "artifacts": [
-                        {"kind": a.kind, "path": a.path, "sop_instance_uid": a.sop_instance_uid}
-                        for a in j.artifacts
-                    ],
-                    "dispatches": [
-                        {"destination": d.destination, "status": d.status.value}
-                        for d in j.dispatches
-                    ],
-                }
-                for j in jobs
-            ]
+        jobs, _ = JobStore(make_sessionmaker(engine)).list(
+            JobFilters(study_instance_uid=study_uid), limit=MAX_PAGE
+        )
+        return [
+            {
+                "job_id": j.id,
+                "status": j.status.value,
+                "route_name": j.route_name,
+                "error": j.error,
+                "progress": j.progress,
+                "result": j.result,
+                "artifacts": [
+                    {"kind": a.kind, "path": a.path, "sop_instance_uid": a.sop_instance_uid}
+                    for a in j.artifacts
+                ],
+                "dispatches": [
+                    {"destination": d.destination, "status": d.status.value} for d in j.dispatches
+                ],
+            }
+            for j in jobs
+        ]
     finally:
         engine.dispose()
 

@@ -10,10 +10,10 @@ workers, without HTTP, until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from nnunet_node.core.settings import Settings
@@ -48,6 +48,7 @@ class DimseService:
         )
         self.dispatcher = context.dispatcher  # made by the context; started and stopped here
         self._started = False
+        self._unsubscribe: Callable[[], None] | None = None
 
     @property
     def port(self) -> int | None:
@@ -56,7 +57,7 @@ class DimseService:
     def start_sync(self) -> None:
         if self._started:
             return
-        self.context.job_service.on_done.append(self.dispatcher.on_job_done)
+        self._unsubscribe = self.context.job_service.subscribe_done(self.dispatcher.on_job_done)
         self.dispatcher.start()
         self.completion.start()
         if self.node is not None:
@@ -71,8 +72,9 @@ class DimseService:
             self.node.stop()
         self.completion.stop()
         self.dispatcher.stop()
-        with contextlib.suppress(ValueError):
-            self.context.job_service.on_done.remove(self.dispatcher.on_job_done)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
     async def start(self) -> None:
         await asyncio.to_thread(self.start_sync)

@@ -80,7 +80,7 @@ class RemoteWorker:
         # Rows only (its thread is not started here): the node's dispatcher sends them, from the
         # node's AE title.
         self.dispatcher = context.dispatcher
-        context.job_service.on_done.append(self.dispatcher.on_job_done)
+        context.job_service.subscribe_done(self.dispatcher.on_job_done)
 
     # --- the task ------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:

@@ -29,14 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from nnunet_node.core.clock import as_utc, utcnow
+from nnunet_node.core.clock import utcnow
 from nnunet_node.core.errors import ClientError, NodeError
 from nnunet_node.pipeline.routing import Route, RoutingTable, series_attributes
-from nnunet_node.storage.db import unit_of_work
-from nnunet_node.storage.models import Instance, Job, JobStatus, Series, Study
+from nnunet_node.storage.arrivals import (
+    SeriesArrival,
+    first_instance,
+    mark_handled,
+    unhandled_series,
+    unhandled_series_newest,
+)
+from nnunet_node.storage.jobs import JobStore
+from nnunet_node.storage.models import JobStatus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,16 +52,6 @@ SUPERSEDABLE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
 
 Submit = Callable[..., str]
 Supersede = Callable[[str, str], Any]
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    pk: int
-    uid: str
-    study_uid: str
-    last_received_at: datetime
-    called_ae: str
-    calling_ae: str
 
 
 @dataclass(frozen=True)
@@ -88,6 +84,7 @@ class CompletionWatcher:
         poll_s: float | None = None,
     ) -> None:
         self._sessions = session_factory
+        self._jobs = JobStore(session_factory)
         self._archive_dir = archive_dir
         self._routing = routing
         self._submit = submit
@@ -112,35 +109,11 @@ class CompletionWatcher:
                 LOGGER.exception("series %s: routing failed; will try again", candidate.uid)
         return made
 
-    def _candidates(self, now: datetime) -> list[_Candidate]:
+    def _candidates(self, now: datetime) -> list[SeriesArrival]:
         horizon = now - timedelta(seconds=self._min_quiet_s)
-        with self._sessions() as session:
-            rows = session.execute(
-                select(
-                    Series.id,
-                    Series.series_instance_uid,
-                    Study.study_instance_uid,
-                    Series.last_received_at,
-                    Series.called_ae,
-                    Series.calling_ae,
-                )
-                .join(Study, Series.study_pk == Study.id)
-                .where(
-                    or_(
-                        Series.completion_handled_at.is_(None),
-                        Series.completion_handled_at < Series.last_received_at,
-                    ),
-                    Series.last_received_at <= horizon,
-                )
-                .order_by(Series.last_received_at)
-                .limit(500)
-            ).all()
-        return [
-            _Candidate(pk, uid, study, as_utc(last), called or "", calling or "")
-            for pk, uid, study, last, called, calling in rows
-        ]
+        return unhandled_series(self._sessions, received_before=horizon)
 
-    def _handle(self, series: _Candidate, now: datetime) -> list[str]:
+    def _handle(self, series: SeriesArrival, now: datetime) -> list[str]:
         source, header = self._first_instance(series)
         made: list[str] = []
         waiting = False
@@ -163,18 +136,12 @@ class CompletionWatcher:
             self._mark_handled(series)
         return made
 
-    def _first_instance(self, series: _Candidate) -> tuple[str, pydicom.Dataset | None]:
+    def _first_instance(self, series: SeriesArrival) -> tuple[str, pydicom.Dataset | None]:
         """The source of the series' first instance and its header (no pixels)."""
-        with self._sessions() as session:
-            row = session.execute(
-                select(Instance.source, Instance.path)
-                .where(Instance.series_pk == series.pk)
-                .order_by(Instance.id)
-                .limit(1)
-            ).first()
-        if row is None:
+        first = first_instance(self._sessions, series.pk)
+        if first is None:
             return "", None
-        source, rel_path = row
+        source, rel_path = first.source, first.path
         if source not in TRIGGER_SOURCES:
             return source, None
         try:
@@ -184,21 +151,15 @@ class CompletionWatcher:
             return source, None
         return source, header
 
-    def _fire(self, route: Route, series: _Candidate, source: str) -> str | None:
+    def _fire(self, route: Route, series: SeriesArrival, source: str) -> str | None:
         earlier: list[tuple[str, JobStatus]] = []
-        with self._sessions() as session:
-            jobs = session.execute(
-                select(Job.id, Job.status, Job.created_at, Job.series).where(
-                    Job.route_name == route.name,
-                    Job.study_instance_uid == series.study_uid,
-                )
-            ).all()
-        for job_id, status, created_at, job_series in jobs:
-            if series.uid not in (job_series or []):
-                continue
-            if as_utc(created_at) >= series.last_received_at:
+        jobs = self._jobs.jobs_reading_series(
+            series.uid, route_name=route.name, study_instance_uid=series.study_uid
+        )
+        for job in jobs:
+            if job.created_at >= series.last_received_at:
                 return None  # already fired for this arrival (a crash before marking handled)
-            earlier.append((job_id, status))
+            earlier.append((job.id, job.status))
         if earlier and not route.rerun:
             LOGGER.info(
                 "series %s: more instances; rule %s does not run again", series.uid, route.name
@@ -221,49 +182,18 @@ class CompletionWatcher:
                     LOGGER.warning("job %s could not be superseded: %s", old_id, exc)
         return job_id
 
-    def _mark_handled(self, series: _Candidate) -> None:
+    def _mark_handled(self, series: SeriesArrival) -> None:
         # Only if nothing arrived meanwhile: a newer last_received_at keeps the series unhandled.
-        with unit_of_work(self._sessions) as session:
-            session.execute(
-                update(Series)
-                .where(Series.id == series.pk)
-                .values(completion_handled_at=series.last_received_at)
-                .execution_options(synchronize_session=False)
-            )
+        mark_handled(self._sessions, series.pk, series.last_received_at)
 
     # --- status --------------------------------------------------------------------------
     def waiting(self, limit: int = 200) -> list[WaitingSeries]:
         """Series received by DIMSE or STOW that routing has not handled since their last
         instance, newest first, with the rules each matches and when those fire (for status
         pages; reads one header per series, no pixels)."""
-        with self._sessions() as session:
-            rows = session.execute(
-                select(
-                    Series.id,
-                    Series.series_instance_uid,
-                    Study.study_instance_uid,
-                    Series.last_received_at,
-                    Series.called_ae,
-                    Series.calling_ae,
-                    Series.modality,
-                    Series.series_description,
-                    select(func.count(Instance.id))
-                    .where(Instance.series_pk == Series.id)
-                    .scalar_subquery(),
-                )
-                .join(Study, Series.study_pk == Study.id)
-                .where(
-                    or_(
-                        Series.completion_handled_at.is_(None),
-                        Series.completion_handled_at < Series.last_received_at,
-                    )
-                )
-                .order_by(Series.last_received_at.desc())
-                .limit(limit)
-            ).all()
         out: list[WaitingSeries] = []
-        for pk, uid, study, last, called, calling, modality, description, count in rows:
-            candidate = _Candidate(pk, uid, study, as_utc(last), called or "", calling or "")
+        for waiting in unhandled_series_newest(self._sessions, limit):
+            candidate = waiting.arrival
             source, header = self._first_instance(candidate)
             if source not in TRIGGER_SOURCES:
                 continue
@@ -280,12 +210,12 @@ class CompletionWatcher:
                     rules.append((route.name, candidate.last_received_at + quiet))
             out.append(
                 WaitingSeries(
-                    series_instance_uid=uid,
-                    study_instance_uid=study,
-                    modality=modality or "",
-                    series_description=description or "",
+                    series_instance_uid=candidate.uid,
+                    study_instance_uid=candidate.study_uid,
+                    modality=waiting.modality,
+                    series_description=waiting.series_description,
                     calling_ae=candidate.calling_ae,
-                    instances=int(count or 0),
+                    instances=waiting.instances,
                     last_received_at=candidate.last_received_at,
                     rules=tuple(rules),
                 )

@@ -28,25 +28,28 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core import metrics
-from nnunet_node.core.clock import as_utc, utcnow
-from nnunet_node.core.errors import Conflict, NotFound, SendError
+from nnunet_node.core.clock import utcnow
+from nnunet_node.core.errors import SendError
 from nnunet_node.core.logging import ConnectFailureFilter, install_filter
 from nnunet_node.core.tls import client_context
 from nnunet_node.pipeline.pynetdicom_internals import RequestingAE
 from nnunet_node.pipeline.routing import Destination, RoutingTable
-from nnunet_node.storage.db import unit_of_work
-from nnunet_node.storage.models import Dispatch, DispatchStatus, Instance, Job, JobArtifact
+from nnunet_node.storage.dispatches import (
+    ClaimedDispatch,
+    Decision,
+    DispatchStore,
+)
+from nnunet_node.storage.jobs import DispatchRecord, JobStore
+from nnunet_node.storage.models import DispatchStatus
 
 LOGGER = logging.getLogger(__name__)
 # Every association the node requests reports its own failure (a dispatch attempt's one WARNING,
 # a C-MOVE's 0xA801): pynetdicom's two ERROR lines for a refused connection are dropped.
 install_filter("pynetdicom.transport", ConnectFailureFilter)
 
-DICOM_ARTIFACT_KINDS = ("dicom_segmentation", "dicom_struct", "dicom_fractional_segmentation")
 MAX_RETRY_DELAY_S = 600.0
 CLAIM_LEASE_S = 300.0
 """A claimed dispatch is not picked again (by this or another process) for this long."""
@@ -234,9 +237,9 @@ class Dispatcher:
         sender: Sender | None = None,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._sessions = session_factory
+        self._jobs = JobStore(session_factory)
+        self._store = DispatchStore(session_factory, archive_dir)
         self._routing = routing
-        self._archive_dir = archive_dir
         self._poll_s = poll_s
         self._sender: Sender = sender or (
             lambda dest, paths: send_files(
@@ -249,116 +252,42 @@ class Dispatcher:
 
     # --- hooks and commands ----------------------------------------------------------------
     def on_job_done(self, job_id: str) -> None:
-        """JobService ``on_done`` hook: one pending dispatch per destination of the job's rule."""
-        with unit_of_work(self._sessions) as session:
-            job = session.get(Job, job_id)
-            if job is None or not job.route_name:
-                return
-            route = self._routing.route(job.route_name)
-            if route is None or not route.destinations:
-                return
-            existing = set(
-                session.scalars(select(Dispatch.destination).where(Dispatch.job_id == job_id))
-            )
-            now = utcnow()
-            for name in route.destinations:
-                if name not in existing:
-                    session.add(
-                        Dispatch(
-                            job_id=job_id,
-                            destination=name,
-                            status=DispatchStatus.PENDING,
-                            attempts=[],
-                            next_attempt_at=now,
-                        )
-                    )
-                    LOGGER.info("job %s: results to be sent to %s", job_id, name)
+        """The job service's done hook: one pending dispatch per destination of the job's rule."""
+        job = self._jobs.find(job_id)
+        if job is None or not job.route_name:
+            return
+        route = self._routing.route(job.route_name)
+        if route is None or not route.destinations:
+            return
+        for name in self._store.add_for_job(job_id, route.destinations):
+            LOGGER.info("job %s: results to be sent to %s", job_id, name)
         self._wake.set()
 
-    def retry(self, dispatch_id: int) -> Dispatch:
+    def retry(self, dispatch_id: int) -> DispatchRecord:
         """Send a dispatch again now (its attempt history is kept); a sent one is a conflict."""
-        with unit_of_work(self._sessions) as session:
-            dispatch = session.get(Dispatch, dispatch_id)
-            if dispatch is None:
-                raise NotFound(f"dispatch {dispatch_id} does not exist")
-            if dispatch.status == DispatchStatus.SENT:
-                raise Conflict(f"dispatch {dispatch_id} was sent already")
-            dispatch.status = DispatchStatus.PENDING
-            dispatch.next_attempt_at = utcnow()
-            # A marker: the retried dispatch gets a fresh round of max_attempts.
-            dispatch.attempts = [
-                *(dispatch.attempts or []),
-                {"at": utcnow().isoformat(), "ok": None, "retry": True},
-            ]
+        # A marker: the retried dispatch gets a fresh round of max_attempts.
+        record = self._store.retry(
+            dispatch_id, {"at": utcnow().isoformat(), "ok": None, "retry": True}
+        )
         LOGGER.info("dispatch %s: retry requested", dispatch_id)
         self._wake.set()
-        return dispatch
+        return record
 
     # --- sending ---------------------------------------------------------------------------
     def run_due(self) -> int:
         """Attempt every dispatch that is due now; returns how many were attempted."""
         done = 0
         while not self._stop.is_set():
-            claimed = self._claim_one()
+            claimed = self._store.claim_due(lease_s=CLAIM_LEASE_S)
             if claimed is None:
                 return done
-            self._attempt(*claimed)
+            self._attempt(claimed)
             done += 1
         return done
 
-    def _claim_one(self) -> tuple[int, Destination | None, list[Path]] | None:
-        now = utcnow()
-        with unit_of_work(self._sessions) as session:
-            candidate = session.scalars(
-                select(Dispatch)
-                .where(Dispatch.status == DispatchStatus.PENDING, Dispatch.next_attempt_at <= now)
-                .order_by(Dispatch.next_attempt_at)
-                .limit(1)
-            ).first()
-            if candidate is None:
-                return None
-            # A lease, so that a second process sharing the database does not send it too.
-            claimed = session.execute(
-                update(Dispatch)
-                .where(
-                    Dispatch.id == candidate.id,
-                    Dispatch.status == DispatchStatus.PENDING,
-                    Dispatch.next_attempt_at == candidate.next_attempt_at,
-                )
-                .values(next_attempt_at=now + timedelta(seconds=CLAIM_LEASE_S))
-                .execution_options(synchronize_session=False)
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                return None  # another process took it
-            destination = self._routing.destinations.get(candidate.destination)
-            files = self._result_files(session, candidate.job_id)
-            return candidate.id, destination, files
-
-    def _result_files(self, session: Session, job_id: str) -> list[Path]:
-        """The job's DICOM results: its output files, or their archived copies."""
-        files: list[Path] = []
-        artifacts = session.scalars(
-            select(JobArtifact)
-            .where(JobArtifact.job_id == job_id, JobArtifact.kind.in_(DICOM_ARTIFACT_KINDS))
-            .order_by(JobArtifact.id)
-        )
-        for artifact in artifacts:
-            path = Path(artifact.path)
-            if not path.is_file() and artifact.sop_instance_uid:
-                archived = session.scalars(
-                    select(Instance.path).where(
-                        Instance.sop_instance_uid == artifact.sop_instance_uid
-                    )
-                ).first()
-                if archived:
-                    path = self._archive_dir / archived
-            if path.is_file() and path not in files:
-                files.append(path)
-        return files
-
-    def _attempt(
-        self, dispatch_id: int, destination: Destination | None, files: list[Path]
-    ) -> None:
+    def _attempt(self, claimed: ClaimedDispatch) -> None:
+        dispatch_id, files = claimed.id, claimed.files
+        destination = self._routing.destinations.get(claimed.destination)
         started = utcnow()
         error: str | None = None
         sent = 0
@@ -375,48 +304,38 @@ class Dispatcher:
             destination.name if destination is not None else "unknown",
             "sent" if error is None else "failed",
         ).inc()
-        with unit_of_work(self._sessions) as session:
-            dispatch = session.get(Dispatch, dispatch_id)
-            if dispatch is None:
-                return
-            attempts = [
-                *(dispatch.attempts or []),
-                {"at": started.isoformat(), "ok": error is None, "error": error, "sent": sent},
-            ]
-            dispatch.attempts = attempts
-            failures = sum(1 for a in attempts if a.get("ok") is False)
+
+        def decide(attempts: list[dict[str, Any]]) -> Decision:
             if error is None:
-                dispatch.status = DispatchStatus.SENT
-                dispatch.next_attempt_at = None
                 LOGGER.info("dispatch %s: %d file(s) sent to %s", dispatch_id, sent, destination)
-                return
+                return DispatchStatus.SENT, None
             limit = destination.max_attempts if destination else 1
             # Count attempts since the last manual retry too: a retried dispatch gets a new round.
             round_failures = _failures_this_round(attempts)
             if destination is None or not files or round_failures >= limit:
-                dispatch.status = DispatchStatus.FAILED
-                dispatch.next_attempt_at = None
+                failures = sum(1 for a in attempts if a.get("ok") is False)
                 LOGGER.warning(
                     "dispatch %s to %s: failed after %d attempt(s): %s",
                     dispatch_id,
-                    destination.name if destination else dispatch.destination,
+                    destination.name if destination else claimed.destination,
                     failures,
                     error,
                 )
-            else:
-                delay = min(
-                    destination.retry_delay_s * 2 ** (round_failures - 1), MAX_RETRY_DELAY_S
-                )
-                dispatch.next_attempt_at = utcnow() + timedelta(seconds=delay)
-                LOGGER.warning(
-                    "dispatch %s to %s: attempt %d of %d failed: %s; next in %.0f s",
-                    dispatch_id,
-                    destination.name,
-                    round_failures,
-                    limit,
-                    error,
-                    delay,
-                )
+                return DispatchStatus.FAILED, None
+            delay = min(destination.retry_delay_s * 2 ** (round_failures - 1), MAX_RETRY_DELAY_S)
+            LOGGER.warning(
+                "dispatch %s to %s: attempt %d of %d failed: %s; next in %.0f s",
+                dispatch_id,
+                destination.name,
+                round_failures,
+                limit,
+                error,
+                delay,
+            )
+            return DispatchStatus.PENDING, utcnow() + timedelta(seconds=delay)
+
+        attempt = {"at": started.isoformat(), "ok": error is None, "error": error, "sent": sent}
+        self._store.record_attempt(dispatch_id, attempt, decide)
 
     # --- thread ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -447,16 +366,10 @@ class Dispatcher:
 
     def _next_wait(self) -> float:
         """Sleep until the next due dispatch (at most ``poll_s``)."""
-        with self._sessions() as session:
-            due = session.scalars(
-                select(Dispatch.next_attempt_at)
-                .where(Dispatch.status == DispatchStatus.PENDING)
-                .order_by(Dispatch.next_attempt_at)
-                .limit(1)
-            ).first()
+        due = self._store.next_due()
         if due is None:
             return self._poll_s
-        wait = ((as_utc(due) or utcnow()) - utcnow()).total_seconds()
+        wait = (due - utcnow()).total_seconds()
         return max(0.01, min(self._poll_s, wait))
 
 

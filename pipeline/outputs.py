@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 from nnunet_node.core.errors import Conflict, NotFound
 from nnunet_node.core.settings import Settings
 from nnunet_node.pipeline.record import RUN_RECORD_NAME
-from nnunet_node.storage.models import Job, JobStatus
+from nnunet_node.storage.jobs import JobRecord
+from nnunet_node.storage.models import JobStatus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ def safe_arcname(path: Path, root: Path) -> str | None:
     return str(name)
 
 
-def build_zip(settings: Settings, job: Job) -> Path:
+def build_zip(settings: Settings, job: JobRecord) -> Path:
     """The zip of ``job``'s output files; built on the first call, reused afterwards."""
-    status = JobStatus(job.status)
+    status = job.status
     if status not in _HAS_OUTPUTS or job.result is None:
         raise Conflict(f"job {job.id!r} is {status.value}: only finished jobs have outputs")
     target = zip_file_for(settings, job.id)

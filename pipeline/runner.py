@@ -1,12 +1,17 @@
 """Runs one job: inputs, inference, DICOM outputs, archive, the /infer response (data flow 5-6).
 
-HTTP jobs read their series under ``study_path``. Archive jobs (DIMSE, STOW: the request has no
-``study_path`` and ``job.series`` holds SeriesInstanceUIDs) first export their series from the
-archive into ``<jobs>/<id>/inputs/<SeriesInstanceUID>/`` (hard links where the file system allows)
-and run there. Each stage writes under ``<output_dir>/stage_<i>/``; for DICOM inputs the runner adds
-the binary SEG, the fractional SEG (``save_proba_map``) and the RTSTRUCT (``save_rt_struct_output``)
+``paths`` and ``upload`` jobs read their series under the job's ``study_path``. ``archive`` jobs
+(DIMSE, STOW) first export their series from the archive into
+``<jobs>/<id>/inputs/<SeriesInstanceUID>/`` (hard links where the file system allows) and run
+there. Each stage writes under ``<output_dir>/stage_<i>/``; for DICOM inputs the runner adds the
+binary SEG, the fractional SEG (``save_proba_map``) and the RTSTRUCT (``save_rt_struct_output``)
 of each stage, referencing that stage's own source series, and files them in the archive as new
-series of the source study. ``job.result`` is the body the reference's ``/infer`` answers.
+series of the source study. ``RunOutcome.result`` is the body the reference's ``/infer``
+answers.
+
+The runner knows nothing of queues or workers: it gets the job's record, a progress reporter and
+a cancel check (:mod:`nnunet_node.pipeline.ports`), and returns the outcome or raises; the caller
+records it.
 """
 
 from __future__ import annotations
@@ -25,8 +30,6 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core import metrics
 from nnunet_node.core.errors import ExportError, InvalidRequest, JobCancelled, NotFound
@@ -37,12 +40,15 @@ from nnunet_node.export.stage import read_sources, write_stage_dicom
 from nnunet_node.inference.engine import StageResult
 from nnunet_node.inference.request import Plan, normalise
 from nnunet_node.inference.series_check import check_plan
+from nnunet_node.pipeline.paths import PathRules
+from nnunet_node.pipeline.ports import CancelCheck, Engine, ProgressReporter
 from nnunet_node.pipeline.record import build_run_record, write_run_record
 from nnunet_node.pipeline.spec import NodeSpec
+from nnunet_node.pipeline.workspace import archive_inputs, output_folder
 from nnunet_node.storage.archive import Archive
-from nnunet_node.storage.db import unit_of_work
-from nnunet_node.storage.jobs import ArtifactRecord
-from nnunet_node.storage.models import Instance, Job, Series
+from nnunet_node.storage.jobs import ArtifactRecord, JobRecord
+from nnunet_node.storage.models import InputKind
+from nnunet_node.storage.query import instance_refs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -64,32 +70,10 @@ RESULT_KIND: dict[DicomKind, str] = {
 """The /infer response field that lists each kind of DICOM object."""
 
 
-STUDY_PATH_KEY = "_study_path"
-"""Where a job's study lies when the node chose it (an extracted upload): kept in the stored
-request, never shown in the request a job echoes (the client did not send it)."""
-
-
-CLIENT_KEY = "_client"
-"""The address of the HTTP client that sent a job, kept in the stored request for status pages."""
-
-
-def job_folder(settings: Settings, job_id: str) -> Path:
-    """``<jobs>/<job_id>/``: inputs of archive jobs, default outputs, the download zip."""
-    return settings.jobs_dir / job_id
-
-
-def archive_inputs(settings: Settings, job_id: str) -> Path:
-    """Where an archive job's series are exported: ``<jobs>/<id>/inputs/<SeriesInstanceUID>/``."""
-    return job_folder(settings, job_id) / "inputs"
-
-
-def public_request(request: dict[str, Any]) -> dict[str, Any]:
-    """The request as the client (or route) gave it: the node's own keys left out."""
-    return {k: v for k, v in request.items() if not k.startswith("_")}
-
-
 @dataclass
 class RunOutcome:
+    """What a finished run leaves: the /infer body, every output file, the final progress."""
+
     result: dict[str, Any]
     artifacts: list[ArtifactRecord] = field(default_factory=list)
     progress: dict[str, Any] = field(default_factory=dict)
@@ -98,30 +82,32 @@ class RunOutcome:
 
 
 class JobRunner:
-    """Turns a claimed job row into files, archive entries and a result."""
+    """Turns a claimed job into files, archive entries and a result.
+
+    ``engine`` runs the inference (:class:`~nnunet_node.pipeline.ports.Engine`); ``paths`` checks
+    the job's paths again when it runs (links may have changed since it was submitted).
+    """
 
     def __init__(
         self,
         settings: Settings,
-        session_factory: sessionmaker[Session],
         spec: NodeSpec,
         archive: Archive,
-        engine: Any,
-        check_paths: Callable[..., None],
+        engine: Engine,
+        paths: PathRules,
     ) -> None:
         self.settings = settings
-        self.session_factory = session_factory
         self.spec = spec
         self.archive = archive
         self.engine = engine
-        self.check_paths = check_paths
+        self.paths = paths
 
     def run(
         self,
-        job: Job,
+        job: JobRecord,
         *,
-        progress: Callable[[dict[str, Any]], None],
-        should_stop: Callable[[], bool],
+        progress: ProgressReporter,
+        should_stop: CancelCheck,
     ) -> RunOutcome:
         """Run ``job`` (claimed by the caller); raise on failure, :class:`JobCancelled` when
         ``should_stop`` turns true. An archive job's exported inputs are removed afterwards (the
@@ -135,38 +121,23 @@ class JobRunner:
 
     def _run(
         self,
-        job: Job,
+        job: JobRecord,
         *,
-        progress: Callable[[dict[str, Any]], None],
-        should_stop: Callable[[], bool],
+        progress: ProgressReporter,
+        should_stop: CancelCheck,
     ) -> RunOutcome:
         started = time.monotonic()
         started_at = datetime.now(UTC)
-        stored = dict(job.request)
-        request = public_request(stored)
-        output_dir = Path(job.output_dir) if job.output_dir else job_folder(self.settings, job.id)
-        own_study = stored.get(STUDY_PATH_KEY)
-        archive_job = not own_study and not request.get("study_path")
+        request = dict(job.request)
+        output_dir = output_folder(self.settings, job)
+        archive_job = job.input_kind == InputKind.ARCHIVE
 
         def stop_check() -> None:
             if should_stop():
                 raise JobCancelled(f"job {job.id} was stopped")
 
         progress({"step": "preparing", "stage": None, "fraction": 0.0})
-        if archive_job or own_study:
-            if archive_job:
-                study_path = archive_inputs(self.settings, job.id)
-                self._export_series(list(job.series), study_path, stop_check)
-            else:
-                study_path = Path(str(own_study))
-            run_request = {**request, "study_path": str(study_path), "output_dir": str(output_dir)}
-            plan = normalise(run_request, self.spec.registry)
-            self.check_paths(plan, trusted_study=study_path)
-        else:
-            run_request = {**request, "output_dir": str(output_dir)}
-            plan = normalise(run_request, self.spec.registry)
-            self.check_paths(plan)
-            study_path = Path(str(plan.study_path)).resolve()
+        plan, study_path = self._prepare(job, request, output_dir, stop_check)
         # The geometry of every DICOM series, before any model is loaded: a refused series fails
         # the job here, within seconds (README "Series geometry").
         layouts = check_plan(plan, study_path, name_fields=not archive_job)
@@ -240,7 +211,7 @@ class JobRunner:
             warnings=warnings,
             timings=timings,
             stage_timings=stage_timings,
-            archive_series=list(job.series) if archive_job else [],
+            archive_series=list(job.series_uids),
             started_at=started_at,
         )
         write_run_record(record, output_dir)
@@ -252,7 +223,36 @@ class JobRunner:
         final = {"stages": stages_total, "stage": stages_total - 1, "step": "done", "fraction": 1.0}
         return RunOutcome(result=result, artifacts=artifacts, progress=final, run_record=record)
 
-    # --- archive inputs ---------------------------------------------------------------------
+    # --- inputs -----------------------------------------------------------------------------
+    def _prepare(
+        self,
+        job: JobRecord,
+        request: dict[str, Any],
+        output_dir: Path,
+        stop_check: Callable[[], None],
+    ) -> tuple[Plan, Path]:
+        """The plan and the study folder of ``job``, its paths checked again (links may have
+        changed since it was submitted)."""
+        trusted: Path | None
+        if job.input_kind == InputKind.ARCHIVE:
+            study_path = archive_inputs(self.settings, job.id)
+            self._export_series(list(job.series_uids), study_path, stop_check)
+            trusted = study_path
+        elif job.input_kind == InputKind.UPLOAD:
+            if not job.study_path:
+                raise InvalidRequest("the job's upload folder is not recorded")
+            study_path = Path(job.study_path)
+            trusted = study_path
+        else:
+            if not job.study_path:
+                raise InvalidRequest("study_path: field required")
+            study_path = Path(job.study_path)
+            trusted = None
+        run_request = {**request, "study_path": str(study_path), "output_dir": str(output_dir)}
+        plan = normalise(run_request, self.spec.registry)
+        self.paths.check(plan, trusted_study=trusted)
+        return plan, study_path.resolve()
+
     def _export_series(
         self, series_uids: list[str], inputs: Path, stop_check: Callable[[], None]
     ) -> None:
@@ -263,21 +263,14 @@ class JobRunner:
             shutil.rmtree(inputs)  # a retried job starts from a clean copy
         for uid in series_uids:
             stop_check()
-            with unit_of_work(self.session_factory) as session:
-                instances = list(
-                    session.scalars(
-                        select(Instance)
-                        .join(Series, Instance.series_pk == Series.id)
-                        .where(Series.series_instance_uid == uid)
-                        .order_by(Instance.instance_number, Instance.sop_instance_uid)
-                    )
-                )
+            with self.archive.read_sessions() as session:
+                instances = instance_refs(session, "SERIES", uid)
             if not instances:
                 raise NotFound(f"series {uid} is not in the archive (or has no instances)")
             folder = inputs / uid
             folder.mkdir(parents=True, exist_ok=True)
             for instance in instances:
-                source = self.archive.path_for(instance)
+                source = self.archive.root / instance.path
                 if not source.is_file():
                     raise NotFound(
                         f"series {uid}: file of instance {instance.sop_instance_uid} is missing"
@@ -292,7 +285,7 @@ class JobRunner:
     # --- DICOM outputs ----------------------------------------------------------------------
     def _export_dicom(
         self,
-        job: Job,
+        job: JobRecord,
         plan: Plan,
         stage: StageResult,
         files: dict[str, list[str]],

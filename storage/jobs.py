@@ -5,8 +5,8 @@ A job is a row in ``jobs``; its state moves ``queued -> running -> done | failed
 ``cancelled`` / ``superseded``). Every change is one short transaction, so workers in several
 threads, or in several processes sharing the database, claim jobs without a lock of their own:
 a claim is a conditional ``UPDATE ... WHERE status = 'queued'`` whose row count says who won.
-Rows come back detached (the session factory does not expire on commit), with their artifacts
-and dispatches loaded.
+Callers get :class:`JobRecord` values (frozen, datetimes in UTC), never ORM rows: every SQL
+statement on ``jobs``, ``job_models``, ``job_series`` and ``job_artifacts`` is in this module.
 """
 
 from __future__ import annotations
@@ -19,13 +19,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, Engine, Select, String, cast, func, select, update
+from sqlalchemy import CursorResult, Engine, Select, func, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
 from nnunet_node.core.clock import as_utc, utcnow
 from nnunet_node.core.errors import Conflict, NotFound
 from nnunet_node.storage.db import make_read_sessionmaker, unit_of_work
-from nnunet_node.storage.models import Job, JobArtifact, JobStatus
+from nnunet_node.storage.models import (
+    Dispatch,
+    DispatchStatus,
+    InputKind,
+    Job,
+    JobArtifact,
+    JobModel,
+    JobSeries,
+    JobStatus,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,6 +57,134 @@ class ArtifactRecord:
 
 
 @dataclass(frozen=True)
+class DispatchRecord:
+    """One destination of a job's DICOM results (see ``pipeline.dispatch``)."""
+
+    id: int
+    job_id: str
+    destination: str
+    status: DispatchStatus
+    attempts: tuple[dict[str, Any], ...]
+    next_attempt_at: datetime | None
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as storage hands it out: a snapshot, not a live row. Datetimes are UTC-aware.
+
+    ``series_uids`` (``archive`` jobs) and ``series_folders`` (``paths`` and ``upload`` jobs,
+    relative to ``study_path``) say what the job reads; one of them is empty.
+    """
+
+    id: str
+    source: str
+    status: JobStatus
+    input_kind: InputKind
+    request: dict[str, Any]
+    models: tuple[str, ...]
+    series_uids: tuple[str, ...]
+    series_folders: tuple[str, ...]
+    study_path: str | None
+    route_name: str | None
+    client: str | None
+    study_instance_uid: str | None
+    patient_id: str | None
+    output_dir: str | None
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    run_record: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    superseded_by: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue: str = "default"
+    """The queue whose workers may run it (a broker's; in-process workers run every queue)."""
+    worker: str | None = None
+    """The worker process that runs (or ran) it; None when the node ran it itself."""
+    lease_expires_at: datetime | None = None
+    """Until when its worker process holds it (UTC); None in-process and once it ended."""
+    queue_position: int | None = None
+    """While queued: how many queued jobs of its queue are ahead of it (0: it is next). Filled
+    by the job service for one job (``JobService.get``); None in lists."""
+    artifacts: tuple[ArtifactRecord, ...] = ()
+    dispatches: tuple[DispatchRecord, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def of(cls, job: Job) -> JobRecord:
+        """The snapshot of a loaded row (its models, series, artifacts and dispatches loaded)."""
+        created = as_utc(job.created_at)
+        assert created is not None
+        return cls(
+            id=job.id,
+            source=job.source,
+            status=JobStatus(job.status),
+            input_kind=InputKind(job.input_kind),
+            request=dict(job.request or {}),
+            models=tuple(m.model_id for m in job.models),
+            series_uids=tuple(s.series_instance_uid for s in job.series if s.series_instance_uid),
+            series_folders=tuple(s.folder for s in job.series if s.folder is not None),
+            study_path=job.study_path,
+            route_name=job.route_name,
+            client=job.client,
+            study_instance_uid=job.study_instance_uid,
+            patient_id=job.patient_id,
+            output_dir=job.output_dir,
+            progress=dict(job.progress or {}),
+            result=dict(job.result) if job.result is not None else None,
+            run_record=dict(job.run_record) if job.run_record is not None else None,
+            error=job.error,
+            attempts=job.attempts,
+            superseded_by=job.superseded_by,
+            created_at=created,
+            started_at=as_utc(job.started_at),
+            finished_at=as_utc(job.finished_at),
+            queue=job.queue or "default",
+            worker=job.worker,
+            lease_expires_at=as_utc(job.lease_expires_at),
+            artifacts=tuple(
+                ArtifactRecord(
+                    kind=a.kind,
+                    path=a.path,
+                    stage=a.stage,
+                    sop_instance_uid=a.sop_instance_uid,
+                    series_instance_uid=a.series_instance_uid,
+                )
+                for a in job.artifacts
+            ),
+            dispatches=tuple(dispatch_record(d) for d in job.dispatches),
+        )
+
+
+def dispatch_record(d: Dispatch) -> DispatchRecord:
+    """The snapshot of a loaded ``dispatches`` row."""
+    return DispatchRecord(
+        id=d.id,
+        job_id=d.job_id,
+        destination=d.destination,
+        status=DispatchStatus(d.status),
+        attempts=tuple(d.attempts or ()),
+        next_attempt_at=as_utc(d.next_attempt_at),
+        updated_at=as_utc(d.updated_at),
+    )
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """A job that reads a given series (series completion asks which ones exist)."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class JobFilters:
     """History filters; ``None`` means any. ``model`` matches any stage's canonical model id."""
 
@@ -59,10 +196,6 @@ class JobFilters:
     route_name: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
-
-
-def _escape_like(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _utc_bound(value: datetime) -> datetime:
@@ -89,25 +222,40 @@ class JobStore:
         *,
         source: str,
         request: dict[str, Any],
+        input_kind: InputKind = InputKind.PATHS,
+        study_path: str | None = None,
         models: Iterable[str] = (),
-        series: Iterable[str] = (),
+        series_uids: Iterable[str] = (),
+        series_folders: Iterable[str] = (),
         route_name: str | None = None,
+        client: str | None = None,
         study_instance_uid: str | None = None,
         patient_id: str | None = None,
         output_dir: str | None = None,
         job_id: str | None = None,
         queue: str = "default",
-    ) -> Job:
+    ) -> JobRecord:
         """Insert a queued job (on ``queue``, for workers that take jobs from a broker) and
-        return it."""
+        return it.
+
+        ``series_uids`` are for ``archive`` jobs, ``series_folders`` for the others; giving the
+        wrong one raises ``ValueError`` (a programming error, not a client's).
+        """
+        uids = [str(u) for u in series_uids]
+        folders = [str(f) for f in series_folders]
+        if input_kind == InputKind.ARCHIVE and folders:
+            raise ValueError("an archive job reads series by UID, not folders")
+        if input_kind != InputKind.ARCHIVE and uids:
+            raise ValueError(f"a {input_kind.value} job reads folders, not series UIDs")
         job = Job(
             id=job_id or uuid.uuid4().hex,
             source=source,
             status=JobStatus.QUEUED,
+            input_kind=input_kind,
+            study_path=study_path,
             request=dict(request),
-            models=list(models),
-            series=list(series),
             route_name=route_name,
+            client=client,
             study_instance_uid=study_instance_uid,
             patient_id=patient_id,
             output_dir=output_dir,
@@ -115,21 +263,25 @@ class JobStore:
             progress={},
             attempts=0,
             created_at=utcnow(),
+            models=[JobModel(position=i, model_id=m) for i, m in enumerate(models)],
+            series=[JobSeries(position=i, series_instance_uid=u) for i, u in enumerate(uids)]
+            + [JobSeries(position=i, folder=f) for i, f in enumerate(folders)],
             artifacts=[],
             dispatches=[],
         )
         with unit_of_work(self._sessions) as session:
             session.add(job)
-        LOGGER.info("job %s queued (source %s, models %s)", job.id, source, job.models)
-        return job
+            session.flush()
+            record = JobRecord.of(job)
+        LOGGER.info("job %s queued (source %s, models %s)", record.id, source, record.models)
+        return record
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str) -> JobRecord:
         """The job with its artifacts and dispatches; :class:`NotFound` when absent."""
         with unit_of_work(self._reads) as session:
-            job = self._load(session, job_id)
-        return job
+            return JobRecord.of(self._load(session, job_id))
 
-    def find(self, job_id: str) -> Job | None:
+    def find(self, job_id: str) -> JobRecord | None:
         try:
             return self.get(job_id)
         except NotFound:
@@ -145,7 +297,7 @@ class JobStore:
 
     def list(
         self, filters: JobFilters | None = None, *, limit: int = 50, offset: int = 0
-    ) -> tuple[list[Job], int]:
+    ) -> tuple[builtins.list[JobRecord], int]:
         """Jobs matching ``filters``, newest first, one page of them, and how many match in all."""
         limit = max(0, min(int(limit), MAX_PAGE))
         offset = max(0, int(offset))
@@ -154,12 +306,34 @@ class JobStore:
         with unit_of_work(self._reads) as session:
             total = int(session.scalar(count_query) or 0)
             rows = session.scalars(
-                query.options(selectinload(Job.artifacts), selectinload(Job.dispatches))
+                query.options(*_LOAD_ALL_SELECTIN)
                 .order_by(Job.created_at.desc(), Job.id.desc())
                 .limit(limit)
                 .offset(offset)
-            ).all()  # selectin: two more queries per page, not per job
-        return list(rows), total
+            ).all()  # selectin: a few more queries per page, not per job
+            return [JobRecord.of(j) for j in rows], total
+
+    def jobs_reading_series(
+        self, series_instance_uid: str, *, route_name: str, study_instance_uid: str
+    ) -> builtins.list[SeriesJob]:
+        """The jobs of rule ``route_name`` that read the archived series (any status)."""
+        with unit_of_work(self._reads) as session:
+            rows = session.execute(
+                select(Job.id, Job.status, Job.created_at)
+                .join(JobSeries, JobSeries.job_id == Job.id)
+                .where(
+                    Job.route_name == route_name,
+                    Job.study_instance_uid == study_instance_uid,
+                    JobSeries.series_instance_uid == series_instance_uid,
+                )
+                .order_by(Job.created_at)
+            ).all()
+        out = []
+        for job_id, status, created in rows:
+            created_utc = as_utc(created)
+            assert created_utc is not None
+            out.append(SeriesJob(job_id, JobStatus(status), created_utc))
+        return out
 
     @staticmethod
     def _filtered(query: Select[Any], filters: JobFilters) -> Select[Any]:
@@ -175,10 +349,9 @@ class JobStore:
         if filters.route_name is not None:
             query = query.where(Job.route_name == filters.route_name)
         if filters.model:
-            # ``models`` is a JSON list of ids; its text holds each id as a quoted string on every
-            # backend, so a LIKE on the quoted id matches whole ids only.
-            pattern = f'%"{_escape_like(filters.model)}"%'
-            query = query.where(cast(Job.models, String).like(pattern, escape="\\"))
+            query = query.where(
+                Job.id.in_(select(JobModel.job_id).where(JobModel.model_id == filters.model))
+            )
         if filters.created_after is not None:
             query = query.where(Job.created_at >= _utc_bound(filters.created_after))
         if filters.created_before is not None:
@@ -186,13 +359,39 @@ class JobStore:
         return query
 
     # --- the worker's side -----------------------------------------------------------------
-    def claim_next(self, *, sources: Iterable[str] | None = None) -> Job | None:
-        """Take the oldest queued job: ``queued -> running``, ``attempts + 1``, ``started_at`` now.
+    def claim(self, job_id: str) -> JobRecord | None:
+        """Take this job if it is still queued: ``queued -> running``, ``attempts + 1``,
+        ``started_at`` now. Returns None when it is not queued (claimed by another worker or
+        process, cancelled, finished, or absent): of several callers exactly one wins.
+        """
+        with unit_of_work(self._sessions) as session:
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                .values(
+                    status=JobStatus.RUNNING,
+                    attempts=Job.attempts + 1,
+                    started_at=utcnow(),
+                    finished_at=None,
+                    error=None,
+                    progress={"step": "starting", "fraction": 0.0},
+                )
+                .execution_options(synchronize_session=False)
+            )
+            assert isinstance(claimed, CursorResult)
+            if claimed.rowcount != 1:
+                return None
+            record = JobRecord.of(self._load(session, job_id, refresh=True))
+        LOGGER.info("job %s claimed (attempt %d)", job_id, record.attempts)
+        return record
+
+    def claim_next(self, *, sources: Iterable[str] | None = None) -> JobRecord | None:
+        """Take the oldest queued job (see :meth:`claim`).
 
         Safe against other threads and processes: the update only applies while the row is still
         queued, and a lost race moves on to the next candidate.
         """
-        wanted = list(sources) if sources is not None else None
+        wanted = builtins.list(sources) if sources is not None else None
         while True:
             candidates_query = (
                 select(Job.id)
@@ -204,29 +403,13 @@ class JobStore:
                 candidates_query = candidates_query.where(Job.source.in_(wanted))
             # Looking takes no write lock: idle workers poll without holding up writers.
             with unit_of_work(self._reads) as session:
-                candidates = list(session.scalars(candidates_query))
+                candidates = builtins.list(session.scalars(candidates_query))
             if not candidates:
                 return None
             for job_id in candidates:
-                with unit_of_work(self._sessions) as session:
-                    claimed = session.execute(
-                        update(Job)
-                        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                        .values(
-                            status=JobStatus.RUNNING,
-                            attempts=Job.attempts + 1,
-                            started_at=utcnow(),
-                            finished_at=None,
-                            error=None,
-                            progress={"step": "starting", "fraction": 0.0},
-                        )
-                        .execution_options(synchronize_session=False)
-                    )
-                    assert isinstance(claimed, CursorResult)
-                    if claimed.rowcount == 1:
-                        job = self._load(session, job_id, refresh=True)
-                        LOGGER.info("job %s claimed (attempt %d)", job_id, job.attempts)
-                        return job
+                record = self.claim(job_id)
+                if record is not None:
+                    return record
             # every candidate was taken by someone else meanwhile: look again
 
     def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
@@ -248,7 +431,7 @@ class JobStore:
         progress: dict[str, Any] | None = None,
         run_record: dict[str, Any] | None = None,
         worker: str | None = None,
-    ) -> Job:
+    ) -> JobRecord:
         """Record the result, the run record and every output file. The job becomes ``done`` if it
         was still running; one cancelled or superseded meanwhile keeps that status (its files are
         listed).
@@ -282,11 +465,11 @@ class JobStore:
                 job.error = None
             job.lease_expires_at = None
             session.flush()
-            job = self._load(session, job_id, refresh=True)
-        LOGGER.info("job %s finished: %s", job_id, job.status.value)
-        return job
+            record = JobRecord.of(self._load(session, job_id, refresh=True))
+        LOGGER.info("job %s finished: %s", job_id, record.status.value)
+        return record
 
-    def fail(self, job_id: str, error: str, *, worker: str | None = None) -> Job:
+    def fail(self, job_id: str, error: str, *, worker: str | None = None) -> JobRecord:
         """Mark a running (or queued) job failed with ``error``; other states are left alone,
         and so is a job that ``worker`` (when given) no longer holds."""
         condition = [Job.id == job_id, Job.status.in_([JobStatus.RUNNING, JobStatus.QUEUED])]
@@ -304,9 +487,9 @@ class JobStore:
                 )
                 .execution_options(synchronize_session=False)
             )
-            job = self._load(session, job_id, refresh=True)
+            record = JobRecord.of(self._load(session, job_id, refresh=True))
         LOGGER.warning("job %s failed: %s", job_id, error)
-        return job
+        return record
 
     def requeue(self, job_id: str, *, count_attempt: bool = False) -> bool:
         """Put a running job back in the queue (a graceful stop interrupted it). Unless
@@ -324,7 +507,7 @@ class JobStore:
             assert isinstance(done, CursorResult)
             return done.rowcount == 1
 
-    def cancel(self, job_id: str, *, reason: str = "cancelled") -> Job:
+    def cancel(self, job_id: str, *, reason: str = "cancelled") -> JobRecord:
         """Cancel a queued job at once, or a running one (the worker notices through
         ``should_stop`` and stops at its next check). Finished jobs raise :class:`Conflict`."""
         with unit_of_work(self._sessions) as session:
@@ -341,7 +524,7 @@ class JobStore:
         LOGGER.info("job %s cancelled (was %s)", job_id, was.value)
         return self.get(job_id)
 
-    def supersede(self, old_job_id: str, new_job_id: str) -> Job:
+    def supersede(self, old_job_id: str, new_job_id: str) -> JobRecord:
         """A newer job replaces ``old_job_id`` (a series received more instances and ran again).
 
         The old job records ``superseded_by``; queued, running and done jobs take the status
@@ -429,18 +612,28 @@ class JobStore:
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
     def _load(session: Session, job_id: str, *, refresh: bool = False) -> Job:
-        # One query: a job has a handful of artifacts and dispatches at most.
-        query = (
-            select(Job)
-            .where(Job.id == job_id)
-            .options(joinedload(Job.artifacts), joinedload(Job.dispatches))
-        )
+        # Artifacts and dispatches joined (a handful each), models and series by a query each.
+        query = select(Job).where(Job.id == job_id).options(*_LOAD_ALL_JOINED)
         if refresh:
             query = query.execution_options(populate_existing=True)
         job = session.scalars(query).unique().one_or_none()
         if job is None:
             raise NotFound(f"job {job_id!r} does not exist")
         return job
+
+
+_LOAD_ALL_JOINED = (
+    selectinload(Job.models),
+    selectinload(Job.series),
+    joinedload(Job.artifacts),
+    joinedload(Job.dispatches),
+)
+_LOAD_ALL_SELECTIN = (
+    selectinload(Job.models),
+    selectinload(Job.series),
+    selectinload(Job.artifacts),
+    selectinload(Job.dispatches),
+)
 
 
 def _read_sessions(factory: sessionmaker[Session]) -> sessionmaker[Session]:
@@ -458,8 +651,13 @@ __all__ = [
     "RESTART_REASON",
     "TERMINAL",
     "ArtifactRecord",
+    "DispatchRecord",
+    "InputKind",
     "JobFilters",
+    "JobRecord",
     "JobStore",
+    "SeriesJob",
     "as_utc",
+    "dispatch_record",
     "is_terminal",
 ]

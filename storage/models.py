@@ -153,6 +153,23 @@ class JobStatus(enum.StrEnum):
     SUPERSEDED = "superseded"
 
 
+class InputKind(enum.StrEnum):
+    """Where a job reads its series from (the runner branches on it, nothing else)."""
+
+    PATHS = "paths"
+    """Series folders under the request's ``study_path`` (checked against the allowed roots)."""
+    UPLOAD = "upload"
+    """Series folders under a folder the node chose (an extracted ``/infer_file`` upload), in
+    ``Job.study_path``; the folder is removed when the job is over."""
+    ARCHIVE = "archive"
+    """Series of the node's archive by SeriesInstanceUID (``job_series.series_instance_uid``),
+    exported to ``<jobs>/<id>/inputs/`` when the job runs."""
+
+
+def _enum(cls: type[enum.StrEnum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -161,19 +178,16 @@ class Job(Base):
     source: Mapped[str] = mapped_column(String(16), index=True)
     """``http`` (/infer, /infer_file, /jobs), ``dimse`` or ``stow`` (a routing rule fired)."""
     status: Mapped[JobStatus] = mapped_column(
-        Enum(
-            JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
-        ),
-        default=JobStatus.QUEUED,
-        index=True,
+        _enum(JobStatus), default=JobStatus.QUEUED, index=True
     )
+    input_kind: Mapped[InputKind] = mapped_column(_enum(InputKind))
+    study_path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    """The study folder of ``paths`` and ``upload`` jobs (absolute); None for ``archive`` jobs."""
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    """The request as the client sent it (HTTP) or as the route built it (DIMSE)."""
-    models: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    """Canonical model ids, one per stage."""
-    series: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    """What the job reads: series folders (HTTP) or series instance UIDs (archive)."""
+    """The request as the client sent it (HTTP) or as the route built it (DIMSE): only its keys."""
     route_name: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    client: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """The address of the HTTP client that sent the job (status pages); None for routed jobs."""
     study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
     patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     output_dir: Mapped[str | None] = mapped_column(String(1024), nullable=True)
@@ -191,6 +205,14 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
 
+    models: Mapped[list[JobModel]] = relationship(
+        cascade="all, delete-orphan", order_by="JobModel.position"
+    )
+    """Canonical model ids, one per stage, in stage order."""
+    series: Mapped[list[JobSeries]] = relationship(
+        cascade="all, delete-orphan", order_by="JobSeries.position"
+    )
+    """What the job reads, in order: folders (``paths``/``upload``) or UIDs (``archive``)."""
     artifacts: Mapped[list[JobArtifact]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobArtifact.id"
     )
@@ -213,6 +235,27 @@ class Job(Base):
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_queue_status_created", "queue", "status", "created_at"),
     )
+
+
+class JobModel(Base):
+    """One stage's model of a job: the association that the history's ``model`` filter joins."""
+
+    __tablename__ = "job_models"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(128), index=True)
+
+
+class JobSeries(Base):
+    """One series a job reads: a SeriesInstanceUID of the archive, or a folder of the study."""
+
+    __tablename__ = "job_series"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    folder: Mapped[str | None] = mapped_column(String(1024), nullable=True)
 
 
 class JobArtifact(Base):
@@ -245,12 +288,7 @@ class Dispatch(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     status: Mapped[DispatchStatus] = mapped_column(
-        Enum(
-            DispatchStatus,
-            native_enum=False,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-        ),
+        _enum(DispatchStatus),
         default=DispatchStatus.PENDING,
         index=True,
     )

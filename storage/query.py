@@ -635,6 +635,24 @@ def instance_files(
     return [Path(archive_root) / ref.path for ref in instance_refs(session, level, uids, **narrow)]
 
 
+def series_owners(
+    session: Session, series_uids: Sequence[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """``{SeriesInstanceUID: (StudyInstanceUID, PatientID)}`` of the archived series among
+    ``series_uids`` (absent ones are left out)."""
+    found: dict[str, tuple[str | None, str | None]] = {}
+    values = list(series_uids)
+    for start in range(0, len(values), _CHUNK):
+        rows = session.execute(
+            select(Series.series_instance_uid, Study.study_instance_uid, Patient.patient_id)
+            .join(Study, Series.study_pk == Study.id)
+            .join(Patient, Study.patient_pk == Patient.id)
+            .where(Series.series_instance_uid.in_(values[start : start + _CHUNK]))
+        ).all()
+        found.update({uid: (study, patient) for uid, study, patient in rows})
+    return found
+
+
 __all__ = [
     "ATTRIBUTES",
     "COMPUTED",
@@ -650,6 +668,7 @@ __all__ = [
     "instance_paths",
     "instance_refs",
     "keyword_of",
+    "series_owners",
     "to_dataset",
 ]
 

@@ -24,7 +24,8 @@ from nnunet_node.api.errors import error_response, responses
 from nnunet_node.api.uploads import MB, extract_archive, receive_multipart, study_root
 from nnunet_node.core.errors import Conflict, InvalidRequest, PayloadTooLarge
 from nnunet_node.inference.request import normalise
-from nnunet_node.pipeline.jobs import JobService, JobView
+from nnunet_node.pipeline.jobs import JobService
+from nnunet_node.storage.jobs import JobRecord
 
 LOGGER = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ UPLOAD_BODY = {
 JsonObject = Annotated[dict[str, Any], Body()]
 
 
-def finished_answer(view: JobView) -> JSONResponse:
+def finished_answer(view: JobRecord) -> JSONResponse:
     """The synchronous answer for a finished job: its result (200), or the failure (500; 409 for
     a job cancelled meanwhile), always with ``job_id``."""
     if view.status == "done" and view.result is not None:

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from nnunet_node.api.deps import ContextDep, JobServiceDep, client_address
 from nnunet_node.api.errors import responses
 from nnunet_node.api.routes.infer import REQUEST_BODY, JsonObject
+from nnunet_node.api.views import DispatchView, JobView
 from nnunet_node.core.errors import InvalidRequest, NotFound
-from nnunet_node.pipeline.jobs import DispatchView, JobView
 from nnunet_node.storage.jobs import MAX_PAGE
 from nnunet_node.storage.models import JobStatus
 
@@ -103,19 +103,20 @@ async def list_jobs(
             offset=offset,
         )
     )
-    return {"total": total, "limit": limit, "offset": offset, "items": items}
+    views = [JobView.of(j) for j in items]
+    return {"total": total, "limit": limit, "offset": offset, "items": views}
 
 
 @router.get("/{job_id}", response_model=JobView, responses=responses(401, 404, 429))
 async def get_job(job_id: str, jobs: JobServiceDep) -> JobView:
     """A job: status, progress per stage, result, outputs, dispatches, timings."""
-    return await run_in_threadpool(jobs.get, job_id)
+    return JobView.of(await run_in_threadpool(jobs.get, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, responses=responses(401, 404, 409, 429))
 async def cancel_job(job_id: str, jobs: JobServiceDep) -> JobView:
     """Cancel a queued job, or ask a running one to stop; 409 once it has finished."""
-    return await run_in_threadpool(jobs.cancel, job_id)
+    return JobView.of(await run_in_threadpool(jobs.cancel, job_id))
 
 
 @router.post(
@@ -135,7 +136,7 @@ async def retry_dispatch(
         if all(d.id != dispatch_id for d in job.dispatches):
             raise NotFound(f"job {job_id!r} has no dispatch {dispatch_id}")
         context.dispatcher.retry(dispatch_id)
-        view = next(d for d in context.job_service.get(job_id).dispatches if d.id == dispatch_id)
-        return view
+        record = next(d for d in context.job_service.get(job_id).dispatches if d.id == dispatch_id)
+        return DispatchView.of(record)
 
     return await run_in_threadpool(retry)

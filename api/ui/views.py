@@ -11,14 +11,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
-
 from nnunet_node.pipeline.completion import CompletionWatcher, WaitingSeries
 from nnunet_node.pipeline.context import NodeContext
-from nnunet_node.pipeline.jobs import JobView
-from nnunet_node.pipeline.runner import CLIENT_KEY
+from nnunet_node.storage.arrivals import calling_aes
 from nnunet_node.storage.db import unit_of_work
-from nnunet_node.storage.models import Dispatch, Job, Series
+from nnunet_node.storage.dispatches import DispatchStore
+from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.query import find_series, find_studies
 
 
@@ -32,13 +30,13 @@ class StageBar:
 
 @dataclass
 class JobRow:
-    job: JobView
+    job: JobRecord
     origin: str  # calling AE title (DIMSE, STOW) or HTTP client address
     queue_position: int | None
     stages: list[StageBar] = field(default_factory=list)
 
 
-def stage_bars(job: JobView) -> list[StageBar]:
+def stage_bars(job: JobRecord) -> list[StageBar]:
     """Progress of each stage from the job's ``progress`` (``stage``, ``stages``, ``step``,
     ``fraction`` over the whole job)."""
     models = list(job.models) or ["?"]
@@ -61,32 +59,19 @@ def stage_bars(job: JobView) -> list[StageBar]:
     return bars
 
 
-def job_rows(context: NodeContext, jobs: list[JobView]) -> list[JobRow]:
+def job_rows(context: NodeContext, jobs: list[JobRecord]) -> list[JobRow]:
     """Rows of the jobs list: where each job came from and its place in the queue."""
     store = context.job_service.store
     queued = {job_id: i + 1 for i, job_id in enumerate(store.queued_ids())}
-    series_uids = {uid for j in jobs if j.source != "http" for uid in j.series[:1]}
-    http_ids = [j.id for j in jobs if j.source == "http"]
-    with unit_of_work(context.archive.read_sessions) as session:
-        calling: dict[str, str] = dict(
-            session.execute(
-                select(Series.series_instance_uid, Series.calling_ae).where(
-                    Series.series_instance_uid.in_(series_uids)
-                )
-            ).all()
-        )
-        requests: dict[str, Any] = {
-            job_id: request
-            for job_id, request in session.execute(
-                select(Job.id, Job.request).where(Job.id.in_(http_ids))
-            )
-        }
+    calling = calling_aes(
+        context.archive.read_sessions, (uid for j in jobs for uid in j.series_uids[:1])
+    )
     rows = []
     for job in jobs:
         if job.source == "http":
-            origin = str((requests.get(job.id) or {}).get(CLIENT_KEY) or "HTTP")
+            origin = job.client or "HTTP"
         else:
-            first = str(job.series[0]) if job.series else ""
+            first = job.series_uids[0] if job.series_uids else ""
             origin = calling.get(first, "") or job.source.upper()
         rows.append(JobRow(job, origin, queued.get(job.id), stage_bars(job)))
     return rows
@@ -145,27 +130,22 @@ def studies(context: NodeContext, query: dict[str, str], limit: int = 100) -> li
 def destinations(context: NodeContext) -> list[dict[str, Any]]:
     """Each destination of the spec with its latest dispatch (status, time, error)."""
     table = context.spec.routing
+    store = DispatchStore(context.session_factory, context.archive.root)
     out = []
-    with unit_of_work(context.archive.read_sessions) as session:
-        for name, dest in table.destinations.items():
-            last = session.scalars(
-                select(Dispatch)
-                .where(Dispatch.destination == name)
-                .order_by(Dispatch.updated_at.desc(), Dispatch.id.desc())
-                .limit(1)
-            ).first()
-            attempt = (last.attempts or [{}])[-1] if last is not None else {}
-            out.append(
-                {
-                    "name": name,
-                    "destination": dest,
-                    "rules": [r.name for r in table.routes if name in r.destinations],
-                    "last": last,
-                    "last_status": getattr(getattr(last, "status", None), "value", None),
-                    "last_error": attempt.get("error"),
-                    "last_job": last.job_id if last is not None else None,
-                }
-            )
+    for name, dest in table.destinations.items():
+        last = store.latest_for(name)
+        attempt = last.attempts[-1] if last is not None and last.attempts else {}
+        out.append(
+            {
+                "name": name,
+                "destination": dest,
+                "rules": [r.name for r in table.routes if name in r.destinations],
+                "last": last,
+                "last_status": last.status.value if last is not None else None,
+                "last_error": attempt.get("error"),
+                "last_job": last.job_id if last is not None else None,
+            }
+        )
     return out
 
 

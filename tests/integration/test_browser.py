@@ -27,7 +27,6 @@ import pytest
 from PIL import Image
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
-from nnunet_node.storage.models import Job
 from tests.node.conftest import dcmtk
 from tests.node.peers import free_port, storescp
 
@@ -242,10 +241,7 @@ def test_jobs_are_cancelled_from_their_pages(site: Site) -> None:
 
 def series_of(site: Site) -> str:
     """The CT series the routed job read (a folder of the archive)."""
-    with site.node.context.session_factory() as session:
-        job = session.get(Job, site.job_id)
-        assert job is not None
-        return str(job.series[0])
+    return site.node.context.job_service.get(site.job_id).series_uids[0]
 
 
 def test_other_pages(site: Site) -> None:

@@ -19,6 +19,7 @@ from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.core.settings import Settings
 from nnunet_node.node.service import DimseService
 from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import Instance, Job, JobStatus, Series
 from tests.node.conftest import dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
@@ -68,24 +69,19 @@ class Node:
         self.service.stop_sync()
         self.context.close()
 
-    def jobs(self) -> list[Job]:
-        with self.context.session_factory() as session:
-            return list(session.scalars(select(Job).order_by(Job.created_at)))
+    def jobs(self) -> list[JobRecord]:
+        items, _ = self.context.job_service.list(limit=1000)
+        return items[::-1]  # oldest first
 
     def wait_dispatched(self, job_id: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self.context.session_factory() as session:
-                job = session.get(Job, job_id)
-                if (
-                    job
-                    and job.dispatches
-                    and all(d.status.value != "pending" for d in job.dispatches)
-                ):
-                    return
+            job = self.context.job_service.get(job_id)
+            if job.dispatches and all(d.status.value != "pending" for d in job.dispatches):
+                return
             time.sleep(0.1)
 
-    def wait_job(self, timeout: float = 120) -> Job:
+    def wait_job(self, timeout: float = 120) -> JobRecord:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             jobs = self.jobs()
@@ -121,7 +117,7 @@ def storescu(port: int, folder: Path) -> None:
 @dataclass
 class Flow:
     node: Node
-    job: Job
+    job: JobRecord
     pacs: Path
     move_port: int
     study_uid: str
@@ -164,7 +160,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
 def test_rule_made_a_dimse_job_with_seg_and_rtstruct(flow: Flow) -> None:
     job = flow.job
     assert job.source == "dimse" and job.route_name == "phantom-ct"
-    assert job.series == [flow.series_uid] and job.study_instance_uid == flow.study_uid
+    assert job.series_uids == (flow.series_uid,) and job.study_instance_uid == flow.study_uid
     assert job.result is not None and job.result["dicom_segmentation"]
     assert job.result["dicom_struct"]
     assert set(flow.result_series) == {"SEG", "RTSTRUCT"}  # ingested as new series of the study

@@ -26,9 +26,9 @@ from nnunet_node.pipeline.completion import CompletionWatcher, utcnow
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import make_engine, make_sessionmaker
-from nnunet_node.storage.jobs import JobStore
+from nnunet_node.storage.jobs import JobRecord, JobStore
 from nnunet_node.storage.migrations import upgrade
-from nnunet_node.storage.models import Job, JobStatus, Series, Study
+from nnunet_node.storage.models import InputKind, JobStatus, Series, Study
 
 SPEC: dict[str, Any] = {
     "routes": [
@@ -73,7 +73,8 @@ class RecordingJobs:
         job = self.store.create(
             source=source,
             request=request,
-            series=series_uids,
+            input_kind=InputKind.ARCHIVE,
+            series_uids=series_uids,
             route_name=route_name,
             study_instance_uid=study,
         )
@@ -82,9 +83,9 @@ class RecordingJobs:
     def supersede(self, old: str, new: str) -> Any:
         return self.store.supersede(old, new)
 
-    def jobs(self) -> list[Job]:
-        with self.sessions() as session:
-            return list(session.scalars(select(Job).order_by(Job.created_at)))
+    def jobs(self) -> list[JobRecord]:
+        items, _ = self.store.list(limit=1000)
+        return items[::-1]  # oldest first
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_series_routes_once_after_its_quiet_period(archive: Archive, jobs: Recor
     made = w.check(later(3))
     assert len(made) == 1
     (job,) = jobs.jobs()
-    assert job.route_name == "ct-fast" and job.series == [series] and job.source == "dimse"
+    assert job.route_name == "ct-fast" and job.series_uids == (series,) and job.source == "dimse"
     assert job.request == {"nnunet_id": "phantom", "is_dicom": True}
     assert w.check(later(4)) == []  # handled: no second job for the same arrival
     with archive.session_factory() as session:

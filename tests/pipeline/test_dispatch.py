@@ -18,7 +18,14 @@ from nnunet_node.pipeline.dispatch import Dispatcher, send_files, storage_contex
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
 from nnunet_node.storage.migrations import upgrade
-from nnunet_node.storage.models import Dispatch, DispatchStatus, Job, JobArtifact, JobStatus
+from nnunet_node.storage.models import (
+    Dispatch,
+    DispatchStatus,
+    InputKind,
+    Job,
+    JobArtifact,
+    JobStatus,
+)
 from tests.node.peers import free_port, received, storescp
 
 
@@ -53,7 +60,14 @@ def _routing(port: int, **retry: object) -> RoutingTable:
 
 def _done_job(sessions: sessionmaker[Session], files: list[Path]) -> str:
     with unit_of_work(sessions) as session:
-        job = Job(id="j1", source="dimse", status=JobStatus.DONE, request={}, route_name="r")
+        job = Job(
+            id="j1",
+            source="dimse",
+            status=JobStatus.DONE,
+            input_kind=InputKind.ARCHIVE,
+            request={},
+            route_name="r",
+        )
         job.artifacts = [JobArtifact(kind="dicom_segmentation", path=str(p)) for p in files]
         job.artifacts.append(JobArtifact(kind="nifti_prediction", path="/nowhere.nii.gz"))
         session.add(job)

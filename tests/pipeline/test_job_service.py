@@ -190,13 +190,14 @@ def test_a_job_runs_in_a_worker_and_answers_like_infer(
 ) -> None:
     study = write_study(tmp_path / "studies")
     done_hooks: list[str] = []
-    service.on_done.append(done_hooks.append)
-    service.on_done.append(lambda job_id: 1 / 0)  # a broken hook changes nothing
+    service.subscribe_done(done_hooks.append)
+    service.subscribe_done(lambda job_id: 1 / 0)  # a broken hook changes nothing
     service.start()
     job_id = service.submit(request_for(study, nnunet_id="toy_alias"))
     view = asyncio.run(service.wait(job_id, timeout=30))
     assert view.status == "done", view.error
-    assert view.models == ["toy"] and view.series == ["ct"] and view.attempts == 1
+    assert view.models == ("toy",) and view.series_folders == ("ct",) and view.attempts == 1
+    assert view.input_kind == "paths" and view.study_path == str(study.resolve())
     result = view.result
     assert result is not None
     for key in (
@@ -441,7 +442,7 @@ def test_a_running_job_superseded_by_a_newer_one_stops(
     service = make_service(settings, engine)
     study = write_study(tmp_path / "studies")
     done: list[str] = []
-    service.on_done.append(done.append)
+    service.subscribe_done(done.append)
     engine.hold()
     service.start()
     try:
@@ -476,3 +477,87 @@ def test_several_workers_run_jobs_side_by_side(
     engine.release()
     for job_id in ids:
         assert asyncio.run(service.wait(job_id, timeout=30)).status == "done"
+
+
+# --- the queue seam --------------------------------------------------------------------------
+class RecordingQueue:
+    """A JobQueue that only records the ids it is handed, as a broker would carry them to
+    workers in other processes; the test plays the worker."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.started = False
+
+    def submit(self, job_id: str) -> None:
+        self.ids.append(job_id)
+
+    def start(self, *, recover: bool = True) -> None:
+        self.started = True
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self.started = False
+
+
+def test_another_queue_plugs_in_and_run_job_runs_each_job_once(
+    toy_settings: Settings, engine: StandInEngine, tmp_path: Path
+) -> None:
+    """Jobs go to the queue given at construction (no worker thread runs them); run_job is what
+    a worker of another process calls: it claims the row, so a job id delivered twice, or to two
+    workers at once (each with its own database engine), runs once."""
+    broker = RecordingQueue()
+    sql = make_engine(toy_settings.database_url)
+    sessions = make_sessionmaker(sql)
+    service = JobService(
+        toy_settings,
+        sessions,
+        NodeSpec.load(toy_settings),
+        Archive(toy_settings.archive_dir, sessions),
+        engine,
+        queue=broker,
+        poll_s=0.1,
+    )
+    other_worker = make_service(toy_settings, engine)  # another process, same database
+    study = write_study(tmp_path / "studies")
+    service.start()
+    assert broker.started
+    job_id = service.submit(request_for(study))
+    assert broker.ids == [job_id]
+    assert service.get(job_id).status == "queued"  # nothing in this process runs it
+
+    engine.hold()
+    outcomes: list[JobStatus | None] = []
+    workers = [
+        threading.Thread(target=lambda s=s: outcomes.append(s.run_job(job_id)))
+        for s in (service, other_worker)
+    ]
+    for worker in workers:
+        worker.start()
+    assert engine.started.wait(10)
+    engine.release()
+    for worker in workers:
+        worker.join(30)
+    assert len(outcomes) == 2 and outcomes.count(None) == 1 and JobStatus.DONE in outcomes
+    assert len(engine.calls) == 1
+    assert service.run_job(job_id) is None  # delivered again: not run again
+    assert len(engine.calls) == 1 and service.get(job_id).attempts == 1
+
+    cancelled = service.submit(request_for(study))
+    service.cancel(cancelled)
+    assert other_worker.run_job(cancelled) is None and len(engine.calls) == 1
+    assert other_worker.run_job("0" * 32) is None  # unknown id
+    service.stop()
+    sql.dispose()
+
+
+def test_a_done_hook_can_be_removed(
+    service: JobService, engine: StandInEngine, tmp_path: Path
+) -> None:
+    study = write_study(tmp_path / "studies")
+    seen: list[str] = []
+    unsubscribe = service.subscribe_done(seen.append)
+    first = service.submit(request_for(study))
+    service.run_pending()
+    unsubscribe()
+    service.submit(request_for(study))
+    service.run_pending()
+    assert seen == [first]

@@ -22,8 +22,8 @@ from sqlalchemy import select
 from nnunet_node.core.phantom import Phantom, make_phantom, to_sitk, write_dicom_series, write_nifti
 from nnunet_node.core.settings import Settings
 from nnunet_node.pipeline.context import NodeContext, build_context
-from nnunet_node.pipeline.jobs import JobView
 from nnunet_node.storage.db import unit_of_work
+from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import Instance, Series, Study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def studies(node: NodeContext) -> Path:
     return node.settings.allowed_roots[0]
 
 
-def run_job(node: NodeContext, request: dict[str, Any], **kw: Any) -> JobView:
+def run_job(node: NodeContext, request: dict[str, Any], **kw: Any) -> JobRecord:
     job_id = node.job_service.submit(request, **kw)
     return asyncio.run(node.job_service.wait(job_id, timeout=300))
 
@@ -141,7 +141,7 @@ def test_archive_job_writes_seg_rtstruct_and_files_them(node: NodeContext, tmp_p
     assert view.status == "done", view.error
     assert view.study_instance_uid == source.StudyInstanceUID
     assert view.patient_id == "PAT-7"
-    assert view.series == [source.SeriesInstanceUID]
+    assert view.series_uids == (source.SeriesInstanceUID,) and view.input_kind == "archive"
     result = view.result
     assert result is not None
     assert result["metadata"]["algorithm_name"] == "nnU-Net phantom"
@@ -266,4 +266,4 @@ def test_a_series_whose_files_are_gone_fails_cleanly(node: NodeContext, tmp_path
     assert view.status == "failed"
     assert view.error is not None and "missing" in view.error
     assert results[3].sop_instance_uid in view.error
-    assert view.result is None and view.artifacts == []
+    assert view.result is None and view.artifacts == ()

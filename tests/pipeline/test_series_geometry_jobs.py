@@ -20,7 +20,7 @@ from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.core.phantom import SPHERE_LABEL
 from nnunet_node.core.settings import Settings
 from nnunet_node.pipeline.context import NodeContext, build_context
-from nnunet_node.pipeline.jobs import JobView
+from nnunet_node.storage.jobs import JobRecord
 from tests.export.export_helpers import dciodvfy
 from tests.pipeline.series_cases import (
     copy_instance,
@@ -69,14 +69,14 @@ def studies(node: NodeContext) -> Path:
     return node.settings.allowed_roots[0]
 
 
-def run(node: NodeContext, study: Path, **extra: Any) -> JobView:
+def run(node: NodeContext, study: Path, **extra: Any) -> JobRecord:
     job_id = node.job_service.submit(
         {**DICOM_ARGS, "study_path": str(study), "series_folders": ["ct"], **extra}
     )
     return asyncio.run(node.job_service.wait(job_id, timeout=300))
 
 
-def run_archived(node: NodeContext, folder: Path) -> JobView:
+def run_archived(node: NodeContext, folder: Path) -> JobRecord:
     """As a route submits it: the files archived, the job naming their series."""
     uids = set()
     for path in sorted(folder.iterdir()):
@@ -86,7 +86,7 @@ def run_archived(node: NodeContext, folder: Path) -> JobView:
     return asyncio.run(node.job_service.wait(job_id, timeout=300))
 
 
-def outputs(view: JobView) -> tuple[pydicom.Dataset, pydicom.Dataset]:
+def outputs(view: JobRecord) -> tuple[pydicom.Dataset, pydicom.Dataset]:
     """The job's SEG and RTSTRUCT, each checked by dciodvfy."""
     assert view.status == "done", view.error
     result = view.result
@@ -98,7 +98,7 @@ def outputs(view: JobView) -> tuple[pydicom.Dataset, pydicom.Dataset]:
     return pydicom.dcmread(seg_path), pydicom.dcmread(rt_path)
 
 
-def assert_references_exactly(view: JobView, kept: set[str]) -> None:
+def assert_references_exactly(view: JobRecord, kept: set[str]) -> None:
     seg, rt = outputs(view)
     listed, frames = seg_references(seg)
     assert listed == kept
@@ -112,7 +112,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int((a & b).sum()) / max(int(a.sum()) + int(b.sum()), 1)
 
 
-def prediction(view: JobView) -> sitk.Image:
+def prediction(view: JobRecord) -> sitk.Image:
     assert view.result is not None
     return sitk.ReadImage(view.result["nifti_prediction"][0])
 
@@ -264,7 +264,7 @@ def test_refused_series_fail_before_any_model_is_loaded(
     # The node filled in the archive job's series folders: the message names no request field.
     assert "series_folders" not in view.error, view.error
     assert cache_use(node) == before  # the predictor cache was not touched
-    assert view.artifacts == []
+    assert view.artifacts == ()
     # a study folder is checked at submission: no job at all
     shutil_target = studies / f"refused-{case.replace(' ', '-')}"
     make(shutil_target / "ct")

@@ -16,7 +16,7 @@ from nnunet_node.core.errors import Conflict, NotFound
 from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
 from nnunet_node.storage.jobs import RESTART_REASON, ArtifactRecord, JobFilters, JobStore
 from nnunet_node.storage.migrations import upgrade
-from nnunet_node.storage.models import Job, JobStatus
+from nnunet_node.storage.models import InputKind, Job, JobStatus
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +53,14 @@ def _new(store: JobStore, **kw) -> str:
 
 
 def test_create_and_get(store: JobStore) -> None:
-    job_id = _new(store, series=["ct"], patient_id="P1", study_instance_uid="1.2.3")
+    job_id = _new(store, series_folders=["ct"], patient_id="P1", study_instance_uid="1.2.3")
     job = store.get(job_id)
     assert job.status == JobStatus.QUEUED
     assert job.request == {"nnunet_id": "phantom"}
-    assert job.series == ["ct"]
+    assert job.series_folders == ("ct",) and job.series_uids == ()
+    assert job.input_kind == InputKind.PATHS
     assert job.attempts == 0
-    assert job.artifacts == [] and job.dispatches == []
+    assert job.artifacts == () and job.dispatches == ()
     with pytest.raises(NotFound, match="nope"):
         store.get("nope")
 

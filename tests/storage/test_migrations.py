@@ -14,15 +14,17 @@ from sqlalchemy import inspect, text
 from nnunet_node.storage.db import make_engine
 from nnunet_node.storage.migrations import current, downgrade, upgrade
 from nnunet_node.storage.models import Base
+from tests.support.migrations import HEAD, check_old_style_jobs_upgrade
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0004"
 TABLES = {
     "patients",
     "studies",
     "series",
     "instances",
     "jobs",
+    "job_models",
+    "job_series",
     "job_artifacts",
     "dispatches",
     "workers",
@@ -162,3 +164,7 @@ def test_0002_splits_studies_without_patient_id_and_prunes_empty_entities(tmp_pa
     engine.dispose()
     assert sorted(rows) == [("", 1), ("P1", 1)]
     assert kept == 3
+
+
+def test_upgrade_carries_old_style_jobs_over(tmp_path: Path) -> None:
+    check_old_style_jobs_upgrade(f"sqlite:///{tmp_path / 'old.db'}")

@@ -10,6 +10,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.jobs import JobFilters, JobStore
 from nnunet_node.storage.migrations import downgrade, upgrade
 from nnunet_node.storage.models import Instance, JobStatus, Series
+from tests.support.migrations import check_old_style_jobs_upgrade
 
 SERVER_URL = os.environ.get("NNUNET_NODE_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(
@@ -31,8 +33,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A new empty database on the test server, dropped at the end; yields its URL."""
     assert SERVER_URL
     name = f"nnunet_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(SERVER_URL, isolation_level="AUTOCOMMIT")
@@ -45,6 +48,12 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +79,11 @@ def test_migrations_down_and_up(pg_url: str, pg_engine: Engine) -> None:
     with pg_engine.connect() as conn:
         tables = conn.execute(text("SELECT count(*) FROM pg_tables WHERE tablename = 'instances'"))
         assert tables.scalar_one() == 1
+
+
+def test_upgrade_carries_old_style_jobs_over() -> None:
+    with scratch_database() as url:
+        check_old_style_jobs_upgrade(url)
 
 
 def test_concurrent_ingest_duplicates_and_queries(

@@ -150,7 +150,7 @@ def test_expired_lease_is_taken_over_and_the_loser_records_nothing(
         )
     store.fail(job_id, "a's error", worker="a")  # ignored: not a's job any more
     job = store.get(job_id)
-    assert (job.status, job.worker, job.artifacts) == (JobStatus.RUNNING, "b", [])
+    assert (job.status, job.worker, job.artifacts) == (JobStatus.RUNNING, "b", ())
     store.finish(job_id, {"status": "done"}, [ArtifactRecord("nifti_prediction", "/b")], worker="b")
     job = store.get(job_id)
     assert job.status == JobStatus.DONE

@@ -36,4 +36,4 @@ def test_stow_series_with_a_missing_slice_fails_its_job_before_any_model(
     assert "missing between image 20 and image 22" in job.error
     assert "series_folders" not in job.error, job.error  # a field the sender never wrote
     assert (stats.hits, stats.misses, stats.loads) == before  # no model was loaded
-    assert job.artifacts == []
+    assert job.artifacts == ()
