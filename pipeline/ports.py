@@ -4,10 +4,12 @@
 - :class:`ProgressReporter` / :class:`CancelCheck`: what a running job reports to and asks; the
   runner gets these, never the job service.
 - :class:`JobQueue`: how a queued job gets run. The in-process one is
-  :class:`nnunet_node.pipeline.workers.WorkerPool` (threads claiming rows); another (a broker and
-  worker processes) plugs in beside it: its ``submit`` hands the job id on, and whoever takes it
-  calls :meth:`nnunet_node.pipeline.execution.JobExecutor.run_job`, which claims the row
-  atomically (only ``queued -> running`` wins) and is idempotent on the job id.
+  :class:`nnunet_node.pipeline.workers.WorkerPool` (threads claiming rows); the broker one is
+  :class:`nnunet_node.pipeline.broker.BrokerQueue` (Celery carries the id to ``nnunet-node
+  worker`` processes). Running is idempotent on the job id whoever runs it: a plain claim
+  (:meth:`nnunet_node.pipeline.execution.JobExecutor.run_job`) only wins ``queued -> running``;
+  a worker process claims with a lease (``storage.workers.JobLeases.claim``) and runs the job
+  with ``JobService.run_claimed``, which records the outcome only while it holds the job.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -84,3 +84,10 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session that commits when the block ends and rolls back if it raises."""
     with factory() as session, session.begin():
         yield session
+
+
+def ping(factory: sessionmaker[Session]) -> None:
+    """Run ``SELECT 1`` through a session of ``factory`` (the readiness probe); raises what the
+    driver raises when the database cannot be reached."""
+    with factory() as session:
+        session.execute(text("SELECT 1"))

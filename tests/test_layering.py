@@ -90,3 +90,45 @@ def test_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     assert _imported_packages(sample) == {"api", "storage", "pipeline"}
     sample.write_text("from core.errors import ConfigError\n")
     assert _imported_packages(sample) == {BARE}
+
+
+SQL_TYPES_OUTSIDE_STORAGE = {
+    "sqlalchemy": {"Engine"},
+    "sqlalchemy.orm": {"Session", "sessionmaker"},
+}
+"""What of SQLAlchemy the layers above storage may name: the engine and session factory types
+they pass on. Statements (``select``, ``update``, ``text``, ...) belong to ``storage``."""
+
+
+def _sqlalchemy_names(path: Path) -> set[str]:
+    """``module.name`` of everything ``path`` imports from SQLAlchemy (``module`` alone for a
+    plain ``import``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "sqlalchemy"}
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "sqlalchemy"
+        ):
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+@pytest.mark.parametrize("package", ["pipeline", "node", "api"])
+def test_storage_owns_every_sql_statement(package: str) -> None:
+    allowed = {f"{m}.{n}" for m, names in SQL_TYPES_OUTSIDE_STORAGE.items() for n in names}
+    bad = {
+        str(path.relative_to(ROOT)): sorted(_sqlalchemy_names(path) - allowed)
+        for path in _python_files(ROOT / package)
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_sql_checker_sees_a_statement(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("from sqlalchemy import select, Engine\nimport sqlalchemy.orm\n")
+    assert _sqlalchemy_names(sample) == {"sqlalchemy.select", "sqlalchemy.Engine", "sqlalchemy.orm"}

@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+
+from nnunet_node.storage.db import ping
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,8 +28,7 @@ def _readiness(request: Request) -> tuple[bool, dict[str, Any]]:
         return False, {"error": "the node is starting"}
     problems: list[str] = []
     try:
-        with context.session_factory() as session:
-            session.execute(text("SELECT 1"))
+        ping(context.session_factory)
         database: dict[str, Any] = {"reachable": True}
     except Exception as exc:  # report, do not raise: this is the probe's answer
         LOGGER.warning("readiness: database unreachable: %s", exc)
