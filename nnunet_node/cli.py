@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import socket
 import sys
 import textwrap
@@ -73,6 +74,15 @@ def check_ports(settings: Settings, *, http: tuple[str, int] | None) -> None:
             )
 
 
+def _freeze_start_up_objects(*_: object) -> None:
+    """Leave what start-up made (the imported modules: torch, nnU-Net, pydicom... ~400k tracked
+    objects) out of every later garbage collection: a full collection then takes well under a
+    millisecond instead of 100-300 ms with the GIL held, during which every association and
+    request of the process waits (``gc.freeze``)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -86,6 +96,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.https:
         assert settings.tls_cert is not None and settings.tls_key is not None
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    _freeze_start_up_objects()
     uvicorn.run(
         app,
         host=host,
@@ -101,7 +112,7 @@ def _dicom(settings: Settings, args: argparse.Namespace) -> int:
     from nnunet_node.node.service import run_standalone
 
     check_ports(settings, http=None)
-    return run_standalone(settings)
+    return run_standalone(settings, ready=_freeze_start_up_objects)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:

@@ -51,7 +51,13 @@ class NodeServer(ThreadedAssociationServer):
     (where one silent client would hold up every other connection) into the connection's own
     thread, bounded by :data:`TLS_HANDSHAKE_TIMEOUT_S`. A failed handshake (an untrusted or
     missing client certificate, plain DICOM on the TLS port) closes the connection and is logged
-    as one WARNING line."""
+    as one WARNING line. No forced garbage collection between requests (:meth:`service_actions`)."""
+
+    def service_actions(self) -> None:
+        """Nothing between requests. pynetdicom's server runs a full ``gc.collect()`` every 60
+        turns of its accept loop; in a process that holds torch and nnU-Net (~400k tracked
+        objects) that holds the GIL for 100-300 ms, and every association waits. Python's own
+        collector still frees reference cycles (finished associations included)."""
 
     def get_request(self) -> Any:
         assert self.socket is not None

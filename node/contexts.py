@@ -97,17 +97,27 @@ def prefer_requested_syntaxes(event: Any) -> None:
     A requester lists its syntaxes in its order of preference (dcmtk's ``+xr``, ``+xs``...):
     a C-GET requester that puts RLE Lossless first then receives RLE files as they are stored,
     and a sender of compressed files is not asked to decompress them (PS3.8 9.3.2.2, 9.3.3.2:
-    the acceptor picks one of the proposed syntaxes).
+    the acceptor picks one of the proposed syntaxes). The supported contexts of abstract syntaxes
+    that were not proposed are dropped from this association's list first (negotiation never
+    looks at them).
     """
     assoc = event.assoc
+    requested = assoc.requestor.primitive.presentation_context_definition_list
+    # Only the supported contexts of proposed abstract syntaxes take part in negotiation: the
+    # access check and pynetdicom's negotiation then look at a few instead of ~160.
+    named = {str(cx.abstract_syntax) for cx in requested}
+    supported_contexts = [
+        cx for cx in assoc.acceptor.supported_contexts if str(cx.abstract_syntax) in named
+    ]
+    assoc.acceptor.supported_contexts = supported_contexts
     proposed: dict[str, list[str]] = {}
-    for cx in assoc.requestor.primitive.presentation_context_definition_list:
+    for cx in requested:
         if len(cx.transfer_syntax) > 1:
             proposed.setdefault(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
     if not proposed:
         return
     contexts = []
-    for cx in assoc.acceptor.supported_contexts:
+    for cx in supported_contexts:
         order = proposed.get(str(cx.abstract_syntax))
         supported = [str(ts) for ts in cx.transfer_syntax]
         if order and order[0] != supported[0]:

@@ -189,7 +189,8 @@ class NodeHandlers:
         level = retrieve_level(identifier, model)
         keys, matching = query_keys(identifier)
         with self.archive.read_sessions() as session:
-            rows = query.find(session, level, matching)
+            # only the computed attributes the identifier asks for (NumberOf..., ModalitiesIn...)
+            rows = query.find(session, level, matching, include=keys)
         charset = identifier.get("SpecificCharacterSet")
         for row in rows:
             if event.is_cancelled:

@@ -14,12 +14,14 @@ for C-MOVE sub-operations (nothing global is patched; the pynetdicom internals u
   ``store_sink`` (the archive's :class:`storage.incoming.IncomingFile`, given the Part 10 head)
   takes the dataset's fragments as they arrive, so the file is written, and its writeback
   started, while the rest is still on the wire.
-- **Responses encoded directly.** C-STORE, C-ECHO, C-FIND (final), C-GET and C-MOVE responses
-  without a data set have a fixed shape; they are encoded here (Implicit VR Little Endian,
-  PS3.7 6.3.1, 9.3, E.1) instead of through pydicom (~1 ms each), as pynetdicom would encode
-  them (tests/node/test_transport.py compares the bytes). A UID that cannot be encoded (a
-  requester sent non-ASCII bytes) is left out of the response: PS3.7 makes the Affected SOP
-  Class and Instance UIDs of a response optional, and a status must always go back.
+- **Responses encoded directly.** C-STORE, C-ECHO, C-FIND (pending ones with their
+  identifier too), C-GET and C-MOVE responses have a fixed command set; it is encoded here
+  (Implicit VR Little Endian, PS3.7 6.3.1, 9.3, E.1) instead of through pydicom (~0.3 ms each),
+  as pynetdicom would encode it (tests/node/test_transport.py compares the bytes), and a C-FIND
+  response goes out as one write: its command and identifier PDUs together. A UID that cannot
+  be encoded (a requester sent non-ASCII bytes) is left out of the response: PS3.7 makes the
+  Affected SOP Class and Instance UIDs of a response optional, and a status must always go
+  back.
 - **Stored files sent as they are** for C-GET and C-MOVE (node/retrieve.py).
 - **No discarded log text.** pynetdicom's standard handlers format every PDU and DIMSE message
   into debug lines. When the ``pynetdicom`` logger would drop them (below INFO is off, the
@@ -45,6 +47,7 @@ from nnunet_node.pipeline.pynetdicom_internals import (
     after_run,
     answer_invalid_store_requests,
     command_set,
+    log_request_identifiers,
     make_event_driven,
     send_responses_directly,
     stream_store_datasets,
@@ -82,19 +85,23 @@ def _us(value: int) -> bytes:
 
 
 def encode_response(primitive: Any) -> bytes | None:
-    """The command set of a DIMSE-C response that carries no data set, no Error Comment and no
-    Offending Element (PS3.7 9.3: C-STORE, C-ECHO, C-FIND, C-GET, C-MOVE), as pynetdicom encodes
-    it; None for anything else (pynetdicom encodes those)."""
+    """The command set of a DIMSE-C response without Error Comment or Offending Element
+    (PS3.7 9.3: C-STORE, C-ECHO, C-FIND, C-GET, C-MOVE), as pynetdicom encodes it; None for
+    anything else (pynetdicom encodes those). A C-FIND response may carry its Identifier (an
+    encoded data set, PS3.7 9.3.2.2): its Command Data Set Type then says one follows, and the
+    caller sends the identifier's bytes after the command set."""
     field = _RESPONSE_FIELDS.get(type(primitive))
+    identifier = getattr(primitive, "Identifier", None)
     if (
         field is None
         or primitive.MessageIDBeingRespondedTo is None
         or primitive.Status is None
         or getattr(primitive, "ErrorComment", None) is not None
         or getattr(primitive, "OffendingElement", None) is not None
-        or getattr(primitive, "Identifier", None) is not None
+        or (identifier is not None and type(primitive) is not C_FIND)
     ):
         return None
+    has_data_set = identifier is not None and bool(identifier.getvalue())
     elements: list[tuple[int, bytes]] = []
     sop_class = _uid_or_none(primitive.AffectedSOPClassUID)
     if sop_class is not None:
@@ -102,7 +109,7 @@ def encode_response(primitive: Any) -> bytes | None:
     elements += [
         (0x0100, _us(field)),  # Command Field
         (0x0120, _us(int(primitive.MessageIDBeingRespondedTo))),
-        (0x0800, _us(0x0101)),  # Command Data Set Type: none
+        (0x0800, _us(0x0001 if has_data_set else 0x0101)),  # Command Data Set Type
         (0x0900, _us(int(primitive.Status))),
     ]
     sop_instance = _uid_or_none(getattr(primitive, "AffectedSOPInstanceUID", None))
@@ -154,7 +161,9 @@ class ServerAE(NodeAE):
         return super().make_server(*args, **kwargs)
 
     def _fast(self, assoc: Any) -> None:
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        verbose = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+        log_request_identifiers(verbose)
+        if not verbose:
             unbind_standard_log_handlers(assoc)
         send_responses_directly(assoc, encode_response)
 

@@ -151,6 +151,53 @@ def test_association_internals() -> None:
     assert any(_handlers.standard_pdu_sent_handler in entry for entry in bound)
 
 
+def test_the_reactor_we_replace() -> None:
+    """_serve_until_ended does what Association._run_reactor does, less its 1 ms sleep."""
+    source = _source(Association._run_reactor)
+    for step in (
+        "time.sleep(0.001)",  # what the replacement exists to remove
+        "self._reactor_checkpoint.wait()",
+        "context_id, msg = self.dimse.get_msg(block=False)",
+        "self._serve_request(msg, cast(int, context_id))",
+        "self.is_established and self.acse.is_release_requested()",
+        "self.acse.send_release(is_response=True)",
+        "self.is_released = True",
+        "evt.trigger(self, evt.EVT_RELEASED, {})",
+        "if self.acse.is_aborted():",
+        "self.dul.receive_pdu(wait=False)",
+        "evt.trigger(self, evt.EVT_ABORTED, {})",
+        "if not self.dul.is_alive():",
+        "if self.dul.idle_timer_expired():",
+        'if self.network_timeout_response == "A-RELEASE":',
+        "self.kill()",
+    ):
+        assert step in source, f"Association._run_reactor changed: {step!r}"
+    assert source.count("self.kill()") == 4, "Association._run_reactor ends in new ways"
+    assert "self._run_reactor()" in _source(Association.run_reactor)
+    assert "while self.dul.is_alive() and not self.dul.stop_dul():" in _source(Association.kill)
+    stop = _source(DULServiceProvider.stop_dul)
+    assert 'self.state_machine.current_state == "Sta1"' in stop
+    assert "self._kill_thread = True" in stop and "while self.is_alive():" in stop
+    assert "if self._kill_thread:" in _source(DULServiceProvider.run_reactor)
+    assert hasattr(Association(AE(), MODE_ACCEPTOR), "network_timeout_response")
+
+
+def test_identifier_logging_switch() -> None:
+    from pynetdicom import service_class
+
+    assert isinstance(_config.LOG_REQUEST_IDENTIFIERS, bool)
+    find = _source(service_class.QueryRetrieveServiceClass._c_find_scp)
+    assert "if _config.LOG_REQUEST_IDENTIFIERS:" in find
+    assert "pretty_dataset(identifier)" in find
+
+
+def test_the_server_collects_garbage_between_requests() -> None:
+    """NodeServer.service_actions (node/ae.py) drops this forced collection."""
+    from pynetdicom.transport import AssociationServer
+
+    assert "gc.collect()" in _source(AssociationServer.service_actions)
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -1,0 +1,156 @@
+"""C-FIND responses as the node writes them (node/transport.py: command sets encoded directly,
+a pending response's command and identifier in one write, the reactor of
+pipeline/pynetdicom_internals.py) are exactly what pynetdicom's own encoder sends, for every
+level and for requesters whose maximum PDU splits an identifier into fragments."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import decode
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore
+
+from nnunet_node.core.settings import Settings
+from nnunet_node.node.ae import DicomNode
+from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.storage.archive import Archive
+from tests.node.conftest import NodeFactory, dcmtk
+
+
+@dataclass
+class Nodes:
+    ours: DicomNode
+    pynetdicom: DicomNode
+    """The same archive served by pynetdicom's own reactor and encoder (event_driven=False)."""
+    study_uid: str
+    series_uid: str
+    count: int
+
+
+@pytest.fixture
+def nodes(
+    start_node: NodeFactory, settings: Settings, archive: Archive, phantom_series: list[Path]
+) -> Iterator[Nodes]:
+    ours = start_node()
+    result = dcmtk(
+        "storescu",
+        "+sd",
+        "-aec",
+        "NNUNET_NODE",
+        "127.0.0.1",
+        str(ours.port),
+        str(phantom_series[0].parent),
+    )
+    assert result.returncode == 0, result.stdout
+    plain = DicomNode(
+        settings, archive, RoutingTable.from_spec({}), host="127.0.0.1", port=0, event_driven=False
+    )
+    plain.start()
+    first = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
+    yield Nodes(ours, plain, first.StudyInstanceUID, first.SeriesInstanceUID, len(phantom_series))
+    plain.stop()
+
+
+@dataclass
+class Response:
+    command: Dataset
+    data_set: bytes
+
+
+def _find(port: int, identifier: Dataset, max_pdu: int) -> tuple[list[Response], list[int]]:
+    """Every C-FIND-RSP message (command set decoded, data set as received) and the length of
+    every P-DATA-TF PDU the node sent, for a requester whose maximum PDU is ``max_pdu``."""
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    responses: list[Response] = []
+    pdu_lengths: list[int] = []
+
+    def on_message(event: Any) -> None:
+        message = event.message
+        data = message.data_set.getvalue() if message.data_set is not None else b""
+        responses.append(Response(message.command_set, data))
+
+    def on_pdu(event: Any) -> None:
+        if event.pdu.__class__.__name__ == "P_DATA_TF":
+            pdu_lengths.append(len(event.pdu.encode()))
+
+    handlers = [(evt.EVT_DIMSE_RECV, on_message), (evt.EVT_PDU_RECV, on_pdu)]
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="NNUNET_NODE", max_pdu=max_pdu, evt_handlers=handlers
+    )
+    assert assoc.is_established
+    statuses = list(assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    assert statuses and statuses[-1][0].Status == 0x0000
+    return responses, pdu_lengths
+
+
+def _identifier(level: str, nodes: Nodes) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    ds.PatientName = "*"
+    ds.PatientID = ""
+    ds.StudyInstanceUID = nodes.study_uid if level != "STUDY" else ""
+    ds.StudyDescription = ""
+    if level == "STUDY":
+        ds.ModalitiesInStudy = ""
+        ds.SOPClassesInStudy = ""
+        ds.NumberOfStudyRelatedSeries = None
+        ds.NumberOfStudyRelatedInstances = None
+    else:
+        ds.SeriesInstanceUID = nodes.series_uid if level == "IMAGE" else ""
+        ds.Modality = ""
+        ds.SeriesNumber = None
+        ds.NumberOfSeriesRelatedInstances = None
+    if level == "IMAGE":
+        ds.SOPInstanceUID = ""
+        ds.SOPClassUID = ""
+        ds.InstanceNumber = None
+    return ds
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 128])
+@pytest.mark.parametrize("level", ["STUDY", "SERIES", "IMAGE"])
+def test_find_responses_are_what_pynetdicom_would_send(
+    nodes: Nodes, level: str, max_pdu: int
+) -> None:
+    identifier = _identifier(level, nodes)
+    ours, our_pdus = _find(nodes.ours.port, identifier, max_pdu)
+    theirs, _ = _find(nodes.pynetdicom.port, identifier, max_pdu)
+    expected = {"STUDY": 1, "SERIES": 1, "IMAGE": nodes.count}[level]
+    assert len(ours) == expected + 1  # the pending responses and the final one
+    assert [r.data_set for r in ours] == [r.data_set for r in theirs]
+    for mine, pynetdicom_s in zip(ours, theirs, strict=True):
+        assert mine.command == pynetdicom_s.command
+    assert [r.command.Status for r in ours] == [0xFF00] * expected + [0x0000]
+    assert [r.command.CommandDataSetType for r in ours] == [0x0001] * expected + [0x0101]
+    if max_pdu:
+        # PS3.8 D.1: the Maximum Length is that of a PDU's variable field (its 6-byte header aside)
+        assert max(our_pdus) <= max_pdu + 6
+    if max_pdu == 128:
+        # a command PDU per message, and each identifier in at least two fragments
+        assert len(our_pdus) >= len(ours) + 2 * expected
+
+
+def test_find_returns_the_computed_attributes_asked_for(nodes: Nodes) -> None:
+    ours, _ = _find(nodes.ours.port, _identifier("STUDY", nodes), 16384)
+    found = decode(io.BytesIO(ours[0].data_set), True, True)
+    assert found.StudyInstanceUID == nodes.study_uid
+    assert found.ModalitiesInStudy == "CT"
+    assert found.SOPClassesInStudy == CTImageStorage
+    assert found.NumberOfStudyRelatedSeries == 1
+    assert found.NumberOfStudyRelatedInstances == nodes.count
+    series, _ = _find(nodes.ours.port, _identifier("SERIES", nodes), 16384)
+    found = decode(io.BytesIO(series[0].data_set), True, True)
+    assert (found.SeriesInstanceUID, found.Modality) == (nodes.series_uid, "CT")
+    assert found.NumberOfSeriesRelatedInstances == nodes.count
+    assert "ModalitiesInStudy" not in found  # not asked for at this level: not computed
