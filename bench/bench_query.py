@@ -7,7 +7,7 @@ on PostgreSQL, in the storage layer and (``--layers``) through QIDO-RS over HTTP
 
 The index is bulk-loaded (rows only, no files: this measures the queries, not ingest; SQLite by
 ``executemany``, PostgreSQL by ``COPY``), then its aggregates are counted once
-(:func:`storage.indexer.recount`, what migration 0005 runs). For ``--instances N``: N/400
+(:func:`storage.indexer.recount`, what migration 0006 runs). For ``--instances N``: N/400
 patients of 2 studies each, N/200 studies of 3 series (CT of 100 instances, CT/MR/PT of 99, a SEG
 of 1), dates spread over 2019-2024; study 0 is a large one (series ``1.3.0.100`` of 100
 instances, two CT series of 500). ``--database-url`` names a PostgreSQL server database from which
@@ -226,9 +226,8 @@ def fill(engine: Engine, shape: Shape) -> None:
         raw.commit()
     finally:
         raw.close()
-    if hasattr(indexer, "recount"):
-        with engine.begin() as conn:
-            indexer.recount(conn)
+    with engine.begin() as conn:
+        indexer.recount(conn)
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM ANALYZE"))
@@ -357,9 +356,7 @@ def report(title: str, timings: Timings) -> None:
     for label, samples in timings.samples.items():
         p50, p95 = p50_p95(samples)
         baseline = baseline or p50
-        print(
-            f"  {label:<46} {p50:8.1f} {p95:8.1f} {p50 / baseline:7.1f} {timings.rows[label]:6d}"
-        )
+        print(f"  {label:<46} {p50:8.1f} {p95:8.1f} {p50 / baseline:7.1f} {timings.rows[label]:6d}")
 
 
 def bench_storage(engine: Engine, shape: Shape, runs: int) -> Timings:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core import metrics
@@ -317,8 +317,7 @@ class Archive:
             header = None
         if header is None or header.sop_instance_uid != row.sop_instance_uid:
             with self.session_factory() as session, session.begin():
-                session.execute(delete(Instance).where(Instance.id == row.id))
-                self._indexer.prune(session.connection(), row.series_pk)
+                self._indexer.remove(session.connection(), row.id)
             return
         self._indexer.upsert(
             header,

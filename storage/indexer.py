@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from nnunet_node.core.clock import utcnow
@@ -73,6 +74,51 @@ class Header:
     @property
     def relative_path(self) -> str:
         return f"{self.study_instance_uid}/{self.series_instance_uid}/{self.sop_instance_uid}.dcm"
+
+
+def join_modalities(modalities: Iterable[str]) -> str:
+    """A study's ModalitiesInStudy as its ``modalities_in_study`` column holds it: the distinct
+    modalities of its series, sorted, backslash-separated (PS3.5 6.4 multi-valued CS)."""
+    return "\\".join(sorted({m for m in modalities if m}))
+
+
+def split_modalities(column: str) -> list[str]:
+    """The ``modalities_in_study`` column as ModalitiesInStudy's values (sorted)."""
+    return column.split("\\") if column else []
+
+
+def recount(conn: Connection) -> None:
+    """Count every aggregate of the index again from its rows (inside the caller's
+    transaction): each series' number of instances, each study's number of series and of
+    instances and its modalities. Ingest keeps them right as it goes (:class:`Indexer`); this is
+    for rows loaded in bulk, and what migration 0006 does to existing rows."""
+    per_series = (
+        select(func.count()).select_from(_I).where(_I.c.series_pk == _SE.c.id).scalar_subquery()
+    )
+    conn.execute(update(_SE).values(number_of_instances=per_series))
+    series_of_study = select(func.count()).where(_SE.c.study_pk == _ST.c.id).scalar_subquery()
+    instances_of_study = (
+        select(func.coalesce(func.sum(_SE.c.number_of_instances), 0))
+        .where(_SE.c.study_pk == _ST.c.id)
+        .scalar_subquery()
+    )
+    conn.execute(
+        update(_ST).values(number_of_series=series_of_study, number_of_instances=instances_of_study)
+    )
+    modalities: dict[int, set[str]] = {}
+    for study_pk, modality in conn.execute(
+        select(_SE.c.study_pk, _SE.c.modality).where(_SE.c.modality != "").distinct()
+    ):
+        modalities.setdefault(study_pk, set()).add(modality)
+    conn.execute(update(_ST).values(modalities_in_study=""))
+    rows = [{"_pk": pk, "_m": join_modalities(ms)} for pk, ms in modalities.items()]
+    if rows:
+        conn.execute(
+            update(_ST)
+            .where(_ST.c.id == bindparam("_pk"))
+            .values(modalities_in_study=bindparam("_m")),
+            rows,
+        )
 
 
 def _changes(current: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +178,32 @@ class Indexer:
         self._select_study_pk = select(_ST.c.id).where(_ST.c.study_instance_uid == bindparam("uid"))
         self._select_series_pk = select(_SE.c.id).where(
             _SE.c.series_instance_uid == bindparam("uid")
+        )
+        self._select_series_study = select(_SE.c.study_pk).where(_SE.c.id == bindparam("pk"))
+        # Aggregates (PS3.4 C.3.4): counts kept with the rows, modalities per study.
+        self._count_series = (
+            update(_SE)
+            .where(_SE.c.id == bindparam("_pk"))
+            .values(number_of_instances=_SE.c.number_of_instances + bindparam("_delta"))
+        )
+        self._count_study = (
+            update(_ST)
+            .where(_ST.c.id == bindparam("_pk"))
+            .values(number_of_instances=_ST.c.number_of_instances + bindparam("_delta"))
+        )
+        # FOR NO KEY UPDATE: the lock that an UPDATE of the row takes. FOR UPDATE would also
+        # wait for the key-share locks that inserting a series of the study takes, so two
+        # writers each adding a series would deadlock.
+        self._lock_study = (
+            select(_ST.c.id).where(_ST.c.id == bindparam("pk")).with_for_update(key_share=True)
+        )
+        self._select_study_modalities = (
+            select(_SE.c.modality)
+            .where(_SE.c.study_pk == bindparam("pk"), _SE.c.modality != "")
+            .distinct()
+        )
+        self._count_study_series = (
+            select(func.count()).select_from(_SE).where(_SE.c.study_pk == bindparam("pk"))
         )
         tables = (_P, _ST, _SE, _I)
         self._update = {t.name: update(t).where(t.c.id == bindparam("_pk")) for t in tables}
@@ -217,15 +289,18 @@ class Indexer:
         if calling_ae or called_ae:
             arrival |= {"calling_ae": calling_ae, "called_ae": called_ae}
         row = conn.execute(self._select_series, {"uid": header.series_instance_uid}).first()
+        series_update: dict[str, Any] = {}
         if row is not None:
             m = row._mapping
-            series_pk = m["se_id"]
+            series_pk, study_pk = m["se_id"], m["st_id"]
             series_changes = {k: v for k, v in header.series.items() if v not in ("", None)}
             series_changes = {k: v for k, v in series_changes.items() if m[f"se_{k}"] != v}
-            self._set(conn, _SE, series_pk, series_changes | arrival)
+            series_update = series_changes | arrival
             self._refresh_study(conn, m, header)
         else:
-            series_pk = self._new_series(conn, header, now, calling_ae, called_ae, arrival)
+            series_pk, study_pk = self._new_series(
+                conn, header, now, calling_ae, called_ae, arrival
+            )
 
         values = {
             "series_pk": series_pk,
@@ -245,30 +320,87 @@ class Indexer:
             key = {"sop_instance_uid": header.sop_instance_uid}
             _, created = self._insert_or_get(conn, _I, key, values, self._select_instance, uid)
             if created:
+                self._count(conn, series_pk, study_pk, +1, series_update)
+                if "modality" in series_update:
+                    self._recount_study_series(conn, study_pk)
                 return False, None
             existing = conn.execute(self._select_instance, uid).one()
         self._set(conn, _I, existing.id, values)
-        if existing.series_pk != series_pk:  # moved to another series
+        if existing.series_pk == series_pk:  # re-sent: the counts stay
+            self._set(conn, _SE, series_pk, series_update)
+        else:  # moved to another series
             LOGGER.warning(
                 "instance %s moved to series %s",
                 header.sop_instance_uid,
                 header.series_instance_uid,
             )
+            self._count(conn, series_pk, study_pk, +1, series_update)
+            old_study_pk = conn.execute(self._select_series_study, {"pk": existing.series_pk})
+            self._count(conn, existing.series_pk, old_study_pk.scalar_one(), -1, {})
             self.prune(conn, existing.series_pk)
+        if "modality" in series_update:
+            self._recount_study_series(conn, study_pk)
         return True, existing.path
+
+    def remove(self, conn: Connection, instance_pk: int) -> None:
+        """Delete one instance row (inside the caller's transaction), keep its series' and
+        study's counts right, and prune what is left empty (:meth:`prune`)."""
+        found = conn.execute(
+            select(_I.c.series_pk, _SE.c.study_pk)
+            .join(_SE, _SE.c.id == _I.c.series_pk)
+            .where(_I.c.id == instance_pk)
+        ).first()
+        if found is None:
+            return
+        conn.execute(_I.delete().where(_I.c.id == instance_pk))
+        self._count(conn, found.series_pk, found.study_pk, -1, {})
+        self.prune(conn, found.series_pk)
+
+    def _count(
+        self,
+        conn: Connection,
+        series_pk: int,
+        study_pk: int,
+        delta: int,
+        series_values: dict[str, Any],
+    ) -> None:
+        """Add ``delta`` to the series' and the study's number of instances (one UPDATE each,
+        atomic increments, so concurrent writers on PostgreSQL never lose one); the series
+        UPDATE also sets ``series_values`` (arrival time, changed attributes)."""
+        conn.execute(self._count_series, {"_pk": series_pk, "_delta": delta, **series_values})
+        conn.execute(self._count_study, {"_pk": study_pk, "_delta": delta})
+
+    def _recount_study_series(self, conn: Connection, study_pk: int) -> None:
+        """Count the study's series and list its modalities again, from the series rows: run
+        when a series is added, removed or changes modality. On PostgreSQL the study row is
+        locked first (as an UPDATE locks it), so that a concurrent writer adding another series to the study waits,
+        and then counts with this one's series committed (READ COMMITTED reads what committed
+        before each statement)."""
+        conn.execute(self._lock_study, {"pk": study_pk})
+        modalities = conn.execute(self._select_study_modalities, {"pk": study_pk}).scalars()
+        number = conn.execute(self._count_study_series, {"pk": study_pk}).scalar_one()
+        conn.execute(
+            self._update[_ST.name],
+            {
+                "_pk": study_pk,
+                "number_of_series": number,
+                "modalities_in_study": join_modalities(modalities),
+            },
+        )
 
     def prune(self, conn: Connection, series_pk: int) -> None:
         """Delete the series when no instance is left in it, then its study when no series is
         left, then the study's patient when no study is left (inside the caller's transaction),
-        so that queries and counts never show an empty entity."""
+        so that queries and counts never show an empty entity. A study that keeps other series
+        gets its number of series and its modalities counted again."""
         if conn.execute(select(_I.c.id).where(_I.c.series_pk == series_pk).limit(1)).first():
             return
-        study_pk = conn.execute(select(_SE.c.study_pk).where(_SE.c.id == series_pk)).scalar()
+        study_pk = conn.execute(self._select_series_study, {"pk": series_pk}).scalar()
         conn.execute(_SE.delete().where(_SE.c.id == series_pk))
-        if (
-            study_pk is None
-            or conn.execute(select(_SE.c.id).where(_SE.c.study_pk == study_pk).limit(1)).first()
-        ):
+        if study_pk is None:
+            return
+        if conn.execute(select(_SE.c.id).where(_SE.c.study_pk == study_pk).limit(1)).first():
+            self._recount_study_series(conn, study_pk)
             return
         patient_pk = conn.execute(select(_ST.c.patient_pk).where(_ST.c.id == study_pk)).scalar()
         conn.execute(_ST.delete().where(_ST.c.id == study_pk))
@@ -318,7 +450,9 @@ class Indexer:
         calling_ae: str,
         called_ae: str,
         arrival: dict[str, Any],
-    ) -> int:
+    ) -> tuple[int, int]:
+        """Insert the series (and its study, patient) of a header; return (series, study) pks.
+        The new series starts with no instance (the caller counts the one it inserts)."""
         study = conn.execute(self._select_study, {"uid": header.study_instance_uid}).first()
         if study is not None:
             study_pk = study._mapping["st_id"]
@@ -341,9 +475,13 @@ class Indexer:
             self._select_series_pk,
             uid,
         )
-        if not created:  # another writer made it meanwhile
+        if not created:  # another writer made it meanwhile (and counted it in its study)
             self._set(conn, _SE, series_pk, arrival)
-        return series_pk
+            return series_pk, conn.execute(
+                self._select_series_study, {"pk": series_pk}
+            ).scalar_one()
+        self._recount_study_series(conn, study_pk)
+        return series_pk, study_pk
 
     def _new_study(self, conn: Connection, header: Header) -> int:
         key = {k: header.patient[k] for k in PATIENT_KEY} | {"study_scope": patient_scope(header)}

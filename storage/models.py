@@ -90,6 +90,14 @@ class Study(Base):
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
+    # Aggregates (PS3.4 C.3.4) kept by ingest in the transaction of each instance row
+    # (storage/indexer.py), so that C-FIND and QIDO-RS read them instead of counting.
+    number_of_series: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """NumberOfStudyRelatedSeries."""
+    number_of_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """NumberOfStudyRelatedInstances."""
+    modalities_in_study: Mapped[str] = mapped_column(Text, default="", server_default="")
+    """ModalitiesInStudy: its series' distinct modalities, sorted, backslash-separated."""
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -115,6 +123,8 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(TS, default=utcnow, index=True)
     completion_handled_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
     """When routing last looked at this series; unhandled while older than ``last_received_at``."""
+    number_of_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """NumberOfSeriesRelatedInstances, kept by ingest (storage/indexer.py)."""
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

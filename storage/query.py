@@ -8,9 +8,9 @@ Each ``find_*`` returns rows: dicts from keyword to value, one per entity, carry
 attributes, those of the levels above it, and the computed attributes (ModalitiesInStudy,
 NumberOf...Related...). :func:`to_dataset` makes a response identifier of the requested keys.
 
-Speed at 100k+ instances: every matched attribute with an index (see storage/models.py), one
-SELECT for the page of entities, then one GROUP BY query per computed attribute for that page
-only (never one query per row).
+Speed at 1,000,000 instances (``bench/bench_query.py``): one SELECT per query, LIMIT and OFFSET
+in it; the computed attributes are columns that ingest keeps (storage/indexer.py), except
+SOPClassesInStudy, read from the instance rows of the page's studies and only on request.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, aliased
 
 from nnunet_node.core.charset import answer_charset
 from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.storage.indexer import split_modalities
 from nnunet_node.storage.matching import Kind, split_values, value_condition
 from nnunet_node.storage.models import Instance, Patient, Series, Study
 
@@ -212,6 +213,8 @@ def _rows(session: Session, stmt: Select[Any]) -> list[Row]:
     for record in session.execute(stmt):
         row = dict(record._mapping)
         row["InstanceAvailability"] = "ONLINE"
+        if "ModalitiesInStudy" in row:
+            row["ModalitiesInStudy"] = split_modalities(row["ModalitiesInStudy"])
         rows.append(row)
     return rows
 
@@ -259,41 +262,28 @@ def find_patients(
     stmt = select(Patient.id.label("_pk"), *_columns(_PATIENT_ONLY)).where(*conds)
     rows = _rows(session, _page(stmt.order_by(Patient.id), limit, offset))
     wanted = _wanted(include, "PATIENT")
+    counts: dict[str, dict[int, Any]] = {name: {} for name in COMPUTED["PATIENT"] if name in wanted}
     pks = [r["_pk"] for r in rows]
-    counts: dict[str, dict[int, Any]] = {}
-    if "NumberOfPatientRelatedStudies" in wanted:
-        counts["NumberOfPatientRelatedStudies"] = _grouped(
-            session,
-            lambda c: (
-                select(Study.patient_pk, func.count())
-                .where(Study.patient_pk.in_(c))
+    if counts:
+        for chunk in _chunks(pks):
+            counted = (
+                select(
+                    Study.patient_pk,
+                    func.count(),
+                    func.sum(Study.number_of_series),
+                    func.sum(Study.number_of_instances),
+                )
+                .where(Study.patient_pk.in_(chunk))
                 .group_by(Study.patient_pk)
-            ),
-            pks,
-        )
-    if "NumberOfPatientRelatedSeries" in wanted:
-        counts["NumberOfPatientRelatedSeries"] = _grouped(
-            session,
-            lambda c: (
-                select(Study.patient_pk, func.count())
-                .join(Series, Series.study_pk == Study.id)
-                .where(Study.patient_pk.in_(c))
-                .group_by(Study.patient_pk)
-            ),
-            pks,
-        )
-    if "NumberOfPatientRelatedInstances" in wanted:
-        counts["NumberOfPatientRelatedInstances"] = _grouped(
-            session,
-            lambda c: (
-                select(Study.patient_pk, func.count())
-                .join(Series, Series.study_pk == Study.id)
-                .join(Instance, Instance.series_pk == Series.id)
-                .where(Study.patient_pk.in_(c))
-                .group_by(Study.patient_pk)
-            ),
-            pks,
-        )
+            )
+            for pk, studies, series, instances in session.execute(counted):
+                for name, value in (
+                    ("NumberOfPatientRelatedStudies", studies),
+                    ("NumberOfPatientRelatedSeries", series),
+                    ("NumberOfPatientRelatedInstances", instances),
+                ):
+                    if name in counts:
+                        counts[name][pk] = int(value or 0)
     for row in rows:
         for name, by_pk in counts.items():
             row[name] = by_pk.get(row["_pk"], 0)
@@ -315,72 +305,54 @@ def find_studies(
     dialect = _dialect(session)
     conds = _conditions(q, ("PATIENT", "STUDY"), dialect=dialect, fuzzy=fuzzy)
     conds += _study_computed_conditions(q, dialect=dialect)
+    wanted = _wanted(include, "STUDY")
     stmt = (
-        select(Study.id.label("_pk"), *_columns(("PATIENT", "STUDY")))
+        select(
+            Study.id.label("_pk"),
+            *_columns(("PATIENT", "STUDY")),
+            *_aggregates(wanted),
+        )
         .join(Patient, Patient.id == Study.patient_pk)
         .where(*conds)
         .order_by(Study.id)
     )
     rows = _rows(session, _page(stmt, limit, offset))
-    _add_study_computed(session, rows, _wanted(include, "STUDY"), pk_key="_pk")
+    _add_sop_classes(session, rows, wanted, pk_key="_pk")
     return rows
 
 
-def _add_study_computed(session: Session, rows: list[Row], wanted: set[str], pk_key: str) -> None:
+_AGGREGATES: dict[str, Any] = {
+    "ModalitiesInStudy": Study.modalities_in_study,
+    "NumberOfStudyRelatedSeries": Study.number_of_series,
+    "NumberOfStudyRelatedInstances": Study.number_of_instances,
+    "NumberOfSeriesRelatedInstances": Series.number_of_instances,
+}
+"""Computed attributes the index keeps as columns (storage/indexer.py keeps them right)."""
+
+
+def _aggregates(wanted: Collection[str]) -> list[Any]:
+    return [column.label(name) for name, column in _AGGREGATES.items() if name in wanted]
+
+
+def _add_sop_classes(session: Session, rows: list[Row], wanted: set[str], pk_key: str) -> None:
+    """SOPClassesInStudy, read from the instance rows of the page's studies (only on
+    request)."""
     pks = sorted({r[pk_key] for r in rows})
-    if not pks or not wanted:
+    if not pks or "SOPClassesInStudy" not in wanted:
         return
-    values: dict[str, dict[int, Any]] = {}
-    if "NumberOfStudyRelatedSeries" in wanted:
-        values["NumberOfStudyRelatedSeries"] = _grouped(
-            session,
-            lambda c: (
-                select(Series.study_pk, func.count())
-                .where(Series.study_pk.in_(c))
-                .group_by(Series.study_pk)
-            ),
-            pks,
+    classes: dict[int, list[str]] = defaultdict(list)
+    for chunk in _chunks(pks):
+        stmt = (
+            select(Series.study_pk, Instance.sop_class_uid)
+            .join(Instance, Instance.series_pk == Series.id)
+            .where(Series.study_pk.in_(chunk))
+            .group_by(Series.study_pk, Instance.sop_class_uid)
+            .order_by(Series.study_pk, Instance.sop_class_uid)
         )
-    if "NumberOfStudyRelatedInstances" in wanted:
-        values["NumberOfStudyRelatedInstances"] = _grouped(
-            session,
-            lambda c: (
-                select(Series.study_pk, func.count())
-                .join(Instance, Instance.series_pk == Series.id)
-                .where(Series.study_pk.in_(c))
-                .group_by(Series.study_pk)
-            ),
-            pks,
-        )
-    if "ModalitiesInStudy" in wanted:
-        modalities: dict[int, list[str]] = defaultdict(list)
-        for chunk in _chunks(pks):
-            stmt = (
-                select(Series.study_pk, Series.modality)
-                .where(Series.study_pk.in_(chunk), Series.modality != "")
-                .group_by(Series.study_pk, Series.modality)
-                .order_by(Series.study_pk, Series.modality)
-            )
-            for pk, modality in session.execute(stmt):
-                modalities[pk].append(modality)
-        values["ModalitiesInStudy"] = modalities
-    if "SOPClassesInStudy" in wanted:
-        classes: dict[int, list[str]] = defaultdict(list)
-        for chunk in _chunks(pks):
-            stmt = (
-                select(Series.study_pk, Instance.sop_class_uid)
-                .join(Instance, Instance.series_pk == Series.id)
-                .where(Series.study_pk.in_(chunk))
-                .group_by(Series.study_pk, Instance.sop_class_uid)
-                .order_by(Series.study_pk, Instance.sop_class_uid)
-            )
-            for pk, uid in session.execute(stmt):
-                classes[pk].append(uid)
-        values["SOPClassesInStudy"] = classes
+        for pk, uid in session.execute(stmt):
+            classes[pk].append(uid)
     for row in rows:
-        for name, by_pk in values.items():
-            default: Any = [] if name in ("ModalitiesInStudy", "SOPClassesInStudy") else 0
-            row[name] = by_pk.get(row[pk_key], default)
+        row["SOPClassesInStudy"] = classes.get(row[pk_key], [])
 
 
 def find_series(
@@ -399,11 +371,13 @@ def find_series(
     dialect = _dialect(session)
     conds = _conditions(q, ("PATIENT", "STUDY", "SERIES"), dialect=dialect, fuzzy=fuzzy)
     conds += _study_computed_conditions(q, dialect=dialect)
+    wanted = _wanted(include, "SERIES") | _wanted(include, "STUDY")
     stmt = (
         select(
             Series.id.label("_pk"),
             Study.id.label("_study_pk"),
             *_columns(("PATIENT", "STUDY", "SERIES")),
+            *_aggregates(wanted),
         )
         .join(Study, Study.id == Series.study_pk)
         .join(Patient, Patient.id == Study.patient_pk)
@@ -411,19 +385,7 @@ def find_series(
         .order_by(Series.study_pk, Series.series_number, Series.id)
     )
     rows = _rows(session, _page(stmt, limit, offset))
-    if "NumberOfSeriesRelatedInstances" in _wanted(include, "SERIES") and rows:
-        counts = _grouped(
-            session,
-            lambda c: (
-                select(Instance.series_pk, func.count())
-                .where(Instance.series_pk.in_(c))
-                .group_by(Instance.series_pk)
-            ),
-            [r["_pk"] for r in rows],
-        )
-        for row in rows:
-            row["NumberOfSeriesRelatedInstances"] = counts.get(row["_pk"], 0)
-    _add_study_computed(session, rows, _wanted(include, "STUDY"), pk_key="_study_pk")
+    _add_sop_classes(session, rows, wanted, pk_key="_study_pk")
     return rows
 
 
@@ -445,6 +407,7 @@ def find_instances(
     conds += _study_computed_conditions(q, dialect=dialect)
     one_series = len(split_values(q.get("SeriesInstanceUID", ""), commas=True)) == 1
     order = (Instance.instance_number, Instance.id) if one_series else (Instance.id,)
+    wanted = _wanted(include, "SERIES") | _wanted(include, "STUDY")
     stmt = (
         select(
             Instance.id.label("_pk"),
@@ -453,6 +416,7 @@ def find_instances(
             Instance.path.label("_path"),
             Instance.size_bytes.label("_size"),
             *_columns(_ORDER),
+            *_aggregates(wanted),
         )
         .join(Series, Series.id == Instance.series_pk)
         .join(Study, Study.id == Series.study_pk)
@@ -461,19 +425,7 @@ def find_instances(
         .order_by(*order)
     )
     rows = _rows(session, _page(stmt, limit, offset))
-    if "NumberOfSeriesRelatedInstances" in _wanted(include, "SERIES") and rows:
-        counts = _grouped(
-            session,
-            lambda c: (
-                select(Instance.series_pk, func.count())
-                .where(Instance.series_pk.in_(c))
-                .group_by(Instance.series_pk)
-            ),
-            sorted({r["_series_pk"] for r in rows}),
-        )
-        for row in rows:
-            row["NumberOfSeriesRelatedInstances"] = counts.get(row["_series_pk"], 0)
-    _add_study_computed(session, rows, _wanted(include, "STUDY"), pk_key="_study_pk")
+    _add_sop_classes(session, rows, wanted, pk_key="_study_pk")
     return rows
 
 

@@ -25,6 +25,7 @@ from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.jobs import JobFilters, JobStore
 from nnunet_node.storage.migrations import downgrade, upgrade
 from nnunet_node.storage.models import Instance, JobStatus, Series
+from tests.storage.index_checks import assert_aggregates_counted, fill_0005
 from tests.support.migrations import check_old_style_jobs_upgrade
 
 SERVER_URL = os.environ.get("NNUNET_NODE_TEST_POSTGRES_URL")
@@ -124,6 +125,70 @@ def test_concurrent_ingest_duplicates_and_queries(
         found = query.find_instances(session, {"SeriesInstanceUID": series})
         assert [row["InstanceNumber"] for row in found] == list(range(1, 31))
     assert len(list((tmp_path / "dicom" / study / series).glob("*.dcm"))) == 30
+    with sessions() as session:
+        assert_aggregates_counted(session)
+
+
+def test_concurrent_series_of_one_study_are_all_counted(
+    tmp_path: Path, sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    """Four writers each add a series of another modality to one study at once: the study's
+    number of series and its modalities (counted again under the study row's lock) hold all
+    four, its number of instances every instance (atomic increments)."""
+    archive = Archive(tmp_path / "dicom", sessions)
+    study = generate_uid()
+    modalities = ("CT", "MR", "PT", "SEG")
+    series = {modality: generate_uid() for modality in modalities}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(modalities))
+
+    def store(modality: str) -> None:
+        try:
+            blobs = [
+                make_instance(
+                    study_uid=study,
+                    series_uid=series[modality],
+                    InstanceNumber=n,
+                    Modality=modality,
+                    PatientID="PG2",
+                )
+                for n in range(1, 6)
+            ]
+            start.wait()
+            for data in blobs:
+                archive.ingest(data, source="dimse")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=store, args=(m,)) for m in modalities]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with archive.read_sessions() as session:
+        (row,) = query.find_studies(session, {"StudyInstanceUID": study})
+        assert row["ModalitiesInStudy"] == sorted(modalities)
+        assert row["NumberOfStudyRelatedSeries"] == 4
+        assert row["NumberOfStudyRelatedInstances"] == 20
+    with sessions() as session:
+        assert_aggregates_counted(session)
+
+
+def test_migration_0006_counts_existing_rows() -> None:
+    with scratch_database() as url:
+        upgrade(url, "0005")
+        engine = make_engine(url)
+        try:
+            fill_0005(engine)
+            upgrade(url)
+            with Session(engine) as session:
+                assert_aggregates_counted(session)
+                rows = query.find_studies(session, {})
+                assert [r["ModalitiesInStudy"] for r in rows] == [["CT", "SEG"], ["MR"], []]
+                assert [r["NumberOfStudyRelatedInstances"] for r in rows] == [3, 1, 1]
+        finally:
+            engine.dispose()
 
 
 def test_each_job_is_claimed_once(sessions: sessionmaker[Session]) -> None:

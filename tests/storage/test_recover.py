@@ -22,12 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.storage import archive as archive_module
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance
+from tests.storage.index_checks import assert_aggregates_counted
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _assert_consistent(archive: Archive, sessions: sessionmaker[Session]) -> set[str]:
-    """Files and rows describe the same instances; nothing is left in .incoming."""
+    """Files and rows describe the same instances, the kept counts what the rows count; nothing
+    is left in .incoming."""
     assert list(archive.incoming.iterdir()) == []
     files = {
         str(p.relative_to(archive.root))
@@ -41,6 +43,7 @@ def _assert_consistent(archive: Archive, sessions: sessionmaker[Session]) -> set
             on_disk = pydicom.dcmread(archive.root / path, stop_before_pixels=True)
             assert on_disk.SOPInstanceUID == inst.sop_instance_uid
             assert (archive.root / path).stat().st_size == inst.size_bytes
+        assert_aggregates_counted(s)
         return {i.sop_instance_uid for i in rows.values()}
 
 
