@@ -373,9 +373,9 @@ class Indexer:
     def _recount_study_series(self, conn: Connection, study_pk: int) -> None:
         """Count the study's series and list its modalities again, from the series rows: run
         when a series is added, removed or changes modality. On PostgreSQL the study row is
-        locked first (as an UPDATE locks it), so that a concurrent writer adding another series to the study waits,
-        and then counts with this one's series committed (READ COMMITTED reads what committed
-        before each statement)."""
+        locked first (as an UPDATE locks it), so that a concurrent writer adding another
+        series to the study waits, and then counts with this one's series committed (READ
+        COMMITTED reads what committed before each statement)."""
         conn.execute(self._lock_study, {"pk": study_pk})
         modalities = conn.execute(self._select_study_modalities, {"pk": study_pk}).scalars()
         number = conn.execute(self._count_study_series, {"pk": study_pk}).scalar_one()
