@@ -183,7 +183,11 @@ def pn_condition(
         return whole
     # A value of one component group matches any group of a stored name (PS3.5 6.2.1.1:
     # alphabetic=ideographic=phonetic), so 山田^太郎 finds Yamada^Tarou=山田^太郎=やまだ^たろう.
-    groups = (f"{value}=*", f"*={value}", f"*={value}=*")
+    # A value ending in * already matches what "value=*" and "*=value=*" would (each pattern
+    # costs a lower() of every name the query reads).
+    groups: tuple[str, ...] = (f"{value}=*", f"*={value}", f"*={value}=*")
+    if value.endswith("*"):
+        groups = (f"*={value}",)
     return or_(
         whole,
         *(wildcard_condition(column, g, dialect=dialect, case_sensitive=False) for g in groups),

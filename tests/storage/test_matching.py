@@ -189,3 +189,39 @@ def test_bad_values_are_client_errors(table: tuple[Engine, Table]) -> None:
         _ids(table, "number", "seven", Kind.INT)
     with pytest.raises(InvalidRequest):
         _ids(table, "date", "yesterday", Kind.DATE)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("yamada*", [1, 2, 4]),  # the alphabetic group of 1 and 2, the second group of 4
+        ("山田*", [1]),  # the ideographic group
+        ("やまだ*", [1]),  # the phonetic group
+        ("*太郎*", [1]),
+        ("yamada^tarou", [1]),  # a whole group, first
+        ("山田^太郎", [1]),  # a whole group, in the middle
+        ("スミス^アン", [3]),  # a whole group, last
+        ("tanaka*", [4]),
+        ("*=yamada", [4]),  # a value naming groups matches the whole name only
+        ("yamada", [4]),  # the whole second group of 4
+    ],
+)
+def test_person_name_groups_with_and_without_wildcards(value: str, expected: list[int]) -> None:
+    """PS3.5 6.2.1.1: a value of one component group matches any group of a stored name; a
+    trailing * (the usual search) spans the groups after it."""
+    engine = create_engine("sqlite://")
+    meta = MetaData()
+    t = Table("names", meta, Column("id", Integer, primary_key=True), Column("name", String))
+    meta.create_all(engine)
+    names = [
+        "Yamada^Tarou=山田^太郎=やまだ^たろう",
+        "Yamada^Hanako",
+        "Smith^Ann=スミス^アン",
+        "Tanaka=Yamada",
+    ]
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [{"id": i, "name": n} for i, n in enumerate(names, 1)])
+    try:
+        assert _ids((engine, t), "name", value, Kind.PN) == expected
+    finally:
+        engine.dispose()
