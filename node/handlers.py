@@ -188,18 +188,18 @@ class NodeHandlers:
         identifier = event.identifier
         level = retrieve_level(identifier, model)
         keys, matching = query_keys(identifier)
-        with self.archive.read_sessions() as session:
-            # only the computed attributes the identifier asks for (NumberOf..., ModalitiesIn...)
-            rows = query.find(session, level, matching, include=keys)
         charset = identifier.get("SpecificCharacterSet")
-        for row in rows:
-            if event.is_cancelled:
-                yield CANCEL, None
-                return
-            # In the requester's character set where it can hold the values, else UTF-8.
-            response = query.to_dataset(row, keys, requested_charset=charset)
-            response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
-            yield PENDING, response
+        # Streamed: each match is answered as it is read (a query matching a million instances
+        # neither waits for nor holds them all); only the computed attributes asked for.
+        with self.archive.read_sessions() as session:
+            for row in query.iter_find(session, level, matching, include=keys):
+                if event.is_cancelled:
+                    yield CANCEL, None
+                    return
+                # In the requester's character set where it can hold the values, else UTF-8.
+                response = query.to_dataset(row, keys, requested_charset=charset)
+                response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
+                yield PENDING, response
 
     def _refs(self, identifier: Dataset, model: str) -> list[query.InstanceRef]:
         level = retrieve_level(identifier, model)

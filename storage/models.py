@@ -135,7 +135,7 @@ class Instance(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
-    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
     sop_class_uid: Mapped[str] = mapped_column(UID, default="", index=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID, default="")
@@ -152,6 +152,12 @@ class Instance(Base):
     called_ae: Mapped[str] = mapped_column(String(16), default="")
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+    __table_args__ = (
+        # A series' instances in Instance Number order (C-FIND, QIDO-RS, C-MOVE and C-GET lists)
+        # read from the index, no sort; also every look-up by series.
+        Index("ix_instances_series_pk_instance_number", "series_pk", "instance_number"),
+    )
 
 
 class JobStatus(enum.StrEnum):

@@ -15,14 +15,17 @@ SOPClassesInStudy, read from the instance rows of the page's studies and only on
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydicom import config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session, aliased
@@ -208,29 +211,17 @@ def _page(stmt: Select[Any], limit: int | None, offset: int) -> Select[Any]:
     return stmt
 
 
-def _rows(session: Session, stmt: Select[Any]) -> list[Row]:
-    rows = []
-    for record in session.execute(stmt):
-        row = dict(record._mapping)
-        row["InstanceAvailability"] = "ONLINE"
-        if "ModalitiesInStudy" in row:
-            row["ModalitiesInStudy"] = split_modalities(row["ModalitiesInStudy"])
-        rows.append(row)
-    return rows
+def _row(record: Any) -> Row:
+    row = dict(record._mapping)
+    row["InstanceAvailability"] = "ONLINE"
+    if "ModalitiesInStudy" in row:
+        row["ModalitiesInStudy"] = split_modalities(row["ModalitiesInStudy"])
+    return row
 
 
 def _chunks(values: Sequence[int]) -> Iterable[Sequence[int]]:
     for start in range(0, len(values), _CHUNK):
         yield values[start : start + _CHUNK]
-
-
-def _grouped(session: Session, stmt_for: Any, keys: Sequence[int]) -> dict[int, Any]:
-    """Run a GROUP BY query (``stmt_for(chunk)``) over the page's keys, chunk by chunk."""
-    out: dict[int, Any] = {}
-    for chunk in _chunks(keys):
-        for key, value in session.execute(stmt_for(chunk)):
-            out[key] = value
-    return out
 
 
 def _wanted(include: Collection[str] | None, level: Level) -> set[str]:
@@ -247,126 +238,81 @@ def _wanted(include: Collection[str] | None, level: Level) -> set[str]:
 # --- the four levels -------------------------------------------------------------------------
 
 
-def find_patients(
-    session: Session,
-    query: Mapping[str, Any],
-    *,
-    limit: int | None = None,
-    offset: int = 0,
-    fuzzy: bool = False,
-    include: Collection[str] | None = None,
-) -> list[Row]:
-    """PATIENT level (Patient Root C-FIND): patients with a matching key, by arrival."""
+@dataclass(frozen=True)
+class _Search:
+    """One level's query: the SELECT of its rows (ordered, not paged) and what completes a batch
+    of its rows (computed attributes that are not columns)."""
+
+    stmt: Select[Any]
+    finish: Callable[[Session, list[Row]], None]
+
+
+def _no_finish(session: Session, rows: list[Row]) -> None:
+    return None
+
+
+def _patients(
+    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
+) -> _Search:
     q = _normalise_query(query)
     conds = _conditions(q, {"PATIENT"}, dialect=_dialect(session), fuzzy=fuzzy)
     stmt = select(Patient.id.label("_pk"), *_columns(_PATIENT_ONLY)).where(*conds)
-    rows = _rows(session, _page(stmt.order_by(Patient.id), limit, offset))
     wanted = _wanted(include, "PATIENT")
+
+    def finish(session: Session, rows: list[Row]) -> None:
+        _add_patient_counts(session, rows, wanted)
+
+    return _Search(stmt.order_by(Patient.id), finish if wanted else _no_finish)
+
+
+def _add_patient_counts(session: Session, rows: list[Row], wanted: set[str]) -> None:
+    """NumberOfPatientRelated...: one GROUP BY over the studies of the rows' patients, which
+    keep their own counts."""
     counts: dict[str, dict[int, Any]] = {name: {} for name in COMPUTED["PATIENT"] if name in wanted}
-    pks = [r["_pk"] for r in rows]
-    if counts:
-        for chunk in _chunks(pks):
-            counted = (
-                select(
-                    Study.patient_pk,
-                    func.count(),
-                    func.sum(Study.number_of_series),
-                    func.sum(Study.number_of_instances),
-                )
-                .where(Study.patient_pk.in_(chunk))
-                .group_by(Study.patient_pk)
+    for chunk in _chunks([r["_pk"] for r in rows]):
+        counted = (
+            select(
+                Study.patient_pk,
+                func.count(),
+                func.sum(Study.number_of_series),
+                func.sum(Study.number_of_instances),
             )
-            for pk, studies, series, instances in session.execute(counted):
-                for name, value in (
-                    ("NumberOfPatientRelatedStudies", studies),
-                    ("NumberOfPatientRelatedSeries", series),
-                    ("NumberOfPatientRelatedInstances", instances),
-                ):
-                    if name in counts:
-                        counts[name][pk] = int(value or 0)
+            .where(Study.patient_pk.in_(chunk))
+            .group_by(Study.patient_pk)
+        )
+        for pk, studies, series, instances in session.execute(counted):
+            for name, value in (
+                ("NumberOfPatientRelatedStudies", studies),
+                ("NumberOfPatientRelatedSeries", series),
+                ("NumberOfPatientRelatedInstances", instances),
+            ):
+                if name in counts:
+                    counts[name][pk] = int(value or 0)
     for row in rows:
         for name, by_pk in counts.items():
             row[name] = by_pk.get(row["_pk"], 0)
-    return rows
 
 
-def find_studies(
-    session: Session,
-    query: Mapping[str, Any],
-    *,
-    limit: int | None = None,
-    offset: int = 0,
-    fuzzy: bool = False,
-    include: Collection[str] | None = None,
-) -> list[Row]:
-    """STUDY level (C-FIND both roots, QIDO-RS ``/studies``): patient and study keys match,
-    plus ModalitiesInStudy and SOPClassesInStudy. Ordered by arrival (stable for paging)."""
+def _studies(
+    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
+) -> _Search:
     q = _normalise_query(query)
     dialect = _dialect(session)
     conds = _conditions(q, ("PATIENT", "STUDY"), dialect=dialect, fuzzy=fuzzy)
     conds += _study_computed_conditions(q, dialect=dialect)
     wanted = _wanted(include, "STUDY")
     stmt = (
-        select(
-            Study.id.label("_pk"),
-            *_columns(("PATIENT", "STUDY")),
-            *_aggregates(wanted),
-        )
+        select(Study.id.label("_pk"), *_columns(("PATIENT", "STUDY")), *_aggregates(wanted))
         .join(Patient, Patient.id == Study.patient_pk)
         .where(*conds)
         .order_by(Study.id)
     )
-    rows = _rows(session, _page(stmt, limit, offset))
-    _add_sop_classes(session, rows, wanted, pk_key="_pk")
-    return rows
+    return _Search(stmt, _sop_classes_finish(wanted, "_pk"))
 
 
-_AGGREGATES: dict[str, Any] = {
-    "ModalitiesInStudy": Study.modalities_in_study,
-    "NumberOfStudyRelatedSeries": Study.number_of_series,
-    "NumberOfStudyRelatedInstances": Study.number_of_instances,
-    "NumberOfSeriesRelatedInstances": Series.number_of_instances,
-}
-"""Computed attributes the index keeps as columns (storage/indexer.py keeps them right)."""
-
-
-def _aggregates(wanted: Collection[str]) -> list[Any]:
-    return [column.label(name) for name, column in _AGGREGATES.items() if name in wanted]
-
-
-def _add_sop_classes(session: Session, rows: list[Row], wanted: set[str], pk_key: str) -> None:
-    """SOPClassesInStudy, read from the instance rows of the page's studies (only on
-    request)."""
-    pks = sorted({r[pk_key] for r in rows})
-    if not pks or "SOPClassesInStudy" not in wanted:
-        return
-    classes: dict[int, list[str]] = defaultdict(list)
-    for chunk in _chunks(pks):
-        stmt = (
-            select(Series.study_pk, Instance.sop_class_uid)
-            .join(Instance, Instance.series_pk == Series.id)
-            .where(Series.study_pk.in_(chunk))
-            .group_by(Series.study_pk, Instance.sop_class_uid)
-            .order_by(Series.study_pk, Instance.sop_class_uid)
-        )
-        for pk, uid in session.execute(stmt):
-            classes[pk].append(uid)
-    for row in rows:
-        row["SOPClassesInStudy"] = classes.get(row[pk_key], [])
-
-
-def find_series(
-    session: Session,
-    query: Mapping[str, Any],
-    *,
-    limit: int | None = None,
-    offset: int = 0,
-    fuzzy: bool = False,
-    include: Collection[str] | None = None,
-) -> list[Row]:
-    """SERIES level (C-FIND, QIDO-RS ``/series`` and ``/studies/{study}/series``): patient,
-    study and series keys match. Rows carry the study's attributes too. Ordered by study, then
-    Series Number, then arrival."""
+def _series(
+    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
+) -> _Search:
     q = _normalise_query(query)
     dialect = _dialect(session)
     conds = _conditions(q, ("PATIENT", "STUDY", "SERIES"), dialect=dialect, fuzzy=fuzzy)
@@ -384,23 +330,12 @@ def find_series(
         .where(*conds)
         .order_by(Series.study_pk, Series.series_number, Series.id)
     )
-    rows = _rows(session, _page(stmt, limit, offset))
-    _add_sop_classes(session, rows, wanted, pk_key="_study_pk")
-    return rows
+    return _Search(stmt, _sop_classes_finish(wanted, "_study_pk"))
 
 
-def find_instances(
-    session: Session,
-    query: Mapping[str, Any],
-    *,
-    limit: int | None = None,
-    offset: int = 0,
-    fuzzy: bool = False,
-    include: Collection[str] | None = None,
-) -> list[Row]:
-    """IMAGE level (C-FIND, QIDO-RS ``/instances`` and the study- and series-scoped forms):
-    every level's keys match. Rows carry the series and study attributes too, and ``_path``
-    (relative to the archive). Within one series ordered by Instance Number, else by arrival."""
+def _instances(
+    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
+) -> _Search:
     q = _normalise_query(query)
     dialect = _dialect(session)
     conds = _conditions(q, _ORDER, dialect=dialect, fuzzy=fuzzy)
@@ -424,9 +359,129 @@ def find_instances(
         .where(*conds)
         .order_by(*order)
     )
-    rows = _rows(session, _page(stmt, limit, offset))
-    _add_sop_classes(session, rows, wanted, pk_key="_study_pk")
+    return _Search(stmt, _sop_classes_finish(wanted, "_study_pk"))
+
+
+_AGGREGATES: dict[str, Any] = {
+    "ModalitiesInStudy": Study.modalities_in_study,
+    "NumberOfStudyRelatedSeries": Study.number_of_series,
+    "NumberOfStudyRelatedInstances": Study.number_of_instances,
+    "NumberOfSeriesRelatedInstances": Series.number_of_instances,
+}
+"""Computed attributes the index keeps as columns (storage/indexer.py keeps them right)."""
+
+
+def _aggregates(wanted: Collection[str]) -> list[Any]:
+    return [column.label(name) for name, column in _AGGREGATES.items() if name in wanted]
+
+
+def _sop_classes_finish(wanted: set[str], pk_key: str) -> Callable[[Session, list[Row]], None]:
+    if "SOPClassesInStudy" not in wanted:
+        return _no_finish
+
+    def finish(session: Session, rows: list[Row]) -> None:
+        _add_sop_classes(session, rows, pk_key)
+
+    return finish
+
+
+def _add_sop_classes(session: Session, rows: list[Row], pk_key: str) -> None:
+    """SOPClassesInStudy, read from the instance rows of the rows' studies (only on request)."""
+    classes: dict[int, list[str]] = defaultdict(list)
+    for chunk in _chunks(sorted({r[pk_key] for r in rows})):
+        stmt = (
+            select(Series.study_pk, Instance.sop_class_uid)
+            .join(Instance, Instance.series_pk == Series.id)
+            .where(Series.study_pk.in_(chunk))
+            .group_by(Series.study_pk, Instance.sop_class_uid)
+            .order_by(Series.study_pk, Instance.sop_class_uid)
+        )
+        for pk, uid in session.execute(stmt):
+            classes[pk].append(uid)
+    for row in rows:
+        row["SOPClassesInStudy"] = classes.get(row[pk_key], [])
+
+
+_SEARCHES: dict[str, Callable[..., _Search]] = {
+    "PATIENT": _patients,
+    "STUDY": _studies,
+    "SERIES": _series,
+    "IMAGE": _instances,
+}
+
+
+def _run(search: _Search, session: Session, limit: int | None, offset: int) -> list[Row]:
+    rows = [_row(record) for record in session.execute(_page(search.stmt, limit, offset))]
+    search.finish(session, rows)
     return rows
+
+
+def find_patients(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """PATIENT level (Patient Root C-FIND): patients with a matching key, by arrival."""
+    search = _patients(session, query, fuzzy=fuzzy, include=include)
+    return _run(search, session, limit, offset)
+
+
+def find_studies(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """STUDY level (C-FIND both roots, QIDO-RS ``/studies``): patient and study keys match,
+    plus ModalitiesInStudy and SOPClassesInStudy. Ordered by arrival (stable for paging)."""
+    search = _studies(session, query, fuzzy=fuzzy, include=include)
+    return _run(search, session, limit, offset)
+
+
+def find_series(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """SERIES level (C-FIND, QIDO-RS ``/series`` and ``/studies/{study}/series``): patient,
+    study and series keys match. Rows carry the study's attributes too. Ordered by study, then
+    Series Number, then arrival."""
+    search = _series(session, query, fuzzy=fuzzy, include=include)
+    return _run(search, session, limit, offset)
+
+
+def find_instances(
+    session: Session,
+    query: Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+) -> list[Row]:
+    """IMAGE level (C-FIND, QIDO-RS ``/instances`` and the study- and series-scoped forms):
+    every level's keys match. Rows carry the series and study attributes too, and ``_path``
+    (relative to the archive). Within one series ordered by Instance Number, else by arrival."""
+    search = _instances(session, query, fuzzy=fuzzy, include=include)
+    return _run(search, session, limit, offset)
+
+
+def _level(level: str) -> str:
+    name = level.strip().upper()
+    if name not in _SEARCHES:
+        raise InvalidRequest(f"unknown query/retrieve level {level!r}")
+    return name
 
 
 def find(
@@ -442,10 +497,38 @@ def find(
         "SERIES": find_series,
         "IMAGE": find_instances,
     }
-    finder = finders.get(level.strip().upper())
-    if finder is None:
-        raise InvalidRequest(f"unknown query/retrieve level {level!r}")
-    return finder(session, query, **options)
+    return finders[_level(level)](session, query, **options)
+
+
+def iter_find(
+    session: Session,
+    level: str,
+    query: Mapping[str, Any],
+    *,
+    fuzzy: bool = False,
+    include: Collection[str] | None = None,
+    batch: int = 500,
+) -> Iterator[Row]:
+    """:func:`find` without a limit, streamed: the rows come ``batch`` at a time from one
+    SELECT (a server-side cursor on PostgreSQL), so that a C-FIND matching a million instances
+    answers its first match at once and never holds every row in memory. Keep ``session``
+    open while iterating; closing the iterator early (a C-CANCEL) stops the SELECT.
+
+    Raises :class:`InvalidRequest` for an unknown level or a malformed value (before the
+    first row)."""
+    search = _SEARCHES[_level(level)](session, query, fuzzy=fuzzy, include=include)
+    return _stream(session, search, batch)
+
+
+def _stream(session: Session, search: _Search, batch: int) -> Iterator[Row]:
+    result = session.execute(search.stmt.execution_options(yield_per=batch))
+    try:
+        for partition in result.partitions():
+            rows = [_row(record) for record in partition]
+            search.finish(session, rows)
+            yield from rows
+    finally:
+        result.close()
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -453,6 +536,23 @@ def find(
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC"}
 _TEXT_VRS |= {"UI", "UR", "UT"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _response_key(key: str) -> tuple[str, int, str] | None:
+    """A returned key's keyword, tag and VR; None for keys not returned as elements (rows'
+    private ``_`` keys, unknown keywords, Specific Character Set, Query/Retrieve Level)."""
+    if key.startswith("_"):
+        return None
+    try:
+        keyword = keyword_of(key)
+    except InvalidRequest:
+        return None
+    if keyword in ("SpecificCharacterSet", "QueryRetrieveLevel"):
+        return None
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    return keyword, tag, dictionary_VR(tag)
 
 
 def to_dataset(
@@ -468,29 +568,24 @@ def to_dataset(
     ds = Dataset()
     texts: list[str] = []
     for key in keys:
-        if key.startswith("_"):
+        spec = _response_key(key)
+        if spec is None:
             continue
-        try:
-            keyword = keyword_of(key)
-        except InvalidRequest:
-            continue
-        if keyword in ("SpecificCharacterSet", "QueryRetrieveLevel"):
-            continue
-        tag = tag_for_keyword(keyword)
-        assert tag is not None
-        vr = dictionary_VR(tag)
+        keyword, tag, vr = spec
         if vr == "SQ":
-            ds.add_new(tag, vr, [])
-            continue
-        value = row.get(keyword)
-        if value is None or value == "" or value == []:
-            ds.add_new(tag, vr, "" if vr in _TEXT_VRS else None)
-            continue
-        if isinstance(value, str):
-            texts.append(value)
-        if vr == "IS" and isinstance(value, int):
-            value = str(value)
-        ds.add_new(tag, vr, value)
+            value: Any = []
+        else:
+            value = row.get(keyword)
+            if value is None or value == "" or value == []:
+                value = "" if vr in _TEXT_VRS else None
+            else:
+                if isinstance(value, str):
+                    texts.append(value)
+                if vr == "IS" and isinstance(value, int):
+                    value = str(value)
+        # The index's values were checked when they were read; validating them again per
+        # answer cost more than the rest of building it.
+        ds.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
     answer = answer_charset(texts, requested_charset)
     if answer is not None:
         ds.SpecificCharacterSet = answer
@@ -619,6 +714,7 @@ __all__ = [
     "instance_files",
     "instance_paths",
     "instance_refs",
+    "iter_find",
     "keyword_of",
     "series_owners",
     "to_dataset",

@@ -69,9 +69,12 @@ def test_findscu_at_study_series_and_image_level(stored: Stored) -> None:
         "StudyInstanceUID",
         "ModalitiesInStudy",
         "NumberOfStudyRelatedInstances",
+        "SOPClassesInStudy",
     )
     assert len(studies) == 1
     assert stored.study_uid in studies[0] and "[12]" in studies[0]
+    # asked for, so read from the study's instances (storage.query: only on request)
+    assert re.search(r"\(0008,0062\) UI =CTImageStorage", studies[0])
     series = _find(
         port,
         "-S",

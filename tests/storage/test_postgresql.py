@@ -124,6 +124,9 @@ def test_concurrent_ingest_duplicates_and_queries(
         assert studies[0]["ModalitiesInStudy"] == ["CT"]
         found = query.find_instances(session, {"SeriesInstanceUID": series})
         assert [row["InstanceNumber"] for row in found] == list(range(1, 31))
+        # C-FIND's streamed form: a server-side cursor read 7 rows at a time
+        streamed = query.iter_find(session, "IMAGE", {"SeriesInstanceUID": series}, batch=7)
+        assert list(streamed) == found
     assert len(list((tmp_path / "dicom" / study / series).glob("*.dcm"))) == 30
     with sessions() as session:
         assert_aggregates_counted(session)

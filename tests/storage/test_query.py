@@ -22,6 +22,7 @@ from nnunet_node.storage.query import (
     instance_files,
     instance_paths,
     instance_refs,
+    iter_find,
     keyword_of,
     to_dataset,
 )
@@ -197,6 +198,28 @@ def test_cfind_dispatch_by_level(world: World) -> None:
         assert len(find(s, "IMAGE", {"SeriesInstanceUID": world.mr_b})) == 2
         with pytest.raises(InvalidRequest):
             find(s, "FRAME", {})
+
+
+@pytest.mark.parametrize(
+    ("level", "query", "include"),
+    [
+        ("PATIENT", {}, None),
+        ("STUDY", {}, None),
+        ("STUDY", {"PatientID": "P1"}, ["SOPClassesInStudy", "ModalitiesInStudy"]),
+        ("SERIES", {"Modality": "CT\\MR"}, ["NumberOfSeriesRelatedInstances"]),
+        ("IMAGE", {}, ["SOPClassesInStudy"]),
+        ("IMAGE", {"PatientID": "P1"}, []),
+    ],
+)
+def test_streamed_rows_are_the_found_rows(
+    world: World, level: str, query: dict[str, str], include: list[str] | None
+) -> None:
+    """C-FIND's streamed form gives the rows, order and computed attributes of find(), read in
+    batches (here of 2, so that each query spans batches)."""
+    with world.sessions() as s:
+        expected = find(s, level, query, include=include)
+        assert expected
+        assert list(iter_find(s, level, query, include=include, batch=2)) == expected
 
 
 def test_to_dataset_returns_the_requested_keys(world: World) -> None:
