@@ -274,6 +274,11 @@ def queries(shape: Shape) -> list[Query]:
             "/studies?limit=100",
         ),
         Query(
+            "studies, no limit (QIDO-RS caps at 1000)",
+            lambda s: find_studies(s, {}, limit=1000),
+            "/studies",
+        ),
+        Query(
             f"studies, 100 from offset {page}",
             lambda s: find_studies(s, {}, limit=100, offset=page),
             f"/studies?limit=100&offset={page}",
