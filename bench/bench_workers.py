@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +38,10 @@ from nnunet_node.pipeline.context import NodeContext, build_context  # noqa: E40
 from nnunet_node.storage.migrations import upgrade  # noqa: E402
 from nnunet_node.storage.models import JobStatus  # noqa: E402
 from nnunet_node.storage.workers import WorkerStore  # noqa: E402
+from tests.support.cluster import REDIS_SERVER, RedisServer, WorkerProcess  # noqa: E402
 
 REQUEST = {"nnunet_id": "phantom", "series_folders": ["ct"], "is_dicom": True,
            "save_rt_struct_output": True, "tta": False}  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def settings_for(root: Path, db_url: str, broker_url: str | None) -> Settings:
@@ -115,35 +109,15 @@ class Workers:
             "NNUNET_NODE_LOG_LEVEL": "WARNING",
         }
         self.names = [f"bench{i}-{os.getpid()}@{socket.gethostname()}" for i in range(count)]
-        self.processes = []
-        for name in self.names:
-            with open(root / f"{name.split('@')[0]}.log", "wb") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "nnunet_node.cli",
-                            "worker",
-                            "--device",
-                            "cpu",
-                            "--threads",
-                            "1",
-                            "--name",
-                            name,
-                        ],
-                        cwd=REPO,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+        self.processes = [
+            WorkerProcess(name, env, root / f"{name.split('@')[0]}.log") for name in self.names
+        ]
         self.store = WorkerStore(build_sessions(settings))
 
     def wait_alive(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while {w.name for w in self.store.alive(60)} < set(self.names):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
+            if time.monotonic() > deadline or not all(p.running for p in self.processes):
                 raise SystemExit("the workers did not start (see their logs)")
             time.sleep(0.2)
 
@@ -151,10 +125,7 @@ class Workers:
         for process in self.processes:
             process.terminate()
         for process in self.processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            process.stop(timeout=60)
 
 
 def build_sessions(settings: Settings):  # type: ignore[no-untyped-def]
@@ -169,8 +140,7 @@ def main() -> None:
     parser.add_argument("--latency-jobs", type=int, default=5)
     parser.add_argument("--db-url", default=None, help="default: a SQLite file in a temp folder")
     args = parser.parse_args()
-    redis = shutil.which("redis-server")
-    if not redis:
+    if not REDIS_SERVER:
         raise SystemExit("redis-server is not installed")
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
@@ -178,12 +148,9 @@ def main() -> None:
     upgrade(db_url)
     study = root / "study"
     write_dicom_series(make_phantom(5, shape=(32, 32, 32)), study / "ct")
-    port = free_port()
-    server = subprocess.Popen(
-        [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    broker_url = f"redis://127.0.0.1:{port}/0"
+    redis = RedisServer(root / "redis")
+    redis.start()
+    broker_url = redis.url
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()} at the start")
     try:
         # 1. in-process, the baseline
@@ -215,8 +182,7 @@ def main() -> None:
         finally:
             context.close()
     finally:
-        server.terminate()
-        server.wait(10)
+        redis.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     def per_minute(seconds: float) -> float:

@@ -1,29 +1,24 @@
 """Fixtures for the HTTP API tests: the real app served by uvicorn on a free loopback port.
 
-Each :class:`LiveNode` is ``create_app(settings)`` run by a real uvicorn server in a thread, with
-the real lifespan (migrations on a SQLite file, job workers, the committed demo models). Tests talk
-to it over TCP with httpx, as any client would. Tests get the helpers through fixtures
-(``make_node``, ``make_study``), not imports: test folders are not packages.
+Each :class:`~tests.support.live_node.LiveNode` is ``create_app(settings)`` run by a real uvicorn
+server in a thread, with the real lifespan (migrations on a SQLite file, job workers, the committed
+demo models). Tests talk to it over TCP with httpx, as any client would. Tests get the helpers
+through fixtures (``make_node``, ``make_study``).
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 import yaml
 
-from nnunet_node.app import create_app
 from nnunet_node.core.phantom import make_phantom, write_dicom_series, write_nifti
 from nnunet_node.core.settings import Settings, load_settings
+from tests.support.live_node import LiveNode
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "model-serve-spec.yaml"
@@ -60,55 +55,6 @@ def node_settings(data_dir: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return load_settings(**values)
-
-
-class LiveNode:
-    """The app served by uvicorn in a thread; ``client`` is an httpx client bound to it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.app = create_app(settings)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app, log_level="warning", lifespan="on", ws="none", loop="asyncio"
-        )
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=120.0)
-
-    def start(self) -> LiveNode:
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError("the node did not start (see the log above)")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the node did not start within 60 s")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self._thread.join(90)
-        self._sock.close()
-        assert not self._thread.is_alive(), "the node did not stop"
-
-    @property
-    def context(self) -> Any:
-        return self.app.state.context
-
-    def __enter__(self) -> LiveNode:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)

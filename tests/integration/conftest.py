@@ -5,20 +5,15 @@ the demo model and a destination that the test may start (dcmtk's storescp) or l
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 import yaml
 
-from nnunet_node.app import create_app
-from nnunet_node.core.settings import Settings, load_settings
+from nnunet_node.core.settings import load_settings
+from tests.support.live_node import LiveNode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,67 +50,12 @@ def routed_spec(folder: Path, pacs_port: int, *, quiet: float = 1.0) -> Path:
     return path
 
 
-class FullNode:
-    """The composition root's app under uvicorn in a thread; ``client`` speaks to it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.app = create_app(settings)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
-        self.client = httpx.Client(base_url=self.url, timeout=60.0, headers=headers)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", lifespan="on", ws="none", loop="asyncio")
-        )
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def start(self) -> FullNode:
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the node did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self._thread.join(90)
-        self._sock.close()
-
-    @property
-    def context(self) -> Any:
-        return self.app.state.context
-
-    @property
-    def dicom_port(self) -> int:
-        port = self.app.state.services["dimse"].port
-        assert port is not None
-        return int(port)
-
-    def wait_for(self, what: Callable[[], Any], timeout: float = 120.0, step: float = 0.1) -> Any:
-        """Poll ``what()`` until it returns something truthy; return that."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = what()
-            if value:
-                return value
-            time.sleep(step)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture(scope="session")
-def make_full_node() -> Callable[..., FullNode]:
-    """``make_full_node(tmp, pacs_port, **settings)``: a :class:`FullNode`, not started."""
+def make_full_node() -> Callable[..., LiveNode]:
+    """``make_full_node(tmp, pacs_port, **settings)``: a :class:`LiveNode`, not started, whose
+    ``client`` sends the API key when the settings have one."""
 
-    def factory(tmp: Path, pacs_port: int, **overrides: Any) -> FullNode:
+    def factory(tmp: Path, pacs_port: int, **overrides: Any) -> LiveNode:
         values: dict[str, Any] = {
             "data_dir": tmp / "data",
             "model_serve_spec": routed_spec(tmp / "spec", pacs_port),
@@ -128,6 +68,8 @@ def make_full_node() -> Callable[..., FullNode]:
             "gpu_wait_s": 0,
         }
         values.update(overrides)
-        return FullNode(load_settings(**values))
+        settings = load_settings(**values)
+        headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
+        return LiveNode(settings, client_headers=headers, client_timeout=60.0, require_stop=False)
 
     return factory

@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
-from tests.node.conftest import dcmtk
 from tests.node.peers import free_port, storescp
+from tests.support.dcmtk import dcmtk
 
 pytestmark = pytest.mark.slow
 

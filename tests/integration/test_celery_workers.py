@@ -15,12 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 import uuid
 import zipfile
@@ -31,31 +25,30 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select
 
-from nnunet_node.app import create_app
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.core.settings import load_settings
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.migrations import upgrade
 from nnunet_node.storage.models import Instance
 from tests.node.peers import received, storescp
+from tests.support.cluster import REDIS_SERVER, RedisServer, WorkerProcess
+from tests.support.dcmtk import dcmtk
+from tests.support.live_node import LiveNode
+from tests.support.postgres import NOT_SET, SERVER_URL, scratch_database
 
 REPO = Path(__file__).resolve().parents[2]
-PG_URL = os.environ.get("NNUNET_NODE_TEST_POSTGRES_URL")
-REDIS = shutil.which("redis-server")
-if os.environ.get("CI") and not REDIS:
+if os.environ.get("CI") and not REDIS_SERVER:
     raise RuntimeError("redis-server is not installed: .ci/run installs it")
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.skipif(not SERVER_URL, reason=NOT_SET),
     pytest.mark.skipif(
-        not PG_URL, reason="NNUNET_NODE_TEST_POSTGRES_URL is not set (.ci/run sets it)"
+        not REDIS_SERVER, reason="redis-server is not installed (.ci/run installs it)"
     ),
-    pytest.mark.skipif(not REDIS, reason="redis-server is not installed (.ci/run installs it)"),
 ]
 
 LEASE_S = 15.0
@@ -71,131 +64,13 @@ ROUTE_ARGS = {"is_dicom": True, "save_rt_struct_output": True, "tta": False}
 HTTP_ARGS = {"is_dicom": True, "save_rt_struct_output": True, "tta": False}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A throw-away ``redis-server`` on a loopback port, no persistence: a restart loses every
-    message it held (the hard case for the node)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert REDIS
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    REDIS,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.folder),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(20)
-            self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-class Worker:
-    """``nnunet-node worker`` in its own process, with the node's environment."""
-
-    def __init__(self, name: str, queues: str, env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.queues = queues
-        self.log = logs / f"worker-{name.split('@')[0]}-{uuid.uuid4().hex[:6]}.log"
-        with open(self.log, "wb") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "nnunet_node.cli",
-                    "worker",
-                    "--device",
-                    "cpu",
-                    "--threads",
-                    "1",
-                    "--name",
-                    name,
-                    "--queues",
-                    queues,
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Freeze the process (SIGSTOP) for the block, then let it go on (SIGCONT)."""
-        self.process.send_signal(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.process.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(20)
-
-    def terminate(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-
 @dataclass
 class Cluster:
     settings: Any
     app: Any
     client: httpx.Client
     redis: RedisServer
-    workers: dict[str, Worker]
+    workers: dict[str, WorkerProcess]
     env: dict[str, str]
     logs: Path
     pacs: Path
@@ -251,8 +126,8 @@ class Cluster:
     def wait_workers(self, names: list[str]) -> None:
         self.wait(f"workers {names}", lambda: set(names) <= set(self.alive()), 180.0, 0.3)
 
-    def start_worker(self, name: str, queues: str = "default") -> Worker:
-        worker = Worker(name, queues, self.env, self.logs)
+    def start_worker(self, name: str, queues: str = "default") -> WorkerProcess:
+        worker = _worker(name, queues, self.env, self.logs)
         self.workers[name] = worker
         return worker
 
@@ -276,6 +151,11 @@ class Cluster:
                     select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))
                 )
             )
+
+
+def _worker(name: str, queues: str, env: dict[str, str], logs: Path) -> WorkerProcess:
+    log = logs / f"worker-{name.split('@')[0]}-{uuid.uuid4().hex[:6]}.log"
+    return WorkerProcess(name, env, log, queues)
 
 
 def _spec(folder: Path, pacs_port: int) -> Path:
@@ -304,18 +184,8 @@ def _spec(folder: Path, pacs_port: int) -> Path:
 
 @pytest.fixture(scope="module")
 def pg_database() -> Iterator[str]:
-    assert PG_URL
-    name = f"nnunet_workers_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database("nnunet_workers") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +214,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             "NNUNET_NODE_ALLOWED_ROOTS": str(tmp),
             "NNUNET_NODE_LOG_LEVEL": "INFO",
         }
-        workers: dict[str, Worker] = {}
+        workers: dict[str, WorkerProcess] = {}
 
         def stop_workers() -> None:
             for worker in workers.values():
@@ -354,7 +224,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
 
         stack.callback(stop_workers)
         for name, queues in (("a@loopback", "default,cube"), ("b@loopback", "default")):
-            workers[name] = Worker(name, queues, env, logs)
+            workers[name] = _worker(name, queues, env, logs)
         settings = load_settings(
             data_dir=tmp / "data",
             db_url=pg_database,
@@ -369,36 +239,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             dicom_port=0,
             rate_limit_per_minute=0,
         )
-        app = create_app(settings)
-        sock = stack.enter_context(socket.socket())
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-
-        def stop_node() -> None:
-            server.should_exit = True
-            thread.join(60)
-
-        thread.start()
-        stack.callback(stop_node)
-        while not server.started:
-            assert thread.is_alive(), "the node did not start"
-            time.sleep(0.05)
-        client = stack.enter_context(
-            httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60)
-        )
+        node = LiveNode(settings, client_timeout=60.0, require_stop=False)
+        stack.callback(node.stop)
+        node.start(timeout=180.0)
         engine = make_engine(pg_database)
         stack.callback(engine.dispose)
         cluster = Cluster(
             settings=settings,
-            app=app,
-            client=client,
+            app=node.app,
+            client=node.client,
             redis=redis,
             workers=workers,
             env=env,
             logs=logs,
             pacs=pacs_folder,
-            dicom_port=app.state.services["dimse"].port,
+            dicom_port=node.dicom_port,
             studies=tmp / "studies",
             sessions=make_sessionmaker(engine),
         )
@@ -407,14 +262,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
 
 
 def _storescu(port: int, folder: Path) -> None:
-    done = subprocess.run(
-        ["storescu", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", str(port), str(folder)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    """dcmtk's storescu (by its real location, not pynetdicom's script on PATH)."""
+    done = dcmtk(
+        "storescu", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", str(port), str(folder), timeout=120
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout
 
 
 def _zip_names(client: httpx.Client, job_id: str) -> list[str]:

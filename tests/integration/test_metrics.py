@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.storage.models import Instance, Job, JobStatus
-from tests.node.conftest import dcmtk
 from tests.node.peers import free_port, storescp
+from tests.support.dcmtk import dcmtk
 
 pytestmark = pytest.mark.slow
 

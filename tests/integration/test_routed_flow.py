@@ -21,8 +21,8 @@ from nnunet_node.node.service import DimseService
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import Instance, Job, JobStatus, Series
-from tests.node.conftest import dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
+from tests.support.dcmtk import dcmtk, retrieve
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTE_ARGS = {"is_dicom": True, "save_rt_struct_output": True, "tta": False}

@@ -24,8 +24,9 @@ from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance
-from tests.node.conftest import NodeFactory, dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
+from tests.support.dcmtk import dcmtk, retrieve
+from tests.support.dimse import NodeFactory
 
 PEERS: dict[str, Any] = {
     "peers": [

@@ -16,7 +16,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.node.ae import DicomNode
 from tests.charsets import CASES, PLACEHOLDER, CharsetCase, recode
-from tests.node.conftest import NodeFactory, dcmtk
+from tests.support.dcmtk import dcmtk
+from tests.support.dimse import NodeFactory
 
 
 @pytest.fixture(scope="module")

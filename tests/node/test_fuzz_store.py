@@ -19,8 +19,9 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from nnunet_node.node.retrieve import data_set_offset
-from tests.node.conftest import NodeFactory, dcmtk
 from tests.node.raw_dimse import Aborted, RawAssociation, store_request
+from tests.support.dcmtk import dcmtk
+from tests.support.dimse import NodeFactory
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 OTHER_STORAGE = [

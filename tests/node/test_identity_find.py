@@ -15,8 +15,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from nnunet_node.node.ae import DicomNode
-from tests.node.conftest import NodeFactory, dcmtk
-from tests.storage.conftest import build_dataset
+from tests.support.datasets import build_dataset
+from tests.support.dcmtk import dcmtk
+from tests.support.dimse import NodeFactory
 
 
 @pytest.fixture

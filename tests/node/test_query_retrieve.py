@@ -12,8 +12,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from nnunet_node.node.ae import DicomNode
-from tests.node.conftest import NodeFactory, dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
+from tests.support.dcmtk import dcmtk, retrieve
+from tests.support.dimse import NodeFactory
 
 
 @dataclass

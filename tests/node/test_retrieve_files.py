@@ -30,8 +30,9 @@ from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.node.ae import DicomNode
 from nnunet_node.node.retrieve import data_set_offset
 from nnunet_node.storage.archive import Archive
-from tests.node.conftest import NodeFactory, dcmtk, retrieve
 from tests.node.peers import free_port, received
+from tests.support.dcmtk import dcmtk, retrieve
+from tests.support.dimse import NodeFactory
 
 # One series per stored transfer syntax, and the dcmtk tool that makes it from Explicit VR LE.
 SYNTAXES = {

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance, Series
-from tests.node.conftest import NodeFactory, dcmtk
+from tests.support.dcmtk import dcmtk
+from tests.support.dimse import NodeFactory
 
 
 def _count(sessions: sessionmaker[Session], model: type) -> int:

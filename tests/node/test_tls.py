@@ -20,8 +20,9 @@ from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.dispatch import SendError, send_files
 from nnunet_node.pipeline.routing import Peer
 from nnunet_node.storage.models import Instance
-from tests.node.conftest import NodeFactory, dcmtk, retrieve
 from tests.node.peers import free_port, received, storescp
+from tests.support.dcmtk import dcmtk, retrieve
+from tests.support.dimse import NodeFactory
 from tests.tls_certs import Pki, make_pki
 
 

@@ -24,7 +24,8 @@ from nnunet_node.node.transport import encode_store_response
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance
-from tests.node.conftest import NodeFactory, dcmtk
+from tests.support.dcmtk import dcmtk
+from tests.support.dimse import NodeFactory
 
 UIDS = [
     ("1.2.840.10008.5.1.4.1.1.2", "1.2.3"),  # odd lengths: padded with a NUL

@@ -5,7 +5,6 @@ spec with a stand-in model folder (for queue mechanics) or the committed demo mo
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from nnunet_node.core.settings import Settings
-from nnunet_node.storage.migrations import upgrade
+from tests.support.database import copy_database
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,14 +33,6 @@ TOY_METADATA: dict[str, Any] = {
         }
     ],
 }
-
-
-@pytest.fixture(scope="session")
-def jobs_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One database migrated to head per session; each test copies it."""
-    path = tmp_path_factory.mktemp("jobs-template") / "node.db"
-    upgrade(f"sqlite:///{path}")
-    return path
 
 
 def make_toy_model(folder: Path, channels: int = 1) -> Path:
@@ -64,7 +55,7 @@ def make_toy_model(folder: Path, channels: int = 1) -> Path:
 
 
 @pytest.fixture
-def toy_settings(tmp_path: Path, jobs_db_template: Path) -> Settings:
+def toy_settings(tmp_path: Path, migrated_template: Path) -> Settings:
     """Settings of a node in ``tmp_path/data`` whose spec holds the stand-in model ``toy``;
     requests may name paths under ``tmp_path/studies`` and the data folder."""
     models = tmp_path / "models"
@@ -86,8 +77,7 @@ def toy_settings(tmp_path: Path, jobs_db_template: Path) -> Settings:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     data = tmp_path / "data"
-    data.mkdir()
-    shutil.copyfile(jobs_db_template, data / "nnunet-node.db")
+    copy_database(migrated_template, data / "nnunet-node.db")
     (tmp_path / "studies").mkdir()
     return Settings(
         data_dir=data,
@@ -99,14 +89,13 @@ def toy_settings(tmp_path: Path, jobs_db_template: Path) -> Settings:
 
 
 @pytest.fixture
-def demo_settings(tmp_path: Path, jobs_db_template: Path) -> Iterator[Settings]:
+def demo_settings(tmp_path: Path, migrated_template: Path) -> Iterator[Settings]:
     """Settings of a node on the committed demo models (``model-serve-spec.yaml``)."""
     spec = REPO / "model-serve-spec.yaml"
     if not (REPO / "models").is_dir():
         pytest.skip("the demo models are not built (make demo-model)")
     data = tmp_path / "data"
-    data.mkdir()
-    shutil.copyfile(jobs_db_template, data / "nnunet-node.db")
+    copy_database(migrated_template, data / "nnunet-node.db")
     (tmp_path / "studies").mkdir()
     yield Settings(
         data_dir=data,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.pipeline.completion import CompletionWatcher, utcnow
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
-from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.jobs import JobRecord, JobStore
-from nnunet_node.storage.migrations import upgrade
 from nnunet_node.storage.models import InputKind, JobStatus, Series, Study
 
 SPEC: dict[str, Any] = {
@@ -86,15 +83,6 @@ class RecordingJobs:
     def jobs(self) -> list[JobRecord]:
         items, _ = self.store.list(limit=1000)
         return items[::-1]  # oldest first
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ database, a destination that stays down, a manual retry, and the dispatcher thre
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -16,8 +15,7 @@ from nnunet_node.core.errors import Conflict, SendError
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.pipeline.dispatch import Dispatcher, send_files, storage_contexts
 from nnunet_node.pipeline.routing import RoutingTable
-from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
-from nnunet_node.storage.migrations import upgrade
+from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.models import (
     Dispatch,
     DispatchStatus,
@@ -36,15 +34,6 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         make_phantom(5, shape=(16, 40, 40), spacing=(1.0, 1.0, 2.5)), tmp_path_factory.mktemp("res")
     )
     return files[:3]
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _routing(port: int, **retry: object) -> RoutingTable:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core.errors import InvalidDicom, StorageFull
 from nnunet_node.storage.archive import Archive, is_valid_uid
 from nnunet_node.storage.models import Instance, Patient, Series, Study
-from tests.storage.conftest import build_dataset, encode
+from tests.support.datasets import build_dataset, encode
 
 
 def _count(sessions: sessionmaker[Session], model: type) -> int:

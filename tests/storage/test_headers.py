@@ -51,7 +51,7 @@ from nnunet_node.storage.headers import (
     read_header_pydicom,
 )
 from nnunet_node.storage.indexer import Header
-from tests.storage.conftest import build_dataset, encode
+from tests.support.datasets import build_dataset, encode
 
 # --- building files ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Patient, Series, Study
 from nnunet_node.storage.query import find_patients, find_series, find_studies
-from tests.storage.conftest import build_dataset, encode
+from tests.support.datasets import build_dataset, encode
 
 
 def _ingest(archive: Archive, *, drop: tuple[str, ...] = (), **attributes: Any) -> Dataset:

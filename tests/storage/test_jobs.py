@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
@@ -15,22 +14,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core.errors import Conflict, NotFound
 from nnunet_node.storage.db import make_engine, make_sessionmaker, unit_of_work
 from nnunet_node.storage.jobs import RESTART_REASON, ArtifactRecord, JobFilters, JobStore
-from nnunet_node.storage.migrations import upgrade
 from nnunet_node.storage.models import InputKind, Job, JobStatus
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One migrated database per module; each test gets a copy."""
-    path = tmp_path_factory.mktemp("jobs-db") / "template.db"
-    upgrade(f"sqlite:///{path}")
-    return path
+from tests.support.database import copy_database
 
 
 @pytest.fixture
-def db_url(tmp_path: Path, migrated_db: Path) -> str:
-    shutil.copyfile(migrated_db, tmp_path / "node.db")
-    return f"sqlite:///{tmp_path / 'node.db'}"
+def db_url(tmp_path: Path, migrated_template: Path) -> str:
+    return copy_database(migrated_template, tmp_path / "node.db")
 
 
 @pytest.fixture

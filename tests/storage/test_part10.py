@@ -33,7 +33,7 @@ from nnunet_node.storage.part10 import (
     file_meta,
     part10_head,
 )
-from tests.storage.conftest import build_dataset
+from tests.support.datasets import build_dataset
 
 PYNETDICOM_CLASS_UID = "1.2.826.0.1.3680043.9.3811.3.0.4"  # 32 characters
 UID_64 = "1.2.826.0.1.3680043.8.498." + "1" * 38

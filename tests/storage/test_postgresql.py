@@ -6,17 +6,13 @@ and drop a scratch database (``.ci/run`` starts a throw-away PostgreSQL and sets
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.storage import query
@@ -27,28 +23,9 @@ from nnunet_node.storage.migrations import downgrade, upgrade
 from nnunet_node.storage.models import Instance, JobStatus, Series
 from tests.storage.index_checks import assert_aggregates_counted, fill_0005
 from tests.support.migrations import check_old_style_jobs_upgrade
+from tests.support.postgres import NOT_SET, SERVER_URL, scratch_database
 
-SERVER_URL = os.environ.get("NNUNET_NODE_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(
-    not SERVER_URL, reason="NNUNET_NODE_TEST_POSTGRES_URL is not set (.ci/run sets it)"
-)
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    """A new empty database on the test server, dropped at the end; yields its URL."""
-    assert SERVER_URL
-    name = f"nnunet_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(SERVER_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(SERVER_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+pytestmark = pytest.mark.skipif(not SERVER_URL, reason=NOT_SET)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,13 @@ attempt fails with the reason, and a worker that lost its job records nothing.
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.errors import Conflict
@@ -26,51 +22,28 @@ from nnunet_node.storage.jobs import ArtifactRecord, JobStore
 from nnunet_node.storage.migrations import upgrade
 from nnunet_node.storage.models import Job, JobStatus, utcnow
 from nnunet_node.storage.workers import LOST_REASON, JobLeases, WorkerInfo, WorkerStore
+from tests.support.database import copy_database
+from tests.support.postgres import NOT_SET, SERVER_URL, scratch_database
 
-PG_URL = os.environ.get("NNUNET_NODE_TEST_POSTGRES_URL")
 BACKENDS = [
     "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(
-            not PG_URL, reason="NNUNET_NODE_TEST_POSTGRES_URL is not set (.ci/run sets it)"
-        ),
-    ),
+    pytest.param("postgresql", marks=pytest.mark.skipif(not SERVER_URL, reason=NOT_SET)),
 ]
 
 
 @pytest.fixture(scope="module")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("workers-template") / "node.db"
-    upgrade(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def pg_database() -> Iterator[str]:
-    assert PG_URL
-    name = f"nnunet_leases_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    try:
+    with scratch_database("nnunet_leases") as url:
+        upgrade(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=BACKENDS)
 def sessions(
-    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path
 ) -> Iterator[sessionmaker[Session]]:
     if request.param == "sqlite":
-        db = tmp_path / "node.db"
-        shutil.copyfile(sqlite_template, db)
-        url = f"sqlite:///{db}"
+        url = copy_database(migrated_template, tmp_path / "node.db")
     else:
         url = request.getfixturevalue("pg_database")
     engine = make_engine(url)

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pydicom
 import pytest
-from dicomweb_support import Node, PhantomStudy, dicomweb_settings, write_phantom_study
+
+from tests.support.dicomweb import Node, PhantomStudy, dicomweb_settings, write_phantom_study
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
 def stored(node: Node, phantom_study: PhantomStudy) -> PhantomStudy:
     """The phantom study, stored through dicomweb-client's STOW-RS."""
     datasets = [pydicom.dcmread(f) for f in phantom_study.files]
-    response = node.client().store_instances(datasets)
+    response = node.dicomweb_client().store_instances(datasets)
     assert len(response.ReferencedSOPSequence) == len(phantom_study.files)
     assert "FailedSOPSequence" not in response
     assert response.RetrieveURL.endswith(f"/studies/{phantom_study.study_uid}")

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
-from dicomweb_support import API_KEY, Node, PhantomStudy
 from hypothesis import HealthCheck, settings
 
 from nnunet_node.app import create_app
 from nnunet_node.core.settings import load_settings
+from tests.support.dicomweb import API_KEY, Node, PhantomStudy
 
 with tempfile.TemporaryDirectory() as _unused:
     _schema_app = create_app(load_settings(data_dir=Path(_unused), api_key=API_KEY))

@@ -10,13 +10,13 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from dicomweb_support import Node
 from pydicom.uid import generate_uid
 
 from nnunet_node.api.dicomweb.multipart import encode_parts
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from tests.charsets import CASES, PLACEHOLDER, CharsetCase, recode
-from tests.storage.conftest import build_dataset, encode
+from tests.support.datasets import build_dataset, encode
+from tests.support.dicomweb import Node
 
 CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary=id-boundary'
 

@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pydicom
 import pytest
-from dicomweb_support import Node, PhantomStudy, write_phantom_study
 from pydicom.uid import generate_uid
+
+from tests.support.dicomweb import Node, PhantomStudy, write_phantom_study
 
 
 def _value(result: dict, keyword: str) -> object:
@@ -18,7 +19,7 @@ def _value(result: dict, keyword: str) -> object:
 
 
 def test_study_search_with_filters(node: Node, stored: PhantomStudy) -> None:
-    client = node.client()
+    client = node.dicomweb_client()
     (study,) = client.search_for_studies(search_filters={"PatientID": stored.patient_id})
     assert _value(study, "StudyInstanceUID") == stored.study_uid
     assert _value(study, "ModalitiesInStudy") == "CT"
@@ -51,7 +52,7 @@ def test_study_search_with_filters(node: Node, stored: PhantomStudy) -> None:
 
 
 def test_includefield_by_keyword_tag_and_all(node: Node, stored: PhantomStudy) -> None:
-    client = node.client()
+    client = node.dicomweb_client()
     (study,) = client.search_for_studies(
         search_filters={"PatientID": stored.patient_id}, fields=["00100030", "SOPClassesInStudy"]
     )
@@ -69,7 +70,7 @@ def test_includefield_by_keyword_tag_and_all(node: Node, stored: PhantomStudy) -
 
 
 def test_series_and_instance_searches(node: Node, stored: PhantomStudy) -> None:
-    client = node.client()
+    client = node.dicomweb_client()
     (series,) = client.search_for_series(stored.study_uid)
     assert _value(series, "SeriesInstanceUID") == stored.series_uid
     assert _value(series, "Modality") == "CT"
@@ -119,7 +120,7 @@ def _check_seg_served(
     node: Node, stored: PhantomStudy, series_uid: str, written: pydicom.Dataset
 ) -> None:
     """QIDO-RS finds the SEG in the study; WADO-RS serves it, its metadata, bulk data, frames."""
-    client = node.client()
+    client = node.dicomweb_client()
     (seg_series,) = client.search_for_series(stored.study_uid, search_filters={"Modality": "SEG"})
     assert _value(seg_series, "SeriesInstanceUID") == series_uid
     (study,) = client.search_for_studies(search_filters={"StudyInstanceUID": stored.study_uid})
@@ -164,7 +165,7 @@ def test_stow_routes_the_series_and_the_jobs_seg_is_served(
     study = write_phantom_study(
         tmp_path_factory.mktemp("routed"), seed=21, patient_id="DW-21", description="Phantom CT"
     )
-    client = node.client()
+    client = node.dicomweb_client()
     client.store_instances([pydicom.dcmread(f) for f in study.files])
     deadline = time.monotonic() + 240
     while not client.search_for_series(study.study_uid, search_filters={"Modality": "SEG"}):

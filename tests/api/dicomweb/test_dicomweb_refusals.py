@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pydicom
 import requests
-from dicomweb_support import Node, dicomweb_settings, write_phantom_study
 from pynetdicom import AE
 
 from nnunet_node.api.dicomweb.multipart import encode_parts
 from nnunet_node.storage.models import Instance
 from nnunet_node.storage.refusals import REFUSALS, UNEXPECTED
+from tests.support.dicomweb import Node, dicomweb_settings, write_phantom_study
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"; boundary=xyzzy'
 

@@ -8,7 +8,8 @@ import time
 
 import pydicom
 import pytest
-from dicomweb_support import Node, write_phantom_study
+
+from tests.support.dicomweb import Node, write_phantom_study
 
 
 @pytest.mark.slow
@@ -21,7 +22,7 @@ def test_stow_series_with_a_missing_slice_fails_its_job_before_any_model(
     stats = node.context.inference_engine.cache.stats
     before = (stats.hits, stats.misses, stats.loads)
     sent = [f for i, f in enumerate(study.files) if i != 20]  # image 21 never arrives
-    node.client().store_instances([pydicom.dcmread(f) for f in sent])
+    node.dicomweb_client().store_instances([pydicom.dcmread(f) for f in sent])
     deadline = time.monotonic() + 240
     while True:
         jobs, _ = node.context.job_service.list(study_instance_uid=study.study_uid)

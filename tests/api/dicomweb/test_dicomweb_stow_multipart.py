@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from dicomweb_support import Node, dicomweb_settings
 from pydicom.uid import generate_uid
 
 from nnunet_node.api.dicomweb.multipart import encode_parts, iter_parts, parse_media_type
-from tests.storage.conftest import build_dataset, encode
+from tests.support.datasets import build_dataset, encode
+from tests.support.dicomweb import Node, dicomweb_settings
 
 BOUNDARY = "rfc2046-b0undary"
 

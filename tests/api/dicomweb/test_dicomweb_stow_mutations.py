@@ -9,9 +9,9 @@ import random
 
 import pydicom
 import pytest
-from dicomweb_support import Node, write_phantom_study
 
 from nnunet_node.api.dicomweb.multipart import encode_parts
+from tests.support.dicomweb import Node, write_phantom_study
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"; boundary=xyzzy'
 REQUESTS = 20

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import requests
-from dicomweb_support import Node, PhantomStudy
 from pydicom.uid import generate_uid
 
 from nnunet_node.api.dicomweb.multipart import encode_parts
+from tests.support.dicomweb import Node, PhantomStudy
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"; boundary=xyzzy'
 
@@ -28,7 +28,7 @@ def _stow(node: Node, body: bytes, *, study: str | None = None) -> requests.Resp
 
 
 def test_stored_instances_come_back_byte_for_byte(node: Node, stored: PhantomStudy) -> None:
-    client = node.client()
+    client = node.dicomweb_client()
     first = pydicom.dcmread(stored.files[0], stop_before_pixels=True)
     # WADO-RS instance: the file as the archive holds it, which is the file as sent
     instance = client.retrieve_instance(stored.study_uid, stored.series_uid, first.SOPInstanceUID)
@@ -63,7 +63,7 @@ def _split(response: requests.Response) -> list[bytes]:
 
 
 def test_metadata_at_every_level_with_bulk_data(node: Node, stored: PhantomStudy) -> None:
-    client = node.client()
+    client = node.dicomweb_client()
     study_meta = client.retrieve_study_metadata(stored.study_uid)
     series_meta = client.retrieve_series_metadata(stored.study_uid, stored.series_uid)
     assert len(study_meta) == len(series_meta) == len(stored.files)
@@ -78,7 +78,7 @@ def test_metadata_at_every_level_with_bulk_data(node: Node, stored: PhantomStudy
 
 
 def test_frames_are_the_raw_pixels(node: Node, stored: PhantomStudy) -> None:
-    client = node.client()
+    client = node.dicomweb_client()
     ds = pydicom.dcmread(stored.files[3])
     frames = list(
         client.retrieve_instance_frames(
@@ -124,7 +124,7 @@ def test_unknown_uids_are_404(node: Node, stored: PhantomStudy) -> None:
 
 
 def test_a_bad_part_loses_no_other_part(node: Node, tmp_path: Path) -> None:
-    from dicomweb_support import write_phantom_study
+    from tests.support.dicomweb import write_phantom_study
 
     study = write_phantom_study(tmp_path, seed=12, patient_id="DW-12")
     good = [f.read_bytes() for f in study.files[:3]]
@@ -202,7 +202,7 @@ def test_api_key_and_cors(node: Node, stored: PhantomStudy) -> None:
 def test_transfer_syntax_negotiation_and_406(node: Node, tmp_path: Path) -> None:
     """An instance stored in Implicit VR Little Endian (as many scanners send) comes back as
     stored, or re-encoded losslessly when the client asks for Explicit VR Little Endian."""
-    from dicomweb_support import write_phantom_study
+    from tests.support.dicomweb import write_phantom_study
 
     study = write_phantom_study(tmp_path, seed=14, patient_id="DW-14")
     ds = pydicom.dcmread(study.files[0])

@@ -1,6 +1,5 @@
-"""Helpers for the DICOMweb tests: the real app on a free loopback port, dicomweb-client on it.
-
-(A module of its own, not conftest.py, so tests import it by a name no other folder uses.)
+"""Helpers for the DICOMweb tests (``tests/api/dicomweb``): the real app on a free loopback port,
+dicomweb-client on it.
 
 dicomweb-client speaks through ``requests`` (blocking), so the app runs under uvicorn in a thread
 with its real lifespan (migrations on a SQLite file, job workers, the demo models), and the tests
@@ -9,22 +8,18 @@ are plain synchronous code, as a user's script would be.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
-import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
-from nnunet_node.app import create_app
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.core.settings import Settings, load_settings
+from tests.support.live_node import LiveNode
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "model-serve-spec.yaml"
 API_KEY = "dicomweb-test-key"
 
@@ -47,39 +42,8 @@ def dicomweb_settings(data_dir: Path, **overrides: Any) -> Settings:
     return load_settings(**values)
 
 
-class Node:
-    """``create_app(settings)`` under uvicorn in a thread, on a port the OS picked."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.app = create_app(settings)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", lifespan="on", ws="none", loop="asyncio")
-        )
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def start(self) -> Node:
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the node did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(60)
-        self._sock.close()
-
-    @property
-    def context(self) -> Any:
-        return self.app.state.context
+class Node(LiveNode):
+    """A :class:`~tests.support.live_node.LiveNode` with what dicomweb-client needs."""
 
     @property
     def dicomweb(self) -> str:
@@ -91,7 +55,8 @@ class Node:
             session.headers["Authorization"] = f"Bearer {key}"
         return session
 
-    def client(self) -> DICOMwebClient:
+    def dicomweb_client(self) -> DICOMwebClient:
+        """dicomweb-client on the node's DICOMweb root, sending the key as a bearer token."""
         return DICOMwebClient(url=self.dicomweb, session=self.session())
 
 

@@ -1,0 +1,43 @@
+"""dcmtk's command-line tools as real DICOM peers: run with Nagle off (``TCP_NODELAY=1``: dcmtk
+leaves it on, which costs about 40 ms per DIMSE message), found by their real location
+(:mod:`tests.peer_tools`: skipped when missing, failed under CI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.peer_tools import tool
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def dcmtk(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk tool (found by its real location; skipped when missing) with Nagle off (in
+    ``cwd``); output (stdout + stderr) in ``.stdout``."""
+    return subprocess.run(
+        [tool(args[0]), *args[1:]],
+        env=DCMTK_ENV,
+        capture_output=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def retrieve(
+    tool: str, port: int, *options: str, cwd: Path | None = None, **keys: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``movescu`` or ``getscu`` (verbose) against the node at ``port`` with ``options``
+    (``-S``, ``-aem PACS``, ``-od DIR``...) and one ``-k Keyword=value`` per key, in order
+    (in ``cwd``: movescu's ``+B`` writes there, whatever ``-od`` says)."""
+    identifier = [arg for key, value in keys.items() for arg in ("-k", f"{key}={value}")]
+    return dcmtk(
+        tool, "-v", *options, "-aec", "NNUNET_NODE", *identifier, "127.0.0.1", str(port), cwd=cwd
+    )
