@@ -92,7 +92,27 @@ def with_type2_defaults(sources: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
+def checked_label_map(
+    label_map: np.ndarray, sources: Sequence[Dataset], what: str
+) -> tuple[np.ndarray, list[int]]:
+    """``label_map`` (z, y, x; integers, or booleans taken as label 1) checked against its
+    ``sources`` (:func:`check_sources`) and the label values present in it, ascending, 0 left out.
+
+    :raises ExportError: the array and the sources disagree, or the map holds non-integer or
+        negative values.
+    """
+    label_map = np.asarray(label_map)
+    if label_map.dtype == np.bool_:
+        label_map = label_map.astype(np.uint8)
+    check_sources(label_map.shape, sources, what)
+    return label_map, labels_present(label_map)
+
+
 def labels_present(label_map: np.ndarray) -> list[int]:
+    """The label values in ``label_map``, ascending, 0 (background) left out.
+
+    :raises ExportError: the map holds non-integer or negative values.
+    """
     if not np.issubdtype(label_map.dtype, np.integer) and label_map.dtype != np.bool_:
         raise ExportError(f"label map must hold integers, got {label_map.dtype}")
     if label_map.size == 0:

@@ -42,8 +42,8 @@ from skimage import measure
 
 from nnunet_node.core.errors import ExportError
 from nnunet_node.export.common import (
-    check_sources,
-    labels_present,
+    TYPE2_PATIENT_STUDY,
+    checked_label_map,
     now_or,
     software_version,
     text_as_utf8,
@@ -76,17 +76,6 @@ _PATIENT_STUDY_KEYWORDS = (
     "AccessionNumber",
     "StudyDescription",
 )
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 
 
 def make_rtstruct(
@@ -107,12 +96,8 @@ def make_rtstruct(
     referencing its image (ContourImageSequence). None when the map is empty. Raises
     :class:`ExportError` when the array and the sources disagree or a source's geometry
     (ImagePositionPatient, ImageOrientationPatient, PixelSpacing) is unusable."""
-    label_map = np.asarray(label_map)
-    if label_map.dtype == np.bool_:
-        label_map = label_map.astype(np.uint8)
     what = f"model {metadata.model_id!r} RTSTRUCT"
-    check_sources(label_map.shape, source_datasets, what)
-    labels = labels_present(label_map)
+    label_map, labels = checked_label_map(label_map, source_datasets, what)
     if not labels:
         LOGGER.info("model %s: empty label map, no RTSTRUCT written", metadata.model_id)
         return None
@@ -135,7 +120,7 @@ def make_rtstruct(
     for keyword in _PATIENT_STUDY_KEYWORDS:
         if keyword in first:
             setattr(ds, keyword, first[keyword].value)
-        elif keyword in _TYPE2:
+        elif keyword in TYPE2_PATIENT_STUDY:
             setattr(ds, keyword, "")
     # RT Series module (C.8.8.1): a new series in the source's study.
     ds.Modality = "RTSTRUCT"

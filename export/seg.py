@@ -24,7 +24,7 @@ from pydicom.valuerep import DA, TM
 from nnunet_node.core.errors import ExportError
 from nnunet_node.export.common import (
     check_sources,
-    labels_present,
+    checked_label_map,
     now_or,
     software_version,
     stable_uid,
@@ -57,11 +57,8 @@ def make_binary_seg(
     ``content_datetime`` default to new ones (the job passes values derived from its id).
     Returns None when the map is empty: no object is written then. Raises :class:`ExportError`
     when the array and the sources disagree, or a label has no segment in ``metadata``."""
-    label_map = np.asarray(label_map)
-    if label_map.dtype == np.bool_:
-        label_map = label_map.astype(np.uint8)
-    check_sources(label_map.shape, source_datasets, f"model {metadata.model_id!r} SEG")
-    labels = labels_present(label_map)
+    what = f"model {metadata.model_id!r} SEG"
+    label_map, labels = checked_label_map(label_map, source_datasets, what)
     if not labels:
         LOGGER.info("model %s: empty label map, no SEG written", metadata.model_id)
         return None

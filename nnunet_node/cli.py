@@ -13,6 +13,7 @@ import gc
 import socket
 import sys
 import textwrap
+from collections.abc import Callable
 
 from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.logging import configure_logging
@@ -115,45 +116,41 @@ def _dicom(settings: Settings, args: argparse.Namespace) -> int:
     return run_standalone(settings, ready=_freeze_start_up_objects)
 
 
+def _refuse(command: str, message: str) -> int:
+    """Print why ``nnunet-node <command>`` refuses its options; the exit status for it (2)."""
+    print(f"nnunet-node {command}: {message}", file=sys.stderr)
+    return 2
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     import os
 
     if args.concurrency != 1:
-        print(
-            "nnunet-node worker: --concurrency must be 1 (one job at a time per process); "
-            "start one worker per GPU",
-            file=sys.stderr,
+        return _refuse(
+            "worker",
+            "--concurrency must be 1 (one job at a time per process); start one worker per GPU",
         )
-        return 2
     device = args.device or settings.device
     mode = device
     if device.startswith("cuda:"):
         # One GPU per process: make it the only visible one, before torch is imported.
         index = device.split(":", 1)[1]
         if not index.isdigit():
-            print(
-                f"nnunet-node worker: --device {device!r}: expected cuda:<index>", file=sys.stderr
-            )
-            return 2
+            return _refuse("worker", f"--device {device!r}: expected cuda:<index>")
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible:
             listed = [v.strip() for v in visible.split(",") if v.strip()]
             if int(index) >= len(listed):
-                print(
-                    f"nnunet-node worker: --device {device}: CUDA_VISIBLE_DEVICES={visible} "
+                return _refuse(
+                    "worker",
+                    f"--device {device}: CUDA_VISIBLE_DEVICES={visible} "
                     f"lists {len(listed)} device(s)",
-                    file=sys.stderr,
                 )
-                return 2
             index = listed[int(index)]
         os.environ["CUDA_VISIBLE_DEVICES"] = index
         mode = "cuda"
     if mode not in ("auto", "cpu", "cuda"):
-        print(
-            f"nnunet-node worker: --device {device!r}: auto, cpu, cuda or cuda:<index>",
-            file=sys.stderr,
-        )
-        return 2
+        return _refuse("worker", f"--device {device!r}: auto, cpu, cuda or cuda:<index>")
     settings = settings.model_copy(update={"device": mode})
     queues = [q.strip() for q in (args.queues or settings.default_queue).split(",") if q.strip()]
     from nnunet_node.core.settings import check_queue_name
@@ -161,8 +158,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     try:
         queues = [check_queue_name(q) for q in queues]
     except ValueError as exc:
-        print(f"nnunet-node worker: --queues: {exc}", file=sys.stderr)
-        return 2
+        return _refuse("worker", f"--queues: {exc}")
     if args.threads:
         import torch
 
@@ -194,6 +190,24 @@ def _help(text: str) -> str:
     return textwrap.dedent(text).strip()
 
 
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Command,
+    summary: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """The sub-command ``name``: ``summary`` in the list of commands, ``description`` (dedented)
+    in its ``--help``; choosing it runs ``func(settings, args)``, whose result is the exit
+    status."""
+    command = sub.add_parser(name, help=summary, description=_help(description))
+    command.set_defaults(func=func)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet-node",
@@ -203,16 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
-    serve = sub.add_parser(
+    serve = _command(
+        sub,
         "serve",
-        help="start the node: HTTP API, DICOM node and job workers",
-        description=_help(
-            """
-            Start the whole node in one process: the HTTP API (reference endpoints, jobs,
-            DICOMweb, docs at /docs), the DICOM node (C-STORE, C-FIND, C-MOVE, C-GET) and the job
-            workers. The database is migrated first. Stop it with Ctrl-C.
-            """
-        ),
+        _serve,
+        "start the node: HTTP API, DICOM node and job workers",
+        """
+        Start the whole node in one process: the HTTP API (reference endpoints, jobs,
+        DICOMweb, docs at /docs), the DICOM node (C-STORE, C-FIND, C-MOVE, C-GET) and the job
+        workers. The database is migrated first. Stop it with Ctrl-C.
+        """,
     )
     serve.add_argument(
         "--host", default=None, help="HTTP address to listen on (default: NNUNET_NODE_HOST)"
@@ -220,32 +234,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=int, default=None, help="HTTP port (default: NNUNET_SERVE_PORT, 12345)"
     )
-    serve.set_defaults(func=_serve)
 
-    dicom = sub.add_parser(
+    _command(
+        sub,
         "dicom",
-        help="start the DICOM node and job workers only (no HTTP API)",
-        description=_help(
-            """
-            Start the DICOM node and the job workers without the HTTP API: series received by
-            C-STORE are routed, inferred and sent on as with `serve`. Stop it with Ctrl-C.
-            """
-        ),
+        _dicom,
+        "start the DICOM node and job workers only (no HTTP API)",
+        """
+        Start the DICOM node and the job workers without the HTTP API: series received by
+        C-STORE are routed, inferred and sent on as with `serve`. Stop it with Ctrl-C.
+        """,
     )
-    dicom.set_defaults(func=_dicom)
 
-    worker = sub.add_parser(
+    worker = _command(
+        sub,
         "worker",
-        help="take jobs from the broker (NNUNET_NODE_BROKER_URL) and run them, one at a time",
-        description=_help(
-            """
-            Run jobs on this host for a node whose NNUNET_NODE_BROKER_URL is set: one process
-            per GPU, one job at a time, models kept loaded between jobs. It needs the node's
-            database (NNUNET_NODE_DB_URL), data folder (NNUNET_NODE_DATA, shared storage) and
-            spec, and a database the node has migrated. Stop it with Ctrl-C (the running job
-            ends first).
-            """
-        ),
+        _worker,
+        "take jobs from the broker (NNUNET_NODE_BROKER_URL) and run them, one at a time",
+        """
+        Run jobs on this host for a node whose NNUNET_NODE_BROKER_URL is set: one process
+        per GPU, one job at a time, models kept loaded between jobs. It needs the node's
+        database (NNUNET_NODE_DB_URL), data folder (NNUNET_NODE_DATA, shared storage) and
+        spec, and a database the node has migrated. Stop it with Ctrl-C (the running job
+        ends first).
+        """,
     )
     worker.add_argument(
         "--device",
@@ -266,19 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's)"
     )
-    worker.set_defaults(func=_worker)
 
-    demo = sub.add_parser(
+    demo = _command(
+        sub,
         "demo",
-        help="send a phantom CT study to a running node and show its results arrive",
-        description=_help(
-            """
-            With a node running (`nnunet-node serve` in another terminal): write a phantom CT
-            study, send it to the node by C-STORE, follow the job the routing rule makes of it,
-            and receive its DICOM-SEG and RTSTRUCT at a small storage SCP this command runs
-            for the occasion (the default spec's DEMO_DEST peer).
-            """
-        ),
+        _demo,
+        "send a phantom CT study to a running node and show its results arrive",
+        """
+        With a node running (`nnunet-node serve` in another terminal): write a phantom CT
+        study, send it to the node by C-STORE, follow the job the routing rule makes of it,
+        and receive its DICOM-SEG and RTSTRUCT at a small storage SCP this command runs
+        for the occasion (the default spec's DEMO_DEST peer).
+        """,
     )
     demo.add_argument(
         "--host", default="127.0.0.1", help="address of the running node (default: 127.0.0.1)"
@@ -289,23 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--http-port", type=int, default=None, help="its HTTP port (default: NNUNET_SERVE_PORT)"
     )
-    demo.set_defaults(func=_demo)
 
-    db = sub.add_parser(
+    db = _command(
+        sub,
         "db",
-        help="upgrade or downgrade the database schema",
-        description=_help(
-            """
-            Apply the database migrations (the node also upgrades at every start). Without a
-            revision, `upgrade` goes to the newest and `downgrade` one step back.
-            """
-        ),
+        _db,
+        "upgrade or downgrade the database schema",
+        """
+        Apply the database migrations (the node also upgrades at every start). Without a
+        revision, `upgrade` goes to the newest and `downgrade` one step back.
+        """,
     )
     db.add_argument("action", choices=["upgrade", "downgrade"], help="which way to migrate")
     db.add_argument(
         "revision", nargs="?", default=None, help="target revision (default: head, or -1)"
     )
-    db.set_defaults(func=_db)
     return parser
 
 

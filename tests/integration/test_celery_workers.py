@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from sqlalchemy import func, select
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
@@ -35,9 +34,9 @@ from nnunet_node.storage.migrations import upgrade
 from nnunet_node.storage.models import Instance
 from tests.node.peers import received, storescp
 from tests.support.cluster import REDIS_SERVER, RedisServer, WorkerProcess
-from tests.support.dcmtk import dcmtk
 from tests.support.live_node import LiveNode
 from tests.support.postgres import NOT_SET, SERVER_URL, scratch_database
+from tests.support.routed import routed_spec, storescu
 
 REPO = Path(__file__).resolve().parents[2]
 if os.environ.get("CI") and not REDIS_SERVER:
@@ -60,7 +59,6 @@ LONG = (64, 64, 64)
 """27 sliding windows: a job long enough to catch while it infers."""
 INFERRING = ("load", "model", "predict")
 """Progress steps of a job whose model is loading or predicting."""
-ROUTE_ARGS = {"is_dicom": True, "save_rt_struct_output": True, "tta": False}
 HTTP_ARGS = {"is_dicom": True, "save_rt_struct_output": True, "tta": False}
 
 
@@ -158,30 +156,6 @@ def _worker(name: str, queues: str, env: dict[str, str], logs: Path) -> WorkerPr
     return WorkerProcess(name, env, log, queues)
 
 
-def _spec(folder: Path, pacs_port: int) -> Path:
-    raw = yaml.safe_load((REPO / "model-serve-spec.yaml").read_text())
-    raw["model_folder"] = str(REPO / "models")
-    for model in raw["models"]:
-        if model["id"] == "phantom_cube":
-            model["queue"] = "cube"  # a model group: only workers listening on "cube" run it
-    raw["destinations"] = {
-        "PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port, "retry_delay_s": 0.5}
-    }
-    raw["routes"] = [
-        {
-            "name": "phantom-ct",
-            "match": {"Modality": "CT", "SeriesDescription": "(?i).*phantom.*"},
-            "nnunet_id": "phantom",
-            "args": ROUTE_ARGS,
-            "destinations": ["PACS"],
-            "quiet_seconds": 3,  # storescu on a busy machine may pause over a second
-        }
-    ]
-    path = folder / "spec.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 @pytest.fixture(scope="module")
 def pg_database() -> Iterator[str]:
     with scratch_database("nnunet_workers") as url:
@@ -206,7 +180,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             "NNUNET_NODE_DATA": str(tmp / "data"),
             "NNUNET_NODE_DB_URL": pg_database,
             "NNUNET_NODE_BROKER_URL": redis.url,
-            "MODEL_SERVE_SPEC": str(_spec(tmp, pacs_port)),
+            # all models, phantom_cube in a model group: only workers listening on "cube" run it;
+            # 3 s quiet: storescu on a busy machine may pause over a second
+            "MODEL_SERVE_SPEC": str(
+                routed_spec(tmp, pacs_port, quiet=3, models=None, queues={"phantom_cube": "cube"})
+            ),
             "NNUNET_NODE_DEVICE": "cpu",
             "NNUNET_NODE_JOB_LEASE_S": str(LEASE_S),
             "NNUNET_NODE_BROKER_RESEND_S": "4",
@@ -261,14 +239,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
         yield cluster
 
 
-def _storescu(port: int, folder: Path) -> None:
-    """dcmtk's storescu (by its real location, not pynetdicom's script on PATH)."""
-    done = dcmtk(
-        "storescu", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", str(port), str(folder), timeout=120
-    )
-    assert done.returncode == 0, done.stdout
-
-
 def _zip_names(client: httpx.Client, job_id: str) -> list[str]:
     answer = client.get(f"/download/{job_id}")
     assert answer.status_code == 200, answer.text
@@ -280,7 +250,7 @@ def test_jobs_from_http_and_cstore_run_once_on_both_workers(cluster: Cluster) ->
     routed_series = []
     for i in range(4):
         folder = cluster.study(f"routed{i}", seed=40 + i)
-        _storescu(cluster.dicom_port, folder / "ct")
+        storescu(cluster.dicom_port, folder / "ct", timeout=120)
         routed_series.append(folder)
 
     def routed_jobs() -> list[str] | None:

@@ -17,13 +17,13 @@ from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.storage.models import Job, JobStatus
 from tests.charsets import CASES, PLACEHOLDER, CharsetCase, recode
 from tests.export.export_helpers import dciodvfy
-from tests.integration.test_routed_flow import Node, settings_for, storescu, write_spec
 from tests.node.peers import free_port
+from tests.support.routed import DimseNode, dimse_settings, routed_spec, storescu
 
 ROUTED = [c for c in CASES if c.id in ("ISO 2022 IR 87", "ISO 2022 IR 149", "unknown term")]
 
 
-def _wait_for(node: Node, patient_id: str, timeout: float = 180) -> Job:
+def _wait_for(node: DimseNode, patient_id: str, timeout: float = 180) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for job in node.jobs():
@@ -37,11 +37,11 @@ def _wait_for(node: Node, patient_id: str, timeout: float = 180) -> Job:
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Job]]:
     tmp = tmp_path_factory.mktemp("routed-charsets")
-    spec_path = write_spec(tmp, free_port(), free_port(), quiet=1)
+    spec_path = routed_spec(tmp, free_port(), move_port=free_port(), quiet=1)
     spec = yaml.safe_load(spec_path.read_text())
     spec["routes"][0]["destinations"] = []
     spec_path.write_text(yaml.safe_dump(spec))
-    node = Node(settings_for(tmp, spec_path))
+    node = DimseNode(dimse_settings(tmp, spec_path))
     out: dict[str, Job] = {}
     try:
         for index, case in enumerate(ROUTED):

@@ -5,102 +5,22 @@ Also: a restart during the quiet period still routes the series and runs its job
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 from sqlalchemy import select
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
-from nnunet_node.core.settings import Settings
-from nnunet_node.node.service import DimseService
-from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import Instance, Job, JobStatus, Series
 from tests.node.peers import free_port, received, storescp
 from tests.support.dcmtk import dcmtk, retrieve
+from tests.support.routed import DimseNode, dimse_settings, routed_spec, storescu
 
 REPO = Path(__file__).resolve().parents[2]
-ROUTE_ARGS = {"is_dicom": True, "save_rt_struct_output": True, "tta": False}
-
-
-def write_spec(folder: Path, pacs_port: int, move_port: int, quiet: float) -> Path:
-    spec = yaml.safe_load((REPO / "model-serve-spec.yaml").read_text())
-    spec["model_folder"] = str(REPO / "models")
-    spec["models"] = [m for m in spec["models"] if m["id"] == "phantom"]
-    spec["destinations"] = {
-        "PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port, "retry_delay_s": 0.5},
-        "MOVEDEST": {"ae_title": "MOVEDEST", "host": "127.0.0.1", "port": move_port},
-    }
-    spec["routes"] = [
-        {
-            "name": "phantom-ct",
-            "match": {"Modality": "CT", "SeriesDescription": "(?i).*phantom.*"},
-            "nnunet_id": "phantom",
-            "args": ROUTE_ARGS,
-            "destinations": ["PACS"],
-            "quiet_seconds": quiet,
-        }
-    ]
-    path = folder / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-class Node:
-    """A node as ``nnunet-node dicom`` builds it (context, job workers, DIMSE service)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.context: NodeContext = build_context(settings)
-        self.service = DimseService(self.context)
-        self.context.job_service.start()
-        self.service.start_sync()
-
-    @property
-    def port(self) -> int:
-        assert self.service.port is not None
-        return self.service.port
-
-    def stop(self) -> None:
-        self.service.stop_sync()
-        self.context.close()
-
-    def jobs(self) -> list[JobRecord]:
-        items, _ = self.context.job_service.list(limit=1000)
-        return items[::-1]  # oldest first
-
-    def wait_dispatched(self, job_id: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.context.job_service.get(job_id)
-            if job.dispatches and all(d.status.value != "pending" for d in job.dispatches):
-                return
-            time.sleep(0.1)
-
-    def wait_job(self, timeout: float = 120) -> JobRecord:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            jobs = self.jobs()
-            if jobs and jobs[-1].status in (JobStatus.DONE, JobStatus.FAILED):
-                return jobs[-1]
-            time.sleep(0.2)
-        raise AssertionError(f"no finished job: {[(j.id, j.status) for j in self.jobs()]}")
-
-
-def settings_for(tmp: Path, spec: Path) -> Settings:
-    return Settings(
-        data_dir=tmp / "data",
-        model_serve_spec=spec,
-        dicom_host="127.0.0.1",
-        dicom_port=0,
-        device="cpu",
-        min_free_disk_mb=0,
-        series_quiet_s=30,
-    )
 
 
 def phantom_ct(folder: Path, seed: int) -> list[Path]:
@@ -109,14 +29,9 @@ def phantom_ct(folder: Path, seed: int) -> list[Path]:
     return write_dicom_series(phantom, folder / "ct")
 
 
-def storescu(port: int, folder: Path) -> None:
-    result = dcmtk("storescu", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", str(port), str(folder))
-    assert result.returncode == 0, result.stdout
-
-
 @dataclass
 class Flow:
-    node: Node
+    node: DimseNode
     job: JobRecord
     pacs: Path
     move_port: int
@@ -129,7 +44,7 @@ class Flow:
 def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
     tmp = tmp_path_factory.mktemp("flow")
     pacs_port, move_port = free_port(), free_port()
-    node = Node(settings_for(tmp, write_spec(tmp, pacs_port, move_port, quiet=1)))
+    node = DimseNode(dimse_settings(tmp, routed_spec(tmp, pacs_port, move_port=move_port, quiet=1)))
     try:
         with storescp(tmp / "pacs", port=pacs_port):
             files = phantom_ct(tmp, seed=11)
@@ -253,16 +168,16 @@ def test_getscu_gets_the_seg(flow: Flow, tmp_path: Path) -> None:
 
 
 def test_restart_during_quiet_period_still_runs_the_job(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, free_port(), free_port(), quiet=4)
-    settings = settings_for(tmp_path, spec)
-    node = Node(settings)
+    spec = routed_spec(tmp_path, free_port(), move_port=free_port(), quiet=4)
+    settings = dimse_settings(tmp_path, spec)
+    node = DimseNode(settings)
     try:
         files = phantom_ct(tmp_path, seed=12)
         storescu(node.port, files[0].parent)
         assert node.jobs() == []  # still quiet
     finally:
         node.stop()  # the node goes down before the series is complete
-    restarted = Node(settings)
+    restarted = DimseNode(settings)
     try:
         job = restarted.wait_job()
         assert job.status == JobStatus.DONE, job.error

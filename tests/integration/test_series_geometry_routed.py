@@ -12,7 +12,6 @@ import pytest
 
 from nnunet_node.storage.models import JobStatus
 from tests.export.export_helpers import dciodvfy
-from tests.integration.test_routed_flow import Node, settings_for, storescu, write_spec
 from tests.node.peers import free_port
 from tests.pipeline.series_cases import (
     copy_instance,
@@ -23,6 +22,7 @@ from tests.pipeline.series_cases import (
     seg_references,
     sop_uid,
 )
+from tests.support.routed import DimseNode, dimse_settings, routed_spec, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,8 @@ def test_routed_series_with_localizer_repeat_and_copy(tmp_path: Path) -> None:
     copy_instance(files[4], folder / "C1.dcm", InstanceNumber=5)
     kept = {*originals, repeat} - {originals[15]}
 
-    node = Node(settings_for(tmp_path, write_spec(tmp_path, free_port(), free_port(), quiet=1)))
+    spec = routed_spec(tmp_path, free_port(), move_port=free_port(), quiet=1)
+    node = DimseNode(dimse_settings(tmp_path, spec))
     try:
         storescu(node.port, folder)
         job = node.wait_job(timeout=240)

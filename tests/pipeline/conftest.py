@@ -54,6 +54,22 @@ def make_toy_model(folder: Path, channels: int = 1) -> Path:
     return folder
 
 
+def _settings(tmp_path: Path, template: Path, spec: Path, **values: Any) -> Settings:
+    """Settings of a node in ``tmp_path/data`` (a copy of the migrated ``template`` as its
+    database) on ``spec``; requests may name paths under ``tmp_path/studies`` and the data
+    folder."""
+    data = tmp_path / "data"
+    copy_database(template, data / "nnunet-node.db")
+    (tmp_path / "studies").mkdir()
+    return Settings(
+        data_dir=data,
+        model_serve_spec=spec,
+        allowed_roots=[tmp_path / "studies", data],
+        min_free_disk_mb=0,
+        **values,
+    )
+
+
 @pytest.fixture
 def toy_settings(tmp_path: Path, migrated_template: Path) -> Settings:
     """Settings of a node in ``tmp_path/data`` whose spec holds the stand-in model ``toy``;
@@ -76,16 +92,7 @@ def toy_settings(tmp_path: Path, migrated_template: Path) -> Settings:
     }
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    data = tmp_path / "data"
-    copy_database(migrated_template, data / "nnunet-node.db")
-    (tmp_path / "studies").mkdir()
-    return Settings(
-        data_dir=data,
-        model_serve_spec=spec_path,
-        allowed_roots=[tmp_path / "studies", data],
-        workers=2,
-        min_free_disk_mb=0,
-    )
+    return _settings(tmp_path, migrated_template, spec_path, workers=2)
 
 
 @pytest.fixture
@@ -94,17 +101,7 @@ def demo_settings(tmp_path: Path, migrated_template: Path) -> Iterator[Settings]
     spec = REPO / "model-serve-spec.yaml"
     if not (REPO / "models").is_dir():
         pytest.skip("the demo models are not built (make demo-model)")
-    data = tmp_path / "data"
-    copy_database(migrated_template, data / "nnunet-node.db")
-    (tmp_path / "studies").mkdir()
-    yield Settings(
-        data_dir=data,
-        model_serve_spec=spec,
-        allowed_roots=[tmp_path / "studies", data],
-        workers=1,
-        min_free_disk_mb=0,
-        device="cpu",
-    )
+    yield _settings(tmp_path, migrated_template, spec, workers=1, device="cpu")
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pydicom
 import pytest
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
-from nnunet_node.core.settings import Settings
-from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.pipeline.context import NodeContext
+from tests.support.demo_node import demo_node
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = (
@@ -33,19 +33,8 @@ pytestmark = pytest.mark.slow
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeContext]:
     if not CHECKPOINT.is_file():
         pytest.skip("the demo models are not built (make demo-model)")
-    root = tmp_path_factory.mktemp("record")
-    settings = Settings(
-        data_dir=root / "data",
-        model_serve_spec=REPO / "model-serve-spec.yaml",
-        allowed_roots=[root / "data"],
-        device="cpu",
-        workers=1,
-        min_free_disk_mb=0,
-    )
-    context = build_context(settings)
-    context.job_service.start()
-    yield context
-    context.close()
+    with demo_node(tmp_path_factory.mktemp("record")) as context:
+        yield context
 
 
 def sha256(path: Path) -> str:

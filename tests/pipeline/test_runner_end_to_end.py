@@ -20,13 +20,12 @@ from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 from sqlalchemy import select
 
 from nnunet_node.core.phantom import Phantom, make_phantom, to_sitk, write_dicom_series, write_nifti
-from nnunet_node.core.settings import Settings
-from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.pipeline.context import NodeContext
 from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import Instance, Series, Study
+from tests.support.demo_node import demo_node
 
-REPO = Path(__file__).resolve().parents[2]
 SHAPE = (40, 48, 48)
 
 pytestmark = pytest.mark.slow
@@ -34,22 +33,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeContext]:
-    if not (REPO / "models").is_dir():
-        pytest.skip("the demo models are not built (make demo-model)")
-    root = tmp_path_factory.mktemp("node")
-    (root / "studies").mkdir()
-    settings = Settings(
-        data_dir=root / "data",
-        model_serve_spec=REPO / "model-serve-spec.yaml",
-        allowed_roots=[root / "studies", root / "data"],
-        device="cpu",
-        workers=1,
-        min_free_disk_mb=0,
-    )
-    context = build_context(settings)
-    context.job_service.start()
-    yield context
-    context.close()
+    with demo_node(tmp_path_factory.mktemp("node")) as context:
+        yield context
 
 
 @pytest.fixture(scope="module")

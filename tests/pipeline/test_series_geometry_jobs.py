@@ -18,8 +18,7 @@ import SimpleITK as sitk
 
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.core.phantom import SPHERE_LABEL
-from nnunet_node.core.settings import Settings
-from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.pipeline.context import NodeContext
 from nnunet_node.storage.jobs import JobRecord
 from tests.export.export_helpers import dciodvfy
 from tests.pipeline.series_cases import (
@@ -35,8 +34,7 @@ from tests.pipeline.series_cases import (
     tilted_series,
     uneven_series,
 )
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.demo_node import demo_node
 
 pytestmark = pytest.mark.slow
 
@@ -45,23 +43,8 @@ DICOM_ARGS = {"nnunet_id": "phantom", "is_dicom": True, "save_rt_struct_output":
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeContext]:
-    if not (REPO / "models").is_dir():
-        pytest.skip("the demo models are not built (make demo-model)")
-    root = tmp_path_factory.mktemp("geometry")
-    (root / "studies").mkdir()
-    context = build_context(
-        Settings(
-            data_dir=root / "data",
-            model_serve_spec=REPO / "model-serve-spec.yaml",
-            allowed_roots=[root / "studies", root / "data"],
-            device="cpu",
-            workers=1,
-            min_free_disk_mb=0,
-        )
-    )
-    context.job_service.start()
-    yield context
-    context.close()
+    with demo_node(tmp_path_factory.mktemp("geometry")) as context:
+        yield context
 
 
 @pytest.fixture(scope="module")
