@@ -132,3 +132,45 @@ def test_sql_checker_sees_a_statement(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("from sqlalchemy import select, Engine\nimport sqlalchemy.orm\n")
     assert _sqlalchemy_names(sample) == {"sqlalchemy.select", "sqlalchemy.Engine", "sqlalchemy.orm"}
+
+
+def _pytest_modules_imported(path: Path) -> set[str]:
+    """The modules ``path`` imports that pytest loads itself: ``conftest`` modules and test
+    modules (``test_*``). pytest imports those under its own names, so importing them again makes
+    a second copy with its own state; shared helpers live in ``tests/support/`` instead."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module]
+        else:
+            continue
+        for module in modules:
+            last = module.split(".")[-1]
+            if last == "conftest" or last.startswith("test_"):
+                found.add(module)
+    return found
+
+
+def test_no_test_imports_a_conftest_or_a_test_module() -> None:
+    bad = {
+        str(path.relative_to(ROOT)): sorted(_pytest_modules_imported(path))
+        for folder in (ROOT / "tests", ROOT / "bench")
+        for path in _python_files(folder)
+    }
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_pytest_module_checker_sees_conftest_and_test_imports(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "from tests.node.conftest import dcmtk\nimport conftest\n"
+        "from tests.integration.test_routed_flow import Node\nfrom tests.support.dcmtk import x\n"
+    )
+    assert _pytest_modules_imported(sample) == {
+        "tests.node.conftest",
+        "conftest",
+        "tests.integration.test_routed_flow",
+    }

@@ -23,7 +23,8 @@ from nnunet_node.core.settings import Settings
 from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
-from tests.node.conftest import NodeFactory, dcmtk
+from tests.support.dcmtk import dcmtk
+from tests.support.dimse import NodeFactory
 
 
 @dataclass
