@@ -12,7 +12,7 @@ from typing import Any
 
 import pydicom
 
-from tests.pipeline.series_cases import localizer, phantom_series
+from tests.support.series_cases import localizer, phantom_series
 
 MISSING = "the series is incomplete: about 1 slice(s) missing between image 8 and image 10"
 

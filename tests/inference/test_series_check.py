@@ -12,7 +12,6 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import generate_uid
 
 from nnunet_node.core.errors import SeriesRefused
 from nnunet_node.core.phantom import Phantom, make_phantom, write_dicom_series
@@ -33,6 +32,7 @@ from nnunet_node.inference.series_check import (
     tilt_degrees,
 )
 from nnunet_node.inference.volumes import onto_source_slices, read_series
+from tests.support.series_cases import copy_instance
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -251,30 +251,21 @@ def test_read_slice_header_matches_pydicom(tmp_path: Path, small_phantom: Phanto
     assert read_slice_header(tmp_path / "notes.txt") is None
 
 
-def _copy_at(source: Path, target: Path, **changes: object) -> None:
-    ds = pydicom.dcmread(source)
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
-    ds.save_as(target, enforce_file_format=True)
-
-
 def test_volume_is_read_from_exactly_the_kept_files(tmp_path: Path, small_phantom: Phantom) -> None:
     files = write_dicom_series(small_phantom, tmp_path / "ct")
     # a true repeat of slice 6 (brighter, later acquisition), an identical copy of slice 3 and a
     # localizer with the same matrix
     ds6 = pydicom.dcmread(files[5])
     bright = (ds6.pixel_array + 100).astype(np.int16)
-    _copy_at(
+    copy_instance(
         files[5],
         tmp_path / "ct" / "R1.dcm",
         InstanceNumber=40,
         AcquisitionNumber=2,
         PixelData=bright.tobytes(),
     )
-    _copy_at(files[2], tmp_path / "ct" / "R2.dcm", InstanceNumber=41)
-    _copy_at(
+    copy_instance(files[2], tmp_path / "ct" / "R2.dcm", InstanceNumber=41)
+    copy_instance(
         files[0],
         tmp_path / "ct" / "L1.dcm",
         InstanceNumber=42,

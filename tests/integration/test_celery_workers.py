@@ -34,9 +34,10 @@ from nnunet_node.storage.migrations import upgrade
 from nnunet_node.storage.models import Instance
 from tests.node.peers import received, storescp
 from tests.support.cluster import REDIS_SERVER, RedisServer, WorkerProcess
+from tests.support.dcmtk import storescu
 from tests.support.live_node import LiveNode
 from tests.support.postgres import NOT_SET, SERVER_URL, scratch_database
-from tests.support.routed import routed_spec, storescu
+from tests.support.routed import routed_spec
 
 REPO = Path(__file__).resolve().parents[2]
 if os.environ.get("CI") and not REDIS_SERVER:

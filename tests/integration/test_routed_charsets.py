@@ -18,7 +18,8 @@ from nnunet_node.storage.models import Job, JobStatus
 from tests.charsets import CASES, PLACEHOLDER, CharsetCase, recode
 from tests.export.export_helpers import dciodvfy
 from tests.node.peers import free_port
-from tests.support.routed import DimseNode, dimse_settings, routed_spec, storescu
+from tests.support.dcmtk import storescu
+from tests.support.routed import DimseNode, dimse_settings, routed_spec
 
 ROUTED = [c for c in CASES if c.id in ("ISO 2022 IR 87", "ISO 2022 IR 149", "unknown term")]
 

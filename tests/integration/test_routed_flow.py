@@ -17,8 +17,8 @@ from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import Instance, Job, JobStatus, Series
 from tests.node.peers import free_port, received, storescp
-from tests.support.dcmtk import dcmtk, retrieve
-from tests.support.routed import DimseNode, dimse_settings, routed_spec, storescu
+from tests.support.dcmtk import dcmtk, retrieve, storescu
+from tests.support.routed import DimseNode, dimse_settings, routed_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

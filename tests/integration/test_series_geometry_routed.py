@@ -13,7 +13,9 @@ import pytest
 from nnunet_node.storage.models import JobStatus
 from tests.export.export_helpers import dciodvfy
 from tests.node.peers import free_port
-from tests.pipeline.series_cases import (
+from tests.support.dcmtk import storescu
+from tests.support.routed import DimseNode, dimse_settings, routed_spec
+from tests.support.series_cases import (
     copy_instance,
     localizer,
     phantom_series,
@@ -22,7 +24,6 @@ from tests.pipeline.series_cases import (
     seg_references,
     sop_uid,
 )
-from tests.support.routed import DimseNode, dimse_settings, routed_spec, storescu
 
 pytestmark = pytest.mark.slow
 

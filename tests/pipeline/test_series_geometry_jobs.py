@@ -21,7 +21,8 @@ from nnunet_node.core.phantom import SPHERE_LABEL
 from nnunet_node.pipeline.context import NodeContext
 from nnunet_node.storage.jobs import JobRecord
 from tests.export.export_helpers import dciodvfy
-from tests.pipeline.series_cases import (
+from tests.support.demo_node import demo_node
+from tests.support.series_cases import (
     copy_instance,
     localizer,
     nifti_centroid,
@@ -34,7 +35,6 @@ from tests.pipeline.series_cases import (
     tilted_series,
     uneven_series,
 )
-from tests.support.demo_node import demo_node
 
 pytestmark = pytest.mark.slow
 

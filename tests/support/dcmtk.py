@@ -41,3 +41,16 @@ def retrieve(
     return dcmtk(
         tool, "-v", *options, "-aec", "NNUNET_NODE", *identifier, "127.0.0.1", str(port), cwd=cwd
     )
+
+
+def storescu(port: int, folder: Path, timeout: float = 60) -> None:
+    """Send every file in ``folder`` with dcmtk's storescu to the node (AE NNUNET_NODE) at
+    ``port`` on loopback.
+
+    :raises AssertionError: storescu failed (its output is the message).
+    """
+    result = dcmtk(
+        "storescu", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", str(port), str(folder),
+        timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout

@@ -16,7 +16,6 @@ from nnunet_node.node.service import DimseService
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import JobStatus
-from tests.support.dcmtk import dcmtk
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTE_ARGS = {"is_dicom": True, "save_rt_struct_output": True, "tta": False}
@@ -131,15 +130,3 @@ class DimseNode:
                 return jobs[-1]
             time.sleep(0.2)
         raise AssertionError(f"no finished job: {[(j.id, j.status) for j in self.jobs()]}")
-
-
-def storescu(port: int, folder: Path, timeout: float = 60) -> None:
-    """Send every file in ``folder`` to the node at ``port`` with dcmtk's storescu.
-
-    :raises AssertionError: storescu failed (its output is the message).
-    """
-    result = dcmtk(
-        "storescu", "+sd", "-aec", "NNUNET_NODE", "127.0.0.1", str(port), str(folder),
-        timeout=timeout,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout
