@@ -27,22 +27,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_node.core.phantom import make_phantom
+from tests.support.contract import RESULT_FIELDS
 
 pytestmark = pytest.mark.slow
-
-SEED_FIELDS = {
-    "time_elapsed",
-    "nnunet_path",
-    "metadata",
-    "request",
-    "status",
-    "nifti_prediction",
-    "nifti_proba",
-    "nifti_inputs",
-    "dicom_segmentation",
-    "dicom_struct",
-    "dicom_fractional_segmentation",
-}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,10 +51,10 @@ def _check_segmentation(prediction: Path) -> None:
 def _done(answer: httpx.Response) -> dict[str, Any]:
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert set(body) >= SEED_FIELDS
+    assert set(body) >= RESULT_FIELDS
     assert body["status"] == "done"
     assert isinstance(body["job_id"], str)
-    for kind in SEED_FIELDS - {"time_elapsed", "nnunet_path", "metadata", "request", "status"}:
+    for kind in RESULT_FIELDS - {"time_elapsed", "nnunet_path", "metadata", "request", "status"}:
         assert isinstance(body[kind], list)
         for path in body[kind]:
             assert Path(path).is_file(), f"{kind}: {path} does not exist"

@@ -33,6 +33,7 @@ from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.jobs import RESTART_REASON
 from nnunet_node.storage.models import JobStatus
+from tests.support.contract import RESULT_FIELDS
 
 
 @dataclass
@@ -200,20 +201,7 @@ def test_a_job_runs_in_a_worker_and_answers_like_infer(
     assert view.input_kind == "paths" and view.study_path == str(study.resolve())
     result = view.result
     assert result is not None
-    for key in (
-        "time_elapsed",
-        "nnunet_path",
-        "metadata",
-        "request",
-        "status",
-        "nifti_prediction",
-        "nifti_proba",
-        "nifti_inputs",
-        "dicom_segmentation",
-        "dicom_struct",
-        "dicom_fractional_segmentation",
-    ):
-        assert key in result
+    assert set(result) >= RESULT_FIELDS, RESULT_FIELDS - set(result)
     assert result["status"] == "done"
     assert result["request"]["nnunet_id"] == "toy_alias"
     prediction = Path(result["nifti_prediction"][0])
