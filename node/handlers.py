@@ -29,7 +29,7 @@ from nnunet_node.node.contexts import (
 from nnunet_node.node.retrieve import StoredInstance
 from nnunet_node.node.status import CANCEL, PENDING, SUCCESS, dimse_service
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
-from nnunet_node.pipeline.pynetdicom_internals import incoming_file
+from nnunet_node.pipeline.pynetdicom_internals import cancel_requested, incoming_file
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage import query
 from nnunet_node.storage.archive import Archive, IncomingFile
@@ -193,7 +193,7 @@ class NodeHandlers:
         # neither waits for nor holds them all); only the computed attributes asked for.
         with self.archive.read_sessions() as session:
             for row in query.iter_find(session, level, matching, include=keys):
-                if event.is_cancelled:
+                if cancel_requested(event):
                     yield CANCEL, None
                     return
                 # In the requester's character set where it can hold the values, else UTF-8.
@@ -248,7 +248,7 @@ class NodeHandlers:
         """One C-STORE sub-operation per file (PS3.4 C.4.2.3, C.4.3.3), sent from the file as
         stored (node/retrieve.py); ``move_originator`` is the AE title that asked for a C-MOVE."""
         for ref in refs:
-            if event.is_cancelled:
+            if cancel_requested(event):
                 yield CANCEL, None
                 return
             yield (

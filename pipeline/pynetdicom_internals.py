@@ -16,7 +16,16 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
   changed before it starts.
 - :func:`make_event_driven`: the DUL's primitive queue (``DULServiceProvider.to_provider_queue``),
   its poll delay (``_run_loop_delay``), its socket's class (``AssociationSocket.ready``, ``send``,
-  ``recv``) and the DIMSE queue look-up (``DIMSEServiceProvider.get_msg``, ``msg_queue``).
+  ``recv``), ``stop_dul``, and the DIMSE queue look-up (``DIMSEServiceProvider.get_msg``,
+  ``msg_queue``).
+- An accepted association drives its DUL in its own thread (:func:`_drive_inline`, one turn of
+  the DUL's loop in :func:`_pump`: ``_process_recv_primitive``, ``_is_transport_event``,
+  ``event_queue``, ``state_machine``, ``artim_timer``, ``_idle_timer``, ``_kill_thread``), the
+  DUL thread never started (``Association._started_dul`` / ``_dul_ready``), and its reactor is
+  :func:`_serve_until_ended` (``Association._run_reactor``); :func:`cancel_requested` reads a
+  C-CANCEL while a handler runs.
+- The server's per-connection handler caches its local address (``RequestHandler.local``).
+- pynetdicom's request identifier logging (``_config.LOG_REQUEST_IDENTIFIERS``).
 - P-DATA written straight to the socket (:func:`send_pdata_direct`) while the state machine is
   in Sta6 (``StateMachine.current_state``), bypassing the DUL thread.
 - C-STORE streaming: ``DIMSEServiceProvider.message`` / ``receive_primitive`` and the chunked
@@ -29,6 +38,7 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import queue
 import select
@@ -107,7 +117,11 @@ class AcceptingHandler(RequestHandler):
         acceptor = assoc.acceptor
         acceptor.maximum_length = self.ae.maximum_pdu_size
         acceptor.ae_title = self.server.ae_title
-        acceptor.address_info = self.local
+        server: Any = self.server
+        local = getattr(server, "_node_local_address", None)
+        if local is None:  # resolved once per server (getaddrinfo), not per association
+            local = server._node_local_address = self.local
+        acceptor.address_info = copy.copy(local)
         acceptor.implementation_class_uid = self.ae.implementation_class_uid
         acceptor.implementation_version_name = self.ae.implementation_version_name
         acceptor.supported_contexts = list(self.server.contexts)
@@ -141,18 +155,20 @@ class EventDrivenSocket(AssociationSocket):
     _wake_r: socket.socket
     _wake_w: socket.socket
     _send_lock: threading.Lock
+    _wait_s: float = DUL_WAIT_S
+    """How long ``ready`` waits (an inline DUL's caller sets its own, :func:`_pump`)."""
 
     @property
     def ready(self) -> bool:
         if self.socket is None or self._is_connected is False:
             with contextlib.suppress(OSError, ValueError):  # nothing to read: wait for a primitive
-                if select.select([self._wake_r], [], [], DUL_WAIT_S)[0]:
+                if select.select([self._wake_r], [], [], self._wait_s)[0]:
                     self._wake_r.recv(4096)
             return False
         # A TLS socket may hold decrypted bytes that select() cannot see (pynetdicom #528).
         pending = getattr(self.socket, "pending", None)
         buffered = bool(pending and pending())
-        timeout = 0.0 if buffered or not self.event_queue.empty() else DUL_WAIT_S
+        timeout = 0.0 if buffered or not self.event_queue.empty() else self._wait_s
         try:
             readable, _, _ = select.select([self.socket, self._wake_r], [], [], timeout)
         except (OSError, TimeoutError, ValueError):
@@ -201,17 +217,22 @@ class EventDrivenSocket(AssociationSocket):
 
 class _WakingQueue(queue.Queue[Any]):
     """The DUL's outgoing-primitive queue: a P-DATA goes straight to the socket when it can
-    (:func:`send_pdata_direct`), anything else is queued and wakes the DUL thread."""
+    (:func:`send_pdata_direct`), anything else is queued and wakes the DUL thread. With an
+    inline DUL (``flush`` set), what the association's own thread queues is sent at once."""
 
     def __init__(self, assoc: Any, wake: socket.socket) -> None:
         super().__init__()
         self._assoc = assoc
         self._wake = wake
+        self.flush: Callable[[], None] | None = None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if type(item) is P_DATA and send_pdata_direct(self._assoc, item):
             return
         super().put(item, block, timeout)
+        if self.flush is not None and threading.current_thread() is self._assoc:
+            self.flush()
+            return
         with contextlib.suppress(OSError):
             self._wake.send(b"\0")
 
@@ -242,12 +263,20 @@ def _event_driven_class(cls: type[AssociationSocket]) -> type[AssociationSocket]
     return type(f"EventDriven{cls.__name__}", (EventDrivenSocket, cls), {})
 
 
-def make_event_driven(assoc: Any, sock: AssociationSocket | None = None) -> Callable[[], None]:
+def make_event_driven(
+    assoc: Any,
+    sock: AssociationSocket | None = None,
+    *,
+    keep_thread: Callable[[Any], bool] | None = None,
+) -> Callable[[], None]:
     """Make ``assoc`` (accepted or requested, not yet started) wait on events instead of
-    polling: the DUL thread sleeps in ``select`` on the socket and on a wake-up pipe that every
-    queued primitive writes to (so ``_run_loop_delay`` is 0), P-DATA are written by the thread
-    that sends them (:func:`send_pdata_direct`), and an acceptor's thread waits up to
-    :data:`MESSAGE_WAIT_S` for a DIMSE message instead of sleeping 1 ms between looks.
+    polling: the DUL sleeps in ``select`` on the socket and on a wake-up pipe that every
+    queued primitive writes to (so ``_run_loop_delay`` is 0), and P-DATA are written by the
+    thread that sends them (:func:`send_pdata_direct`). A requested association keeps its DUL
+    thread; an accepted one has none: its own thread drives the DUL (:func:`_drive_inline`),
+    unless ``keep_thread(assoc)`` says, once negotiation is over, that this association is
+    better served with one (the DUL thread then starts: reading the next PDUs, and finishing
+    what a received data set's sink does on its last fragment, overlap the handler's work).
     ``sock`` is the association's socket when it is not yet set on it (a requested one, from
     :meth:`RequestingAE.make_socket`). Returns what closes the wake-up pipe once the
     association has ended."""
@@ -263,13 +292,28 @@ def make_event_driven(assoc: Any, sock: AssociationSocket | None = None) -> Call
     target._wake_w = wake_w
     target._send_lock = threading.Lock()
 
-    if assoc.is_acceptor:
-        dimse = assoc.dimse
-        dul.to_user_queue = _NotifyingQueue(dimse.msg_queue)
+    def stop_dul() -> bool:
+        """``DULServiceProvider.stop_dul`` without its busy wait: once the state machine is
+        idle (Sta1) the DUL thread is woken from ``select`` and joined."""
+        if dul.state_machine.current_state != "Sta1":
+            return False
+        dul._kill_thread = True
+        if threading.current_thread() is not dul:
+            with contextlib.suppress(OSError):
+                wake_w.send(b"\0")
+            dul.join()
+        return True
 
-        def get_msg(block: bool = False) -> Any:
-            """The next DIMSE message; without ``block``, (None, None) as soon as the DUL handed
-            the association a primitive (release, abort) or after MESSAGE_WAIT_S."""
+    if not assoc.is_acceptor:
+        dul.stop_dul = stop_dul
+        done = threading.Event()
+    else:
+        dimse = assoc.dimse
+
+        def threaded_get_msg(block: bool = False) -> Any:
+            """The next DIMSE message from the DUL thread; without ``block``, (None, None) as
+            soon as the DUL handed the association a primitive (release, abort) or after
+            MESSAGE_WAIT_S."""
             if not block:
                 try:
                     item = dimse.msg_queue.get(block=True, timeout=MESSAGE_WAIT_S)
@@ -287,46 +331,192 @@ def make_event_driven(assoc: Any, sock: AssociationSocket | None = None) -> Call
                 if item is not _WAKE:
                     return item
 
-        dimse.get_msg = get_msg
-        assoc._run_reactor = lambda: _serve_until_ended(assoc)
+        done = _drive_inline(assoc, target)
 
-    def stop_dul() -> bool:
-        """``DULServiceProvider.stop_dul`` without its busy wait: once the state machine is
-        idle (Sta1) the DUL thread is woken from ``select`` and joined."""
-        if dul.state_machine.current_state != "Sta1":
-            return False
-        dul._kill_thread = True
-        if threading.current_thread() is not dul:
-            with contextlib.suppress(OSError):
-                wake_w.send(b"\0")
-            dul.join()
-        return True
+        def hand_over() -> None:
+            """From here on the DUL runs in a thread of its own, as pynetdicom runs it."""
+            inline = dul.to_user_queue
+            threaded = _NotifyingQueue(dimse.msg_queue)
+            for item in list(inline.queue):
+                queue.Queue.put(threaded, item)
+            dul.to_user_queue = threaded
+            dul.to_provider_queue.flush = None
+            del dul.is_alive  # the thread's own again
+            dul.stop_dul = stop_dul
+            dimse.get_msg = threaded_get_msg
+            dul.start()
 
-    dul.stop_dul = stop_dul
+        def run_reactor() -> None:
+            if keep_thread is not None and not dul._kill_thread and keep_thread(assoc):
+                hand_over()
+                _serve_until_ended(assoc)
+            else:
+                _serve_until_ended(assoc, inline=True)
+
+        assoc._run_reactor = run_reactor
 
     def close() -> None:
+        done.set()
         for end in (wake_r, wake_w):
             end.close()
 
     return close
 
 
+def _pump(dul: Any, sock: EventDrivenSocket, timeout: float) -> bool:
+    """One turn of the DUL, as ``DULServiceProvider.run_reactor`` makes in each pass, in the
+    calling thread: a queued primitive becomes its event, or else a PDU that arrives within
+    ``timeout`` is read and decoded into one; then the state machine acts on every queued event
+    (PS3.8 9.2). Returns False once the DUL has ended (``_kill_thread``: the connection closed,
+    or was aborted)."""
+    if dul._kill_thread:
+        return False
+    if dul.artim_timer.expired:
+        dul.event_queue.put("Evt18")  # ARTIM timer expired (PS3.8 9.2)
+    sock._wait_s = timeout
+    try:
+        if not dul._process_recv_primitive() and dul._is_transport_event():
+            dul._idle_timer.restart()
+    finally:
+        sock._wait_s = DUL_WAIT_S
+    while not dul._kill_thread:
+        try:
+            event = dul.event_queue.get(block=False)
+        except queue.Empty:
+            break
+        dul.state_machine.do_action(event)
+    return not dul._kill_thread
+
+
+class _PumpedQueue(queue.Queue[Any]):
+    """An inline DUL's queue of primitives for the association (A-ASSOCIATE, A-RELEASE,
+    A-ABORT...): a blocking ``get`` drives the DUL in the calling thread until an item arrives;
+    each ``put`` also wakes a look at the DIMSE queue (as :class:`_NotifyingQueue`)."""
+
+    def __init__(self, messages: queue.Queue[Any], pump: Callable[[float], bool]) -> None:
+        super().__init__()
+        self._messages = messages
+        self._pump = pump
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._messages.put(_WAKE)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return super().get(block=False)
+            remaining = DUL_WAIT_S if deadline is None else deadline - time.monotonic()
+            if not block or remaining <= 0 or not self._pump(min(remaining, DUL_WAIT_S)):
+                return super().get(block=False)  # queue.Empty when nothing came
+
+
+def _drive_inline(assoc: Any, sock: EventDrivenSocket) -> threading.Event:
+    """Run an accepted association's DUL in the association's own thread instead of a thread
+    of its own: whenever that thread waits for a primitive (``dul.receive_pdu``) or a DIMSE
+    message (``dimse.get_msg``) it reads, decodes and acts on PDUs itself (:func:`_pump`), and
+    what it queues for the peer is sent at once. A request then reaches its handler, and the
+    A-ASSOCIATE-AC and A-RELEASE-RP their peer, without a hand-over between threads (each one
+    costs 0.1-1 ms of scheduling, more on a busy machine), and the association starts one
+    thread instead of two. Other threads (an abort at shutdown) queue their primitives and
+    wake it. Returns the event that says the association's thread has finished with the DUL.
+
+    Hooks: ``Association._started_dul`` / ``_dul_ready`` (the DUL thread is never started),
+    ``DULServiceProvider.to_user_queue``, ``to_provider_queue``, ``event_queue``,
+    ``state_machine``, ``artim_timer``, ``_idle_timer``, ``_kill_thread``,
+    ``_process_recv_primitive``, ``_is_transport_event``, ``is_alive`` and ``stop_dul``
+    (called by ``Association.kill``), ``DIMSEServiceProvider.get_msg`` / ``msg_queue``, and
+    :func:`_serve_until_ended` as the reactor. Public replacement: a DUL that can be driven
+    by its caller (a selector-based transport in pynetdicom)."""
+    dul, dimse = assoc.dul, assoc.dimse
+    done = threading.Event()
+
+    def pump(timeout: float) -> bool:
+        return _pump(dul, sock, timeout)
+
+    def flush() -> None:
+        while dul.to_provider_queue.qsize() and pump(0.0):
+            pass
+
+    dul.to_user_queue = _PumpedQueue(dimse.msg_queue, pump)
+    dul.to_provider_queue.flush = flush
+    assoc._started_dul = True  # Association.run_reactor must not start the DUL thread
+    assoc._dul_ready.set()
+    dul.is_alive = lambda: not done.is_set()
+
+    def stop_dul() -> bool:
+        """``DULServiceProvider.stop_dul``: True once the state machine is idle (Sta1); the
+        association's own thread drives it there meanwhile, any other waits for it."""
+        if dul.state_machine.current_state != "Sta1" and not done.is_set():
+            if threading.current_thread() is not assoc:
+                return False
+            pump(DUL_WAIT_S)
+            if dul.state_machine.current_state != "Sta1":
+                return False
+        dul._kill_thread = True
+        return True
+
+    dul.stop_dul = stop_dul
+
+    def get_msg(block: bool = False) -> Any:
+        """The next DIMSE message, driving the DUL until one is decoded; without ``block``,
+        (None, None) as soon as the DUL handed the association a primitive (release, abort)
+        or after MESSAGE_WAIT_S; with it, after the DIMSE timeout or once the DUL ended."""
+        timeout = MESSAGE_WAIT_S if not block else dimse.dimse_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                item = dimse.msg_queue.get(block=False)
+            except queue.Empty:
+                item = None
+            if item is _WAKE:
+                if not block:
+                    return None, None
+                continue
+            if item is not None:
+                return item
+            remaining = DUL_WAIT_S if deadline is None else deadline - time.monotonic()
+            if remaining <= 0 or not pump(min(remaining, DUL_WAIT_S)):
+                if dimse.msg_queue.qsize():
+                    continue
+                return None, None
+
+    dimse.get_msg = get_msg
+    return done
+
+
+def cancel_requested(event: Any) -> bool:
+    """``event.is_cancelled`` (a C-CANCEL for the request being served, PS3.7 9.3.2.3) after
+    reading what the peer sent meanwhile: an accepted association's thread, busy in the
+    handler, is also the one that reads (:func:`_drive_inline`). Hook: the DUL driven inline.
+    Public replacement: none needed with a DUL thread."""
+    assoc = event.assoc
+    dul = assoc.dul
+    if threading.current_thread() is assoc and isinstance(dul.socket, EventDrivenSocket):
+        _pump(dul, dul.socket, 0.0)
+    return bool(event.is_cancelled)
+
+
 _ASSOC_LOGGER = logging.getLogger("pynetdicom.assoc")
 
 
-def _serve_until_ended(assoc: Any) -> None:
+def _serve_until_ended(assoc: Any, *, inline: bool = False) -> None:
     """An accepted association's reactor (replaces ``Association._run_reactor``): serve each
     DIMSE request as soon as the DUL has decoded it, and end on the peer's A-RELEASE-RQ (answered
     at once, PS3.8 7.2), an A-ABORT / A-P-ABORT, a DUL that stopped, or the network idle timeout.
     pynetdicom's reactor sleeps 1 ms before every look at its queues, so a request or a release
     arriving just after the previous one waited for that sleep; this one blocks on the DIMSE
     queue, which the DUL's primitives wake (:class:`_NotifyingQueue`). ``_reactor_checkpoint``
-    still pauses it (C-GET and C-MOVE sub-operations exchange messages outside it).
+    still pauses it (C-GET and C-MOVE sub-operations exchange messages outside it). With the
+    DUL driven ``inline`` (:func:`_drive_inline`) its end is also the DUL's.
 
     Hooks: ``Association._run_reactor``, ``_kill``, ``_reactor_checkpoint``, ``_is_paused``,
     ``_serve_request``, ``acse.is_release_requested`` / ``is_aborted``, ``dul.is_alive``,
     ``dul.idle_timer_expired``. Public replacement: an event-driven reactor in pynetdicom."""
     dimse, acse, dul = assoc.dimse, assoc.acse, assoc.dul
+    if inline:
+        dul._idle_timer.restart()  # the DUL thread would have started it
     while not assoc._kill:
         assoc._is_paused = True
         assoc._reactor_checkpoint.wait()
@@ -346,7 +536,7 @@ def _serve_until_ended(assoc: Any) -> None:
             assoc.is_aborted, assoc.is_established = True, False
             evt.trigger(assoc, evt.EVT_ABORTED, {})
             break
-        if not dul.is_alive():
+        if not dul.is_alive() or (inline and dul._kill_thread):
             break
         if dul.idle_timer_expired():
             _ASSOC_LOGGER.error("Network timeout reached")
@@ -357,7 +547,12 @@ def _serve_until_ended(assoc: Any) -> None:
                 assoc.abort()
             break
     else:
-        return  # killed from elsewhere (an abort), which also stopped the DUL
+        # killed from elsewhere (an abort), whose thread waits for the DUL to end (Sta1)
+        deadline = time.monotonic() + 1.0
+        while inline and dul.state_machine.current_state != "Sta1" and time.monotonic() < deadline:
+            if not _pump(dul, dul.socket, DUL_WAIT_S):
+                break
+        return
     assoc.kill()
 
 

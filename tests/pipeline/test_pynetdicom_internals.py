@@ -182,6 +182,61 @@ def test_the_reactor_we_replace() -> None:
     assert hasattr(Association(AE(), MODE_ACCEPTOR), "network_timeout_response")
 
 
+def test_what_driving_the_dul_inline_relies_on() -> None:
+    """_drive_inline and _pump do, in the association's thread, what the DUL thread does."""
+    loop = _source(DULServiceProvider.run_reactor)
+    for step in (
+        "if self.artim_timer.expired:",
+        'self.event_queue.put("Evt18")',
+        "if self._process_recv_primitive():",
+        "elif self._is_transport_event():",
+        "self._idle_timer.restart()",
+        "event = self.event_queue.get(block=False)",
+        "self.state_machine.do_action(event)",
+        "self._idle_timer.start()",
+    ):
+        assert step in loop, f"DULServiceProvider.run_reactor changed: {step!r}"
+    transport = _source(DULServiceProvider._is_transport_event)
+    assert "self.socket.ready" in transport and "self._read_pdu_data()" in transport
+    assert "self.to_provider_queue.queue[0]" in _source(DULServiceProvider._process_recv_primitive)
+    receive = _source(DULServiceProvider.receive_pdu)
+    assert "self.to_user_queue.get(block=wait, timeout=timeout)" in receive
+    assert "self.to_user_queue.queue[0]" in _source(DULServiceProvider.peek_next_pdu)
+    assert "dul.kill_dul()" in _source(pynetdicom_fsm)  # how the state machine ends the DUL
+    assert "self._kill_thread = True" in _source(DULServiceProvider.kill_dul)
+    reactor = _source(Association.run_reactor)
+    for step in (
+        "if not self._started_dul:",
+        "self.dul.start()",
+        "self._dul_ready.wait()",
+        "primitive = self.dul.receive_pdu(wait=True, timeout=self.acse_timeout)",
+        "self._server.shutdown_request(sock.socket)",
+    ):
+        assert step in reactor, f"Association.run_reactor changed: {step!r}"
+    assoc = Association(AE(), MODE_ACCEPTOR)
+    dul = assoc.dul
+    for name in ("artim_timer", "_idle_timer", "event_queue", "state_machine", "_kill_thread"):
+        assert hasattr(dul, name), f"DULServiceProvider.{name} is gone"
+    assert isinstance(assoc._dul_ready, threading.Event)
+    assert assoc._started_dul is False
+    assert "self.socket.recv(6)" in _source(DULServiceProvider._read_pdu_data)
+    # the request handler's local address, resolved once per server and copied
+    assert isinstance(RequestHandler.local, property)
+
+
+def test_the_server_hands_each_connection_to_a_thread() -> None:
+    """NodeServer.process_request (node/ae.py) calls finish_request itself for plain TCP."""
+    import socketserver
+
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    assert ThreadedAssociationServer.process_request is socketserver.ThreadingMixIn.process_request
+    assert "self.finish_request(request, client_address)" in _source(
+        ThreadedAssociationServer.process_request_thread
+    )
+    assert "assoc.start()" in _source(RequestHandler.handle)
+
+
 def test_identifier_logging_switch() -> None:
     from pynetdicom import service_class
 
