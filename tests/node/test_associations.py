@@ -21,8 +21,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from nnunet_node.node.ae import DicomNode
-from tests.node.conftest import NodeFactory, dcmtk
 from tests.node.raw_dimse import RawAssociation, command_set
+from tests.support.dcmtk import dcmtk
+from tests.support.dimse import NodeFactory
 
 
 @pytest.fixture
