@@ -18,6 +18,7 @@ Names follow the Prometheus conventions (base units: seconds and bytes; ``_total
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -104,10 +105,75 @@ _RECEIVED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _RECEIVED_MAX = 10_000
 
 
+Event = tuple[Any, ...]
+"""A recorded event, as :func:`replay` takes it: ``("instance", source, calling_ae,
+transfer_syntax, size)`` or ``("dimse", service, outcome, seconds)``."""
+
+_forwarded: list[Event] | None = None
+_forward_lock = threading.Lock()
+
+
+def forward_events() -> None:
+    """From now on this process keeps its DIMSE and instance events for another process to
+    :func:`replay` (the node's receiver processes, node/receivers.py: the node's ``/metrics``
+    counts what they received) instead of counting them itself; :func:`take_events` hands
+    them over."""
+    global _forwarded
+    with _forward_lock:
+        if _forwarded is None:
+            _forwarded = []
+
+
+def take_events() -> list[Event]:
+    """The events kept since the last call (empty unless :func:`forward_events` was called)."""
+    global _forwarded
+    with _forward_lock:
+        if not _forwarded:
+            return []
+        events, _forwarded = _forwarded, []
+    return events
+
+
+def replay(events: list[Event]) -> None:
+    """Count events another process kept (:func:`take_events`) as if they happened here."""
+    for event in events:
+        if event[0] == "instance":
+            _count_instance(*event[1:])
+        elif event[0] == "dimse":
+            _count_dimse(*event[1:])
+
+
+def _keep(event: Event) -> bool:
+    if _forwarded is None:
+        return False
+    with _forward_lock:
+        if _forwarded is None:
+            return False
+        _forwarded.append(event)
+    return True
+
+
+def dimse_request(service: str, outcome: str, seconds: float) -> None:
+    """Count one DIMSE request of ``service`` (C-STORE...) that ended in ``outcome`` (success,
+    failure) after ``seconds``."""
+    if not _keep(("dimse", service, outcome, seconds)):
+        _count_dimse(service, outcome, seconds)
+
+
+def _count_dimse(service: str, outcome: str, seconds: float) -> None:
+    DIMSE_REQUESTS.labels(service, outcome).inc()
+    DIMSE_SECONDS.labels(service).observe(seconds)
+
+
 def instance_received(source: str, calling_ae: str, transfer_syntax: str, size: int) -> None:
     """Count one filed instance of ``size`` bytes. On the C-STORE hot path: two increments of
     children looked up once per (source, AE, transfer syntax) and kept (``labels()`` itself
     takes a lock and builds a key: measured 2.5-3.7 times the cost)."""
+    if not _keep(("instance", source, calling_ae, transfer_syntax, size)):
+        _count_instance(source, calling_ae, transfer_syntax, size)
+
+
+def _count_instance(source: str, calling_ae: str, transfer_syntax: str, size: int) -> None:
     key = (source, calling_ae, transfer_syntax)
     children = _RECEIVED.get(key)
     if children is None:

@@ -8,6 +8,7 @@ environment on its own, so tests can build as many differently configured nodes 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +20,9 @@ from nnunet_node.core.errors import ConfigError, describe_validation_error
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, 16 chars
 
+
+MAX_AUTO_DICOM_PROCESSES = 4
+"""At most this many receiving processes unless ``NNUNET_NODE_DICOM_PROCESSES`` says more."""
 
 _VARIABLES = {
     "tls_cert": "NNUNET_NODE_TLS_CERT",
@@ -104,6 +108,13 @@ class Settings(BaseSettings):
     )
     """``NNUNET_NODE_DICOM_TLS_PORT``: a second DICOM port that speaks TLS (PS3.15 B.1, B.9);
     needs ``NNUNET_NODE_TLS_CERT`` and ``NNUNET_NODE_TLS_KEY``. Unset: no TLS port."""
+    dicom_processes: int | None = Field(
+        None, ge=1, le=64, validation_alias=_env("NNUNET_NODE_DICOM_PROCESSES", "dicom_processes")
+    )
+    """``NNUNET_NODE_DICOM_PROCESSES``: how many processes receive on the DICOM port(s) (the
+    node's own and ``n - 1`` receiver processes sharing its ports, node/receivers.py), so that
+    several associations at once use several cores. Unset: one per core, at most 4
+    (:attr:`dicom_process_count`)."""
     dicom_access: Literal["auto", "peers", "open-store", "open"] = Field(
         "auto", validation_alias=_env("NNUNET_NODE_DICOM_ACCESS", "dicom_access")
     )
@@ -283,6 +294,18 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'nnunet-node.db'}"
+
+    @property
+    def dicom_process_count(self) -> int:
+        """``NNUNET_NODE_DICOM_PROCESSES``, or by default the cores this process may run on
+        (``sched_getaffinity``), at most :data:`MAX_AUTO_DICOM_PROCESSES`."""
+        if self.dicom_processes is not None:
+            return self.dicom_processes
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, MAX_AUTO_DICOM_PROCESSES))
 
     @property
     def archive_dir(self) -> Path:

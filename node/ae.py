@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +75,17 @@ class NodeServer(ThreadedAssociationServer):
             self.handle_error(request, client_address)
             self.shutdown_request(request)
 
+    reuse_port = False
+    """Set ``SO_REUSEPORT`` before binding: the node's receiver processes listen on the same
+    port and the kernel spreads the connections among them (Linux: only sockets of the same
+    user may join the port)."""
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def get_request(self) -> Any:
         assert self.socket is not None
         return self.socket.accept()
@@ -93,6 +105,12 @@ class NodeServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class SharedPortServer(NodeServer):
+    """A :class:`NodeServer` whose port other processes may listen on too."""
+
+    reuse_port = True
+
+
 class NodeServerAE(ServerAE):
     """The node's AE: its servers are :class:`NodeServer`, and each accepted association goes to
     the ``association_hooks`` (the access check, node/access.py) before it starts."""
@@ -100,10 +118,11 @@ class NodeServerAE(ServerAE):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.association_hooks: list[Callable[[Any], None]] = []
+        self.server_class: type[NodeServer] = NodeServer
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("server_class") in (None, ThreadedAssociationServer):
-            kwargs["server_class"] = NodeServer
+            kwargs["server_class"] = self.server_class
         return super().make_server(*args, **kwargs)
 
     def on_accepted(self, assoc: Any) -> None:
@@ -126,7 +145,10 @@ class DicomNode:
         tls_port: int | None = None,
         max_pdu: int = MAX_PDU,
         event_driven: bool = True,
+        shared_port: bool = False,
     ) -> None:
+        """``shared_port``: listen with ``SO_REUSEPORT``, so that receiver processes
+        (node/receivers.py) can listen on the same ports."""
         self.settings = settings
         self.host = host if host is not None else settings.dicom_host
         self._requested_port = port if port is not None else settings.dicom_port
@@ -140,6 +162,8 @@ class DicomNode:
             check_host=settings.dicom_check_host,
         )
         self.ae = NodeServerAE(ae_title=settings.ae_title, event_driven=event_driven)
+        if shared_port:
+            self.ae.server_class = SharedPortServer
         self.ae.store_sink = self.access.guard_store_sink(self.handlers.open_store_sink)
         self.ae.association_hooks.append(self.access.guard_association)
         self.ae.maximum_pdu_size = max_pdu

@@ -18,25 +18,39 @@ from typing import Any
 
 from nnunet_node.core.settings import Settings
 from nnunet_node.node.ae import DicomNode
+from nnunet_node.node.receivers import ReceiverPool
 from nnunet_node.pipeline.completion import CompletionWatcher
 from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.storage import locks
 
 LOGGER = logging.getLogger(__name__)
 
 
 class DimseService:
     """Routing table from the spec (checked: a bad rule fails start-up), the AE (unless
-    ``NNUNET_NODE_DICOM_ENABLED`` is false), the completion watcher and the dispatcher."""
+    ``NNUNET_NODE_DICOM_ENABLED`` is false) and its receiver processes (node/receivers.py), the
+    completion watcher and the dispatcher."""
 
     def __init__(self, context: NodeContext, *, port: int | None = None) -> None:
         self.context = context
         settings = context.settings
         self.routing = context.spec.routing
+        processes = settings.dicom_process_count if settings.dicom_enabled else 1
+        if processes > 1 and not locks.available():
+            LOGGER.warning(
+                "NNUNET_NODE_DICOM_PROCESSES: one process only (this system has no open file "
+                "description locks for the shared archive)"
+            )
+            processes = 1
         self.node = (
-            DicomNode(settings, context.archive, self.routing, port=port)
+            DicomNode(settings, context.archive, self.routing, port=port, shared_port=processes > 1)
             if settings.dicom_enabled
             else None
         )
+        self.receivers = (
+            ReceiverPool(settings, context.archive, processes - 1) if processes > 1 else None
+        )
+        """The receiver processes beside this one (``NNUNET_NODE_DICOM_PROCESSES``)."""
         jobs = context.job_service
         self.completion = CompletionWatcher(
             context.session_factory,
@@ -62,12 +76,22 @@ class DimseService:
         self.completion.start()
         if self.node is not None:
             self.node.start()
+            if self.receivers is not None:
+                try:
+                    self.receivers.start(self.node.port, self.node.tls_port)
+                except BaseException:
+                    self.node.stop()
+                    self.completion.stop()
+                    self.dispatcher.stop()
+                    raise
         self._started = True
 
     def stop_sync(self) -> None:
         if not self._started:
             return
         self._started = False
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.node is not None:
             self.node.stop()
         self.completion.stop()

@@ -88,8 +88,7 @@ def _is_failure_item(item: Any) -> bool:
 
 
 def _measure(service: str, outcome: str, started: float) -> None:
-    metrics.DIMSE_REQUESTS.labels(service, outcome).inc()
-    metrics.DIMSE_SECONDS.labels(service).observe(time.perf_counter() - started)
+    metrics.dimse_request(service, outcome, time.perf_counter() - started)
 
 
 def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

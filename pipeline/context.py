@@ -24,6 +24,7 @@ from nnunet_node.inference.engine import InferenceEngine
 from nnunet_node.pipeline.dispatch import Dispatcher
 from nnunet_node.pipeline.jobs import JobService
 from nnunet_node.pipeline.spec import NodeSpec
+from nnunet_node.storage import locks
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.migrations import upgrade
@@ -74,7 +75,13 @@ def build_context(
     try:
         sessions = make_sessionmaker(engine_sql)
         archive = Archive(
-            settings.archive_dir, sessions, min_free_bytes=settings.min_free_disk_mb * MIB
+            settings.archive_dir,
+            sessions,
+            min_free_bytes=settings.min_free_disk_mb * MIB,
+            # the DIMSE service's receiver processes write it too (node/receivers.py)
+            shared=settings.dicom_enabled
+            and settings.dicom_process_count > 1
+            and locks.available(),
         )
         if recover:
             archive.recover()

@@ -36,7 +36,9 @@ the one the row describes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import io
 import logging
 import os
@@ -44,7 +46,7 @@ import shutil
 import threading
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +66,17 @@ from nnunet_node.storage.headers import (
 )
 from nnunet_node.storage.incoming import IncomingFile, SpareFiles, new_temp
 from nnunet_node.storage.indexer import Header, Indexer
+from nnunet_node.storage.locks import ProcessLocks
 from nnunet_node.storage.models import Instance
 
 LOGGER = logging.getLogger(__name__)
 
 
 INCOMING = ".incoming"
+LOCK_FILE = ".archive.lock"
 _LOCK_STRIPES = 64
+_INDEX_LOCK = 0
+_FIRST_STRIPE_LOCK = 1
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,17 @@ class Archive:
         min_free_bytes: int = 0,
         fsync: bool = True,
         fsync_folders: bool = False,
+        shared: bool = False,
+        incoming_name: str | None = None,
     ) -> None:
-        """Durability knobs (bench/bench_ingest.py --variants measures them):
+        """``shared``: other processes write this archive at the same time (the node's receiver
+        processes, node/receivers.py): writes of one SOP Instance UID and the index's write
+        transactions are serialised across them too, through byte-range locks on
+        ``<root>/.archive.lock`` (storage/locks.py). ``incoming_name``: this process receives
+        into ``.incoming/<incoming_name>/``, a folder no other process writes, so that
+        :meth:`recover` can finish that folder's interrupted writes while the others run on.
+
+        Durability knobs (bench/bench_ingest.py --variants measures them):
 
         ``fsync``: fsync each temporary file before its row commits (default). Off, an
         acknowledged instance survives a crash of this process but not of the machine; pair it
@@ -129,11 +144,21 @@ class Archive:
         self.fsync = fsync
         self.fsync_folders = fsync and fsync_folders
         self.incoming = self.root / INCOMING
+        if incoming_name is not None:
+            self.incoming = self.incoming / incoming_name
         self.incoming.mkdir(parents=True, exist_ok=True)
         engine = session_factory.kw.get("bind")
         if not isinstance(engine, Engine):
             raise TypeError("Archive needs a sessionmaker bound to an Engine")
-        self._indexer = Indexer(engine)
+        self._process_locks = ProcessLocks(self.root / LOCK_FILE) if shared else None
+        self._indexer = Indexer(
+            engine,
+            process_lock=(
+                functools.partial(self._process_locks.hold, _INDEX_LOCK)
+                if self._process_locks is not None and engine.dialect.name == "sqlite"
+                else None
+            ),
+        )
         self.read_sessions = make_read_sessionmaker(engine)
         """Sessions for look-ups (C-FIND, C-MOVE/C-GET lists, QIDO, WADO): no write lock."""
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
@@ -184,6 +209,8 @@ class Archive:
         connection back (the node's shutdown). The archive still works afterwards."""
         self._spares.close()
         self._indexer.close()
+        if self._process_locks is not None:
+            self._process_locks.close()
 
     def ingest_incoming(
         self,
@@ -245,7 +272,7 @@ class Archive:
         """The absolute path of an indexed instance's file."""
         return self.root / instance.path
 
-    def recover(self) -> RecoveryReport:
+    def recover(self, folder: Path | None = None) -> RecoveryReport:
         """Finish or drop the writes a crash interrupted; call at start, before any ingest.
 
         A temporary file is matched to its row by the SOP Instance UID in its header (or, when
@@ -256,10 +283,18 @@ class Archive:
         cut the file short): it is deleted, with a row that has no file left, and a row whose
         file in place is an older copy is indexed from that copy again. Spare files are empty:
         deleted. Oldest first, so the newest copy ends in place.
+
+        ``folder``: only the temporary files in that folder, one that no other process writes
+        (a receiver process that died, node/receivers.py); by default those of this archive's
+        ``.incoming`` and of every folder in it (at start, before any receiver runs).
         """
         report = RecoveryReport()
+        folders = [folder] if folder is not None else [self.incoming]
+        if folder is None:
+            folders += sorted(p for p in self.incoming.iterdir() if p.is_dir())
         temps = sorted(
-            (p for p in self.incoming.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime
+            (p for f in folders for p in f.iterdir() if p.is_file()),
+            key=lambda p: p.stat().st_mtime,
         )
         for tmp in temps:
             cut = False
@@ -298,7 +333,8 @@ class Archive:
             )
             report.completed += 1
         if report.completed or report.dropped:
-            _fsync_dir(self.incoming)
+            for touched in folders:
+                _fsync_dir(touched)
             LOGGER.warning(
                 "recover: %d interrupted write(s) completed, %d dropped",
                 report.completed,
@@ -376,11 +412,11 @@ class Archive:
         (it may still be flushing while the rows commit) and is awaited before the move; if
         it fails, the commit is undone."""
         final = self.root / header.relative_path
-        lock = self._locks[zlib.crc32(header.sop_instance_uid.encode()) % _LOCK_STRIPES]
+        stripe = zlib.crc32(header.sop_instance_uid.encode()) % _LOCK_STRIPES
         committed = False
         try:
             self._ensure_dir(final.parent)
-            with lock:
+            with self._hold_stripe(stripe):
                 duplicate, old_path = self._indexer.upsert(
                     header,
                     size=size,
@@ -417,6 +453,17 @@ class Archive:
             path=final,
             duplicate=duplicate,
         )
+
+    @contextlib.contextmanager
+    def _hold_stripe(self, stripe: int) -> Iterator[None]:
+        """Serialise the writes of SOP Instance UIDs that hash to ``stripe``: this process's
+        threads, and with ``shared`` the other processes too."""
+        with self._locks[stripe]:
+            if self._process_locks is None:
+                yield
+            else:
+                with self._process_locks.hold(_FIRST_STRIPE_LOCK + stripe):
+                    yield
 
     def _undo(self, header: Header, old_path: str | None) -> None:
         """Take back a committed index write whose file could not be made durable: index the

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +145,13 @@ class _Request:
 class Indexer:
     """Upserts the rows of one instance; thread-safe (one connection per call)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, process_lock: Callable[[], Any] | None = None) -> None:
+        """``process_lock``, when given, is held around each write transaction besides the
+        threads' own lock: a lock the other processes writing this database take too (the
+        node's receiver processes, storage/locks.py), so that they queue and are handed the
+        database at once instead of sleeping in SQLite's busy handler."""
         self.engine = engine
+        self._process_lock = process_lock
         # SQLite has one writer at a time; waiting in its busy handler means sleeping in steps
         # of up to 100 ms. Writers of this process queue on a lock instead and are handed the
         # database at once. Other databases lock rows, not the file: no lock here.
@@ -255,6 +260,21 @@ class Indexer:
                 conn.close()
 
     def _commit_batch(self, batch: list[_Request]) -> None:
+        if self._process_lock is None:
+            self._commit_batch_locked(batch)
+            return
+        try:
+            with self._process_lock():
+                self._commit_batch_locked(batch)
+        except BaseException as exc:  # the lock itself failed (or the batch of one)
+            for request in batch:
+                if request.result is None:
+                    request.error = request.error or exc
+                request.done = True
+            if len(batch) == 1:
+                raise
+
+    def _commit_batch_locked(self, batch: list[_Request]) -> None:
         try:
             conn = self._writer()
             with conn.begin():

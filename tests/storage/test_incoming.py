@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from nnunet_node.core.errors import InvalidDicom, StorageFull
 from nnunet_node.storage import archive as archive_module
 from nnunet_node.storage import incoming as incoming_module
 from nnunet_node.storage.archive import Archive, IncomingFile
+from nnunet_node.storage.locks import ProcessLocks
 from nnunet_node.storage.models import Instance
 
 
@@ -203,3 +205,73 @@ def test_recover_drops_a_file_cut_short_whose_row_committed(
     else:
         assert rows == []
         assert _data_files(archive) == []
+
+
+def test_a_receivers_folder_is_recovered_alone_and_at_start(
+    archive: Archive,
+    index_sessions: sessionmaker[Session],
+    make_instance: Callable[..., bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Receiver processes (node/receivers.py) write into ``.incoming/<name>/``: recovering one
+    receiver's folder leaves the files being received elsewhere alone; at start, every folder
+    is recovered."""
+    shared = Archive(archive.root, index_sessions, shared=True, incoming_name="receiver-1")
+    assert shared.incoming == archive.incoming / "receiver-1"
+    data = make_instance(size=64)
+    incoming = _receive(shared, data)
+    monkeypatch.setattr(
+        archive_module.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt())
+    )
+    with pytest.raises(KeyboardInterrupt):  # the receiver dies between the commit and the rename
+        shared.ingest_incoming(incoming, source="dimse")
+    monkeypatch.undo()
+    shared.close()
+    elsewhere = _receive(archive, make_instance(size=64))  # still arriving in the node's folder
+
+    report = archive.recover(shared.incoming)
+    assert (report.completed, report.dropped) == (1, 0)
+    (row,) = _rows(index_sessions)
+    assert archive.path_for(row).read_bytes() == data
+    assert elsewhere.path.is_file() and list(shared.incoming.iterdir()) == []
+
+    left = _receive(shared, make_instance(size=64))  # another death: never acknowledged
+    shared.close()
+    elsewhere.discard()
+    archive.close()
+    report = archive.recover()  # at start: the node's folder and every receiver's
+    assert report.dropped >= 1 and not left.path.exists()
+    assert len(_rows(index_sessions)) == 1
+
+
+def test_process_locks_exclude_other_processes_not_other_locks(tmp_path: Path) -> None:
+    path = tmp_path / "locks"
+    ready, release = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other process: hold lock 0 until told to let go
+        try:
+            with ProcessLocks(path).hold(0):
+                os.write(ready[1], b"x")
+                os.read(release[0], 1)
+        finally:
+            os._exit(0)
+    os.read(ready[0], 1)
+    locks = ProcessLocks(path)
+    with locks.hold(1):  # another lock: not held up
+        pass
+    started = time.monotonic()
+    done: list[float] = []
+
+    def take() -> None:
+        with locks.hold(0):
+            done.append(time.monotonic() - started)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    taker.join(0.3)
+    assert done == []  # waits for the other process
+    os.write(release[1], b"x")
+    taker.join(10)
+    assert len(done) == 1 and done[0] >= 0.3
+    os.waitpid(pid, 0)
+    locks.close()

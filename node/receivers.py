@@ -1,0 +1,289 @@
+"""Receiver processes: more than one process accepts associations on the node's DICOM ports.
+
+One Python process runs its associations' Python code (pynetdicom's PDU and DIMSE layers, the
+C-STORE handler) one thread at a time, so several associations at once share one core. With
+``NNUNET_NODE_DICOM_PROCESSES`` = n > 1 the node's process listens as before, with
+``SO_REUSEPORT``, and :class:`ReceiverPool` starts ``n - 1`` receiver processes that listen on the
+same plain and TLS ports; the kernel hands each new connection to one of the listening processes.
+Each receiver is a whole DICOM node (node/ae.py: the same AE title, contexts, access control, TLS,
+C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET), over its own database connection and the shared
+archive (``Archive(shared=True)``, storage/archive.py).
+
+Durability is the archive's: a receiver answers a C-STORE success only once the file and its
+index rows are committed, exactly as the node's own process does. Nothing about an arrival has
+to reach the node's process: series completion and routing (pipeline/completion.py) read the
+arrivals from the index (``Series.last_received_at``), whichever process committed them, so an
+acknowledged instance can never be missed by routing, even if its receiver dies just after.
+
+Each receiver writes its temporary files into its own folder, ``.incoming/receiver-<i>/``. When a
+receiver dies (killed, crashed), the node logs it, finishes or drops the writes the death
+interrupted in that folder (:meth:`Archive.recover`, as at start; no other process writes
+there) and starts another receiver in its place. A receiver whose node process is gone stops
+(its pipe to the node reads end-of-file).
+
+Metrics: a receiver counts nothing itself; it sends its events to the node's process every
+:data:`FLUSH_S` seconds (:func:`core.metrics.forward_events`), so ``/metrics`` counts every
+association's requests and instances.
+
+Processes are started with ``spawn`` (no inherited threads, locks or sockets); stopping sends
+each receiver a stop message: it stops accepting, ends its associations as the node's own
+process does (node/ae.py, :meth:`DicomNode.stop`) and exits; one that has not exited after
+:data:`STOP_TIMEOUT_S` is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from nnunet_node.core import metrics
+from nnunet_node.core.errors import ConfigError
+from nnunet_node.core.logging import configure_logging
+from nnunet_node.core.settings import Settings
+from nnunet_node.storage.archive import Archive
+
+LOGGER = logging.getLogger(__name__)
+
+FLUSH_S = 0.25
+"""How often a receiver sends its metric events to the node's process."""
+START_TIMEOUT_S = 120.0
+"""Longest wait for a receiver to listen."""
+STOP_TIMEOUT_S = 15.0
+"""Longest wait for a receiver to exit after the stop message, before it is killed."""
+RESTART_DELAY_S = 1.0
+"""Wait before a receiver that died is replaced."""
+
+
+def receiver_folder(index: int) -> str:
+    """The name of receiver ``index``'s folder in the archive's ``.incoming``."""
+    return f"receiver-{index}"
+
+
+def run_receiver(
+    settings: Settings, index: int, port: int, tls_port: int | None, conn: Connection
+) -> None:
+    """A receiver process's body (``spawn`` target): listen on ``port`` (and ``tls_port``) beside
+    the node's process, say ``("ready", pid)`` or ``("failed", reason)`` on ``conn``, send
+    ``("metrics", events)`` while running, and stop on ``("stop",)``, SIGTERM or the end of
+    ``conn``. SIGINT is left to the node's process, which stops its receivers."""
+    from nnunet_node.node.ae import DicomNode  # the receiver's imports, not the module's
+    from nnunet_node.pipeline.spec import NodeSpec
+    from nnunet_node.storage.db import make_engine, make_sessionmaker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    configure_logging(settings.log_level, settings.log_format)
+    metrics.forward_events()
+    engine = make_engine(settings.database_url)
+    archive: Archive | None = None
+    node: DicomNode | None = None
+    try:
+        archive = Archive(
+            settings.archive_dir,
+            make_sessionmaker(engine),
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+            shared=True,
+            incoming_name=receiver_folder(index),
+        )
+        spec = NodeSpec.load(settings)
+        node = DicomNode(
+            settings, archive, spec.routing, port=port, tls_port=tls_port, shared_port=True
+        )
+        node.start()
+    except BaseException as exc:  # every failure is reported to the node
+        with contextlib.suppress(OSError):
+            conn.send(("failed", str(exc) or type(exc).__name__))
+        if archive is not None:
+            archive.close()
+        engine.dispose()
+        return
+
+    def watch_node() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while conn.recv() != ("stop",):
+                pass
+        stop.set()
+
+    threading.Thread(target=watch_node, name="receiver-stop", daemon=True).start()
+    conn.send(("ready", multiprocessing.current_process().pid))
+
+    def flush() -> None:
+        events = metrics.take_events()
+        if events:
+            with contextlib.suppress(OSError):
+                conn.send(("metrics", events))
+
+    try:
+        while not stop.wait(FLUSH_S):
+            flush()
+    finally:
+        node.stop()
+        flush()
+        archive.close()
+        engine.dispose()
+
+
+@dataclass
+class _Receiver:
+    index: int
+    process: Any
+    conn: Connection
+    ready: threading.Event = field(default_factory=threading.Event)
+    failure: str | None = None
+    reader: threading.Thread | None = None
+
+
+class ReceiverPool:
+    """``count`` receiver processes beside the node's own (see the module docstring), over
+    ``archive`` (the node's; it finishes a dead receiver's writes)."""
+
+    def __init__(self, settings: Settings, archive: Archive, count: int) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.count = count
+        self._context = multiprocessing.get_context("spawn")
+        self._receivers: dict[int, _Receiver] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ports: tuple[int, int | None] | None = None
+
+    def pids(self) -> list[int]:
+        """The receivers' process ids (tests kill one)."""
+        with self._lock:
+            return [r.process.pid for r in self._receivers.values() if r.process.pid]
+
+    def start(self, port: int, tls_port: int | None) -> None:
+        """Start the receivers on ``port`` (and ``tls_port``), once the node's process listens
+        there with ``SO_REUSEPORT``; return when all listen. Raises ConfigError (after stopping
+        those that started) when one cannot."""
+        self._stopping.clear()
+        self._ports = (port, tls_port)
+        started = [self._spawn(index) for index in range(1, self.count + 1)]
+        for receiver in started:
+            if not self._wait_ready(receiver):
+                reason = receiver.failure or "it did not start"
+                self.stop()
+                raise ConfigError(f"DICOM receiver process {receiver.index}: {reason}")
+        LOGGER.info(
+            "%d DICOM receiver process(es) listening beside this one (pids %s)",
+            len(started),
+            ", ".join(str(pid) for pid in self.pids()),
+        )
+
+    def _wait_ready(self, receiver: _Receiver) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not receiver.ready.wait(0.1):
+            if receiver.failure is not None or not receiver.process.is_alive():
+                return receiver.ready.is_set()
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    def _spawn(self, index: int) -> _Receiver:
+        assert self._ports is not None
+        parent_conn, child_conn = self._context.Pipe()
+        process = self._context.Process(
+            target=run_receiver,
+            args=(self.settings, index, *self._ports, child_conn),
+            name=f"nnunet-node-receiver-{index}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        receiver = _Receiver(index, process, parent_conn)
+        receiver.reader = threading.Thread(
+            target=self._read, args=(receiver,), name=f"receiver-{index}-pipe", daemon=True
+        )
+        with self._lock:
+            self._receivers[index] = receiver
+        receiver.reader.start()
+        return receiver
+
+    def _read(self, receiver: _Receiver) -> None:
+        """Take the receiver's messages until its pipe ends; then, unless the pool is stopping,
+        recover its folder and start another."""
+        try:
+            while True:
+                message = receiver.conn.recv()
+                if message[0] == "metrics":
+                    metrics.replay(message[1])
+                elif message[0] == "ready":
+                    receiver.ready.set()
+                elif message[0] == "failed":
+                    receiver.failure = str(message[1])
+        except (EOFError, OSError):
+            pass
+        receiver.process.join(STOP_TIMEOUT_S)
+        receiver.conn.close()
+        if self._stopping.is_set() or not receiver.ready.is_set():
+            return
+        LOGGER.error(
+            "DICOM receiver process %d (pid %s) ended (exit code %s): finishing its interrupted "
+            "writes and starting another",
+            receiver.index,
+            receiver.process.pid,
+            receiver.process.exitcode,
+        )
+        self.recover(receiver.index)
+        if self._stopping.wait(RESTART_DELAY_S):
+            return
+        with self._lock:
+            if self._stopping.is_set():
+                return
+        replacement = self._spawn(receiver.index)
+        if not self._wait_ready(replacement):
+            LOGGER.error(
+                "DICOM receiver process %d did not start again: %s",
+                receiver.index,
+                replacement.failure or "no answer",
+            )
+
+    def recover(self, index: int) -> None:
+        """Finish or drop the writes of receiver ``index``'s folder (it must not be running)."""
+        folder = self.archive.incoming / receiver_folder(index)
+        if not folder.is_dir():
+            return
+        try:
+            report = self.archive.recover(folder)
+        except Exception:
+            LOGGER.exception("recovering %s failed; the next start tries again", folder)
+            return
+        LOGGER.info(
+            "receiver %d: %d interrupted write(s) completed, %d dropped",
+            index,
+            report.completed,
+            report.dropped,
+        )
+
+    def stop(self) -> None:
+        """Stop every receiver (stop message, then kill after :data:`STOP_TIMEOUT_S`) and wait
+        for them."""
+        self._stopping.set()
+        with self._lock:
+            receivers = list(self._receivers.values())
+            self._receivers.clear()
+        for receiver in receivers:
+            with contextlib.suppress(OSError, ValueError):
+                receiver.conn.send(("stop",))
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for receiver in receivers:
+            receiver.process.join(max(0.0, deadline - time.monotonic()))
+            if receiver.process.is_alive():
+                LOGGER.warning(
+                    "DICOM receiver process %d did not stop in %.0f s: killed",
+                    receiver.index,
+                    STOP_TIMEOUT_S,
+                )
+                receiver.process.kill()
+                receiver.process.join()
+        for receiver in receivers:
+            if receiver.reader is not None and receiver.reader is not threading.current_thread():
+                receiver.reader.join(STOP_TIMEOUT_S)

@@ -1,0 +1,303 @@
+"""The node with several receiving processes on its DICOM port (``NNUNET_NODE_DICOM_PROCESSES``,
+node/receivers.py): the node's process and a receiver process accept associations on one port.
+
+Real parts: the DIMSE service as ``nnunet-node dicom`` builds it, dcmtk's storescu, findscu and
+getscu, SQLite. Which process the kernel hands a connection to is chance, so a test that needs
+the receiver to take part sends more associations until the receiver's own folder in
+``.incoming`` shows it received (each receiver keeps spare files there once it has)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from nnunet_node.core.phantom import make_phantom, write_dicom_series
+from nnunet_node.core.settings import Settings
+from nnunet_node.node.receivers import receiver_folder
+from nnunet_node.node.service import DimseService
+from nnunet_node.pipeline.context import NodeContext, build_context
+from nnunet_node.storage.models import Instance, Job, Series
+from tests.node.conftest import DCMTK_ENV, dcmtk, retrieve
+from tests.peer_tools import tool
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Node:
+    """Context and DIMSE service with two receiving processes; job workers not started (routed
+    jobs stay queued, to be counted)."""
+
+    def __init__(self, tmp: Path) -> None:
+        spec = yaml.safe_load((REPO / "model-serve-spec.yaml").read_text())
+        spec["model_folder"] = str(REPO / "models")
+        spec["models"] = [m for m in spec["models"] if m["id"] == "phantom"]
+        spec["routes"] = [
+            {
+                "name": "routed-ct",
+                "match": {"Modality": "CT", "SeriesDescription": "Routed.*"},
+                "nnunet_id": "phantom",
+                "quiet_seconds": 1,
+            }
+        ]
+        (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+        settings = Settings(
+            data_dir=tmp / "data",
+            model_serve_spec=tmp / "spec.yaml",
+            dicom_host="127.0.0.1",
+            dicom_port=0,
+            dicom_processes=2,
+            device="cpu",
+            min_free_disk_mb=0,
+            series_quiet_s=30,
+        )
+        self.context: NodeContext = build_context(settings)
+        self.service = DimseService(self.context)
+        self.service.start_sync()
+        assert self.service.receivers is not None
+        self.receivers = self.service.receivers
+
+    @property
+    def port(self) -> int:
+        assert self.service.port is not None
+        return self.service.port
+
+    @property
+    def receiver_folder(self) -> Path:
+        return self.context.archive.incoming / receiver_folder(1)
+
+    def receiver_took_part(self) -> bool:
+        folder = self.receiver_folder
+        return folder.is_dir() and any(folder.iterdir())
+
+    def instances(self) -> list[Instance]:
+        with self.context.session_factory() as session:
+            return list(session.scalars(select(Instance)))
+
+    def stop(self) -> None:
+        self.service.stop_sync()
+        self.context.close()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    made = Node(tmp_path_factory.mktemp("receivers"))
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def series(folder: Path, seed: int, *, slices: int = 8, description: str = "Phantom CT") -> Path:
+    phantom = make_phantom(seed, shape=(slices, 32, 32), spacing=(1.0, 1.0, 4.0))
+    write_dicom_series(phantom, folder, series_description=description)
+    return folder
+
+
+def storescu_at_once(port: int, groups: list[list[Path]], *extra: str) -> list[Any]:
+    """One storescu process per group of files, all at once (``-v``: one line per response)."""
+    processes = [
+        subprocess.Popen(
+            [tool("storescu"), "-v", *extra, "-aec", "NNUNET_NODE", "127.0.0.1", str(port)]
+            + [str(p) for p in group],
+            env=DCMTK_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for group in groups
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    return [(p.returncode, out) for p, out in zip(processes, outputs, strict=True)]
+
+
+def until(what: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stores_counted() -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "nnunet_node_dimse_requests_total", {"service": "C-STORE", "outcome": "success"}
+    )
+    return value or 0.0
+
+
+def test_several_associations_at_once_are_all_stored_indexed_and_counted(
+    node: Node, tmp_path: Path
+) -> None:
+    sent: list[Path] = []
+    counted_before = stores_counted()
+    for attempt in range(6):
+        folders = [series(tmp_path / f"a{attempt}s{i}", seed=10 * attempt + i) for i in range(4)]
+        groups = [sorted(f.iterdir()) for f in folders]
+        results = storescu_at_once(node.port, groups)
+        assert [rc for rc, _ in results] == [0, 0, 0, 0], results
+        sent += [p for group in groups for p in group]
+        if node.receiver_took_part():
+            break
+    assert node.receiver_took_part(), "the kernel gave the receiver process no association"
+    indexed = {i.sop_instance_uid: i for i in node.instances()}
+    for path in sent:
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert sop in indexed, f"{path.name} acknowledged but not indexed"
+        stored = node.context.archive.path_for(indexed[sop])
+        assert stored.read_bytes()[-256:] == path.read_bytes()[-256:]
+    # Every C-STORE reaches the node's metrics, the receiver's too (sent every 0.25 s).
+    until(lambda: stores_counted() - counted_before >= len(sent))
+    assert stores_counted() - counted_before == len(sent)
+
+
+def test_a_series_sent_over_both_processes_is_routed_once(node: Node, tmp_path: Path) -> None:
+    # One slice per association, eight at once: both processes file parts of the series
+    # (all eight on one process: a chance of 1 in 128).
+    files = sorted(series(tmp_path / "routed", seed=100, description="Routed CT").iterdir())
+    results = storescu_at_once(node.port, [[f] for f in files])
+    assert [rc for rc, _ in results] == [0] * len(files), results
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+
+    def jobs() -> list[Job]:
+        with node.context.session_factory() as session:
+            return [j for j in session.scalars(select(Job)) if series_uid in (j.series or [])]
+
+    made = until(jobs, timeout=30)
+    time.sleep(2.5)  # more passes of the completion watcher (quiet period 1 s)
+    assert [j.route_name for j in jobs()] == ["routed-ct"] == [j.route_name for j in made]
+    with node.context.session_factory() as session:
+        count = session.scalar(
+            select(func.count(Instance.id))
+            .join(Series, Instance.series_pk == Series.id)
+            .where(Series.series_instance_uid == series_uid)
+        )
+    assert count == len(files)
+
+
+def test_find_and_get_are_served_by_every_process(node: Node, tmp_path: Path) -> None:
+    folder = series(tmp_path / "qr", seed=200, slices=8)
+    files = sorted(folder.iterdir())
+    assert storescu_at_once(node.port, [files])[0][0] == 0
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    # Eight associations of each: the kernel spreads them over both processes.
+    for _ in range(8):
+        found = dcmtk(
+            "findscu", "-v", "-S", "-aec", "NNUNET_NODE",
+            "-k", "QueryRetrieveLevel=IMAGE",
+            "-k", f"StudyInstanceUID={first.StudyInstanceUID}",
+            "-k", f"SeriesInstanceUID={first.SeriesInstanceUID}",
+            "-k", "SOPInstanceUID",
+            "127.0.0.1", str(node.port),
+        )  # fmt: skip
+        assert found.returncode == 0, found.stdout
+        assert len(re.findall(r"Find Response: \d+ \(Pending\)", found.stdout)) == len(files)
+    for attempt in range(4):
+        out = tmp_path / f"get{attempt}"
+        out.mkdir()
+        got = retrieve(
+            "getscu",
+            node.port,
+            "-S",
+            "-od",
+            str(out),
+            QueryRetrieveLevel="SERIES",
+            StudyInstanceUID=first.StudyInstanceUID,
+            SeriesInstanceUID=first.SeriesInstanceUID,
+        )
+        assert got.returncode == 0, got.stdout
+        assert len(list(out.iterdir())) == len(files)
+
+
+def _receiver_has_connection(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds an established TCP connection on local ``port``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01" and fields[9] in inodes:
+            return True
+    return False
+
+
+def test_a_receiver_killed_mid_way_loses_nothing_acknowledged(node: Node, tmp_path: Path) -> None:
+    folder = series(tmp_path / "big", seed=300, slices=24)
+    files = sorted(folder.iterdir())
+    (pid,) = node.receivers.pids()
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(12):  # until one association is the receiver's
+            processes.append(
+                subprocess.Popen(
+                    [
+                        *(tool("storescu"), "-v", "-aec", "NNUNET_NODE"),
+                        *("127.0.0.1", str(node.port), *map(str, files * 20)),
+                    ],
+                    env=DCMTK_ENV,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+            time.sleep(0.3)
+            if _receiver_has_connection(pid, node.port):
+                break
+        assert _receiver_has_connection(pid, node.port), "no association reached the receiver"
+        time.sleep(0.3)  # mid-way through its instances
+        os.kill(pid, signal.SIGKILL)
+        # The association the receiver held breaks: its storescu ends on its own, failing.
+        until(lambda: any(p.poll() not in (None, 0) for p in processes), timeout=30)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        texts = [p.communicate(timeout=60)[0] for p in processes]
+        outputs = [(p.returncode, out) for p, out in zip(processes, texts, strict=True)]
+    # A new receiver takes the dead one's place, after finishing its interrupted writes.
+    until(lambda: node.receivers.pids() and node.receivers.pids() != [pid], timeout=60)
+    until(lambda: not [p for p in node.receiver_folder.iterdir() if p.stat().st_size], 30)
+    # Every acknowledged instance is indexed and on disk, and every row has its file.
+    sops = {str(path): _sop_uid(path) for path in files}
+    acknowledged: set[str] = set()
+    for _, out in outputs:
+        sending = None
+        for line in out.splitlines():
+            if line.startswith("I: Sending file: "):
+                sending = line.removeprefix("I: Sending file: ").strip()
+            elif "Received Store Response (Success)" in line and sending is not None:
+                acknowledged.add(sops[sending])
+    assert acknowledged
+    rows = {i.sop_instance_uid: i for i in node.instances() if i.sop_instance_uid in sops.values()}
+    assert acknowledged <= set(rows)
+    for row in rows.values():
+        stored = node.context.archive.path_for(row)
+        assert stored.is_file() and stored.stat().st_size == row.size_bytes
+    assert not [p for p in node.context.archive.incoming.rglob("*.tmp") if p.stat().st_size]
+    # The new receiver serves: several associations at once all succeed.
+    again = storescu_at_once(node.port, [files[i::4] for i in range(4)])
+    assert [rc for rc, _ in again] == [0, 0, 0, 0], again
+
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
