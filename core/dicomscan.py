@@ -68,6 +68,7 @@ def scan(
     complete: bool,
     stop_after_wanted: bool = False,
     size: int | None = None,
+    pixel_at: list[int] | None = None,
 ) -> tuple[str, dict[int, Element]] | None:
     """The transfer syntax and the wanted elements (``group << 16 | element``) of a Part 10
     file whose first bytes are ``data`` (all of it when ``complete``).
@@ -81,7 +82,10 @@ def scan(
     that the pixel data element fits in the file: a defined length must end within it, and an
     encapsulated value (PS3.5 A.4) held in ``data`` must reach its Sequence Delimitation Item.
     A file cut inside its pixel data raises :class:`Truncated` (pydicom reads it without a word,
-    and its frames would be short). Its pixels are not decoded."""
+    and its frames would be short). Its pixels are not decoded.
+
+    ``pixel_at``, when given, gets the offset of the pixel data element appended when the scan
+    reaches it, for a later :func:`check_pixel_data` without scanning again."""
     if complete and size is None:
         size = len(data)
     try:
@@ -92,7 +96,9 @@ def scan(
             raise NotSure(f"transfer syntax {transfer_syntax!r}")
         implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
         last = max(wanted) if stop_after_wanted and wanted else None
-        return transfer_syntax, _dataset(data, pos, implicit, wanted, complete, last, size)
+        return transfer_syntax, _dataset(
+            data, pos, implicit, wanted, complete, last, size, pixel_at
+        )
     except _Short:
         if complete:
             raise Truncated("the file ends inside an element of its header") from None
@@ -156,6 +162,7 @@ def _dataset(
     complete: bool,
     last: int | None = None,
     size: int | None = None,
+    pixel_at: list[int] | None = None,
 ) -> dict[int, Element]:
     # The hot loop of every header scan: one struct call per element header, no helper calls.
     found: dict[int, Element] = {}
@@ -178,6 +185,8 @@ def _dataset(
         if tag in pixel_tags:
             if size is not None:
                 _check_pixel_data(data, pos, implicit, size)
+            if pixel_at is not None:
+                pixel_at.append(pos)
             return found
         if tag > stop:
             return found
@@ -209,6 +218,19 @@ def _dataset(
     if not complete:
         raise _Short  # the pixel data, or more elements, may follow
     return found
+
+
+def check_pixel_data(data: bytes, pos: int, transfer_syntax: str, size: int) -> None:
+    """Raise :class:`Truncated` when the pixel data element at ``pos`` (where :func:`scan`
+    found it, ``pixel_at``) of a file in ``transfer_syntax`` whose first bytes are ``data``
+    does not fit in the file's ``size`` bytes (see :func:`scan`); :class:`NotSure` when the
+    bytes there are not an element header."""
+    try:
+        _check_pixel_data(data, pos, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN, size)
+    except _Short:
+        raise NotSure("the pixel data element header is not in the bytes given") from None
+    except (struct.error, IndexError) as exc:
+        raise NotSure(str(exc)) from exc
 
 
 def _check_pixel_data(data: bytes, pos: int, implicit: bool, size: int) -> None:

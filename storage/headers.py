@@ -200,11 +200,14 @@ def _build(
     return header
 
 
-def _scanned_header(data: bytes, *, complete: bool, size: int | None = None) -> Header | None:
+def _scanned_header(
+    data: bytes, *, complete: bool, size: int | None = None, pixel_at: list[int] | None = None
+) -> Header | None:
     """The header by :func:`core.dicomscan.scan`; None when the bytes end too soon.
-    ``size`` (the whole file's length) also checks that the pixel data fits in the file.
+    ``size`` (the whole file's length) also checks that the pixel data fits in the file;
+    ``pixel_at`` gets the pixel data element's offset (``scan``).
     Raises NotSure (pydicom must read it), Truncated or InvalidDicom (bad UIDs)."""
-    found = dicomscan.scan(data, _WANTED, complete=complete, size=size)
+    found = dicomscan.scan(data, _WANTED, complete=complete, size=size, pixel_at=pixel_at)
     if found is None:
         return None
     transfer_syntax, elements = found
@@ -298,13 +301,16 @@ _PIXEL_TAGS = frozenset(
 )
 
 
-def header_from_prefix(prefix: bytes) -> Header | None:
+def header_from_prefix(prefix: bytes, pixel_at: list[int] | None = None) -> Header | None:
     """The header, from the first bytes of a Part 10 file, when they hold it; None when they
-    end too soon (pydicom would return what it read so far, a header missing the rest)."""
+    end too soon (pydicom would return what it read so far, a header missing the rest).
+    ``pixel_at`` gets the pixel data element's offset when the node's own scan found it
+    (:func:`core.dicomscan.check_pixel_data` checks it later without another scan)."""
     try:
-        return _scanned_header(prefix, complete=False)
+        return _scanned_header(prefix, complete=False, pixel_at=pixel_at)
     except dicomscan.NotSure:
-        pass
+        if pixel_at is not None:
+            pixel_at.clear()  # pydicom decides: the scan's word counts for nothing
     except InvalidDicom:
         return None  # the whole file decides
     stream = io.BytesIO(prefix)

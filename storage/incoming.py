@@ -46,6 +46,7 @@ class IncomingFile:
         self._synced = False
         self._head = bytearray()  # the first HEAD_BYTES written, to read the header from
         self._header: Header | None = None
+        self._pixel_at: int | None = None  # where the header scan found the pixel data
         self._head_tried = False
         self._fd: int | None = fd
         self.write(head)
@@ -81,7 +82,10 @@ class IncomingFile:
         between fragments, so the handler does not wait for it. Never raises."""
         if self._header is not None or self._head_tried or self.error is not None:
             return
-        self._header = header_from_prefix(bytes(self._head))
+        pixel_at: list[int] = []
+        self._header = header_from_prefix(bytes(self._head), pixel_at)
+        if self._header is not None and pixel_at:
+            self._pixel_at = pixel_at[0]
         self._head_tried = self._header is None and len(self._head) >= HEAD_BYTES
 
     def header(self) -> Header:
@@ -95,9 +99,15 @@ class IncomingFile:
     def check_complete(self) -> None:
         """Raise InvalidDicom when the received file ends inside its pixel data (PS3.5 7.1:
         the element's length says more bytes than came). Read from the head kept in memory, so
-        a header longer than :data:`HEAD_BYTES`, or one only pydicom reads, is not checked."""
+        a header longer than :data:`HEAD_BYTES`, or one only pydicom reads, is not checked.
+        When the header was read ahead by the node's scan, the pixel data element it found is
+        checked where it lies, without scanning the head again."""
         whole = self.size == len(self._head)
         try:
+            if self._pixel_at is not None and self._header is not None:
+                syntax = self._header.transfer_syntax_uid
+                dicomscan.check_pixel_data(bytes(self._head), self._pixel_at, syntax, self.size)
+                return
             dicomscan.scan(bytes(self._head), frozenset(), complete=whole, size=self.size)
         except dicomscan.NotSure:
             return

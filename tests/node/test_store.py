@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -255,11 +256,15 @@ def test_several_associations_at_once_lose_nothing_and_duplicate_nothing(
     assert len(files) == 40
 
 
+@pytest.mark.parametrize("rows", [64, 400])
 def test_dataset_cut_inside_its_pixel_data_is_refused_and_the_stored_copy_kept(
-    start_node: NodeFactory, tmp_path: Path, sessions: sessionmaker[Session]
+    start_node: NodeFactory, tmp_path: Path, sessions: sessionmaker[Session], rows: int
 ) -> None:
     """A sender that stops inside the pixel data (its length says more bytes than came) gets
-    0xC000; the copy the node already held is not replaced by the short one."""
+    0xC000; the copy the node already held is not replaced by the short one. Checked for a
+    dataset the node keeps whole in memory while it streams (64 rows: 8 KiB of pixels) and
+    for one larger than that head (400 rows: 312 KiB, checked from where the header scan
+    found the pixel data element)."""
     node = start_node()
     sop_uid = generate_uid()
     ds = Dataset()
@@ -269,13 +274,13 @@ def test_dataset_cut_inside_its_pixel_data_is_refused_and_the_stored_copy_kept(
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "CT"
-    ds.Rows = ds.Columns = 64
+    ds.Rows = ds.Columns = rows
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(range(256)) * 32
+    ds.PixelData = bytes(range(256)) * (rows * rows * 2 // 256)
     whole = tmp_path / "whole.dcm"
     pydicom.dcmwrite(whole, ds, enforce_file_format=True)
     assert _raw_store(node.port, whole) == 0x0000
