@@ -1,10 +1,12 @@
-"""Suite-wide checks and fixtures. Under ``CI=true`` every real DICOM peer (dcmtk, dicom3tools)
-must be installed: CI installs them, so a missing one stops the run here instead of skipping tests.
-``migrated_template`` is the one SQLite database migrated to head for the run; tests copy it
-(:func:`tests.support.database.copy_database`), ``sessions`` gives a test its own copy."""
+"""Suite-wide checks, defaults and fixtures. Under ``CI=true`` every real DICOM peer (dcmtk,
+dicom3tools) must be installed: CI installs them, so a missing one stops the run here instead of
+skipping tests. ``migrated_template`` is the one SQLite database migrated to head for the run;
+tests copy it (:func:`tests.support.database.copy_database`), ``sessions`` gives a test its own
+copy."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from tests.peer_tools import in_ci, missing_reason, missing_tools
 from tests.support.database import copy_database, migrate_to_head
+
+# One receiving DICOM process unless a test asks for more: many tests change the node's archive
+# or read its metrics in the test's own process right after a C-STORE, which a receiver process
+# (node/receivers.py) would not see. tests/node/test_receivers.py and the SIGKILL test of
+# tests/integration/test_dicom_process.py run the node with several.
+os.environ.setdefault("NNUNET_NODE_DICOM_PROCESSES", "1")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -175,7 +175,11 @@ def test_a_series_sent_over_both_processes_is_routed_once(node: Node, tmp_path: 
 
     def jobs() -> list[Job]:
         with node.context.session_factory() as session:
-            return [j for j in session.scalars(select(Job)) if series_uid in (j.series or [])]
+            return [
+                j
+                for j in session.scalars(select(Job))
+                if series_uid in [s.series_instance_uid for s in j.series]
+            ]
 
     made = until(jobs, timeout=30)
     time.sleep(2.5)  # more passes of the completion watcher (quiet period 1 s)
