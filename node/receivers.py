@@ -151,7 +151,7 @@ class ReceiverPool:
         self.count = count
         self._context = multiprocessing.get_context("spawn")
         self._receivers: dict[int, _Receiver] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._ports: tuple[int, int | None] | None = None
 
@@ -235,10 +235,10 @@ class ReceiverPool:
         self.recover(receiver.index)
         if self._stopping.wait(RESTART_DELAY_S):
             return
-        with self._lock:
+        with self._lock:  # stop() sees the replacement, or the replacement sees stop()
             if self._stopping.is_set():
                 return
-        replacement = self._spawn(receiver.index)
+            replacement = self._spawn(receiver.index)
         if not self._wait_ready(replacement):
             LOGGER.error(
                 "DICOM receiver process %d did not start again: %s",

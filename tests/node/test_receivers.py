@@ -30,6 +30,7 @@ from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.models import Instance, Job, Series
 from tests.node.conftest import DCMTK_ENV, dcmtk, retrieve
 from tests.peer_tools import tool
+from tests.tls_certs import make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +52,12 @@ class Node:
             }
         ]
         (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+        self.pki = make_pki(tmp / "pki")
         settings = Settings(
+            dicom_tls_port=0,
+            tls_cert=self.pki.server.cert,
+            tls_key=self.pki.server.key,
+            tls_ca=self.pki.ca,
             data_dir=tmp / "data",
             model_serve_spec=tmp / "spec.yaml",
             dicom_host="127.0.0.1",
@@ -71,6 +77,11 @@ class Node:
     def port(self) -> int:
         assert self.service.port is not None
         return self.service.port
+
+    @property
+    def tls_port(self) -> int:
+        assert self.service.node is not None and self.service.node.tls_port is not None
+        return self.service.node.tls_port
 
     @property
     def receiver_folder(self) -> Path:
@@ -225,6 +236,42 @@ def test_find_and_get_are_served_by_every_process(node: Node, tmp_path: Path) ->
         )
         assert got.returncode == 0, got.stdout
         assert len(list(out.iterdir())) == len(files)
+
+
+def test_tls_associations_are_served_by_every_process(node: Node, tmp_path: Path) -> None:
+    """Eight TLS associations at once, one slice each (all on one process: 1 in 128), all
+    stored; a client certificate from another CA is refused on every process."""
+    files = sorted(series(tmp_path / "tls", seed=250).iterdir())
+    tls = ["+tls", str(node.pki.client.key), str(node.pki.client.cert), "+cf", str(node.pki.ca)]
+    processes = [
+        subprocess.Popen(
+            [
+                tool("storescu"),
+                *tls,
+                "-aec",
+                "NNUNET_NODE",
+                "localhost",
+                str(node.tls_port),
+                str(f),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for f in files
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0] * len(files), outputs
+    indexed = {i.sop_instance_uid for i in node.instances()}
+    assert {_sop_uid(f) for f in files} <= indexed
+    rogue = ["+tls", str(node.pki.rogue_client.key), str(node.pki.rogue_client.cert)]
+    for _ in range(6):
+        refused = dcmtk(
+            "echoscu", *rogue, "+cf", str(node.pki.ca), "-aec", "NNUNET_NODE",
+            "localhost", str(node.tls_port),
+        )  # fmt: skip
+        assert refused.returncode != 0, refused.stdout
 
 
 def _receiver_has_connection(pid: int, port: int) -> bool:
