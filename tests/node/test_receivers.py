@@ -28,8 +28,8 @@ from nnunet_node.node.receivers import receiver_folder
 from nnunet_node.node.service import DimseService
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.models import Instance, Job, Series
-from tests.node.conftest import DCMTK_ENV, dcmtk, retrieve
 from tests.peer_tools import tool
+from tests.support.dcmtk import DCMTK_ENV, dcmtk, retrieve
 from tests.tls_certs import make_pki
 
 REPO = Path(__file__).resolve().parents[2]
