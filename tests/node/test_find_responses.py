@@ -23,7 +23,7 @@ from nnunet_node.core.settings import Settings
 from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
-from tests.support.dcmtk import dcmtk
+from tests.support.dcmtk import storescu
 from tests.support.dimse import NodeFactory
 
 
@@ -42,16 +42,7 @@ def nodes(
     start_node: NodeFactory, settings: Settings, archive: Archive, phantom_series: list[Path]
 ) -> Iterator[Nodes]:
     ours = start_node()
-    result = dcmtk(
-        "storescu",
-        "+sd",
-        "-aec",
-        "NNUNET_NODE",
-        "127.0.0.1",
-        str(ours.port),
-        str(phantom_series[0].parent),
-    )
-    assert result.returncode == 0, result.stdout
+    storescu(ours.port, phantom_series[0].parent)
     plain = DicomNode(
         settings, archive, RoutingTable.from_spec({}), host="127.0.0.1", port=0, event_driven=False
     )

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from nnunet_node.node.ae import DicomNode
 from tests.node.peers import free_port, received, storescp
-from tests.support.dcmtk import dcmtk, retrieve
+from tests.support.dcmtk import dcmtk, retrieve, storescu
 from tests.support.dimse import NodeFactory
 
 
@@ -34,16 +34,7 @@ def stored(start_node: NodeFactory, phantom_series: list[Path]) -> Stored:
             "destinations": {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
         }
     )
-    result = dcmtk(
-        "storescu",
-        "+sd",
-        "-aec",
-        "NNUNET_NODE",
-        "127.0.0.1",
-        str(node.port),
-        str(phantom_series[0].parent),
-    )
-    assert result.returncode == 0, result.stdout
+    storescu(node.port, phantom_series[0].parent)
     first = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
     sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in phantom_series]
     return Stored(node, pacs_port, first.StudyInstanceUID, first.SeriesInstanceUID, sops)
