@@ -13,8 +13,9 @@ over HTTP with ``requests``. Steps:
 2. The rest of the index (up to ``--studies`` studies, one series of ``--per-series`` instances
    each) is bulk-inserted: each series' header is read by ``storage.archive.read_header`` from a
    real encoded instance (the rows ingest would write), then the rows go in with executemany
-   and their counts are made with ``storage.indexer.recount``; no files are written for them, as QIDO-RS reads only the index. Ingesting 100,000 instances
-   one by one would take far longer than this benchmark may run (ingest fsyncs every file).
+   and their counts are made with ``storage.indexer.recount``; no files are written for them,
+   as QIDO-RS reads only the index. Ingesting 100,000 instances one by one would take far
+   longer than this benchmark may run (ingest fsyncs every file).
 3. QIDO-RS, ``--queries`` requests each, p50 and p95: studies by PatientID, series of a study,
    instances of a series of ``--per-series``.
 """
