@@ -203,16 +203,15 @@ def _tag_and_vr(keyword: str) -> tuple[str, str] | None:
     return tag_hex(tag), pydicom.datadict.dictionary_VR(tag)
 
 
-def row_to_json(row: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """The JSON model of an index row (:mod:`storage.query`), for QIDO-RS results.
+_SEQUENCE, _NUMBER, _PERSON, _SINGLE, _MULTI = range(5)
 
-    The same answer as ``storage.query.to_dataset(row, keys).to_json_dict()`` (a unit test holds
-    them equal) without building pydicom elements, which cost ten times more per result: an
-    instance search answers 100 or 1000 of them. Keys the row lacks are zero-length
-    (PS3.18 F.2.5), multi-valued text splits at backslashes, IS/US are numbers (F.2.3).
-    """
-    out: dict[str, Any] = {}
-    non_ascii = False
+
+@functools.lru_cache(maxsize=256)
+def _json_plan(keys: tuple[str, ...]) -> tuple[tuple[str, str, str, int], ...]:
+    """The returned keys once resolved: (keyword, tag as 8 hex digits, VR, how its values are
+    written), in the order given; private, unknown, Specific Character Set and Query/Retrieve
+    Level keys left out."""
+    plan = []
     for key in keys:
         if key.startswith("_") or key in ("SpecificCharacterSet", "QueryRetrieveLevel"):
             continue
@@ -221,28 +220,52 @@ def row_to_json(row: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
             continue
         name, vr = known
         if vr == "SQ":
+            mode = _SEQUENCE
+        elif vr in _NUMBER_VRS:
+            mode = _NUMBER
+        elif vr in _SINGLE_TEXT_VRS:
+            mode = _SINGLE
+        else:
+            mode = _PERSON if vr == "PN" else _MULTI
+        plan.append((key, name, vr, mode))
+    return tuple(plan)
+
+
+def row_to_json(row: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The JSON model of an index row (:mod:`storage.query`), for QIDO-RS results.
+
+    The same answer as ``storage.query.to_dataset(row, keys).to_json_dict()`` (a unit test holds
+    them equal) without building pydicom elements, which cost ten times more per result: an
+    instance search answers 100 or 1000 of them. Keys the row lacks are zero-length
+    (PS3.18 F.2.5), multi-valued text splits at backslashes, IS/US are numbers (F.2.3). The keys
+    are resolved once per list of keys (:func:`_json_plan`), not once per row.
+    """
+    out: dict[str, Any] = {}
+    non_ascii = False
+    for keyword, name, vr, mode in _json_plan(tuple(keys)):
+        if mode == _SEQUENCE:
             out[name] = {"vr": vr, "Value": []}
             continue
-        value = row.get(key)
-        raw = list(value) if isinstance(value, list | tuple) else [value]
+        value = row.get(keyword)
         values: list[Any] = []
-        for item in raw:
+        for item in value if isinstance(value, list | tuple) else (value,):
             if item is None or item == "":
                 continue
-            if isinstance(item, str) and vr not in _NUMBER_VRS and vr not in _SINGLE_TEXT_VRS:
-                values.extend(item.split("\\"))
+            if isinstance(item, str) and mode >= _PERSON and mode != _SINGLE:
+                values.extend(item.split("\\") if "\\" in item else (item,))
             else:
                 values.append(item)
         if not values:
             out[name] = {"vr": vr}
             continue
-        if vr in _NUMBER_VRS:
+        if mode == _NUMBER:
             out[name] = {"vr": vr, "Value": [_number(vr, v) for v in values]}
-        elif vr == "PN":
+        elif mode == _PERSON:
             out[name] = {"vr": vr, "Value": [person_name_json(str(v)) for v in values]}
         else:
             out[name] = {"vr": vr, "Value": [str(v) for v in values]}
-        non_ascii = non_ascii or any(isinstance(v, str) and not v.isascii() for v in values)
+        if not non_ascii:
+            non_ascii = any(isinstance(v, str) and not v.isascii() for v in values)
     if non_ascii:
         out["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
     return out

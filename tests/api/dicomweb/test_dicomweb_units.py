@@ -390,7 +390,14 @@ def test_row_to_json_is_what_pydicom_writes() -> None:
             "_pk": 3,
         },
         {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "ModalitiesInStudy": [], "Rows": None},
+        {
+            "PatientName": "Yamada^Tarou=山田^太郎=やまだ^たろう",
+            "StudyDescription": "a\\b",
+            "AdditionalPatientHistory": "x\\y",
+            "PatientID": "P1",
+        },
     ]
     keys = [*rows[0], "SOPClassUID", "ReferencedSeriesSequence", "Manufacturer", "NoSuchKey"]
+    keys += ["AdditionalPatientHistory"]
     for row in rows:
         assert row_to_json(row, keys) == to_dataset(row, keys).to_json_dict()
