@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from nnunet_node.node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, QUERY_RETRIEVE
+from nnunet_node.pipeline.pynetdicom_internals import check_before_negotiation
 from nnunet_node.pipeline.routing import SERVICES, Peer
 
 LOGGER = logging.getLogger(__name__)
@@ -152,10 +153,8 @@ class AccessPolicy:
     def guard_association(self, assoc: Any) -> None:
         """Wrap an accepted connection's negotiation (pynetdicom's ACSE, acceptor side) so that
         the calling AE is checked before its presentation contexts are negotiated."""
-        acse = assoc.acse
-        negotiate = acse._negotiate_as_acceptor
 
-        def checked_negotiation() -> None:
+        def check() -> bool:
             request = assoc.requestor.primitive
             calling = str(request.calling_ae_title).strip()
             address = str(assoc.requestor.address)
@@ -167,9 +166,9 @@ class AccessPolicy:
                 )
                 # (EVT_REJECTED is not triggered: its handler would log this a second time.)
                 assoc.requestor.ae_title = request.calling_ae_title
-                acse.send_reject(*REJECT_CALLING_AE)
+                assoc.acse.send_reject(*REJECT_CALLING_AE)
                 assoc.kill()
-                return
+                return False
             contexts = assoc.acceptor.supported_contexts
             assoc.acceptor.supported_contexts = [
                 cx for cx in contexts if grant.allows_context(str(cx.abstract_syntax))
@@ -183,9 +182,9 @@ class AccessPolicy:
                 ", TLS" if _is_tls(assoc) else "",
                 ", ".join(sorted(grant.services)),
             )
-            negotiate()
+            return True
 
-        acse._negotiate_as_acceptor = checked_negotiation
+        check_before_negotiation(assoc, check)
 
     def guard_store_sink(self, open_sink: Callable[..., Any]) -> Callable[..., Any]:
         """The node's C-STORE sink, opened only for an association allowed to store (otherwise

@@ -24,6 +24,8 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
   DUL thread never started (``Association._started_dul`` / ``_dul_ready``), and its reactor is
   :func:`_serve_until_ended` (``Association._run_reactor``); :func:`cancel_requested` reads a
   C-CANCEL while a handler runs.
+- :func:`check_before_negotiation`: the acceptor's negotiation (``ACSE._negotiate_as_acceptor``)
+  wrapped so that the calling AE is checked first (node/access.py).
 - The server's per-connection handler caches its local address (``RequestHandler.local``).
 - pynetdicom's request identifier logging (``_config.LOG_REQUEST_IDENTIFIERS``).
 - P-DATA written straight to the socket (:func:`send_pdata_direct`) while the state machine is
@@ -137,6 +139,27 @@ class AcceptingHandler(RequestHandler):
         if on_accepted is not None:
             on_accepted(assoc)
         return assoc
+
+
+def check_before_negotiation(assoc: Any, check: Callable[[], bool]) -> None:
+    """Call ``check()`` on an accepted association once its A-ASSOCIATE-RQ is in and before its
+    presentation contexts are negotiated (PS3.8 7.1.1: the acceptor may reject on the calling AE
+    title). ``check`` may narrow ``assoc.acceptor.supported_contexts``; when it returns False it
+    has rejected the association itself (``assoc.acse.send_reject``, ``assoc.kill``) and nothing
+    is negotiated.
+
+    Hook: ``ACSE._negotiate_as_acceptor`` (wrapped). Public replacement: an intervention event
+    fired per association before negotiation (pynetdicom's ``AE.require_calling_aet`` only
+    compares a fixed list of titles and cannot narrow the contexts per peer).
+    """
+    acse = assoc.acse
+    negotiate = acse._negotiate_as_acceptor
+
+    def checked() -> None:
+        if check():
+            negotiate()
+
+    acse._negotiate_as_acceptor = checked
 
 
 # --- event-driven associations --------------------------------------------------------------

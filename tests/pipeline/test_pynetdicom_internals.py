@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import queue
+import re
 import threading
 
 import pynetdicom
@@ -71,6 +72,16 @@ def test_negotiation_only_reads_the_supported_contexts() -> None:
     source = _source(presentation.negotiate_as_acceptor)
     assert "ac_context.transfer_syntax" in source
     assert "ac_context.transfer_syntax =" not in source and "ac_context._" not in source
+
+
+def test_negotiation_is_one_method_we_can_wrap() -> None:
+    """check_before_negotiation wraps ACSE._negotiate_as_acceptor: it must still be a method of
+    no arguments that the acceptor side calls through ``self`` (so the instance attribute wins)."""
+    from pynetdicom.acse import ACSE
+
+    assert list(inspect.signature(ACSE._negotiate_as_acceptor).parameters) == ["self"]
+    assert "self._negotiate_as_acceptor()" in _source(ACSE.negotiate_association)
+    assert callable(ACSE.send_reject)
 
 
 def test_dul_queues_state_and_socket() -> None:
@@ -280,4 +291,7 @@ def test_module_names_what_it_uses() -> None:
         text = path.read_text()
         if "pynetdicom._" in text or "from pynetdicom import _" in text:
             offenders.append(str(path.relative_to(root)))
+        # a private attribute of pynetdicom's objects (ACSE, DUL, DIMSE, the association)
+        if re.search(r"\b(acse|dul|dimse)\._[a-z]|\bassoc\._(?!node_)[a-z]", text):
+            offenders.append(f"{path.relative_to(root)} (private attribute)")
     assert not offenders, offenders
