@@ -55,8 +55,15 @@ class _Stage:
 class TinyEngine:
     """Writes an 8^3 label map per stage: the cheapest run that still produces a file."""
 
-    def run(
-        self, plan: Any, study_path: Path, output_dir: Path, *, progress=None, should_stop=None
+    def run(  # the Engine protocol of pipeline/ports.py
+        self,
+        plan: Any,
+        study_path: Path,
+        output_dir: Path,
+        *,
+        progress=None,
+        should_stop=None,
+        layouts=None,
     ):
         out = []
         for stage in plan.stages:

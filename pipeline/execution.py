@@ -119,6 +119,7 @@ class JobExecutor:
         progress = ProgressWriter(self.store, job.id, self.progress_interval_s)
         started = time.monotonic()
         result = "failed"
+        status: JobStatus | None = None  # as recorded here; None: not known without a read
         try:
             outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
             try:
@@ -133,32 +134,36 @@ class JobExecutor:
             except Conflict as exc:  # another worker took the job over: it records the outcome
                 LOGGER.warning("job %s: result not recorded: %s", job.id, exc)
                 result = "lost"
-                return self.store.status(job.id)
-            result = final.status.value
-            if final.status == JobStatus.DONE:
-                self._run_done_hooks(job.id)
+            else:
+                status = final.status
+                result = status.value
+                if status == JobStatus.DONE:
+                    self._run_done_hooks(job.id)
         except JobCancelled:
             result = "cancelled"
             if self._abort.is_set() and self.store.requeue(job.id):
-                result = "requeued"
+                result, status = "requeued", JobStatus.QUEUED
                 LOGGER.info("job %s interrupted by shutdown: back in the queue", job.id)
             elif worker is not None and not self.leases.holds(job.id, worker):
                 LOGGER.info("job %s stopped: no longer held by %s", job.id, worker)
             else:
-                LOGGER.info("job %s stopped: %s", job.id, self.store.status(job.id).value)
-                if self.store.status(job.id) == JobStatus.RUNNING:
-                    self.store.cancel(job.id, reason="stopped")
+                status = self.store.status(job.id)
+                LOGGER.info("job %s stopped: %s", job.id, status.value)
+                if status == JobStatus.RUNNING:
+                    status = self.store.cancel(job.id, reason="stopped").status
         except NodeError as exc:  # client errors (an unreadable series) included: their message
-            self.store.fail(job.id, str(exc), worker=worker)
+            status = self.store.fail(job.id, str(exc), worker=worker).status
         except Exception as exc:
             LOGGER.exception("job %s crashed", job.id)
-            self.store.fail(job.id, f"internal error: {type(exc).__name__}: {exc}", worker=worker)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            status = self.store.fail(job.id, error, worker=worker).status
         finally:
             metrics.JOB_SECONDS.labels("+".join(job.models), result).observe(
                 time.monotonic() - started
             )
             progress.close()
-            status = self._status_or_none(job.id)
+            if status is None:  # lost to another worker, or recording the outcome failed
+                status = self._status_or_none(job.id)
             # queued again (shutdown), or running on another worker that took it over: still needed
             if status is not None and is_terminal(status):
                 discard_upload(self.settings, job)

@@ -612,7 +612,7 @@ class JobStore:
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
     def _load(session: Session, job_id: str, *, refresh: bool = False) -> Job:
-        # Artifacts and dispatches joined (a handful each), models and series by a query each.
+        # One query: a job has a handful of models, series, artifacts and dispatches at most.
         query = select(Job).where(Job.id == job_id).options(*_LOAD_ALL_JOINED)
         if refresh:
             query = query.execution_options(populate_existing=True)
@@ -623,8 +623,8 @@ class JobStore:
 
 
 _LOAD_ALL_JOINED = (
-    selectinload(Job.models),
-    selectinload(Job.series),
+    joinedload(Job.models),
+    joinedload(Job.series),
     joinedload(Job.artifacts),
     joinedload(Job.dispatches),
 )
