@@ -31,7 +31,7 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.settings import Settings
-from nnunet_node.storage.workers import JobLeases, WorkerStore
+from nnunet_node.storage.workers import JobLeases, WorkerInfo, WorkerStore
 
 LOGGER = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class BrokerQueue:
     ) -> None:
         self.settings = settings
         self.leases = JobLeases(session_factory)
-        self.workers = WorkerStore(session_factory)
+        self.worker_rows = WorkerStore(session_factory)
         self._app = app
         self._send_one = send or self._celery_send
         self._depth = depth or self._celery_depth
@@ -157,6 +157,11 @@ class BrokerQueue:
             app, self._app = self._app, None
         if app is not None:
             app.close()
+
+    def workers(self) -> list[WorkerInfo]:
+        """The worker processes alive now: those whose heartbeat is at most one lease
+        (``NNUNET_NODE_JOB_LEASE_S``) old."""
+        return self.worker_rows.alive(self.settings.job_lease_s)
 
     # --- sending -------------------------------------------------------------------------------
     def send(self, jobs: Iterable[tuple[str, str]]) -> int:
@@ -212,7 +217,7 @@ class BrokerQueue:
                         counts.get(queue, 0),
                     )
             sent += self.send(lost)
-        forgotten = self.workers.forget_older_than(FORGET_WORKERS_AFTER_S)
+        forgotten = self.worker_rows.forget_older_than(FORGET_WORKERS_AFTER_S)
         return {"requeued": requeued, "failed": failed, "sent": sent, "forgotten": forgotten}
 
     def _loop(self) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
-import os
-import socket
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +26,6 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from nnunet_node.core.clock import utcnow
 from nnunet_node.core.errors import ClientError, InvalidRequest
 from nnunet_node.core.settings import Settings
 from nnunet_node.inference.engine import describe_key
@@ -46,7 +43,7 @@ from nnunet_node.pipeline.workspace import delete_job_folder, discard_upload
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.jobs import JobFilters, JobRecord, JobStore
 from nnunet_node.storage.models import JobStatus
-from nnunet_node.storage.workers import JobLeases, WorkerInfo, WorkerStore
+from nnunet_node.storage.workers import JobLeases, WorkerInfo
 
 
 class JobService:
@@ -90,14 +87,17 @@ class JobService:
             poll_s=poll_s,
             progress_interval_s=progress_interval_s,
         )
-        self.remote = queue is not None
-        """True when worker processes run the jobs (a broker queue), not this process."""
         self.queue: JobQueue = (
             queue
             if queue is not None
-            else WorkerPool(self.executor, workers=settings.workers, poll_s=poll_s)
+            else WorkerPool(
+                self.executor,
+                threads=settings.workers,
+                poll_s=poll_s,
+                device=settings.device,
+                engine_state=self._engine_state,
+            )
         )
-        self._started_at = utcnow()
 
     # --- submission --------------------------------------------------------------------------
     def validate(self, request: dict[str, Any], **kw: Any) -> Plan:
@@ -251,28 +251,13 @@ class JobService:
         return [describe_key(key, ids) for key in cache.held_keys()]
 
     def workers(self) -> builtins.list[WorkerInfo]:
-        """The workers alive now. With a broker: the worker processes whose heartbeat is at most
-        one lease (``NNUNET_NODE_JOB_LEASE_S``) old. In-process: this process, which runs every
-        queue (``["*"]``), with the job its threads started first as ``current_job``."""
-        if self.remote:
-            return WorkerStore(self.session_factory).alive(self.settings.job_lease_s)
+        """The workers alive now, as the queue knows them: with a broker, the worker processes
+        whose heartbeat is at most one lease old; in-process, this process."""
+        return self.queue.workers()
+
+    def _engine_state(self) -> tuple[builtins.list[dict[str, Any]], int]:
         cache = getattr(self.engine, "cache", None)
-        running = self.executor.running()
-        return [
-            WorkerInfo(
-                name=f"in-process-{os.getpid()}@{socket.gethostname()}",
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                device=self.settings.device,
-                queues=["*"],
-                models=self.loaded_models(),
-                current_job=running[0] if running else None,
-                jobs_done=self.executor.jobs_done,
-                model_loads=cache.stats.loads if cache is not None else 0,
-                started_at=self._started_at,
-                heartbeat_at=utcnow(),
-            )
-        ]
+        return self.loaded_models(), cache.stats.loads if cache is not None else 0
 
     def run_pending(self) -> int:
         """Claim and run queued jobs in this thread until none is left (tools and tests)."""

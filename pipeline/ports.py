@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from nnunet_node.inference.engine import StageResult
 from nnunet_node.inference.request import Plan
 from nnunet_node.inference.series_check import SeriesLayout
+from nnunet_node.storage.workers import WorkerInfo
 
 
 class ProgressReporter(Protocol):
@@ -58,13 +59,18 @@ class Engine(Protocol):
 class JobQueue(Protocol):
     """Runs queued jobs. ``submit`` is called once the job's row is committed as ``queued``; it
     must not run the job in the caller's thread, and losing a submit must lose no job (the row
-    stays queued and ``start`` picks it up). ``start`` / ``stop`` bracket the process's life."""
+    stays queued and ``start`` picks it up). ``start`` / ``stop`` bracket the process's life;
+    ``workers`` says who runs the jobs."""
 
     def submit(self, job_id: str) -> None: ...
 
     def start(self, *, recover: bool = True) -> None: ...
 
     def stop(self, timeout: float | None = 30.0) -> None: ...
+
+    def workers(self) -> list[WorkerInfo]:
+        """The workers that run this queue's jobs, alive now (what ``GET /workers`` lists)."""
+        ...
 
 
 __all__ = ["CancelCheck", "Engine", "JobQueue", "ProgressReporter"]

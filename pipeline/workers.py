@@ -9,22 +9,44 @@ the queue safely (a claim is a conditional update).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
+from nnunet_node.core.clock import utcnow
 from nnunet_node.pipeline.execution import JobExecutor
+from nnunet_node.storage.workers import WorkerInfo
+
+EngineState = Callable[[], tuple[list[dict[str, Any]], int]]
+"""The predictors a process holds loaded (as ``GET /workers`` lists them) and how many it has
+loaded from disk so far."""
 
 LOGGER = logging.getLogger(__name__)
 
 
 class WorkerPool:
-    """``workers`` threads running queued jobs; ``poll_s``: how long an idle thread sleeps
-    before it looks at the queue again without being woken."""
+    """``threads`` threads running queued jobs; ``poll_s``: how long an idle thread sleeps
+    before it looks at the queue again without being woken. ``device`` and ``engine_state``
+    describe this process in :meth:`workers`."""
 
-    def __init__(self, executor: JobExecutor, *, workers: int, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        executor: JobExecutor,
+        *,
+        threads: int,
+        poll_s: float = 1.0,
+        device: str = "auto",
+        engine_state: EngineState | None = None,
+    ) -> None:
         self.executor = executor
-        self.workers = workers
+        self.threads = threads
         self.poll_s = poll_s
+        self.device = device
+        self._engine_state = engine_state
+        self._started_at = utcnow()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -42,7 +64,7 @@ class WorkerPool:
             self.executor.store.recover_after_restart()
         self._stopping.clear()
         self.executor.reset_abort()
-        for n in range(self.workers):
+        for n in range(self.threads):
             thread = threading.Thread(target=self._work, name=f"job-worker-{n}", daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -69,6 +91,28 @@ class WorkerPool:
             LOGGER.error("%d job worker(s) did not stop", len(self._threads))
         LOGGER.info("job workers stopped")
 
+    def workers(self) -> list[WorkerInfo]:
+        """This process, which runs every queue (``["*"]``), with the job its threads started
+        first as ``current_job``."""
+        models, loads = self._engine_state() if self._engine_state is not None else ([], 0)
+        running = self.executor.running()
+        host = socket.gethostname()
+        return [
+            WorkerInfo(
+                name=f"in-process-{os.getpid()}@{host}",
+                host=host,
+                pid=os.getpid(),
+                device=self.device,
+                queues=["*"],
+                models=models,
+                current_job=running[0] if running else None,
+                jobs_done=self.executor.jobs_done,
+                model_loads=loads,
+                started_at=self._started_at,
+                heartbeat_at=utcnow(),
+            )
+        ]
+
     def _work(self) -> None:
         while not self._stopping.is_set():
             try:
@@ -86,4 +130,4 @@ class WorkerPool:
                 LOGGER.exception("job %s: its outcome could not be recorded", job.id)
 
 
-__all__ = ["WorkerPool"]
+__all__ = ["EngineState", "WorkerPool"]

@@ -33,6 +33,7 @@ from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.jobs import RESTART_REASON
 from nnunet_node.storage.models import JobStatus
+from nnunet_node.storage.workers import WorkerInfo
 from tests.support.contract import RESULT_FIELDS
 
 
@@ -484,6 +485,9 @@ class RecordingQueue:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         self.started = False
+
+    def workers(self) -> list[WorkerInfo]:
+        return []  # the worker processes would report through their heartbeats
 
 
 def test_another_queue_plugs_in_and_run_job_runs_each_job_once(
