@@ -104,7 +104,10 @@ class RecoveryReport:
     completed: int = 0
     """Temporary files whose rows were committed, moved into place."""
     dropped: int = 0
-    """Temporary files without a committed row (never acknowledged), deleted."""
+    """Temporary files with bytes but without a committed row (never acknowledged), deleted."""
+    spares: int = 0
+    """Empty files without a row (spare files made ahead, or a transfer that never wrote a
+    byte), deleted: nothing was received in them, so they are not counted as dropped."""
 
 
 class Archive:
@@ -315,6 +318,10 @@ class Archive:
                     else None
                 )
             size = tmp.stat().st_size
+            if row is None and size == 0:
+                tmp.unlink(missing_ok=True)
+                report.spares += 1
+                continue
             if row is None or header is None or cut or size != row.size_bytes:
                 if header is not None or size:
                     LOGGER.warning("recover: %s was never acknowledged: deleted", tmp.name)
@@ -332,9 +339,10 @@ class Archive:
                 called_ae=row.called_ae,
             )
             report.completed += 1
-        if report.completed or report.dropped:
+        if report.completed or report.dropped or report.spares:
             for touched in folders:
                 _fsync_dir(touched)
+        if report.completed or report.dropped:
             LOGGER.warning(
                 "recover: %d interrupted write(s) completed, %d dropped",
                 report.completed,

@@ -195,7 +195,7 @@ def test_recover_drops_a_file_cut_short_whose_row_committed(
     (archive.incoming / "0123abcd.tmp").touch()  # and an empty spare
 
     report = archive.recover()
-    assert (report.completed, report.dropped) == (0, 2)
+    assert (report.completed, report.dropped, report.spares) == (0, 1, 1)
     assert list(archive.incoming.iterdir()) == []
     rows = _rows(index_sessions)
     if resent:
@@ -205,6 +205,21 @@ def test_recover_drops_a_file_cut_short_whose_row_committed(
     else:
         assert rows == []
         assert _data_files(archive) == []
+
+
+def test_recover_after_a_crash_that_left_only_spare_files_reports_nothing_dropped(
+    archive: Archive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node killed while idle leaves its spare files (empty, made ahead): recover deletes
+    them without the WARNING of interrupted writes, which would send a reader looking for lost
+    instances."""
+    for name in ("0123abcd.tmp", "4567ef01.tmp"):
+        (archive.incoming / name).touch()
+    with caplog.at_level("WARNING", logger=archive_module.LOGGER.name):
+        report = archive.recover()
+    assert (report.completed, report.dropped, report.spares) == (0, 0, 2)
+    assert list(archive.incoming.iterdir()) == []
+    assert [r.getMessage() for r in caplog.records if r.name == archive_module.LOGGER.name] == []
 
 
 def test_a_receivers_folder_is_recovered_alone_and_at_start(
