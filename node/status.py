@@ -18,9 +18,12 @@ A C-MOVE to an AE title that is not one of the spec's ``destinations`` is answer
 handler itself (pynetdicom sends it when the handler yields no address).
 
 For the query/retrieve generators the status is yielded as the final response once the handler
-has yielded what pynetdicom needs first (C-MOVE: destination and count; C-GET: count). An error
-before that point is logged here and re-raised: pynetdicom then answers its own "unable to
-process" status (0xC4xx/0xC5xx), still a failure in the range PS3.4 gives.
+has yielded what pynetdicom needs first (C-MOVE: destination and count; C-GET: count). A C-GET
+that fails before its count (an identifier without the level's unique key) yields a count of one
+first, so the peer gets the status of the table (pynetdicom then counts one failed
+sub-operation). A C-MOVE that fails before its destination is logged here and re-raised:
+pynetdicom then answers its own "unable to process" status (0xC5xx), still a failure in the
+range PS3.4 gives.
 """
 
 from __future__ import annotations
@@ -61,13 +64,15 @@ def status_for(service: str, exc: BaseException) -> int:
     return UNABLE_TO_PROCESS
 
 
-def _log(service: str, status: int, exc: BaseException, event: Any) -> None:
+def _log(service: str, status: int | None, exc: BaseException, event: Any) -> None:
+    """Log what ``exc`` made of a request; ``status`` None: pynetdicom answers its own."""
     peer = _peer(event)
     expected = refusal_for(exc).expected if service == "C-STORE" else isinstance(exc, ClientError)
+    answered = "pynetdicom's unable to process" if status is None else f"0x{status:04X}"
     if expected:
-        LOGGER.warning("%s from %s: 0x%04X: %s", service, peer, status, exc)
+        LOGGER.warning("%s from %s: %s: %s", service, peer, answered, exc)
     else:
-        LOGGER.error("%s from %s: 0x%04X", service, peer, status, exc_info=exc)
+        LOGGER.error("%s from %s: %s", service, peer, answered, exc_info=exc)
 
 
 def _peer(event: Any) -> str:
@@ -115,9 +120,18 @@ def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., 
                         except Exception as exc:
                             outcome = "failure"
                             status = status_for(service, exc)
-                            _log(service, status, exc, event)
+                            if service == "C-GET" and yielded == 0:
+                                # A count first, so that pynetdicom sends this status instead
+                                # of its own 0xC413 (it then reports that one sub-operation
+                                # as failed: it sets the counts itself).
+                                _log(service, status, exc, event)
+                                yield 1
+                                yield status, None
+                                return
                             if yielded < _PREAMBLE[service]:
+                                _log(service, None, exc, event)
                                 raise
+                            _log(service, status, exc, event)
                             yield status, None
                             return
                         yielded += 1

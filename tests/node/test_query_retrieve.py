@@ -215,3 +215,24 @@ def test_get_one_image_with_patient_root(stored: Stored, tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stdout
     assert [pydicom.dcmread(p).SOPInstanceUID for p in received(out)] == [stored.sop_uids[3]]
+
+
+def test_getscu_without_the_series_uid_is_told_the_identifier_is_wrong(
+    stored: Stored, tmp_path: Path
+) -> None:
+    """A SERIES-level C-GET without SeriesInstanceUID: 0xA900 (Identifier does not match SOP
+    Class), the status a C-FIND with a bad identifier gets, not pynetdicom's unable to process;
+    nothing is sent."""
+    out = tmp_path / "got"
+    out.mkdir()
+    result = retrieve(
+        "getscu",
+        stored.node.port,
+        "-S",
+        "-od",
+        str(out),
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID=stored.study_uid,
+    )
+    assert "DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout
+    assert received(out) == []

@@ -56,3 +56,15 @@ def test_generator_error_before_the_preamble_is_left_to_pynetdicom() -> None:
 
     with pytest.raises(InvalidRequest):
         list(handler(EVENT))
+
+
+def test_a_c_get_refused_before_its_count_still_gets_the_status() -> None:
+    """Raised before the count: a count of one goes first, so pynetdicom sends 0xA900 as the
+    final response instead of its own 0xC413 (PS3.4 C.4.3.1.3.1)."""
+
+    @dimse_service("C-GET")
+    def handler(event: object):  # type: ignore[no-untyped-def]
+        raise InvalidRequest("SeriesInstanceUID is required to retrieve at the SERIES level")
+        yield
+
+    assert list(handler(EVENT)) == [1, (0xA900, None)]
