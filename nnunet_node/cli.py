@@ -176,12 +176,18 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _db(settings: Settings, args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
+
     from nnunet_node.storage.migrations import downgrade, upgrade
 
-    if args.action == "upgrade":
-        upgrade(settings.database_url, args.revision or "head")
-    else:
-        downgrade(settings.database_url, args.revision or "-1")
+    try:
+        if args.action == "upgrade":
+            upgrade(settings.database_url, args.revision or "head")
+        else:
+            downgrade(settings.database_url, args.revision or "-1")
+    except CommandError as exc:  # an unknown revision, or none below the base
+        print(f"nnunet-node db {args.action}: {exc}", file=sys.stderr)
+        return 2
     print(f"database {settings.database_url}: {args.action} done")
     return 0
 
@@ -288,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         With a node running (`nnunet-node serve` in another terminal): write a phantom CT
         study, send it to the node by C-STORE, follow the job the routing rule makes of it,
         and receive its DICOM-SEG and RTSTRUCT at a small storage SCP this command runs
-        for the occasion (the default spec's DEMO_DEST peer).
+        for the occasion (the rule's destination: PACS on 127.0.0.1:11113 in the default
+        spec).
         """,
     )
     demo.add_argument(

@@ -71,6 +71,17 @@ def test_a_taken_port_stops_with_one_line_naming_the_setting(
     assert variable in err and str(port) in err and "already in use" in err
 
 
+def test_db_with_an_unknown_revision_says_so_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NNUNET_NODE_DATA", str(tmp_path / "data"))
+    assert main(["db", "downgrade", "nonsense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]  # after the log line naming the database
+    assert last.startswith("nnunet-node db downgrade:") and "nonsense" in last, err
+
+
 def test_settings_name_the_missing_tls_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="NNUNET_NODE_TLS_CERT"):
         Settings(data_dir=tmp_path, dicom_tls_port=2762)
