@@ -32,6 +32,7 @@ from nnunet_node.api.middleware import (
 from nnunet_node.api.routes import health, infer, jobs, metrics, models, workers
 from nnunet_node.api.ui import pages as ui_pages
 from nnunet_node.api.viewer import ViewerMiddleware, viewer_dist
+from nnunet_node.core.errors import NotFound
 from nnunet_node.core.settings import Settings, load_settings
 from nnunet_node.inference.request import InferenceRequest
 from nnunet_node.pipeline.context import NodeContext, build_context
@@ -196,5 +197,16 @@ def create_app(
             return request_authorised(settings, request, request.headers.get(API_KEY_HEADER))
 
         app.add_middleware(ViewerMiddleware, dist=app.state.viewer, authorised=authorised)
+    else:
+
+        async def viewer_missing(rest: str = "") -> None:
+            where = f" in {settings.viewer_dir}" if settings.viewer_dir else ""
+            raise NotFound(
+                f"the viewer is not installed: no OHIF build{where} "
+                "(run `make viewer`, or set NNUNET_NODE_VIEWER_DIR)"
+            )
+
+        for path in ("/viewer", "/viewer/{rest:path}"):
+            app.add_api_route(path, viewer_missing, methods=["GET"], include_in_schema=False)
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     return app

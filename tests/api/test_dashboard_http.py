@@ -177,3 +177,14 @@ def test_metrics_are_public_only_when_configured(
     with make_node(tmp_path / "data", api_key=KEY, metrics_public=True) as live, bare(live) as c:
         assert c.get("/metrics").status_code == 200
         assert c.get("/jobs").status_code == 401
+
+
+def test_without_a_viewer_build_the_viewer_says_how_to_get_one(
+    tmp_path: Path, make_node: Callable[..., Any]
+) -> None:
+    with make_node(tmp_path / "data", viewer_dir=tmp_path / "absent") as live, bare(live) as c:
+        for path in ("/viewer", "/viewer/viewer?StudyInstanceUIDs=1.2.3"):
+            answer = c.get(path)
+            assert answer.status_code == 404
+            assert "make viewer" in answer.json()["error"], answer.text
+        assert c.get("/healthz").json() == {"status": "ok"}
