@@ -77,7 +77,7 @@ def test_db_with_an_unknown_revision_says_so_without_a_traceback(
     monkeypatch.setenv("NNUNET_NODE_DATA", str(tmp_path / "data"))
     assert main(["db", "downgrade", "nonsense"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
+    assert "CommandError" not in err, err  # alembic's exception is not shown
     last = err.splitlines()[-1]  # after the log line naming the database
     assert last.startswith("nnunet-node db downgrade:") and "nonsense" in last, err
 
