@@ -18,6 +18,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_MOVE
 
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.node.contexts import (
@@ -109,6 +110,40 @@ def query_keys(identifier: Dataset) -> tuple[list[str], dict[str, str]]:
         else:
             matching[keyword] = str(value)
     return keys, matching
+
+
+def _announce_sub_operations(event: evt.Event, count: int) -> Any:
+    """An ``EVT_CONN_OPEN`` handler for a C-MOVE's association to its destination: as soon as
+    the connection is made, and before the association is negotiated on it, tell the requester
+    with a Pending C-MOVE-RSP how many sub-operations will follow (Number of Remaining
+    Sub-operations, none completed yet; PS3.4 C.4.2.1.6, PS3.7 9.3.4.2).
+
+    A requester that is also the destination has to accept that association while it waits for
+    responses to its C-MOVE: dcmtk's movescu looks for an incoming association only between
+    waits of up to a second on the C-MOVE's own association, so without a response there it
+    notices the node's association up to a second late. A failure to send is logged and the
+    C-MOVE goes on (the sub-operations' own Pending responses follow)."""
+    request = event.request
+    context_id = event.context.context_id
+    requester = event.assoc
+
+    def announce(_: evt.Event) -> None:
+        if count <= 0 or not requester.is_established:
+            return
+        response = C_MOVE()
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response.Status = PENDING
+        response.NumberOfRemainingSuboperations = count
+        response.NumberOfCompletedSuboperations = 0
+        response.NumberOfFailedSuboperations = 0
+        response.NumberOfWarningSuboperations = 0
+        try:
+            requester.dimse.send_msg(response, context_id)
+        except Exception as exc:  # the C-MOVE itself still runs and answers
+            LOGGER.warning("C-MOVE: the first Pending response could not be sent: %s", exc)
+
+    return announce
 
 
 class NodeHandlers:
@@ -224,9 +259,10 @@ class NodeHandlers:
         model = MOVE_MODELS[str(event.request.AffectedSOPClassUID)]
         refs = self._refs(event.identifier, model)
         contexts = storage_contexts((r.sop_class_uid, r.transfer_syntax_uid) for r in refs)
+        announce = _announce_sub_operations(event, len(refs))
         association: dict[str, Any] = {
             "contexts": contexts,
-            "evt_handlers": NODELAY_HANDLERS,
+            "evt_handlers": [*NODELAY_HANDLERS, (evt.EVT_CONN_OPEN, announce)],
             "max_pdu": self.max_pdu,
         }
         if destination.tls and self.tls_client is not None:

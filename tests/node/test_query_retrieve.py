@@ -149,6 +149,43 @@ def test_movescu_to_storescp_destination(stored: Stored, tmp_path: Path) -> None
     assert _moves("failure") == failures
 
 
+def test_movescu_hears_the_count_before_its_sub_association(stored: Stored, tmp_path: Path) -> None:
+    """movescu as its own destination (``+P``): the first C-MOVE-RSP is Pending with every
+    sub-operation remaining and none completed, and it comes before the node's association to
+    movescu (which movescu would otherwise notice only after a second's wait for a response)."""
+    out = tmp_path / "moved"
+    out.mkdir()
+    result = retrieve(
+        "movescu",
+        stored.node.port,
+        "-d",
+        "-S",
+        "-aem",
+        "PACS",
+        "+P",
+        str(stored.pacs_port),
+        "-od",
+        str(out),
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID=stored.study_uid,
+        SeriesInstanceUID=stored.series_uid,
+    )
+    assert result.returncode == 0, result.stdout
+    first, sub_association = (
+        result.stdout.index(marker)
+        for marker in ("Received Move Response 1", "Sub-Association Received")
+    )
+    assert first < sub_association, result.stdout
+    response = result.stdout[first:sub_association]
+    assert "0xff00: Pending" in response, response
+    assert re.search(rf"Remaining Suboperations\s*:\s*{len(stored.sop_uids)}\b", response), response
+    assert re.search(r"Completed Suboperations\s*:\s*0\b", response), response
+    final = result.stdout.split("Received Final Move Response")[1]
+    assert "0x0000: Success" in final, result.stdout
+    files = received(out)
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in files} == set(stored.sop_uids)
+
+
 def test_move_to_unknown_ae_is_refused(stored: Stored) -> None:
     failures = _moves("failure")
     result = retrieve(
