@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode
 
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.node.contexts import (
@@ -28,7 +30,14 @@ from nnunet_node.node.contexts import (
     prefer_requested_syntaxes,
 )
 from nnunet_node.node.retrieve import StoredInstance
-from nnunet_node.node.status import CANCEL, PENDING, SUCCESS, dimse_service
+from nnunet_node.node.status import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH,
+    PENDING,
+    SUCCESS,
+    dimse_service,
+    refused_before_handler,
+)
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
 from nnunet_node.pipeline.pynetdicom_internals import cancel_requested, incoming_file
 from nnunet_node.pipeline.routing import RoutingTable
@@ -246,6 +255,56 @@ class NodeHandlers:
             narrow["series_uid"] = _single(identifier, "SeriesInstanceUID")
         with self.archive.read_sessions() as session:
             return query.instance_refs(session, level, uids, **narrow)
+
+    def screen_request(self, assoc: Any, request: Any, context_id: int) -> Any:
+        """The request screen of the node's associations (node/transport.py): a C-GET or C-MOVE
+        whose identifier cannot be decoded, names no Query/Retrieve Level of its information
+        model, or lacks the unique key of its level (PS3.4 C.4.2.2.1, C.4.3.2.1) is answered
+        0xA900 Identifier does not match SOP Class, with an Error Comment and the Offending
+        Element (PS3.4 C.4.2.1.5, C.4.3.1.4), before pynetdicom asks the handler for a count
+        (it would log a traceback and answer 0xC5xx/0xC4xx). Returns that response, or None to
+        serve the request."""
+        response: C_GET | C_MOVE
+        if type(request) is C_GET:
+            service, models, response = "C-GET", GET_MODELS, C_GET()
+        elif type(request) is C_MOVE:
+            service, models, response = "C-MOVE", MOVE_MODELS, C_MOVE()
+        else:
+            return None
+        model = models.get(str(request.AffectedSOPClassUID))
+        if model is None:
+            return None  # not a Query/Retrieve SOP Class of ours: pynetdicom refuses it
+        offending: int | None = tag_for_keyword("QueryRetrieveLevel")
+        try:
+            context = next(cx for cx in assoc.accepted_contexts if cx.context_id == context_id)
+            syntax = context.transfer_syntax[0]
+            identifier = decode(
+                request.Identifier,
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                syntax.is_deflated,
+            )
+            level = retrieve_level(identifier, model)
+            offending = tag_for_keyword(UNIQUE_KEYS[level])
+            retrieve_uids(identifier, level)
+        except InvalidRequest as exc:
+            reason = str(exc)
+        except Exception as exc:  # whatever the decoder raises
+            offending = None
+            reason = f"the identifier cannot be decoded ({type(exc).__name__})"
+        else:
+            return None
+        finally:
+            if request.Identifier is not None:
+                request.Identifier.seek(0)
+        refused_before_handler(service, IDENTIFIER_DOES_NOT_MATCH, reason, assoc)
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response.Status = IDENTIFIER_DOES_NOT_MATCH
+        response.ErrorComment = reason[:64]  # type: ignore[assignment]  # LO (PS3.7 E.1)
+        if offending is not None:
+            response.OffendingElement = [offending]  # type: ignore[assignment]
+        return response
 
     @dimse_service("C-MOVE")
     def on_move(self, event: evt.Event) -> Iterator[Any]:

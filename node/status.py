@@ -18,12 +18,14 @@ A C-MOVE to an AE title that is not one of the spec's ``destinations`` is answer
 handler itself (pynetdicom sends it when the handler yields no address).
 
 For the query/retrieve generators the status is yielded as the final response once the handler
-has yielded what pynetdicom needs first (C-MOVE: destination and count; C-GET: count). A C-GET
-that fails before its count (an identifier without the level's unique key) yields a count of one
-first, so the peer gets the status of the table (pynetdicom then counts one failed
-sub-operation). A C-MOVE that fails before its destination is logged here and re-raised:
-pynetdicom then answers its own "unable to process" status (0xC5xx), still a failure in the
-range PS3.4 gives.
+has yielded what pynetdicom needs first (C-MOVE: destination and count; C-GET: count). What a
+client can get wrong there (an identifier without a level or its unique key) is refused before
+pynetdicom's service class runs, by the handlers' request screen (0xA900 with an Error Comment and
+the Offending Element; :func:`refused_before_handler` logs and counts it). A C-GET that still
+fails before its count yields a count of one first, so the peer gets the status of the table
+(pynetdicom then counts one failed sub-operation). A C-MOVE that fails before its destination is
+logged here and re-raised: pynetdicom then answers its own "unable to process" status (0xC5xx),
+still a failure in the range PS3.4 gives.
 """
 
 from __future__ import annotations
@@ -94,6 +96,17 @@ def _is_failure_item(item: Any) -> bool:
 
 def _measure(service: str, outcome: str, started: float) -> None:
     metrics.dimse_request(service, outcome, time.perf_counter() - started)
+
+
+def refused_before_handler(service: str, status: int, reason: str, assoc: Any) -> None:
+    """Log (a warning, no traceback) and count a ``service`` request answered ``status``
+    before its handler ran (node/handlers.py's request screen)."""
+    try:
+        peer = f"{assoc.requestor.ae_title}@{assoc.requestor.address}"
+    except AttributeError:
+        peer = "?"
+    LOGGER.warning("%s from %s: 0x%04X: %s", service, peer, status, reason)
+    metrics.DIMSE_REQUESTS.labels(service, "failure").inc()
 
 
 def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

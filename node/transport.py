@@ -49,12 +49,14 @@ from nnunet_node.node.status import CANNOT_UNDERSTAND
 from nnunet_node.pipeline.dispatch import NodeAE
 from nnunet_node.pipeline.pynetdicom_internals import (
     AcceptingHandler,
+    RequestScreen,
     StoreSink,
     after_run,
     answer_invalid_store_requests,
     command_set,
     log_request_identifiers,
     make_event_driven,
+    screen_requests,
     send_responses_directly,
     stream_store_datasets,
     unbind_standard_log_handlers,
@@ -63,7 +65,7 @@ from nnunet_node.pipeline.pynetdicom_internals import (
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["ServerAE", "StoreSink", "encode_response", "encode_store_response"]
+__all__ = ["RequestScreen", "ServerAE", "StoreSink", "encode_response", "encode_store_response"]
 
 # Command Field of each response (PS3.7 E.1).
 _RESPONSE_FIELDS = {C_STORE: 0x8001, C_ECHO: 0x8030, C_FIND: 0x8020, C_GET: 0x8010, C_MOVE: 0x8021}
@@ -175,6 +177,9 @@ class ServerAE(NodeAE):
         super().__init__(*args, **kwargs)
         self.event_driven = event_driven
         self.store_sink: StoreSink | None = None
+        self.request_screen: RequestScreen | None = None
+        """Refuses requests before pynetdicom's service class runs (a C-GET or C-MOVE whose
+        identifier cannot be served)."""
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("request_handler", AcceptingHandler)
@@ -201,6 +206,8 @@ class ServerAE(NodeAE):
                 close()
 
             after_run(assoc, finish)
+        if self.request_screen is not None:
+            screen_requests(assoc, self.request_screen)
         send_stored_files(assoc)
 
     def make_socket(self, assoc: Any, address: Any) -> Any:

@@ -34,6 +34,8 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
   receive mode's ``DIMSEMessage._data_set_file`` / ``_data_set_path``.
 - Sending a file as stored: the chunked send mode's ``C_STORE._dataset_path`` and the reactor
   pause (``Association._reactor_checkpoint`` / ``_is_paused``), ``_check_received_status``.
+- Requests refused before the service class runs (:func:`screen_requests`):
+  ``Association._serve_request``.
 - The standard log handlers of ``pynetdicom._handlers``.
 """
 
@@ -937,6 +939,38 @@ def answer_invalid_store_requests(assoc: Any, status: int) -> None:
         response = C_STORE()
         response.MessageIDBeingRespondedTo = msg.MessageID
         response.Status = status
+        assoc.dimse.send_msg(response, context_id)
+
+    assoc._serve_request = serve_request
+
+
+# --- requests refused before pynetdicom's service class ------------------------------------
+
+RequestScreen = Callable[[Any, Any, int], Any]
+"""``(assoc, request, context_id)`` -> the response primitive that refuses the request, or None
+to serve it as usual."""
+
+
+def screen_requests(assoc: Any, screen: RequestScreen) -> None:
+    """Give every valid DIMSE request to ``screen`` before pynetdicom's service class runs it;
+    a response ``screen`` returns is sent instead (a final one: the request is not served).
+
+    pynetdicom asks a C-GET handler for the number of sub-operations (a C-MOVE handler for its
+    destination, then that number) before it takes any status from it, so a handler that finds
+    the identifier unusable can only raise: pynetdicom then logs a traceback and answers its own
+    0xC4xx/0xC5xx, and yielding 0 then a status reports Success. The screen answers such
+    requests with the status and Error Comment PS3.4 gives (0xA900, C.4.2.1.5, C.4.3.1.4).
+
+    Hook: ``Association._serve_request``. Public replacement: an intervention event before the
+    service class (or a handler yield that ends a C-GET/C-MOVE with a status before its count).
+    """
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        response = screen(assoc, msg, context_id) if msg.is_valid_request else None
+        if response is None:
+            serve(msg, context_id)
+            return
         assoc.dimse.send_msg(response, context_id)
 
     assoc._serve_request = serve_request

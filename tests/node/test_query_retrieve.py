@@ -3,6 +3,7 @@ dcmtk storescp as the move destination."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,39 @@ def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
     assert "Received Final Move Response" in result.stdout
     assert "(Success)" not in result.stdout.split("Received Final Move Response")[1]
     assert _moves("failure") == failures + 1
+
+
+@pytest.mark.parametrize("tool", ["getscu", "movescu"])
+def test_retrieve_without_the_levels_unique_key_is_refused(
+    stored: Stored, tool: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SERIES-level C-GET or C-MOVE without SeriesInstanceUID: 0xA900 with an Error Comment
+    naming the missing key, and a warning in the log, no error, no traceback."""
+    caplog.set_level(logging.WARNING)
+    service = "C-GET" if tool == "getscu" else "C-MOVE"
+    before = REGISTRY.get_sample_value(
+        "nnunet_node_dimse_requests_total", {"service": service, "outcome": "failure"}
+    )
+    result = retrieve(
+        tool,
+        stored.node.port,
+        "-d",
+        "-S",
+        *(["-aem", "PACS"] if tool == "movescu" else []),
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID=stored.study_uid,
+    )
+    final = result.stdout.split("INCOMING DIMSE MESSAGE")[-1]  # the only response
+    assert "0xa900" in final.lower(), result.stdout
+    assert "SeriesInstanceUID is required" in final, result.stdout  # the Error Comment
+    assert "(0020,000e)" in final.lower(), result.stdout  # the Offending Element
+    problems = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info is not None]
+    assert not problems, [r.getMessage() for r in problems]
+    assert any("SeriesInstanceUID is required" in r.getMessage() for r in caplog.records)
+    after = REGISTRY.get_sample_value(
+        "nnunet_node_dimse_requests_total", {"service": service, "outcome": "failure"}
+    )
+    assert (after or 0.0) == (before or 0.0) + 1
 
 
 def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:

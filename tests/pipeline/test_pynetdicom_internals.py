@@ -264,6 +264,19 @@ def test_the_server_collects_garbage_between_requests() -> None:
     assert "gc.collect()" in _source(AssociationServer.service_actions)
 
 
+def test_retrieve_services_ask_for_a_count_first() -> None:
+    """Why ``screen_requests`` exists: a C-GET handler's first yield is taken as the count and
+    an exception there is answered by pynetdicom (0xC413 with a logged traceback); the screen
+    goes through ``_serve_request`` (checked above) before that."""
+    from pynetdicom.service_class import QueryRetrieveServiceClass
+
+    get_scp = _source(QueryRetrieveServiceClass._get_scp)
+    assert "nr_suboperations = int(next(generator))" in get_scp
+    move_scp = _source(QueryRetrieveServiceClass._move_scp)
+    assert "destination: DestinationType = next(generator)" in move_scp
+    assert "def _serve_request(self, msg" in _source(Association)
+
+
 @pytest.mark.parametrize(
     "name",
     [
