@@ -23,20 +23,29 @@ from __future__ import annotations
 import logging
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
-from nnunet_node.pipeline.pynetdicom_internals import send_c_store_from_file
+from nnunet_node.pipeline.pynetdicom_internals import (
+    decode_store_responses,
+    send_c_store_from_file,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 
 class SubOperationFailed(ValueError):
     """A stored instance cannot be sent in any presentation context the peer accepted."""
+
+
+_SOP_CLASS_UID = Tag(0x0008, 0x0016)
+_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
 
 
 class StoredInstance(Dataset):
@@ -49,6 +58,12 @@ class StoredInstance(Dataset):
     (PS3.7 9.1.1.1: Move Originator Application Entity Title), None for C-GET.
     """
 
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    move_originator_aet: str | None
+
     def __init__(
         self,
         path: Path,
@@ -59,23 +74,35 @@ class StoredInstance(Dataset):
         move_originator_aet: str | None = None,
     ) -> None:
         super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_instance_uid
-        self.path = path
-        self.transfer_syntax_uid = transfer_syntax_uid
-        self.move_originator_aet = move_originator_aet
+        # as read from a file (decoded only if pynetdicom reads them): ~4x quicker than
+        # assigning the keywords, on the wait between two sub-operations
+        for tag, uid in ((_SOP_CLASS_UID, sop_class_uid), (_SOP_INSTANCE_UID, sop_instance_uid)):
+            value = uid.encode("ascii")
+            self[tag] = RawDataElement(tag, "UI", len(value), value, 0, False, True)
+        # plain attributes, not elements (Dataset.__setattr__ looks every name up as a keyword)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "sop_class_uid", sop_class_uid)
+        object.__setattr__(self, "sop_instance_uid", sop_instance_uid)
+        object.__setattr__(self, "transfer_syntax_uid", transfer_syntax_uid)
+        object.__setattr__(self, "move_originator_aet", move_originator_aet)
 
 
-def data_set_offset(path: Path) -> int:
-    """Where the data set starts in the Part 10 file ``path``: after the preamble, ``DICM`` and
-    the File Meta Information, whose group length (0002,0000) says how long it is (PS3.10 7.1).
-    A file without that group length is measured by pynetdicom's ``split_dataset``.
+def data_set_offset(source: Path | BinaryIO) -> int:
+    """Where the data set starts in the Part 10 file ``source`` (a path, or the file open for
+    binary reading, read from its start): after the preamble, ``DICM`` and the File Meta
+    Information, whose group length (0002,0000) says how long it is (PS3.10 7.1). A file without
+    that group length is measured by pynetdicom's ``split_dataset``.
     Raises OSError when the file cannot be read, ValueError when it is not a Part 10 file."""
-    with open(path, "rb") as fh:
-        head = fh.read(144)
+    if isinstance(source, Path):
+        with open(source, "rb") as fh:
+            head = fh.read(144)
+    else:
+        source.seek(0)
+        head = source.read(144)
     if len(head) == 144 and head[128:138] == b"DICM\x02\x00\x00\x00UL":
         (length,) = struct.unpack("<I", head[140:144])
         return 144 + int(length)
+    path = source if isinstance(source, Path) else Path(str(getattr(source, "name", "")))
     try:
         _, offset = split_dataset(path)
     except Exception as exc:
@@ -84,12 +111,16 @@ def data_set_offset(path: Path) -> int:
 
 
 def _contexts_for(assoc: Any, sop_class_uid: str) -> list[Any]:
-    """The accepted presentation contexts in which this end may send ``sop_class_uid``."""
-    return [
-        cx
-        for cx in assoc.accepted_contexts
-        if cx.abstract_syntax == sop_class_uid and cx.as_scu is True
-    ]
+    """The accepted presentation contexts in which this end may send ``sop_class_uid`` (the
+    association's are listed once per SOP Class: they do not change once negotiated)."""
+    by_class: dict[str, list[Any]] | None = getattr(assoc, "_node_send_contexts", None)
+    if by_class is None:
+        by_class = {}
+        for cx in assoc.accepted_contexts:
+            if cx.as_scu is True:
+                by_class.setdefault(str(cx.abstract_syntax), []).append(cx)
+        assoc._node_send_contexts = by_class
+    return by_class.get(sop_class_uid, [])
 
 
 def _converted(instance: StoredInstance, contexts: list[Any]) -> Dataset:
@@ -100,7 +131,7 @@ def _converted(instance: StoredInstance, contexts: list[Any]) -> Dataset:
     uncompressed = [ts for ts in syntaxes if not ts.is_compressed]
     if stored.is_compressed and not uncompressed:
         raise SubOperationFailed(
-            f"{instance.SOPInstanceUID}: stored as {stored.name}, the peer accepted only "
+            f"{instance.sop_instance_uid}: stored as {stored.name}, the peer accepted only "
             f"{', '.join(ts.name for ts in syntaxes)} (no conversion between compressed syntaxes)"
         )
     ds = pydicom.dcmread(instance.path)
@@ -109,7 +140,7 @@ def _converted(instance: StoredInstance, contexts: list[Any]) -> Dataset:
             ds.decompress(generate_instance_uid=False)
         except Exception as exc:
             raise SubOperationFailed(
-                f"{instance.SOPInstanceUID}: stored as {stored.name}, the peer accepted only "
+                f"{instance.sop_instance_uid}: stored as {stored.name}, the peer accepted only "
                 f"{', '.join(ts.name for ts in syntaxes)}, and it cannot be decompressed: {exc}"
             ) from exc
     return ds
@@ -139,11 +170,11 @@ def send_stored(
         )
     if dataset.move_originator_aet is not None:
         originator_aet = dataset.move_originator_aet
-    contexts = _contexts_for(assoc, str(dataset.SOPClassUID))
+    contexts = _contexts_for(assoc, dataset.sop_class_uid)
     if not contexts:
         raise SubOperationFailed(
-            f"{dataset.SOPInstanceUID}: the peer accepted no presentation context for "
-            f"{UID(str(dataset.SOPClassUID)).name}"
+            f"{dataset.sop_instance_uid}: the peer accepted no presentation context for "
+            f"{UID(dataset.sop_class_uid).name}"
         )
     for cx in contexts:
         if cx.transfer_syntax[0] == dataset.transfer_syntax_uid:
@@ -151,9 +182,9 @@ def send_stored(
                 assoc,
                 int(cx.context_id),
                 dataset.path,
-                data_set_offset(dataset.path),
-                sop_class_uid=str(dataset.SOPClassUID),
-                sop_instance_uid=str(dataset.SOPInstanceUID),
+                data_set_offset,
+                sop_class_uid=dataset.sop_class_uid,
+                sop_instance_uid=dataset.sop_instance_uid,
                 message_id=msg_id,
                 priority=priority,
                 move_originator_aet=originator_aet,
@@ -162,7 +193,7 @@ def send_stored(
     converted = _converted(dataset, contexts)
     LOGGER.info(
         "C-STORE sub-operation: %s converted from %s for the peer",
-        dataset.SOPInstanceUID,
+        dataset.sop_instance_uid,
         UID(dataset.transfer_syntax_uid).name,
     )
     return send_c_store(
@@ -175,9 +206,11 @@ def send_stored(
 
 
 def send_stored_files(assoc: Any) -> None:
-    """Make ``assoc.send_c_store`` send :class:`StoredInstance` from their files (this one
-    association; nothing global changes)."""
+    """Make ``assoc.send_c_store`` send :class:`StoredInstance` from their files, and decode
+    the C-STORE-RSPs that answer them directly (this one association; nothing global
+    changes)."""
     original = assoc.send_c_store
+    decode_store_responses(assoc)
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         return send_stored(assoc, original, dataset, *args, **kwargs)

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from sqlalchemy import func, select
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core import dicomscan
 from nnunet_node.node.transport import encode_store_response
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS
+from nnunet_node.pipeline.pynetdicom_internals import decode_store_response
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance
 from tests.support.dcmtk import dcmtk
@@ -54,6 +55,57 @@ def test_store_response_is_encoded_as_pynetdicom_encodes_it(
     command = decode(io.BytesIO(ours), True, True)
     assert (command.CommandField, command.Status) == (0x8001, status)
     assert command.AffectedSOPInstanceUID == sop_instance
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xB000, 0xC000])
+@pytest.mark.parametrize(("sop_class", "sop_instance"), [*UIDS, (None, None)])
+def test_store_response_is_decoded_as_pynetdicom_decodes_it(
+    status: int, sop_class: str | None, sop_instance: str | None
+) -> None:
+    """decode_store_response (the C-STORE-RSP of a sub-operation, pipeline/pynetdicom_internals)
+    gives the primitive pynetdicom's own decoder gives, from what a peer sends."""
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 65535
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    (pdata,) = list(message.encode_msg(3, 16382))
+    ((_, data),) = pdata.presentation_data_value_list
+    theirs = DIMSEMessage()
+    assert theirs.decode_msg(pdata)
+    expected = theirs.message_to_primitive()
+
+    ours = decode_store_response(bytes(data[1:]))
+    assert ours is not None
+    for keyword in ("MessageIDBeingRespondedTo", "Status", "AffectedSOPClassUID"):
+        assert getattr(ours, keyword) == getattr(expected, keyword), keyword
+    assert ours.AffectedSOPInstanceUID == expected.AffectedSOPInstanceUID
+    assert ours.is_valid_response
+
+
+def test_store_response_with_an_error_comment_is_left_to_pynetdicom() -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 1
+    primitive.Status = 0xC000
+    primitive.ErrorComment = "no room"
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    (pdata,) = list(message.encode_msg(1, 16382))
+    ((_, data),) = pdata.presentation_data_value_list
+    assert decode_store_response(bytes(data[1:])) is None
+    rq = C_STORE_RQ()  # a request is not a response
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = "1.2.3"
+    request.Priority = 2
+    request.DataSet = io.BytesIO(b"")
+    rq.primitive_to_message(request)
+    pdatas = list(rq.encode_msg(1, 16382))
+    assert decode_store_response(bytes(pdatas[0].presentation_data_value_list[0][1][1:])) is None
+    assert decode_store_response(b"\x00\x00\x00") is None  # cut short
 
 
 def _dataset_bytes(part10: bytes) -> bytes:

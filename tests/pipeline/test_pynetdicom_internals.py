@@ -264,6 +264,20 @@ def test_the_server_collects_garbage_between_requests() -> None:
     assert "gc.collect()" in _source(AssociationServer.service_actions)
 
 
+def test_store_response_fields_decoded_directly() -> None:
+    """decode_store_responses sets a C-STORE-RSP's UIDs past their validating setters and hands
+    the primitive to the waiting sender on the DIMSE queue, as pynetdicom's decoder does."""
+    response = C_STORE()
+    response._affected_sop_class_uid = "1.2.3"
+    response._affected_sop_instance_uid = "1.2.3.4"
+    response._context_id = 5
+    assert response.AffectedSOPClassUID == "1.2.3"
+    assert response.AffectedSOPInstanceUID == "1.2.3.4"
+    assert "self.msg_queue.put((context_id" in _source(DIMSEServiceProvider.receive_primitive)
+    assert "self.message = None" in _source(DIMSEServiceProvider.receive_primitive)
+    assert "primitive._context_id = self.context_id" in _source(DIMSEMessage.message_to_primitive)
+
+
 def test_retrieve_services_ask_for_a_count_first() -> None:
     """Why ``screen_requests`` exists: a C-GET handler's first yield is taken as the count and
     an exception there is answered by pynetdicom (0xC413 with a logged traceback); the screen
