@@ -1,7 +1,7 @@
 """WADO-RS, the Studies Retrieve transaction (PS3.18 10.4): instances, metadata, frames, bulk data.
 
-Everything is streamed: instance files go out in 64 KiB chunks, metadata one instance at a time,
-and every file read happens in Starlette's thread pool (a sync iterator given to
+Everything is streamed: instance files go out in pieces of up to 4 MiB, metadata one instance at
+a time, and every file read happens in Starlette's thread pool (a sync iterator given to
 ``StreamingResponse``), so a large study never blocks the event loop or sits in memory.
 """
 
@@ -47,7 +47,8 @@ LOGGER = logging.getLogger(__name__)
 
 router = APIRouter()
 
-CHUNK = 1 << 16
+CHUNK = 4 << 20
+"""Bytes per piece of a multipart response (see ``_instances_body``)."""
 MAX_FRAMES_PER_REQUEST = 10_000
 
 
@@ -94,7 +95,7 @@ def locate(
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
+    with open(path, "rb", buffering=0) as fh:
         while block := fh.read(CHUNK):
             yield block
 
@@ -111,6 +112,12 @@ def _explicit_le(path: Path) -> bytes:
 def _instances_body(
     items: list[Located], deliveries: list[Delivery], boundary: str
 ) -> Iterator[bytes]:
+    """The multipart body, in pieces of about :data:`CHUNK` bytes: whole parts (header and
+    file) are gathered until a piece is that large, and a larger file is read in pieces of that
+    size. Each piece is one step of Starlette's thread pool and one write to the connection,
+    so fewer, larger pieces cost less per byte (64 KiB pieces took ~3x the CPU per series)."""
+    pending: list[bytes] = []
+    size = 0
     for item, delivery in zip(items, deliveries, strict=True):
         ts = item.transfer_syntax if delivery is Delivery.AS_STORED else EXPLICIT_LE
         try:
@@ -122,10 +129,16 @@ def _instances_body(
         except OSError:
             LOGGER.error("WADO-RS: %s is indexed but its file is unreadable", item.path)
             continue  # the response has started: leave the part out rather than break it
-        yield part_header(boundary, f"{DICOM}; transfer-syntax={ts}")
-        yield first
-        yield from chunks
-    yield closing_delimiter(boundary)
+        pending += (part_header(boundary, f"{DICOM}; transfer-syntax={ts}"), first)
+        size += len(first)
+        for block in chunks:  # a file larger than CHUNK
+            yield b"".join(pending)
+            pending, size = [block], len(block)
+        if size >= CHUNK:
+            yield b"".join(pending)
+            pending, size = [], 0
+    pending.append(closing_delimiter(boundary))
+    yield b"".join(pending)
 
 
 async def _retrieve(

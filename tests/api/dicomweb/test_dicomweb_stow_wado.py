@@ -52,6 +52,33 @@ def test_stored_instances_come_back_byte_for_byte(node: Node, stored: PhantomStu
     assert len(study) == len(stored.files)
 
 
+def test_a_series_with_an_instance_larger_than_a_piece_comes_back_whole(
+    node: Node, stored: PhantomStudy
+) -> None:
+    """WADO-RS series: an instance larger than the response's 4 MiB pieces (read in several)
+    between two small ones; every part byte for byte, in order (api/dicomweb/wado.py)."""
+    study_uid, series_uid = generate_uid(), generate_uid()  # the shared study stays as it is
+    files = []
+    for rows in (16, 1500, 16):
+        ds = pydicom.dcmread(stored.files[0])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = len(files) + 1
+        ds.Rows = ds.Columns = rows
+        ds.PixelData = np.arange(rows * rows, dtype=np.uint16).tobytes()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        files.append(buffer.getvalue())
+    assert len(files[1]) > (4 << 20)
+    assert _stow(node, _multipart(files), study=study_uid).status_code == 200
+    response = node.session().get(
+        f"{node.dicomweb}/studies/{study_uid}/series/{series_uid}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+    )
+    assert response.status_code == 200
+    assert _split(response) == files
+
+
 def _split(response: requests.Response) -> list[bytes]:
     boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
     out = []
