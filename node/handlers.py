@@ -29,7 +29,6 @@ from nnunet_node.node.contexts import (
     MOVE_MODELS,
     prefer_requested_syntaxes,
 )
-from nnunet_node.node.retrieve import StoredInstance
 from nnunet_node.node.status import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH,
@@ -41,6 +40,7 @@ from nnunet_node.node.status import (
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
 from nnunet_node.pipeline.pynetdicom_internals import cancel_requested, incoming_file
 from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.pipeline.stored_send import StoredInstance
 from nnunet_node.storage import query
 from nnunet_node.storage.archive import Archive, IncomingFile
 from nnunet_node.storage.part10 import part10_head
@@ -341,7 +341,8 @@ class NodeHandlers:
         self, event: evt.Event, refs: list[query.InstanceRef], move_originator: str | None = None
     ) -> Iterator[Any]:
         """One C-STORE sub-operation per file (PS3.4 C.4.2.3, C.4.3.3), sent from the file as
-        stored (node/retrieve.py); ``move_originator`` is the AE title that asked for a C-MOVE."""
+        stored (pipeline/stored_send.py); ``move_originator`` is the AE title that asked for a
+        C-MOVE."""
         for ref in refs:
             if cancel_requested(event):
                 yield CANCEL, None

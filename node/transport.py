@@ -26,7 +26,7 @@ for C-MOVE sub-operations (nothing global is patched; the pynetdicom internals u
   be encoded (a requester sent non-ASCII bytes) is left out of the response: PS3.7 makes the
   Affected SOP Class and Instance UIDs of a response optional, and a status must always go
   back.
-- **Stored files sent as they are** for C-GET and C-MOVE (node/retrieve.py).
+- **Stored files sent as they are** for C-GET and C-MOVE (pipeline/stored_send.py).
 - **No discarded log text.** pynetdicom's standard handlers format every PDU and DIMSE message
   into debug lines. When the ``pynetdicom`` logger would drop them (below INFO is off, the
   node's default, core/logging.py), they are unbound; turn that logger to INFO or DEBUG and
@@ -44,7 +44,6 @@ from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from nnunet_node.node.contexts import QUERY_RETRIEVE
-from nnunet_node.node.retrieve import send_stored_files
 from nnunet_node.node.status import CANNOT_UNDERSTAND
 from nnunet_node.pipeline.dispatch import NodeAE
 from nnunet_node.pipeline.pynetdicom_internals import (
@@ -62,6 +61,7 @@ from nnunet_node.pipeline.pynetdicom_internals import (
     unbind_standard_log_handlers,
     unfinished_sinks,
 )
+from nnunet_node.pipeline.stored_send import send_stored_files
 
 LOGGER = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class ServerAE(NodeAE):
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:
         """Request an association (C-MOVE sub-operations use it) that sends the stored files
-        the handlers yield from disk (node/retrieve.py)."""
+        the handlers yield from disk (pipeline/stored_send.py)."""
         assoc = super().associate(*args, **kwargs)
         close = getattr(assoc, "_node_close_wake", None)
         if close is not None and not assoc.is_established:

@@ -37,6 +37,7 @@ from nnunet_node.core.logging import ConnectFailureFilter, install_filter
 from nnunet_node.core.tls import client_context
 from nnunet_node.pipeline.pynetdicom_internals import RequestingAE
 from nnunet_node.pipeline.routing import Destination, RoutingTable
+from nnunet_node.pipeline.stored_send import StoredInstance, send_stored_files
 from nnunet_node.storage.dispatches import (
     ClaimedDispatch,
     Decision,
@@ -144,7 +145,9 @@ def send_files(
     tls_context: ssl.SSLContext | None = None,
 ) -> SendReport:
     """C-STORE ``paths`` (DICOM Part 10 files) to ``destination`` over one association, as a
-    Storage SCU (PS3.4 B.2), with the presentation contexts of :func:`storage_contexts`.
+    Storage SCU (PS3.4 B.2), with the presentation contexts of :func:`storage_contexts`. Each
+    file's data set goes out as stored when the peer accepted its transfer syntax, converted
+    only otherwise (``pipeline/stored_send.py``).
 
     A destination declared with ``tls: true`` is reached over TLS (PS3.15 B.1) with
     ``tls_context`` (core/tls.py ``client_context``: the peer's certificate is verified and must
@@ -162,10 +165,18 @@ def send_files(
     tls_args = None
     if destination.tls:
         tls_args = (tls_context or client_context(), destination.host)
-    metas = []
+    instances = []
     for path in paths:
         meta = read_file_meta_info(path)
-        metas.append((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        instances.append(
+            StoredInstance(
+                path,
+                str(meta.MediaStorageSOPClassUID),
+                str(meta.MediaStorageSOPInstanceUID),
+                str(meta.TransferSyntaxUID),
+            )
+        )
+    metas = [(i.sop_class_uid, i.transfer_syntax_uid) for i in instances]
     ae = NodeAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
@@ -195,10 +206,11 @@ def send_files(
         else:
             reason = "could not be reached (nothing listens there)"
         raise SendError(f"{where} {reason}")
+    send_stored_files(assoc)
     try:
-        for message_id, path in enumerate(paths, start=1):
+        for message_id, (path, instance) in enumerate(zip(paths, instances, strict=True), 1):
             try:
-                status = assoc.send_c_store(path, msg_id=message_id % 65536)
+                status = assoc.send_c_store(instance, msg_id=message_id % 65536)
             except (ValueError, AttributeError) as exc:  # no accepted context for this file
                 report.failed.append(f"{path.name}: {exc}")
                 continue

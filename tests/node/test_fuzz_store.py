@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from nnunet_node.node.retrieve import data_set_offset
+from nnunet_node.pipeline.stored_send import data_set_offset
 from tests.node.raw_dimse import Aborted, RawAssociation, store_request
 from tests.support.dcmtk import dcmtk
 from tests.support.dimse import NodeFactory

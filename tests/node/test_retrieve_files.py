@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.node.ae import DicomNode
-from nnunet_node.node.retrieve import data_set_offset
+from nnunet_node.pipeline.stored_send import data_set_offset
 from nnunet_node.storage.archive import Archive
 from tests.node.peers import free_port, received
 from tests.support.dcmtk import dcmtk, retrieve

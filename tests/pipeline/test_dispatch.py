@@ -15,6 +15,7 @@ from nnunet_node.core.errors import Conflict, SendError
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.pipeline.dispatch import Dispatcher, send_files, storage_contexts
 from nnunet_node.pipeline.routing import RoutingTable
+from nnunet_node.pipeline.stored_send import data_set_offset
 from nnunet_node.storage.db import unit_of_work
 from nnunet_node.storage.models import (
     Dispatch,
@@ -77,6 +78,12 @@ def test_send_files_to_storescp(tmp_path: Path, results: list[Path]) -> None:
     assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in got) == sorted(
         pydicom.dcmread(p).SOPInstanceUID for p in results
     )
+    # each data set arrives as stored, byte for byte (only the File Meta is storescp's own)
+    assert sorted(_data_set(p) for p in got) == sorted(_data_set(p) for p in results)
+
+
+def _data_set(path: Path) -> bytes:
+    return path.read_bytes()[data_set_offset(path) :]
 
 
 def test_send_to_nobody_raises(results: list[Path]) -> None:

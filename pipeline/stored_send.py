@@ -1,27 +1,30 @@
-"""C-STORE sub-operations of C-GET and C-MOVE (PS3.4 C.4.2.3, C.4.3.3) sent from the stored files.
+"""C-STORE of stored Part 10 files as they are on disk: the C-STORE sub-operations of C-GET and
+C-MOVE (PS3.4 C.4.2.3, C.4.3.3) and the dispatch of results to a PACS (PS3.4 B.2).
 
-The handlers yield a :class:`StoredInstance` per file instead of a decoded dataset. The node's
-associations (both the accepted ones, for C-GET, and those it requests for C-MOVE) send it with
-:func:`send_stored`:
+A sender hands an association a :class:`StoredInstance` per file instead of a decoded dataset
+(the node's handlers yield them, ``pipeline/dispatch.py`` sends them). The associations that
+:func:`send_stored_files` prepared (the node's accepted ones, for C-GET; those it requests for
+C-MOVE and for dispatch) send it with :func:`send_stored`:
 
 - when the peer accepted a presentation context for the instance's SOP Class in the transfer
-  syntax the file is stored in, the file's data set goes out as it is on disk, read fragment by
-  fragment (no decoding, no re-encoding, no copy of the whole file in memory);
+  syntax the file is stored in, the file's data set goes out as it is on disk, read in large
+  pieces (no decoding, no re-encoding, no copy of the whole of a large file in memory);
 - otherwise it is converted, and only then: read with pydicom and handed to pynetdicom's
   ``send_c_store``, which changes between the uncompressed little endian syntaxes and
   (de)flates (PS3.5 A.2-A.5); a compressed file is first decompressed with pydicom's pixel
   decoders when the peer accepted only uncompressed syntaxes (same SOP Instance UID: the
   transfer syntax is a representation, PS3.5 10.1);
 - a file that cannot be converted to anything the peer accepted (no decoder for its syntax, no
-  context for its SOP Class) raises :class:`SubOperationFailed`; pynetdicom counts the
-  sub-operation as failed and lists its SOP Instance UID in the Failed SOP Instance UID List
-  (PS3.4 C.4.2.1.4.2, C.4.3.1.3.2).
+  context for its SOP Class) raises :class:`SubOperationFailed`; in a C-GET or C-MOVE
+  pynetdicom counts the sub-operation as failed and lists its SOP Instance UID in the Failed SOP
+  Instance UID List (PS3.4 C.4.2.1.4.2, C.4.3.1.3.2).
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -148,7 +151,7 @@ def _converted(instance: StoredInstance, contexts: list[Any]) -> Dataset:
 
 def send_stored(
     assoc: Any,
-    send_c_store: Any,
+    send_c_store: Callable[..., Dataset],
     dataset: Any,
     msg_id: int = 1,
     priority: int = 2,
