@@ -11,6 +11,7 @@ once the file and its index rows are committed (PS3.4 B.2.3).
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -343,6 +344,7 @@ class NodeHandlers:
         """One C-STORE sub-operation per file (PS3.4 C.4.2.3, C.4.3.3), sent from the file as
         stored (pipeline/stored_send.py); ``move_originator`` is the AE title that asked for a
         C-MOVE."""
+        root = f"{self.archive.root}{os.sep}"  # a str join: Path's costs ~20 us per instance
         for ref in refs:
             if cancel_requested(event):
                 yield CANCEL, None
@@ -350,7 +352,7 @@ class NodeHandlers:
             yield (
                 PENDING,
                 StoredInstance(
-                    self.archive.root / ref.path,
+                    root + ref.path,
                     ref.sop_class_uid,
                     ref.sop_instance_uid,
                     ref.transfer_syntax_uid,

@@ -688,7 +688,7 @@ DataSetOffset = int | Callable[[BinaryIO], int]
 
 
 def send_message_from_file(
-    assoc: Any, context_id: int, command: bytes, path: Path, offset: DataSetOffset
+    assoc: Any, context_id: int, command: bytes, path: Path | str, offset: DataSetOffset
 ) -> bool:
     """Write one DIMSE message whose command set is ``command`` (encoded) and whose data set is
     the bytes of ``path`` from ``offset`` to the end, as P-DATA-TF PDUs of one PDV each, sized
@@ -791,7 +791,7 @@ def encode_store_request(
 def send_c_store_from_file(
     assoc: Any,
     context_id: int,
-    path: Path,
+    path: Path | str,
     offset: DataSetOffset,
     *,
     sop_class_uid: str,
@@ -843,7 +843,7 @@ def send_c_store_from_file(
             if not isinstance(offset, int):
                 with open(path, "rb") as fh:
                     offset = offset(fh)
-            request._dataset_path = (path, offset)
+            request._dataset_path = (Path(path), offset)
             assoc.dimse.send_msg(request, context_id)
         _, response = assoc.dimse.get_msg(block=True)
     finally:
@@ -852,8 +852,32 @@ def send_c_store_from_file(
     if response is None:
         assoc._handle_no_response()
         return Dataset()
-    status: Dataset = assoc._check_received_status(response)
-    return status
+    return _status_of(assoc, response)
+
+
+_STATUSES: dict[int, Dataset] = {}
+"""One status dataset per status value of a bare C-STORE-RSP, made once (shared: read only)."""
+
+
+def _status_of(assoc: Any, response: Any) -> Dataset:
+    """What ``Association._check_received_status`` returns for ``response`` (a Dataset with its
+    Status and optional status elements); for a response with nothing but a Status, a shared
+    one made once per value (~40 us per sub-operation less)."""
+    status = response.Status
+    if (
+        type(response) is C_STORE
+        and response.is_valid_response
+        and response.ErrorComment is None
+        and response.OffendingElement is None
+    ):
+        shared = _STATUSES.get(status)
+        if shared is None:
+            shared = Dataset()
+            shared.Status = status
+            _STATUSES[status] = shared
+        return shared
+    checked: Dataset = assoc._check_received_status(response)
+    return checked
 
 
 # --- C-STORE responses decoded directly -----------------------------------------------------

@@ -61,7 +61,7 @@ class StoredInstance(Dataset):
     (PS3.7 9.1.1.1: Move Originator Application Entity Title), None for C-GET.
     """
 
-    path: Path
+    path: Path | str
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
@@ -69,7 +69,7 @@ class StoredInstance(Dataset):
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         sop_class_uid: str,
         sop_instance_uid: str,
         transfer_syntax_uid: str,
@@ -90,13 +90,13 @@ class StoredInstance(Dataset):
         object.__setattr__(self, "move_originator_aet", move_originator_aet)
 
 
-def data_set_offset(source: Path | BinaryIO) -> int:
+def data_set_offset(source: Path | str | BinaryIO) -> int:
     """Where the data set starts in the Part 10 file ``source`` (a path, or the file open for
     binary reading, read from its start): after the preamble, ``DICM`` and the File Meta
     Information, whose group length (0002,0000) says how long it is (PS3.10 7.1). A file without
     that group length is measured by pynetdicom's ``split_dataset``.
     Raises OSError when the file cannot be read, ValueError when it is not a Part 10 file."""
-    if isinstance(source, Path):
+    if isinstance(source, str | Path):
         with open(source, "rb") as fh:
             head = fh.read(144)
     else:
@@ -105,7 +105,7 @@ def data_set_offset(source: Path | BinaryIO) -> int:
     if len(head) == 144 and head[128:138] == b"DICM\x02\x00\x00\x00UL":
         (length,) = struct.unpack("<I", head[140:144])
         return 144 + int(length)
-    path = source if isinstance(source, Path) else Path(str(getattr(source, "name", "")))
+    path = Path(source) if isinstance(source, str | Path) else Path(str(source.name))
     try:
         _, offset = split_dataset(path)
     except Exception as exc:

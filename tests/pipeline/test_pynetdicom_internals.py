@@ -278,6 +278,18 @@ def test_store_response_fields_decoded_directly() -> None:
     assert "primitive._context_id = self.context_id" in _source(DIMSEMessage.message_to_primitive)
 
 
+def test_what_the_sender_and_the_reactor_rely_on() -> None:
+    """pynetdicom's reactor drops a response it takes (leave_responses_to_senders puts it
+    back); _status_of answers for _check_received_status when the optional elements are absent."""
+    assoc = Association(AE(), MODE_REQUESTOR)
+    assert callable(assoc.send_c_store) and assoc.is_requestor
+    serve = _source(Association._serve_request)
+    assert 'LOGGER.warning(f"Received unexpected {msg.msg_type} service message")' in serve
+    assert C_STORE.STATUS_OPTIONAL_KEYWORDS == ("OffendingElement", "ErrorComment")
+    checked = _source(Association._check_received_status)
+    assert "status.Status = rsp.Status" in checked
+
+
 def test_retrieve_services_ask_for_a_count_first() -> None:
     """Why ``screen_requests`` exists: a C-GET handler's first yield is taken as the count and
     an exception there is answered by pynetdicom (0xC413 with a logged traceback); the screen
