@@ -955,6 +955,34 @@ def decode_store_responses(assoc: Any) -> None:
     dimse.receive_primitive = receive_primitive
 
 
+# --- responses the requestor's reactor must not take ----------------------------------------
+
+
+def leave_responses_to_senders(assoc: Any) -> None:
+    """On an association the node requested, put a C-STORE-RSP that pynetdicom's reactor took
+    off the DIMSE queue back on it for the sender waiting for it, instead of dropping it
+    ("Received unexpected C-STORE service message") and leaving the sender to time out.
+
+    A sender pauses the reactor by clearing ``_reactor_checkpoint`` and waiting for
+    ``_is_paused``; when the previous send had just resumed it, ``_is_paused`` may still be True
+    from before while the reactor is about to run one more turn, in which it takes whatever
+    message is queued: with responses decoded as quickly as :func:`decode_store_responses`
+    does, sometimes the sender's own response.
+
+    Hook: ``Association._serve_request``, ``dimse.msg_queue``. Public replacement: a reactor
+    that does not race its own senders (pynetdicom issue to file).
+    """
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if type(msg) is C_STORE and not msg.is_valid_request and msg.is_valid_response:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_request
+
+
 # --- C-STORE datasets streamed to disk as they arrive ---------------------------------------
 
 StoreSink = Callable[[Any, str, str, str], Any]

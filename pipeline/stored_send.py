@@ -37,6 +37,7 @@ from pynetdicom.dsutils import split_dataset
 
 from nnunet_node.pipeline.pynetdicom_internals import (
     decode_store_responses,
+    leave_responses_to_senders,
     send_c_store_from_file,
 )
 
@@ -214,6 +215,8 @@ def send_stored_files(assoc: Any) -> None:
     changes)."""
     original = assoc.send_c_store
     decode_store_responses(assoc)
+    if assoc.is_requestor:
+        leave_responses_to_senders(assoc)
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         return send_stored(assoc, original, dataset, *args, **kwargs)

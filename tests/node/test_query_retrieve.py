@@ -11,6 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from prometheus_client import REGISTRY
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from nnunet_node.node.ae import DicomNode
 from tests.node.peers import free_port, received, storescp
@@ -249,6 +253,47 @@ def test_retrieve_without_the_levels_unique_key_is_refused(
         "nnunet_node_dimse_requests_total", {"service": service, "outcome": "failure"}
     )
     assert (after or 0.0) == (before or 0.0) + 1
+
+
+def test_get_cancelled_during_its_first_sub_operation(stored: Stored) -> None:
+    """A C-CANCEL-RQ sent while the node waits for the first C-STORE-RSP (the association's thread
+    reads the cancel while it waits, pipeline/pynetdicom_internals): that
+    sub-operation completes, no other follows, and the final C-GET-RSP is Cancel (0xFE00, PS3.4
+    C.4.3.2) with the rest counted as remaining."""
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 1:
+            event.assoc.send_c_cancel(1, event.context.context_id)  # the C-GET's Message ID
+        return 0x0000
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        stored.node.port,
+        ae_title="NNUNET_NODE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = stored.study_uid
+    identifier.SeriesInstanceUID = stored.series_uid
+    try:
+        responses = list(
+            assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=1)
+        )
+    finally:
+        assoc.release()
+    final = responses[-1][0]
+    assert final.Status == 0xFE00, final
+    assert len(received) == 1
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfRemainingSuboperations == len(stored.sop_uids) - 1
 
 
 def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:
