@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.clock import as_utc
@@ -40,6 +40,25 @@ class FirstInstance:
     """Relative to the archive folder."""
 
 
+_ARRIVAL_COLUMNS = (
+    Series.id,
+    Series.series_instance_uid,
+    Study.study_instance_uid,
+    Series.last_received_at,
+    Series.called_ae,
+    Series.calling_ae,
+)
+"""What a :class:`SeriesArrival` is made of, in its field order."""
+
+
+def _unhandled() -> ColumnElement[bool]:
+    """A series not handled since its last arrival."""
+    return or_(
+        Series.completion_handled_at.is_(None),
+        Series.completion_handled_at < Series.last_received_at,
+    )
+
+
 def unhandled_series(
     sessions: sessionmaker[Session], *, received_before: datetime, limit: int = 500
 ) -> list[SeriesArrival]:
@@ -47,22 +66,9 @@ def unhandled_series(
     arrival first, at most ``limit``."""
     with sessions() as session:
         rows = session.execute(
-            select(
-                Series.id,
-                Series.series_instance_uid,
-                Study.study_instance_uid,
-                Series.last_received_at,
-                Series.called_ae,
-                Series.calling_ae,
-            )
+            select(*_ARRIVAL_COLUMNS)
             .join(Study, Series.study_pk == Study.id)
-            .where(
-                or_(
-                    Series.completion_handled_at.is_(None),
-                    Series.completion_handled_at < Series.last_received_at,
-                ),
-                Series.last_received_at <= received_before,
-            )
+            .where(_unhandled(), Series.last_received_at <= received_before)
             .order_by(Series.last_received_at)
             .limit(limit)
         ).all()
@@ -90,12 +96,7 @@ def unhandled_series_newest(
     with sessions() as session:
         rows = session.execute(
             select(
-                Series.id,
-                Series.series_instance_uid,
-                Study.study_instance_uid,
-                Series.last_received_at,
-                Series.called_ae,
-                Series.calling_ae,
+                *_ARRIVAL_COLUMNS,
                 Series.modality,
                 Series.series_description,
                 select(func.count(Instance.id))
@@ -103,12 +104,7 @@ def unhandled_series_newest(
                 .scalar_subquery(),
             )
             .join(Study, Series.study_pk == Study.id)
-            .where(
-                or_(
-                    Series.completion_handled_at.is_(None),
-                    Series.completion_handled_at < Series.last_received_at,
-                )
-            )
+            .where(_unhandled())
             .order_by(Series.last_received_at.desc())
             .limit(limit)
         ).all()
