@@ -19,7 +19,6 @@ from typing import Any
 from nnunet_node.core.settings import Settings
 from nnunet_node.node.ae import DicomNode
 from nnunet_node.node.receivers import ReceiverPool
-from nnunet_node.pipeline.completion import CompletionWatcher
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage import locks
 
@@ -51,15 +50,7 @@ class DimseService:
             ReceiverPool(settings, context.archive, processes - 1) if processes > 1 else None
         )
         """The receiver processes beside this one (``NNUNET_NODE_DICOM_PROCESSES``)."""
-        jobs = context.job_service
-        self.completion = CompletionWatcher(
-            context.session_factory,
-            context.archive.root,
-            self.routing,
-            submit=jobs.submit,
-            supersede=jobs.supersede,
-            default_quiet_s=settings.series_quiet_s,
-        )
+        self.completion = context.completion  # made by the context; started and stopped here
         self.dispatcher = context.dispatcher  # made by the context; started and stopped here
         self._started = False
         self._unsubscribe: Callable[[], None] | None = None

@@ -21,6 +21,7 @@ from nnunet_node.core.tls import client_context
 from nnunet_node.inference.cache import PredictorCache
 from nnunet_node.inference.device import DevicePolicy
 from nnunet_node.inference.engine import InferenceEngine
+from nnunet_node.pipeline.completion import CompletionWatcher
 from nnunet_node.pipeline.dispatch import Dispatcher
 from nnunet_node.pipeline.jobs import JobService
 from nnunet_node.pipeline.spec import NodeSpec
@@ -46,6 +47,9 @@ class NodeContext:
     dispatcher: Dispatcher
     """Sends routed jobs' results (not started: the DIMSE service runs its thread; the HTTP
     API's dispatch retry marks a dispatch due through it, whether or not it runs here)."""
+    completion: CompletionWatcher
+    """Fires the routing rules on complete series (not started: the DIMSE service runs its
+    thread; the dashboard lists the waiting series through it, whether or not it runs here)."""
 
     def close(self) -> None:
         """Stop the workers (if started), empty the model cache and close the database pool."""
@@ -123,4 +127,12 @@ def build_context(
         job_service=job_service,
         inference_engine=inference_engine,
         dispatcher=dispatcher,
+        completion=CompletionWatcher(
+            sessions,
+            archive.root,
+            spec.routing,
+            submit=job_service.submit,
+            supersede=job_service.supersede,
+            default_quiet_s=settings.series_quiet_s,
+        ),
     )

@@ -204,7 +204,7 @@ async def job_detail(request: Request, job_id: str) -> HTMLResponse:
 @pages.get("/waiting", response_class=HTMLResponse)
 async def waiting_page(request: Request, fragment: bool = False) -> HTMLResponse:
     context = get_context(request)
-    series = await run_in_threadpool(views.waiting_series, context, request.app.state.services)
+    series = await run_in_threadpool(views.waiting_series, context)
     return _page(request, "_waiting.html" if fragment else "waiting.html", series=series)
 
 

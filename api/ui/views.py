@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nnunet_node.pipeline.completion import CompletionWatcher, WaitingSeries
+from nnunet_node.pipeline.completion import WaitingSeries
 from nnunet_node.pipeline.context import NodeContext
 from nnunet_node.storage.arrivals import calling_aes
 from nnunet_node.storage.db import unit_of_work
@@ -77,26 +77,9 @@ def job_rows(context: NodeContext, jobs: list[JobRecord]) -> list[JobRow]:
     return rows
 
 
-def waiting_series(context: NodeContext, services: dict[str, Any]) -> list[WaitingSeries]:
-    """Series waiting for completion, from the running watcher or one over the same spec."""
-    watcher = next(
-        (
-            s.completion
-            for s in services.values()
-            if isinstance(getattr(s, "completion", None), CompletionWatcher)
-        ),
-        None,
-    )
-    if watcher is None:
-        watcher = CompletionWatcher(
-            context.session_factory,
-            context.archive.root,
-            context.spec.routing,
-            submit=context.job_service.submit,
-            supersede=context.job_service.supersede,
-            default_quiet_s=context.settings.series_quiet_s,
-        )
-    return watcher.waiting()
+def waiting_series(context: NodeContext) -> list[WaitingSeries]:
+    """Series waiting for completion, as the node's completion watcher sees them."""
+    return context.completion.waiting()
 
 
 def studies(context: NodeContext, query: dict[str, str], limit: int = 100) -> list[dict[str, Any]]:
