@@ -32,6 +32,18 @@ def read_image(path: str) -> sitk.Image:
     return image
 
 
+def image_information(path: str) -> tuple[int, int]:
+    """(dimension, components per pixel) of the image file at ``path``, read from its header
+    only (``ImageFileReader.ReadImageInformation``: no pixel data is read or decoded).
+
+    :raises RuntimeError: no SimpleITK image reader recognises the file.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return int(reader.GetDimension()), int(reader.GetNumberOfComponents())
+
+
 def gdcm_series_ids(folder: str) -> tuple[str, ...]:
     """The Series Instance UIDs GDCM finds among the DICOM files in ``folder`` (not recursive)."""
     return tuple(str(uid) for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))

@@ -30,7 +30,8 @@ instances make the volume the model sees, in which order and on which grid:
 Every decision is a sentence in :attr:`SeriesLayout.warnings`; a refusal raises
 :class:`SeriesRefused` (a 400 for HTTP, a failed job otherwise) with a sentence a radiographer
 understands. Everything but :func:`read_slice_header`, :func:`pixels_identical`,
-:func:`check_series_folder` and :func:`check_plan` is a pure function of the headers.
+:func:`check_series_folder`, :func:`check_image_file`, :func:`check_input` and
+:func:`check_plan` is a pure function of the headers.
 
 Axes: positions and directions are patient coordinates (LPS, mm, PS3.3 C.7.6.2.1.1). "x" is
 along a row (the row direction cosine, index of the column), "y" along a column; PixelSpacing is
@@ -52,6 +53,7 @@ import pydicom
 
 from nnunet_node.core import dicomscan
 from nnunet_node.core.errors import InvalidRequest, SeriesRefused
+from nnunet_node.core.images import gdcm_series_ids, image_information
 from nnunet_node.inference.request import Plan
 
 LOGGER = logging.getLogger(__name__)
@@ -697,7 +699,10 @@ def check_series_folder(folder: Path, *, what: str = "series") -> SeriesLayout |
     """The layout of the one DICOM series in ``folder``; None when the folder holds no DICOM
     images or a single multi-frame image (read as a whole). Raises :class:`InvalidRequest` when it
     holds several series, :class:`SeriesRefused` when the series is refused."""
-    headers = read_folder_headers(folder)
+    return _layout(folder, read_folder_headers(folder), what)
+
+
+def _layout(folder: Path, headers: list[SliceHeader], what: str) -> SeriesLayout | None:
     if not headers:
         return None
     series = {h.series_instance_uid for h in headers}
@@ -710,6 +715,91 @@ def check_series_folder(folder: Path, *, what: str = "series") -> SeriesLayout |
     return check_headers(headers, name=folder.name)
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""File names of the image files a series entry may be (or a folder may hold one of)."""
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is a file named as an image file of :data:`IMAGE_SUFFIXES`."""
+    name = path.name.lower()
+    return path.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
+
+
+def _needs_dicom(what: str) -> str:
+    return (
+        f"is_dicom is set, so {what} (the first input of its stage) must be a folder holding the "
+        "DICOM series the DICOM-SEG and RTSTRUCT will reference; send that series, or set "
+        "is_dicom to false for NIfTI outputs only"
+    )
+
+
+def _held(folder: Path) -> str:
+    """What a folder holds, for a message: ``it is empty`` or ``it holds 3 files (a.txt, ...)``."""
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries)
+    if not names:
+        return "it is empty"
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"it holds only {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def check_image_file(path: Path, *, what: str = "series") -> None:
+    """Check that ``path`` is an image file a job can read as a volume, from its header only (no
+    pixel data is read): one component per pixel, 2 or 3 dimensions. Raises
+    :class:`InvalidRequest` naming ``what`` and the path."""
+    try:
+        dimension, components = image_information(str(path))
+    except RuntimeError as exc:
+        raise InvalidRequest(
+            f"{what}: {path} is not an image file the node can read (NIfTI, NRRD, MHA/MHD or "
+            f"DICOM): {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
+        ) from exc
+    if components != 1:
+        raise InvalidRequest(
+            f"{what}: {path} has {components} components per pixel; a model input has one "
+            "(colour and vector images are not model inputs)"
+        )
+    if dimension not in (2, 3):
+        raise InvalidRequest(f"{what}: {path} has {dimension} dimensions; expected a 3D volume")
+
+
+def check_input(path: Path, *, what: str = "series", dicom: bool = False) -> SeriesLayout | None:
+    """Check one existing input of a plan (a series entry, ``crop_from`` or ``intersect_with``)
+    as a job will read it, from headers only (no pixel data is decoded): a folder must hold one
+    DICOM series, or exactly one image file; a file must be an image file (see
+    :func:`check_image_file`). ``dicom``: the input must be a folder holding a DICOM series (the
+    first input of a stage when ``is_dicom`` is set). Returns the layout of a DICOM series (None
+    for anything else). Raises :class:`InvalidRequest` naming ``what``, the path and what was
+    missing, or :class:`SeriesRefused` for a refused series."""
+    if not path.is_dir():
+        if dicom:
+            raise InvalidRequest(f"{what}: {path} is a file. {_needs_dicom(what)}")
+        check_image_file(path, what=what)
+        return None
+    headers = read_folder_headers(path)
+    if headers:
+        return _layout(path, headers, what)
+    if gdcm_series_ids(str(path)):
+        return None  # DICOM without a Part 10 header: GDCM reads it when the job runs
+    image_files = sorted(p for p in path.iterdir() if is_image_file(p))
+    if not image_files:
+        raise InvalidRequest(
+            f"{what}: {path} holds neither a DICOM series nor an image file (NIfTI, NRRD, "
+            f"MHA/MHD): {_held(path)}"
+        )
+    if dicom:
+        names = ", ".join(p.name for p in image_files[:3])
+        raise InvalidRequest(
+            f"{what}: {path} holds no DICOM series, only {names}. {_needs_dicom(what)}"
+        )
+    if len(image_files) > 1:
+        raise InvalidRequest(
+            f"{what}: {path} holds {len(image_files)} image files; name one of them"
+        )
+    check_image_file(image_files[0], what=what)
+    return None
+
+
 def series_path(raw: str, study_path: Path) -> Path:
     """Where a plan's series path lies: absolute, or relative to ``study_path``."""
     path = Path(raw).expanduser()
@@ -719,20 +809,29 @@ def series_path(raw: str, study_path: Path) -> Path:
 def check_plan(
     plan: Plan, study_path: Path, *, name_fields: bool = True
 ) -> dict[Path, SeriesLayout]:
-    """The layout of every DICOM series folder a plan reads (stage inputs, ``crop_from``,
-    ``intersect_with``), keyed by :func:`series_path`. Folders that do not exist (yet) or hold no
-    DICOM are skipped. Raises :class:`SeriesRefused` / :class:`InvalidRequest`, naming the request
-    field unless ``name_fields`` is false (jobs whose folders the node filled in itself, from a
-    C-STORE or STOW-RS series: the series' own number and description name it there)."""
+    """Check every input a plan reads (stage inputs, ``crop_from``, ``intersect_with``) with
+    :func:`check_input`, and return the layout of every DICOM series folder among them, keyed by
+    :func:`series_path`. With ``is_dicom``, the first input of each stage must be a DICOM series.
+    Paths that do not exist (yet: an archive job's folders before their export) are skipped.
+    Raises :class:`SeriesRefused` / :class:`InvalidRequest`, naming the request field unless
+    ``name_fields`` is false (jobs whose folders the node filled in itself, from a C-STORE or
+    STOW-RS series: the series' own number and description name it there)."""
     layouts: dict[Path, SeriesLayout] = {}
+    checked: set[Path] = set()
+    dicom_inputs = {
+        series_path(stage.inputs[0].path, study_path)
+        for stage in plan.stages
+        if plan.is_dicom and stage.inputs and stage.inputs[0].path is not None
+    }
     for field_name, raw in plan.paths():
         if field_name in ("study_path", "output_dir", "tmp_dir"):
             continue
         path = series_path(raw, study_path)
-        if path in layouts or not path.is_dir():
+        if path in checked or not path.exists():
             continue
+        checked.add(path)
         try:
-            layout = check_series_folder(path, what=field_name)
+            layout = check_input(path, what=field_name, dicom=path in dicom_inputs)
         except SeriesRefused as exc:
             if not name_fields:
                 raise

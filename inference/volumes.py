@@ -22,11 +22,9 @@ from scipy import ndimage
 
 from nnunet_node.core import images
 from nnunet_node.core.errors import InvalidRequest
-from nnunet_node.inference.series_check import SeriesLayout, check_series_folder
+from nnunet_node.inference.series_check import SeriesLayout, check_series_folder, is_image_file
 
 LOGGER = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
@@ -45,11 +43,6 @@ class SeriesVolume:
     @property
     def is_dicom(self) -> bool:
         return bool(self.dicom_files)
-
-
-def _is_image_file(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
 def read_series(
@@ -78,7 +71,7 @@ def read_series(
         except RuntimeError as exc:
             raise InvalidRequest(f"{what}: cannot read the DICOM series in {path}: {exc}") from exc
         return SeriesVolume(_as_volume(image), path, [Path(f) for f in files])
-    image_files = sorted(p for p in path.iterdir() if _is_image_file(p))
+    image_files = sorted(p for p in path.iterdir() if is_image_file(p))
     if len(image_files) == 1:
         return SeriesVolume(_read_file(image_files[0], what), image_files[0])
     if not image_files:
