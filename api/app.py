@@ -23,7 +23,7 @@ from fastapi_offline import FastAPIOffline
 
 from nnunet_node.api.deps import API_KEY_HEADER, request_authorised, require_api_key
 from nnunet_node.api.dicomweb import router as dicomweb_router
-from nnunet_node.api.errors import install_error_handlers, responses
+from nnunet_node.api.errors import document_validation_as_400, install_error_handlers, responses
 from nnunet_node.api.middleware import (
     CatchAllMiddleware,
     DicomwebMetricsMiddleware,
@@ -102,7 +102,8 @@ async def _stop_service(name: str, service: Service) -> None:
 
 def _custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """The /infer and /jobs bodies are read as plain JSON objects (so shape errors are the seed
-    document's 400s, not 422s); publish :class:`InferenceRequest` as their schema all the same."""
+    document's 400s, not 422s); publish :class:`InferenceRequest` as their schema all the same,
+    and 400 where FastAPI documents 422 (:func:`.errors.document_validation_as_400`)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -128,6 +129,7 @@ def _custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 {*request_schema.get("required", []), "study_path", "series_folders"}
             ),
         }
+        document_validation_as_400(schema)
         app.openapi_schema = schema
         return schema
 

@@ -2,10 +2,12 @@
 
 The reference's contract (``docs/reference-contract.md``) gives that shape for /infer's 400 and 500
 answers; we use it for every status so a client needs one parser. :class:`core.errors.ClientError`
-subclasses carry their own status code; a body that is not JSON, or not a JSON object, is 400; other
-request validation stays 422 (FastAPI's convention) with the same shape plus ``details``; anything
+subclasses carry their own status code; a body that is not JSON, or not a JSON object, is 400, and
+so is every other failed validation of a request (query and path parameters, form fields: FastAPI
+would answer 422), with the same shape plus ``details`` (pydantic's list of problems); anything
 unexpected is logged with its traceback and answered 500 with a generic message, so internals
-(paths, SQL) do not leak to the client.
+(paths, SQL) do not leak to the client. :func:`document_validation_as_400` makes the OpenAPI
+document say so.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if first.get("type") == "dict_type" and tuple(first.get("loc", ())) == ("body",):
         return error_response(400, "the request body must be a JSON object")
     message = describe_validation_error(exc, skip=("body",)) if details else "invalid request"
-    return error_response(422, message, details=details)
+    return error_response(400, message, details=details)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -116,6 +118,25 @@ def _allowed_methods(request: Request) -> list[str]:
         if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
             allowed.append(method)
     return allowed
+
+
+def document_validation_as_400(schema: dict[str, Any]) -> None:
+    """Rewrite an OpenAPI document built by FastAPI so that it documents what the handlers
+    answer: FastAPI adds a 422 "Validation Error" to every operation with parameters, and this
+    app answers 400 with the error body instead. Each 422 becomes a 400 (kept when the route
+    documents one), and the then unused ``HTTPValidationError`` and ``ValidationError`` schemas
+    are dropped. Changes ``schema`` in place."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            answers = operation.get("responses") if isinstance(operation, dict) else None
+            if not answers or "422" not in answers:
+                continue
+            answers.pop("422")
+            answers.setdefault("400", {"description": "Invalid request", **_ERROR_SCHEMA})
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):  # the second is used by the first
+        if f"#/components/schemas/{name}" not in repr((schema.get("paths"), components)):
+            components.pop(name, None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -82,7 +82,7 @@ async def run_job(jobs: JobService, job_id: str) -> JSONResponse:
     return finished_answer(await jobs.wait(job_id))
 
 
-@router.post("/infer", openapi_extra=REQUEST_BODY, responses=responses(400, 401, 422, 429, 500))
+@router.post("/infer", openapi_extra=REQUEST_BODY, responses=responses(400, 401, 429, 500))
 async def infer(body: JsonObject, jobs: JobServiceDep, request: Request) -> JSONResponse:
     """Run one model or a cascade on a study folder and answer when the job has finished."""
     client = client_address(request)

@@ -42,7 +42,7 @@ class JobPage(BaseModel):
     status_code=202,
     response_model=JobCreated,
     openapi_extra=REQUEST_BODY,
-    responses=responses(400, 401, 422, 429),
+    responses=responses(400, 401, 429),
 )
 async def create_job(body: JsonObject, jobs: JobServiceDep, request: Request) -> JSONResponse:
     """Queue an inference job (same body as /infer) and answer 202 with its id at once."""
@@ -74,7 +74,7 @@ def _instant(value: str | None, name: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-@router.get("", response_model=JobPage, responses=responses(400, 401, 422, 429))
+@router.get("", response_model=JobPage, responses=responses(400, 401, 429))
 async def list_jobs(
     jobs: JobServiceDep,
     status: Annotated[list[JobStatus] | None, Query(description="Repeat for several")] = None,
