@@ -10,6 +10,7 @@ once the file and its index rows are committed (PS3.4 B.2.3).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import ssl
@@ -21,7 +22,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
-from pynetdicom.dsutils import decode
+from pynetdicom.dsutils import decode, encode
 
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.node.contexts import (
@@ -39,7 +40,11 @@ from nnunet_node.node.status import (
     refused_before_handler,
 )
 from nnunet_node.pipeline.dispatch import NODELAY_HANDLERS, set_tcp_nodelay, storage_contexts
-from nnunet_node.pipeline.pynetdicom_internals import cancel_requested, incoming_file
+from nnunet_node.pipeline.pynetdicom_internals import (
+    cancel_requested,
+    incoming_file,
+    on_move_association_failed,
+)
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.pipeline.stored_send import StoredInstance
 from nnunet_node.storage import query
@@ -56,6 +61,60 @@ UNIQUE_KEYS = {
     "IMAGE": "SOPInstanceUID",
 }
 LEVELS = {"PATIENT": ("PATIENT", "STUDY", "SERIES", "IMAGE"), "STUDY": ("STUDY", "SERIES", "IMAGE")}
+
+
+REFUSED_SUB_OPERATIONS = 0xA702
+"""C-MOVE: Refused: Out of Resources - Unable to perform sub-operations (PS3.4 C.4.2.1.5)."""
+
+
+class _AssociationFailure:
+    """What became of a C-MOVE's association with its destination, from its events: for the
+    log line when it could not be established."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.ended: str | None = None
+        self.handlers = [
+            (evt.EVT_CONN_OPEN, self._opened),
+            (evt.EVT_REJECTED, self._rejected),
+            (evt.EVT_ABORTED, self._aborted),
+        ]
+
+    def _opened(self, _: evt.Event) -> None:
+        self.connected = True
+
+    def _rejected(self, _: evt.Event) -> None:
+        self.ended = "association rejected"
+
+    def _aborted(self, _: evt.Event) -> None:
+        self.ended = "association aborted"
+
+    def reason(self) -> str:
+        """Why there is no association, in a few words (for the Error Comment and the log)."""
+        if not self.connected:
+            return "no connection"
+        return self.ended or "the association was not accepted"
+
+
+def _refuse_sub_operations(
+    response: C_MOVE, context: Any, refs: list[query.InstanceRef], comment: str
+) -> None:
+    """Make ``response`` the final C-MOVE-RSP of a request none of whose sub-operations could be
+    performed (PS3.4 C.4.2.3.1: the association with the destination could not be made):
+    0xA702 Refused: Out of Resources - Unable to perform sub-operations, every one failed, an
+    Error Comment (LO: 64 characters at most, PS3.7 C.4), and the Failed SOP Instance UID List
+    as the Identifier (PS3.4 C.4.2.1.4.2), encoded in ``context``'s transfer syntax."""
+    response.Status = REFUSED_SUB_OPERATIONS
+    response.NumberOfRemainingSuboperations = None
+    response.NumberOfFailedSuboperations = len(refs)
+    response.NumberOfWarningSuboperations = 0
+    response.NumberOfCompletedSuboperations = 0
+    response.ErrorComment = comment[:64]  # type: ignore[assignment]
+    failed = Dataset()
+    failed.FailedSOPInstanceUIDList = [ref.sop_instance_uid for ref in refs]
+    syntax = context.transfer_syntax[0]
+    encoded = encode(failed, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    response.Identifier = io.BytesIO(encoded or b"")
 
 
 def called_ae_title(assoc: Any) -> str:
@@ -320,13 +379,27 @@ class NodeHandlers:
         refs = self._refs(event.identifier, model)
         contexts = storage_contexts((r.sop_class_uid, r.transfer_syntax_uid) for r in refs)
         announce = _announce_sub_operations(event, len(refs))
+        failure = _AssociationFailure()
         association: dict[str, Any] = {
             "contexts": contexts,
-            "evt_handlers": [*NODELAY_HANDLERS, (evt.EVT_CONN_OPEN, announce)],
+            "evt_handlers": [*NODELAY_HANDLERS, (evt.EVT_CONN_OPEN, announce), *failure.handlers],
             "max_pdu": self.max_pdu,
         }
         if destination.tls and self.tls_client is not None:
             association["tls_args"] = (self.tls_client, destination.host)
+        where = f"{destination.ae_title} ({destination.host}:{destination.port})"
+
+        def refuse(response: C_MOVE, context: Any) -> None:
+            reason = f"no association with {where}: {failure.reason()}"
+            _refuse_sub_operations(response, context, refs, reason)
+            LOGGER.warning(
+                "C-MOVE refused 0x%04X: %s; its %d sub-operation(s) failed",
+                REFUSED_SUB_OPERATIONS,
+                reason,
+                len(refs),
+            )
+
+        on_move_association_failed(event, refuse)
         yield destination.host, destination.port, association
         yield len(refs)
         yield from self._sub_operations(event, refs, str(event.assoc.requestor.ae_title).strip())

@@ -37,6 +37,9 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
   its C-STORE-RSP decoded directly (:func:`decode_store_responses`).
 - Requests refused before the service class runs (:func:`screen_requests`):
   ``Association._serve_request``.
+- A C-MOVE whose destination could not be associated with (:func:`on_move_association_failed`):
+  the final 0xA801 that ``QueryRetrieveServiceClass._move_scp`` sends then, caught in the
+  requesting association's ``DIMSEServiceProvider.send_msg``.
 - The standard log handlers of ``pynetdicom._handlers``.
 """
 
@@ -71,7 +74,7 @@ from pynetdicom._handlers import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -1153,6 +1156,49 @@ def screen_requests(assoc: Any, screen: RequestScreen) -> None:
         assoc.dimse.send_msg(response, context_id)
 
     assoc._serve_request = serve_request
+
+
+# --- a C-MOVE whose destination cannot be reached ------------------------------------------
+
+MOVE_DESTINATION_UNKNOWN = 0xA801
+"""The status pynetdicom's C-MOVE SCP answers both for a destination the handler did not name and
+for one it could not associate with (PS3.4 C.4.2.1.5)."""
+PENDING_STATUSES = (0xFF00, 0xFF01)
+
+
+def on_move_association_failed(event: Any, refuse: Callable[[Any, Any], None]) -> None:
+    """Call ``refuse(response, context)`` on the final C-MOVE-RSP of ``event``'s request if it
+    is the 0xA801 pynetdicom sends when it cannot establish the association with the destination
+    the handler yielded, before it is sent: ``refuse`` sets the status PS3.4 C.4.2.3.1 asks for
+    (the destination is known; the sub-operations could not be performed), the counts, the Error
+    Comment and the Identifier (``context`` is the request's accepted presentation context, for
+    encoding it). Call it from the C-MOVE handler just before it yields a destination it knows;
+    a handler that yields no destination (``None, None``) keeps pynetdicom's 0xA801. The hook
+    removes itself with the request's final response.
+
+    Hook: the requesting association's ``DIMSEServiceProvider.send_msg`` (the response is a
+    ``C_MOVE`` primitive; ``QueryRetrieveServiceClass._move_scp`` sends 0xA801 when
+    ``store_assoc.is_established`` is false). Public replacement: a status the C-MOVE handler
+    can give for a failed association with its destination.
+    """
+    assoc = event.assoc
+    dimse = assoc.dimse
+    send = dimse.send_msg
+    message_id = event.request.MessageID
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_MOVE
+            and primitive.MessageIDBeingRespondedTo == message_id
+            and primitive.Status not in PENDING_STATUSES
+        ):
+            dimse.send_msg = send  # the request's final response: unhook
+            if primitive.Status == MOVE_DESTINATION_UNKNOWN:
+                context = next(cx for cx in assoc.accepted_contexts if cx.context_id == context_id)
+                refuse(primitive, context)
+        send(primitive, context_id)
+
+    dimse.send_msg = send_msg
 
 
 # --- responses encoded directly -------------------------------------------------------------

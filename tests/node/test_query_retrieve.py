@@ -212,13 +212,26 @@ def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
         "movescu",
         stored.node.port,
         "-S",
+        "-d",
         "-aem",
         "PACS",
         QueryRetrieveLevel="STUDY",
         StudyInstanceUID=stored.study_uid,
     )
-    assert "Received Final Move Response" in result.stdout
-    assert "(Success)" not in result.stdout.split("Received Final Move Response")[1]
+    # PS3.4 C.4.2.3.1: the destination is known but no association could be made with it:
+    # 0xA702 Refused: Out of Resources - Unable to perform sub-operations (not 0xA801), every
+    # sub-operation failed, an Error Comment naming the destination, the failed instances listed.
+    assert "Move response with error status (Refused: OutOfResourcesSubOperations)" in (
+        result.stdout
+    ), result.stdout
+    final = result.stdout.split("Received Final Move Response")[1]
+    assert "DIMSE Status                  : 0xa702" in final, final
+    assert "MoveDestinationUnknown" not in result.stdout
+    assert re.search(rf"Failed Suboperations\s*: {len(stored.sop_uids)}\n", final), final
+    assert re.search(r"Completed Suboperations\s*: 0\n", final), final
+    comment = f"[no association with PACS (127.0.0.1:{stored.pacs_port}): no connection]"
+    assert f"LO {comment}" in final, final
+    assert all(uid in final for uid in stored.sop_uids), final  # Failed SOP Instance UID List
     assert _moves("failure") == failures + 1
 
 

@@ -303,6 +303,25 @@ def test_retrieve_services_ask_for_a_count_first() -> None:
     assert "def _serve_request(self, msg" in _source(Association)
 
 
+def test_a_failed_move_association_is_answered_a801_through_send_msg() -> None:
+    """What ``on_move_association_failed`` catches: when the association with a destination the
+    handler yielded is not established, pynetdicom's C-MOVE SCP sends one final 0xA801 through
+    the requesting association's ``dimse.send_msg`` (a ``C_MOVE`` primitive with
+    ``MessageIDBeingRespondedTo``), the same status as for no destination at all."""
+    from pynetdicom.dimse_primitives import C_MOVE
+    from pynetdicom.service_class import QueryRetrieveServiceClass
+
+    move_scp = _source(QueryRetrieveServiceClass._move_scp)
+    failed = move_scp.split("if not store_assoc.is_established:")[1].split("return")[0]
+    assert "rsp.Status = 0xA801" in failed and "self.dimse.send_msg(rsp, cx_id)" in failed
+    assert "rsp.MessageIDBeingRespondedTo = req.MessageID" in move_scp
+    assert internals.MOVE_DESTINATION_UNKNOWN == 0xA801
+    response = C_MOVE()
+    response.ErrorComment = "x" * 64
+    response.NumberOfFailedSuboperations = 1
+    assert "def send_msg(self, primitive" in _source(DIMSEServiceProvider)
+
+
 @pytest.mark.parametrize(
     "name",
     [
