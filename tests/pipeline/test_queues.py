@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import SimpleITK as sitk
 import yaml
 from sqlalchemy import update
 
@@ -44,7 +45,8 @@ def _service(settings: Settings, queue: Any = None) -> JobService:
 def _study(settings: Settings) -> Path:
     study = settings.allowed_roots[0] / "s1"
     (study / "ct").mkdir(parents=True)
-    (study / "ct" / "image.nii.gz").write_bytes(b"")
+    # A real (tiny) NIfTI: submission reads the header of every input it names.
+    sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkInt16), str(study / "ct" / "image.nii.gz"))
     return study
 
 
