@@ -37,6 +37,7 @@ from nnunet_node.node.access import AccessPolicy, effective_mode
 from nnunet_node.node.contexts import add_supported_contexts
 from nnunet_node.node.handlers import NodeHandlers
 from nnunet_node.node.transport import ServerAE
+from nnunet_node.pipeline.pynetdicom_internals import after_run
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
 
@@ -62,10 +63,24 @@ class NodeServer(ThreadedAssociationServer):
         objects) that holds the GIL for 100-300 ms, and every association waits. Python's own
         collector still frees reference cycles (finished associations included)."""
 
+    hand_over: Callable[[socket.socket, Any, bool], bool] | None = None
+    """Set on the node's process when receiver processes serve connections too
+    (node/receivers.py): called with each accepted connection, its address and whether it
+    came to the TLS port; True when it went to a receiver (the call closed this process's
+    copy), False to serve it here."""
+    connection_dropped: Callable[[], None] | None = None
+    """Called for a connection that ends without ever becoming an association (a failed TLS
+    handshake, an error while making it), so that the balancing counts stay right."""
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        """A plain TCP connection's association is made and started here, in the accepting
-        thread (about 0.5 ms), rather than in a thread started only to start the association's
-        own; a TLS connection still gets that thread, for its handshake."""
+        """A connection goes to a receiver process when :attr:`hand_over` sends it there;
+        otherwise a plain TCP connection's association is made and started here, in the
+        accepting thread (about 0.5 ms), rather than in a thread started only to start the
+        association's own; a TLS connection still gets that thread, for its handshake."""
+        if self.hand_over is not None and self.hand_over(
+            request, client_address, self.ssl_context is not None
+        ):
+            return
         if self.ssl_context is not None:
             super().process_request(request, client_address)
             return
@@ -74,17 +89,11 @@ class NodeServer(ThreadedAssociationServer):
         except Exception:
             self.handle_error(request, client_address)
             self.shutdown_request(request)
+            self._dropped()
 
-    reuse_port = False
-    """Set ``SO_REUSEPORT`` before binding: the node's receiver processes listen on the same
-    port and the kernel spreads the connections among them (Linux: only sockets of the same
-    user may join the port)."""
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    def _dropped(self) -> None:
+        if self.connection_dropped is not None:
+            self.connection_dropped()
 
     def get_request(self) -> Any:
         assert self.socket is not None
@@ -101,14 +110,9 @@ class NodeServer(ThreadedAssociationServer):
                 LOGGER.warning("TLS connection from %s refused: %s", client_address[0], reason)
                 with contextlib.suppress(OSError):
                     request.close()
+                self._dropped()
                 return
         super().process_request_thread(request, client_address)
-
-
-class SharedPortServer(NodeServer):
-    """A :class:`NodeServer` whose port other processes may listen on too."""
-
-    reuse_port = True
 
 
 class NodeServerAE(ServerAE):
@@ -118,17 +122,26 @@ class NodeServerAE(ServerAE):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.association_hooks: list[Callable[[Any], None]] = []
-        self.server_class: type[NodeServer] = NodeServer
+        self.association_ended: list[Callable[[], None]] = []
+        """Called in an accepted association's thread when it ends, however it ends."""
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("server_class") in (None, ThreadedAssociationServer):
-            kwargs["server_class"] = self.server_class
+            kwargs["server_class"] = NodeServer
         return super().make_server(*args, **kwargs)
 
     def on_accepted(self, assoc: Any) -> None:
+        if self.association_ended:
+            after_run(assoc, self.notify_ended)
         for hook in self.association_hooks:
             hook(assoc)
         super().on_accepted(assoc)
+
+    def notify_ended(self) -> None:
+        """Call the :attr:`association_ended` callbacks: an association ended, or a connection
+        that never became one (a failed TLS handshake, an error while making it)."""
+        for callback in self.association_ended:
+            callback()
 
 
 class DicomNode:
@@ -145,10 +158,10 @@ class DicomNode:
         tls_port: int | None = None,
         max_pdu: int = MAX_PDU,
         event_driven: bool = True,
-        shared_port: bool = False,
+        listening: bool = True,
     ) -> None:
-        """``shared_port``: listen with ``SO_REUSEPORT``, so that receiver processes
-        (node/receivers.py) can listen on the same ports."""
+        """``listening=False`` (a receiver process, node/receivers.py): no port is listened on;
+        the node's process hands connections over and :meth:`serve_connection` serves them."""
         self.settings = settings
         self.host = host if host is not None else settings.dicom_host
         self._requested_port = port if port is not None else settings.dicom_port
@@ -162,8 +175,7 @@ class DicomNode:
             check_host=settings.dicom_check_host,
         )
         self.ae = NodeServerAE(ae_title=settings.ae_title, event_driven=event_driven)
-        if shared_port:
-            self.ae.server_class = SharedPortServer
+        self.listening = listening
         self.ae.store_sink = self.access.guard_store_sink(self.handlers.open_store_sink)
         self.ae.request_screen = self.handlers.screen_request
         self.ae.association_hooks.append(self.access.guard_association)
@@ -172,8 +184,8 @@ class DicomNode:
         self.ae.require_calling_aet = list(settings.allowed_calling_aes)
         self.ae.require_called_aet = False
         add_supported_contexts(self.ae)
-        self._server: ThreadedAssociationServer | None = None
-        self._tls_server: ThreadedAssociationServer | None = None
+        self._server: NodeServer | None = None
+        self._tls_server: NodeServer | None = None
 
     @staticmethod
     def _tls_client(settings: Settings, routing: RoutingTable) -> ssl.SSLContext | None:
@@ -207,9 +219,16 @@ class DicomNode:
             for event, handler in self.handlers.bindings()
         ]
 
-    def _listen(
-        self, port: int, variable: str, context: ssl.SSLContext | None
-    ) -> ThreadedAssociationServer:
+    def _listen(self, port: int, variable: str, context: ssl.SSLContext | None) -> NodeServer:
+        if not self.listening:
+            # A server that never accepts: made on a loopback port that is closed at once; it
+            # only serves the connections handed over (serve_connection).
+            server = self.ae.make_server(
+                ("127.0.0.1", 0), evt_handlers=self._bindings(), ssl_context=context
+            )
+            server.server_close()
+            server.connection_dropped = self.ae.notify_ended
+            return server
         try:
             server = self.ae.start_server(
                 (self.host, port), block=False, evt_handlers=self._bindings(), ssl_context=context
@@ -223,7 +242,8 @@ class DicomNode:
                 f"cannot listen on {self.host}:{port} ({variable}, NNUNET_NODE_DICOM_HOST): "
                 f"{exc.strerror or exc}"
             ) from exc
-        assert server is not None  # block=False returns the server
+        assert isinstance(server, NodeServer)  # block=False returns the server
+        server.connection_dropped = self.ae.notify_ended
         return server
 
     def start(self) -> None:
@@ -254,6 +274,8 @@ class DicomNode:
             if self._tls_server is not None
             else ""
         )
+        if not self.listening:
+            return
         LOGGER.info(
             "DICOM node %s listening on %s:%d%s; %s%s",
             self.settings.ae_title,
@@ -272,13 +294,30 @@ class DicomNode:
         tls_server, self._tls_server = self._tls_server, None
         if server is None:
             return
-        server.shutdown()
-        if tls_server is not None:
-            tls_server.shutdown()
+        if self.listening:  # the others never served (their sockets are closed)
+            server.shutdown()
+            if tls_server is not None:
+                tls_server.shutdown()
         for assoc in list(self.ae.active_associations):
             assoc.abort()
         self.ae.shutdown()  # the archive is closed by whoever made it (NodeContext.close)
         LOGGER.info("DICOM node %s stopped", self.settings.ae_title)
+
+    def hand_over_with(self, hand_over: Callable[[socket.socket, Any, bool], bool] | None) -> None:
+        """Give each connection the servers accept to ``hand_over`` first (node/receivers.py);
+        None serves them all here again."""
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.hand_over = hand_over
+
+    def serve_connection(self, sock: socket.socket, address: Any, *, tls: bool) -> None:
+        """Serve a connection that another process accepted on the plain or the TLS port
+        (node/receivers.py): as if this node's own server had accepted it. Raises
+        RuntimeError when the node is not started or has no TLS port for a TLS connection."""
+        server = self._tls_server if tls else self._server
+        if server is None:
+            raise RuntimeError("the DICOM node is not started" + (" with TLS" if tls else ""))
+        server.process_request(sock, address)
 
     def active_associations(self) -> list[Any]:
         return list(self.ae.active_associations)

@@ -1,13 +1,21 @@
-"""Receiver processes: more than one process accepts associations on the node's DICOM ports.
+"""Receiver processes: more than one process serves associations on the node's DICOM ports.
 
 One Python process runs its associations' Python code (pynetdicom's PDU and DIMSE layers, the
 C-STORE handler) one thread at a time, so several associations at once share one core. With
-``NNUNET_NODE_DICOM_PROCESSES`` = n > 1 the node's process listens as before, with
-``SO_REUSEPORT``, and :class:`ReceiverPool` starts ``n - 1`` receiver processes that listen on the
-same plain and TLS ports; the kernel hands each new connection to one of the listening processes.
-Each receiver is a whole DICOM node (node/ae.py: the same AE title, contexts, access control, TLS,
-C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET), over its own database connection and the shared
-archive (``Archive(shared=True)``, storage/archive.py).
+``NNUNET_NODE_DICOM_PROCESSES`` = n > 1, :class:`ReceiverPool` starts ``n - 1`` receiver
+processes beside the node's own. The node's process alone listens on the plain and TLS ports;
+each connection it accepts goes to the process serving the fewest associations at that moment
+(itself included; ties in turn), passed as a file descriptor over a Unix socket
+(``SCM_RIGHTS``, :func:`multiprocessing.reduction.send_handle`) before anything is read from it.
+Four associations at once on two processes are so served two and two, which ``SO_REUSEPORT``
+(each process listening, the kernel choosing by a hash of the addresses) left to chance: three
+and one, or all four on one process, in half the runs. Each process counts the associations it
+has ended in a shared array; the node's process counts those it handed over.
+
+Each receiver is a whole DICOM node (node/ae.py: the same AE title, contexts, access control,
+TLS, C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET) over its own database connection and the shared
+archive (``Archive(shared=True)``, storage/archive.py). A TLS connection is handed over before
+its handshake, which the receiver makes.
 
 Durability is the archive's: a receiver answers a C-STORE success only once the file and its
 index rows are committed, exactly as the node's own process does. Nothing about an arrival has
@@ -18,16 +26,18 @@ acknowledged instance can never be missed by routing, even if its receiver dies 
 Each receiver writes its temporary files into its own folder, ``.incoming/receiver-<i>/``. When a
 receiver dies (killed, crashed), the node logs it, finishes or drops the writes the death
 interrupted in that folder (:meth:`Archive.recover`, as at start; no other process writes
-there) and starts another receiver in its place. A receiver whose node process is gone stops
-(its pipe to the node reads end-of-file).
+there) and starts another receiver in its place; until it is ready, the node's process serves
+the connections. A connection handed to a receiver that dies before serving it is closed (the
+peer sees the connection end, as with any server that dies). A receiver whose node process is
+gone stops (its pipes to the node read end-of-file).
 
 Metrics: a receiver counts nothing itself; it sends its events to the node's process every
 :data:`FLUSH_S` seconds (:func:`core.metrics.forward_events`), so ``/metrics`` counts every
 association's requests and instances.
 
 Processes are started with ``spawn`` (no inherited threads, locks or sockets); stopping sends
-each receiver a stop message: it stops accepting, ends its associations as the node's own
-process does (node/ae.py, :meth:`DicomNode.stop`) and exits; one that has not exited after
+each receiver a stop message: it ends its associations as the node's own process does
+(node/ae.py, :meth:`DicomNode.stop`) and exits; one that has not exited after
 :data:`STOP_TIMEOUT_S` is killed.
 """
 
@@ -37,17 +47,22 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nnunet_node.core import metrics
 from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.logging import configure_logging
 from nnunet_node.core.settings import Settings
 from nnunet_node.storage.archive import Archive
+
+if TYPE_CHECKING:
+    from nnunet_node.node.ae import DicomNode
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,13 +81,31 @@ def receiver_folder(index: int) -> str:
     return f"receiver-{index}"
 
 
+def count_ended(node: Any, ended: Any, index: int) -> None:
+    """Count each association ``node`` (a :class:`~nnunet_node.node.ae.DicomNode`) ends in
+    ``ended[index]`` (a shared array that only this process writes at ``index``)."""
+    lock = threading.Lock()
+
+    def one_more() -> None:
+        with lock:
+            ended[index] += 1
+
+    node.ae.association_ended.append(one_more)
+
+
 def run_receiver(
-    settings: Settings, index: int, port: int, tls_port: int | None, conn: Connection
+    settings: Settings,
+    index: int,
+    tls: bool,
+    conn: Connection,
+    handoff: Connection,
+    ended: Any,
 ) -> None:
-    """A receiver process's body (``spawn`` target): listen on ``port`` (and ``tls_port``) beside
-    the node's process, say ``("ready", pid)`` or ``("failed", reason)`` on ``conn``, send
+    """A receiver process's body (``spawn`` target): serve the connections the node's process
+    sends over ``handoff`` (plain, or TLS when ``tls``), count each association it ends in
+    ``ended[index]``, say ``("ready", pid)`` or ``("failed", reason)`` on ``conn``, send
     ``("metrics", events)`` while running, and stop on ``("stop",)``, SIGTERM or the end of
-    ``conn``. SIGINT is left to the node's process, which stops its receivers."""
+    either pipe. SIGINT is left to the node's process, which stops its receivers."""
     from nnunet_node.node.ae import DicomNode  # the receiver's imports, not the module's
     from nnunet_node.pipeline.spec import NodeSpec
     from nnunet_node.storage.db import make_engine, make_sessionmaker
@@ -95,8 +128,9 @@ def run_receiver(
         )
         spec = NodeSpec.load(settings)
         node = DicomNode(
-            settings, archive, spec.routing, port=port, tls_port=tls_port, shared_port=True
+            settings, archive, spec.routing, port=0, tls_port=0 if tls else None, listening=False
         )
+        count_ended(node, ended, index)
         node.start()
     except BaseException as exc:  # every failure is reported to the node
         with contextlib.suppress(OSError):
@@ -112,7 +146,23 @@ def run_receiver(
                 pass
         stop.set()
 
+    def take_connections() -> None:
+        assert node is not None
+        with contextlib.suppress(EOFError, OSError):
+            while not stop.is_set():
+                kind, address = handoff.recv()
+                fd = reduction.recv_handle(handoff)
+                sock = socket.socket(fileno=fd)
+                try:
+                    node.serve_connection(sock, address, tls=kind == "tls")
+                except Exception:
+                    LOGGER.exception("a connection handed over (%s) could not be served", address)
+                    sock.close()
+                    node.ae.notify_ended()  # counted as ended: it never became an association
+        stop.set()
+
     threading.Thread(target=watch_node, name="receiver-stop", daemon=True).start()
+    threading.Thread(target=take_connections, name="receiver-handoff", daemon=True).start()
     conn.send(("ready", multiprocessing.current_process().pid))
 
     def flush() -> None:
@@ -136,9 +186,12 @@ class _Receiver:
     index: int
     process: Any
     conn: Connection
+    handoff: Connection
     ready: threading.Event = field(default_factory=threading.Event)
     failure: str | None = None
     reader: threading.Thread | None = None
+    handed: int = 0
+    """Connections handed to this process (its ``ended`` slot starts at 0 with it)."""
 
 
 class ReceiverPool:
@@ -153,30 +206,83 @@ class ReceiverPool:
         self._receivers: dict[int, _Receiver] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
-        self._ports: tuple[int, int | None] | None = None
+        self._tls = False
+        self._node: DicomNode | None = None
+        self._ended: Any = self._context.RawArray("q", count + 1)
+        """Associations ended, per process: 0 the node's, i receiver i; each writes its own."""
+        self._handed_here = 0
+        self._turn = 0
 
     def pids(self) -> list[int]:
         """The receivers' process ids (tests kill one)."""
         with self._lock:
             return [r.process.pid for r in self._receivers.values() if r.process.pid]
 
-    def start(self, port: int, tls_port: int | None) -> None:
-        """Start the receivers on ``port`` (and ``tls_port``), once the node's process listens
-        there with ``SO_REUSEPORT``; return when all listen. Raises ConfigError (after stopping
-        those that started) when one cannot."""
+    def start(self, node: DicomNode) -> None:
+        """Start the receivers beside ``node`` (the node's process's, started: it accepts the
+        connections and from now on hands them over, :meth:`hand_over`); return when all are
+        ready. Raises ConfigError (after stopping those that started) when one cannot."""
         self._stopping.clear()
-        self._ports = (port, tls_port)
+        self._tls = node.tls_port is not None
         started = [self._spawn(index) for index in range(1, self.count + 1)]
         for receiver in started:
             if not self._wait_ready(receiver):
                 reason = receiver.failure or "it did not start"
                 self.stop()
                 raise ConfigError(f"DICOM receiver process {receiver.index}: {reason}")
+        self._node = node
+        count_ended(node, self._ended, 0)
+        node.hand_over_with(self.hand_over)
         LOGGER.info(
-            "%d DICOM receiver process(es) listening beside this one (pids %s)",
+            "%d DICOM receiver process(es) serving associations beside this one (pids %s)",
             len(started),
             ", ".join(str(pid) for pid in self.pids()),
         )
+
+    def loads(self) -> list[int]:
+        """Associations open (handed over and not yet ended) per process: this one first, then
+        each receiver by index."""
+        with self._lock:
+            return [self._handed_here - self._ended[0]] + [
+                r.handed - self._ended[r.index] for _, r in sorted(self._receivers.items())
+            ]
+
+    def hand_over(self, sock: socket.socket, address: Any, tls: bool) -> bool:
+        """Give the connection ``sock`` (just accepted, nothing read) to the process serving the
+        fewest associations, this one included (ties in turn). True when a receiver took it
+        (this process's copy is closed), False to serve it here: chosen, or no receiver is
+        ready, or the hand-over failed (logged)."""
+        with self._lock:
+            candidates: list[tuple[int, _Receiver | None]] = [
+                (self._handed_here - self._ended[0], None)
+            ]
+            if not self._stopping.is_set():
+                candidates += [
+                    (r.handed - self._ended[r.index], r)
+                    for _, r in sorted(self._receivers.items())
+                    if r.ready.is_set() and r.failure is None
+                ]
+            count = len(candidates)
+            position = min(range(count), key=lambda k: (candidates[(self._turn + k) % count][0], k))
+            chosen = (self._turn + position) % count
+            self._turn = (chosen + 1) % count
+            receiver = candidates[chosen][1]
+            if receiver is not None:
+                try:
+                    receiver.handoff.send(("tls" if tls else "plain", address))
+                    reduction.send_handle(receiver.handoff, sock.fileno(), receiver.process.pid)
+                except (OSError, ValueError) as exc:
+                    LOGGER.warning(
+                        "DICOM receiver process %d did not take a connection (%s); served here",
+                        receiver.index,
+                        exc,
+                    )
+                else:
+                    receiver.handed += 1
+                    sock.close()
+                    return True
+            self._handed_here += 1
+            return False
 
     def _wait_ready(self, receiver: _Receiver) -> bool:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -188,17 +294,19 @@ class ReceiverPool:
         return True
 
     def _spawn(self, index: int) -> _Receiver:
-        assert self._ports is not None
         parent_conn, child_conn = self._context.Pipe()
+        parent_handoff, child_handoff = self._context.Pipe()  # a Unix socket pair: fds travel
+        self._ended[index] = 0  # the process before (if any) is gone
         process = self._context.Process(
             target=run_receiver,
-            args=(self.settings, index, *self._ports, child_conn),
+            args=(self.settings, index, self._tls, child_conn, child_handoff, self._ended),
             name=f"nnunet-node-receiver-{index}",
             daemon=True,
         )
         process.start()
         child_conn.close()
-        receiver = _Receiver(index, process, parent_conn)
+        child_handoff.close()
+        receiver = _Receiver(index, process, parent_conn, parent_handoff)
         receiver.reader = threading.Thread(
             target=self._read, args=(receiver,), name=f"receiver-{index}-pipe", daemon=True
         )
@@ -223,6 +331,9 @@ class ReceiverPool:
             pass
         receiver.process.join(STOP_TIMEOUT_S)
         receiver.conn.close()
+        with self._lock:  # no more hand-overs to it
+            receiver.failure = receiver.failure or "ended"
+            receiver.handoff.close()
         if self._stopping.is_set() or not receiver.ready.is_set():
             return
         LOGGER.error(
@@ -270,6 +381,9 @@ class ReceiverPool:
         with self._lock:
             receivers = list(self._receivers.values())
             self._receivers.clear()
+            if self._node is not None:
+                self._node.hand_over_with(None)
+                self._node = None
         for receiver in receivers:
             with contextlib.suppress(OSError, ValueError):
                 receiver.conn.send(("stop",))

@@ -42,7 +42,7 @@ class DimseService:
             )
             processes = 1
         self.node = (
-            DicomNode(settings, context.archive, self.routing, port=port, shared_port=processes > 1)
+            DicomNode(settings, context.archive, self.routing, port=port)
             if settings.dicom_enabled
             else None
         )
@@ -69,7 +69,7 @@ class DimseService:
             self.node.start()
             if self.receivers is not None:
                 try:
-                    self.receivers.start(self.node.port, self.node.tls_port)
+                    self.receivers.start(self.node)
                 except BaseException:
                     self.node.stop()
                     self.completion.stop()

@@ -2,9 +2,10 @@
 node/receivers.py): the node's process and a receiver process accept associations on one port.
 
 Real parts: the DIMSE service as ``nnunet-node dicom`` builds it, dcmtk's storescu, findscu and
-getscu, SQLite. Which process the kernel hands a connection to is chance, so a test that needs
-the receiver to take part sends more associations until the receiver's own folder in
-``.incoming`` shows it received (each receiver keeps spare files there once it has)."""
+getscu, pynetdicom as a requester, SQLite. The node's process hands each connection to the
+process serving the fewest associations; which process serves one is read from ``/proc`` (the
+process holding the connection's socket), or from the receiver's own folder in ``.incoming``
+(each receiver keeps spare files there once it has received)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from nnunet_node.core.phantom import make_phantom, write_dicom_series
@@ -276,6 +279,11 @@ def test_tls_associations_are_served_by_every_process(node: Node, tmp_path: Path
 
 def _receiver_has_connection(pid: int, port: int) -> bool:
     """Whether process ``pid`` holds an established TCP connection on local ``port``."""
+    return _connections_held(pid, port) > 0
+
+
+def _connections_held(pid: int, port: int) -> int:
+    """How many established TCP connections on local ``port`` process ``pid`` holds."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -284,12 +292,36 @@ def _receiver_has_connection(pid: int, port: int) -> bool:
             continue
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
+    held = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local_port = int(fields[1].split(":")[1], 16)
         if local_port == port and fields[3] == "01" and fields[9] in inodes:
-            return True
-    return False
+            held += 1
+    return held
+
+
+def test_associations_at_once_are_shared_evenly_between_the_processes(node: Node) -> None:
+    """Four associations open at once on two processes: two each, every time (the kernel's
+    choice by address hash, with SO_REUSEPORT, gave three and one or four and none in half the
+    runs). Once released, each process has counted them ended."""
+    until(lambda: node.receivers.loads() == [0, 0])
+    (receiver_pid,) = node.receivers.pids()
+    ae = AE(ae_title="BALANCE")
+    ae.add_requested_context(Verification)
+    for round_ in range(3):
+        held = [ae.associate("127.0.0.1", node.port, ae_title="NNUNET_NODE") for _ in range(4)]
+        try:
+            assert all(assoc.is_established for assoc in held)
+            assert [assoc.send_c_echo().Status for assoc in held] == [0, 0, 0, 0]
+            assert node.receivers.loads() == [2, 2], round_
+            mine = _connections_held(os.getpid(), node.port)
+            theirs = _connections_held(receiver_pid, node.port)
+            assert (mine, theirs) == (2, 2), round_
+        finally:
+            for assoc in held:
+                assoc.release()
+        until(lambda: node.receivers.loads() == [0, 0])
 
 
 def test_a_receiver_killed_mid_way_loses_nothing_acknowledged(node: Node, tmp_path: Path) -> None:
