@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
+from sqlalchemy import Engine
 
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.node.contexts import (
@@ -231,6 +232,8 @@ class NodeHandlers:
         self.max_pdu = max_pdu
         self.tls_client = tls_client
         """Context of C-MOVE sub-associations to peers declared with ``tls: true``."""
+        self._reads: Engine = archive.read_sessions.kw["bind"]
+        """The read-only engine C-FIND queries on (a pooled connection each, no ORM session)."""
 
     def bindings(self) -> list[Any]:
         return [
@@ -295,8 +298,9 @@ class NodeHandlers:
         charset = identifier.get("SpecificCharacterSet")
         # Streamed: each match is answered as it is read (a query matching a million instances
         # neither waits for nor holds them all); only the computed attributes asked for.
-        with self.archive.read_sessions() as session:
-            for row in query.iter_find(session, level, matching, include=keys):
+        rows = query.iter_find(self._reads, level, matching, include=keys)
+        try:
+            for row in rows:
                 if cancel_requested(event):
                     yield CANCEL, None
                     return
@@ -304,6 +308,8 @@ class NodeHandlers:
                 response = query.to_dataset(row, keys, requested_charset=charset)
                 response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
                 yield PENDING, response
+        finally:
+            rows.close()
 
     def _refs(self, identifier: Dataset, model: str) -> list[query.InstanceRef]:
         level = retrieve_level(identifier, model)

@@ -20,6 +20,8 @@ universal matching (an empty value, or a lone ``*``: C.2.2.2.3 and C.2.2.2.4). T
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Boolean, ColumnElement, and_, func, or_
@@ -131,11 +133,19 @@ def _upper_bound(value: str) -> str:
 
 def range_condition(column: Any, lower: str | None, upper: str | None) -> ColumnElement[bool]:
     """C.2.2.2.5 on a text column holding DA, TM or DT values (they sort as they read)."""
+    params = [v for v in (lower, upper and _upper_bound(upper)) if v is not None]
+    return _range(column, params, lower is not None, upper is not None)
+
+
+def _range(
+    column: Any, params: Sequence[Any], has_lower: bool, has_upper: bool
+) -> ColumnElement[bool]:
     parts: list[ColumnElement[bool]] = [column != ""]
-    if lower is not None:
-        parts.append(column >= lower)
-    if upper is not None:
-        parts.append(column <= _upper_bound(upper))
+    bounds = iter(params)
+    if has_lower:
+        parts.append(column >= next(bounds))
+    if has_upper:
+        parts.append(column <= next(bounds))
     return and_(*parts)
 
 
@@ -151,13 +161,16 @@ def wildcard_condition(
     column: Any, value: str, *, dialect: str, case_sensitive: bool = True
 ) -> ColumnElement[bool]:
     """C.2.2.2.4 with the SQL pattern escaped; ``dialect`` picks GLOB on SQLite."""
-    col: ColumnElement[Any] = column
+    match = _wildcard_match(value, dialect=dialect, case_sensitive=case_sensitive)
+    return match.condition(column)
+
+
+def _wildcard_match(value: str, *, dialect: str, case_sensitive: bool = True) -> Match:
     if not case_sensitive:
-        lowered = sql_lower(value, dialect)
-        return func.lower(col).like(wildcard_to_like(lowered), escape=LIKE_ESCAPE)
+        return Match(("lower_like",), (wildcard_to_like(sql_lower(value, dialect)),))
     if dialect == "sqlite":
-        return col.op("GLOB", return_type=Boolean)(wildcard_to_glob(value))
-    return col.like(wildcard_to_like(value), escape=LIKE_ESCAPE)
+        return Match(("glob",), (wildcard_to_glob(value),))
+    return Match(("like",), (wildcard_to_like(value),))
 
 
 def pn_condition(
@@ -165,19 +178,20 @@ def pn_condition(
 ) -> ColumnElement[bool]:
     """Person names, case-insensitive. ``fuzzy`` (QIDO-RS ``fuzzymatching=true``): the value
     matches the start of any name component (family, given, middle...)."""
+    return _pn_match(value, dialect=dialect, fuzzy=fuzzy).condition(column)
+
+
+def _pn_match(value: str, *, dialect: str, fuzzy: bool) -> Match:
     if fuzzy:
         stem = value.rstrip("*")
         pattern = wildcard_to_like(sql_lower(stem, dialect))
-        lowered = func.lower(column)
-        return or_(
-            lowered.like(pattern + "%", escape=LIKE_ESCAPE),
-            lowered.like("%^" + pattern + "%", escape=LIKE_ESCAPE),
-            lowered.like("% " + pattern + "%", escape=LIKE_ESCAPE),
+        return Match(
+            ("lower_like_any",), (pattern + "%", "%^" + pattern + "%", "% " + pattern + "%")
         )
     whole = (
-        wildcard_condition(column, value, dialect=dialect, case_sensitive=False)
+        _wildcard_match(value, dialect=dialect, case_sensitive=False)
         if has_wildcards(value)
-        else func.lower(column) == sql_lower(value, dialect)
+        else Match(("lower_eq",), (sql_lower(value, dialect),))
     )
     if "=" in value:
         return whole
@@ -188,19 +202,97 @@ def pn_condition(
     groups: tuple[str, ...] = (f"{value}=*", f"*={value}", f"*={value}=*")
     if value.endswith("*"):
         groups = (f"*={value}",)
-    return or_(
-        whole,
-        *(wildcard_condition(column, g, dialect=dialect, case_sensitive=False) for g in groups),
-    )
+    patterns = tuple(wildcard_to_like(sql_lower(g, dialect)) for g in groups)
+    return Match(("pn_groups", whole.shape[0]), whole.params + patterns)
+
+
+def _pn_groups(column: Any, params: Sequence[Any], whole: str) -> ColumnElement[bool]:
+    lowered = func.lower(column)
+    first = _BUILDERS[whole](column, params[:1])
+    return or_(first, *(lowered.like(p, escape=LIKE_ESCAPE) for p in params[1:]))
 
 
 def uid_condition(column: Any, value: str) -> ColumnElement[bool]:
     """C.2.2.2.2: one UID or a list of them."""
-    uids = split_values(value, commas=True)
-    col: ColumnElement[Any] = column
-    if len(uids) == 1:
-        return col == uids[0]
-    return col.in_(uids)
+    return _values_match(split_values(value, commas=True)).condition(column)
+
+
+def _values_match(values: Sequence[Any]) -> Match:
+    """Equality with one value, else IN the list (a shape per list length)."""
+    if len(values) == 1:
+        return Match(("eq",), (values[0],))
+    return Match(("in", len(values)), tuple(values))
+
+
+@dataclass(frozen=True)
+class Match:
+    """How one query value matches, split into what shapes the SQL and the values bound in it:
+    two values with the same ``shape`` make the same SQL with other ``params``, so a statement
+    built once with bind parameters in their place (storage/query.py) serves both."""
+
+    shape: tuple[Any, ...]
+    """Hashable: the builder's name, then what else decides the SQL (a list's length...)."""
+    params: tuple[Any, ...]
+    """The values the SQL compares with (patterns, bounds, UIDs), in the builder's order."""
+
+    def condition(self, column: Any, params: Sequence[Any] | None = None) -> ColumnElement[bool]:
+        """The condition on ``column`` with ``params`` (default: this match's own values; bind
+        parameters in their place make the statement of every value of this shape)."""
+        build = _BUILDERS[self.shape[0]]
+        return build(column, self.params if params is None else params, *self.shape[1:])
+
+
+_BUILDERS: dict[str, Callable[..., ColumnElement[bool]]] = {
+    "eq": lambda col, p: col == p[0],
+    "in": lambda col, p, _count: col.in_(list(p)),
+    "lower_eq": lambda col, p: func.lower(col) == p[0],
+    "lower_like": lambda col, p: func.lower(col).like(p[0], escape=LIKE_ESCAPE),
+    "lower_like_any": lambda col, p: or_(*(func.lower(col).like(x, escape=LIKE_ESCAPE) for x in p)),
+    "glob": lambda col, p: col.op("GLOB", return_type=Boolean)(p[0]),
+    "like": lambda col, p: col.like(p[0], escape=LIKE_ESCAPE),
+    "range": _range,
+    "pn_groups": _pn_groups,
+}
+
+
+def match_of(
+    value: str | None, kind: Kind, *, dialect: str = "sqlite", fuzzy: bool = False
+) -> Match | None:
+    """How ``value`` matches an attribute of ``kind``, or None for universal matching. Raises
+    :class:`InvalidRequest` for a value the kind cannot take (a malformed date or range, an
+    integer that is not one)."""
+    if value is None or is_universal(value):
+        return None
+    text = value.strip(" \x00")
+    if kind is Kind.UID:
+        return _values_match(split_values(text, commas=True))
+    if kind is Kind.INT:
+        try:
+            numbers = [int(v) for v in split_values(text)]
+        except ValueError as exc:
+            raise InvalidRequest(f"{value!r} is not an integer") from exc
+        return _values_match(numbers)
+    if kind is Kind.PN:
+        return _pn_match(text, dialect=dialect, fuzzy=fuzzy)
+    if kind in _NORMALISE:
+        normalise = _NORMALISE[kind]
+        bounds = parse_range(text)
+        if bounds is not None:
+            lower, upper = (normalise(b) if b else None for b in bounds)
+        else:
+            single = normalise(text)
+            if kind is Kind.DATE:
+                return Match(("eq",), (single,))
+            # TM and DT: a value of lower precision names the whole interval (10 = 10:00-10:59).
+            lower = upper = single
+        params = tuple(v for v in (lower, upper and _upper_bound(upper)) if v is not None)
+        return Match(("range", lower is not None, upper is not None), params)
+    if has_wildcards(text):
+        return _wildcard_match(text, dialect=dialect)
+    values = split_values(text)
+    if len(values) > 1:
+        return Match(("in", len(values)), tuple(values))
+    return Match(("eq",), (text,))
 
 
 def value_condition(
@@ -212,38 +304,5 @@ def value_condition(
     fuzzy: bool = False,
 ) -> ColumnElement[bool] | None:
     """The condition for one attribute of a query, or None for universal matching."""
-    if value is None or is_universal(value):
-        return None
-    text = value.strip(" \x00")
-    col: ColumnElement[Any] = column  # the kinds below know their column types
-    if kind is Kind.UID:
-        return uid_condition(col, text)
-    if kind is Kind.INT:
-        try:
-            numbers = [int(v) for v in split_values(text)]
-        except ValueError as exc:
-            raise InvalidRequest(f"{value!r} is not an integer") from exc
-        return col == numbers[0] if len(numbers) == 1 else col.in_(numbers)
-    if kind is Kind.PN:
-        return pn_condition(col, text, dialect=dialect, fuzzy=fuzzy)
-    if kind in _NORMALISE:
-        normalise = _NORMALISE[kind]
-        bounds = parse_range(text)
-        if bounds is not None:
-            lower, upper = bounds
-            return range_condition(
-                col,
-                normalise(lower) if lower else None,
-                normalise(upper) if upper else None,
-            )
-        single = normalise(text)
-        if kind is Kind.DATE:
-            return col == single
-        # TM and DT: a value of lower precision names the whole interval (10 = 10:00-10:59).
-        return range_condition(col, single, single)
-    if has_wildcards(text):
-        return wildcard_condition(col, text, dialect=dialect)
-    values = split_values(text)
-    if len(values) > 1:
-        return col.in_(values)
-    return col == text
+    match = match_of(value, kind, dialect=dialect, fuzzy=fuzzy)
+    return None if match is None else match.condition(column)

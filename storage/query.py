@@ -11,14 +11,27 @@ NumberOf...Related...). :func:`to_dataset` makes a response identifier of the re
 Speed at 1,000,000 instances (``bench/bench_query.py``): one SELECT per query, LIMIT and OFFSET
 in it; the computed attributes are columns that ingest keeps (storage/indexer.py), except
 SOPClassesInStudy, read from the instance rows of the page's studies and only on request.
+C-FIND (:func:`iter_find`) keeps each query shape's statement compiled, with bind parameters
+for the values (:class:`storage.matching.Match` splits a value into both), and runs it on the
+driver's cursor: no statement is built, compiled or wrapped in ORM rows per request.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,13 +40,23 @@ from pydicom import config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, Select, exists, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Dialect,
+    Engine,
+    Select,
+    bindparam,
+    exists,
+    func,
+    select,
+)
 from sqlalchemy.orm import Session, aliased
 
 from nnunet_node.core.charset import answer_charset
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.storage.indexer import split_modalities
-from nnunet_node.storage.matching import Kind, split_values, value_condition
+from nnunet_node.storage.matching import Kind, Match, match_of, split_values
 from nnunet_node.storage.models import Instance, Patient, Series, Study
 
 LOGGER = logging.getLogger(__name__)
@@ -159,35 +182,63 @@ def _normalise_query(query: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _conditions(
-    query: Mapping[str, str], levels: Collection[Level], *, dialect: str, fuzzy: bool
-) -> list[ColumnElement[bool]]:
-    conditions = []
+_STUDY_KEYS: dict[str, Kind] = {"ModalitiesInStudy": Kind.STRING, "SOPClassesInStudy": Kind.UID}
+"""Computed attributes that are matching keys at the STUDY level and below."""
+
+_LEVEL_SETS: dict[str, tuple[Level, ...]] = {
+    "PATIENT": _PATIENT_ONLY,
+    "STUDY": ("PATIENT", "STUDY"),
+    "SERIES": ("PATIENT", "STUDY", "SERIES"),
+    "IMAGE": _ORDER,
+}
+"""The levels whose attributes match (and come back) at each Query/Retrieve Level."""
+
+
+def _matches(
+    query: Mapping[str, str], level: str, *, dialect: str, fuzzy: bool
+) -> dict[str, Match]:
+    """How each of the query's keys that apply at ``level`` matches (universal ones and keys
+    the index does not hold left out); raises :class:`InvalidRequest` for a malformed value."""
+    levels = _LEVEL_SETS[level]
+    out: dict[str, Match] = {}
     for keyword, value in query.items():
         attr = _attribute(keyword, levels)
-        if attr is None or attr.level not in levels:
+        if attr is not None and attr.level in levels:
+            kind = attr.kind
+        elif keyword in _STUDY_KEYS and level != "PATIENT":
+            kind = _STUDY_KEYS[keyword]
+        else:
             continue
-        condition = value_condition(attr.column, value, attr.kind, dialect=dialect, fuzzy=fuzzy)
-        if condition is not None:
-            conditions.append(condition)
+        match = match_of(value, kind, dialect=dialect, fuzzy=fuzzy)
+        if match is not None:
+            out[keyword] = match
+    return out
+
+
+def _conditions(
+    matches: Mapping[str, Match], levels: Collection[Level]
+) -> list[ColumnElement[bool]]:
+    conditions = []
+    for keyword, match in matches.items():
+        attr = _attribute(keyword, levels)
+        if attr is not None and attr.level in levels:
+            conditions.append(match.condition(attr.column))
     return conditions
 
 
-def _study_computed_conditions(
-    query: Mapping[str, str], *, dialect: str
-) -> list[ColumnElement[bool]]:
+def _study_computed_conditions(matches: Mapping[str, Match]) -> list[ColumnElement[bool]]:
     """ModalitiesInStudy and SOPClassesInStudy as keys: a study matches when one of its
     series (instances) matches one of the values."""
     out: list[ColumnElement[bool]] = []
-    modalities = query.get("ModalitiesInStudy")
-    inner = aliased(Series)
-    cond = value_condition(inner.modality, modalities, Kind.STRING, dialect=dialect)
-    if cond is not None:
+    modalities = matches.get("ModalitiesInStudy")
+    if modalities is not None:
+        inner = aliased(Series)
+        cond = modalities.condition(inner.modality)
         out.append(exists().where(inner.study_pk == Study.id, cond))
-    classes = query.get("SOPClassesInStudy")
-    s2, i2 = aliased(Series), aliased(Instance)
-    cond = value_condition(i2.sop_class_uid, classes, Kind.UID, dialect=dialect)
-    if cond is not None:
+    classes = matches.get("SOPClassesInStudy")
+    if classes is not None:
+        s2, i2 = aliased(Series), aliased(Instance)
+        cond = classes.condition(i2.sop_class_uid)
         out.append(exists().where(s2.study_pk == Study.id, i2.series_pk == s2.id, cond))
     return out
 
@@ -212,7 +263,10 @@ def _page(stmt: Select[Any], limit: int | None, offset: int) -> Select[Any]:
 
 
 def _row(record: Any) -> Row:
-    row = dict(record._mapping)
+    return _finished_row(dict(record._mapping))
+
+
+def _finished_row(row: Row) -> Row:
     row["InstanceAvailability"] = "ONLINE"
     if "ModalitiesInStudy" in row:
         row["ModalitiesInStudy"] = split_modalities(row["ModalitiesInStudy"])
@@ -238,34 +292,47 @@ def _wanted(include: Collection[str] | None, level: Level) -> set[str]:
 # --- the four levels -------------------------------------------------------------------------
 
 
+Executor = Session | Connection
+"""What runs the statements that complete a batch of rows."""
+Finish = Callable[[Executor, list[Row]], None]
+
+
 @dataclass(frozen=True)
 class _Search:
     """One level's query: the SELECT of its rows (ordered, not paged) and what completes a batch
     of its rows (computed attributes that are not columns)."""
 
     stmt: Select[Any]
-    finish: Callable[[Session, list[Row]], None]
+    finish: Finish
 
 
-def _no_finish(session: Session, rows: list[Row]) -> None:
+def _no_finish(session: Executor, rows: list[Row]) -> None:
     return None
 
 
-def _patients(
-    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
-) -> _Search:
-    q = _normalise_query(query)
-    conds = _conditions(q, {"PATIENT"}, dialect=_dialect(session), fuzzy=fuzzy)
-    stmt = select(Patient.id.label("_pk"), *_columns(_PATIENT_ONLY)).where(*conds)
-    wanted = _wanted(include, "PATIENT")
+def _one_series(query: Mapping[str, str]) -> bool:
+    return len(split_values(query.get("SeriesInstanceUID", ""), commas=True)) == 1
 
-    def finish(session: Session, rows: list[Row]) -> None:
+
+def _wanted_at(level: str, include: Collection[str] | None) -> frozenset[str]:
+    if level == "PATIENT":
+        return frozenset(_wanted(include, "PATIENT"))
+    if level == "STUDY":
+        return frozenset(_wanted(include, "STUDY"))
+    return frozenset(_wanted(include, "SERIES") | _wanted(include, "STUDY"))
+
+
+def _patients(matches: Mapping[str, Match], wanted: frozenset[str], one_series: bool) -> _Search:
+    conds = _conditions(matches, _PATIENT_ONLY)
+    stmt = select(Patient.id.label("_pk"), *_columns(_PATIENT_ONLY)).where(*conds)
+
+    def finish(session: Executor, rows: list[Row]) -> None:
         _add_patient_counts(session, rows, wanted)
 
     return _Search(stmt.order_by(Patient.id), finish if wanted else _no_finish)
 
 
-def _add_patient_counts(session: Session, rows: list[Row], wanted: set[str]) -> None:
+def _add_patient_counts(session: Executor, rows: list[Row], wanted: Collection[str]) -> None:
     """NumberOfPatientRelated...: one GROUP BY over the studies of the rows' patients, which
     keep their own counts."""
     counts: dict[str, dict[int, Any]] = {name: {} for name in COMPUTED["PATIENT"] if name in wanted}
@@ -293,14 +360,8 @@ def _add_patient_counts(session: Session, rows: list[Row], wanted: set[str]) -> 
             row[name] = by_pk.get(row["_pk"], 0)
 
 
-def _studies(
-    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
-) -> _Search:
-    q = _normalise_query(query)
-    dialect = _dialect(session)
-    conds = _conditions(q, ("PATIENT", "STUDY"), dialect=dialect, fuzzy=fuzzy)
-    conds += _study_computed_conditions(q, dialect=dialect)
-    wanted = _wanted(include, "STUDY")
+def _studies(matches: Mapping[str, Match], wanted: frozenset[str], one_series: bool) -> _Search:
+    conds = _conditions(matches, ("PATIENT", "STUDY")) + _study_computed_conditions(matches)
     stmt = (
         select(Study.id.label("_pk"), *_columns(("PATIENT", "STUDY")), *_aggregates(wanted))
         .join(Patient, Patient.id == Study.patient_pk)
@@ -310,14 +371,9 @@ def _studies(
     return _Search(stmt, _sop_classes_finish(wanted, "_pk"))
 
 
-def _series(
-    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
-) -> _Search:
-    q = _normalise_query(query)
-    dialect = _dialect(session)
-    conds = _conditions(q, ("PATIENT", "STUDY", "SERIES"), dialect=dialect, fuzzy=fuzzy)
-    conds += _study_computed_conditions(q, dialect=dialect)
-    wanted = _wanted(include, "SERIES") | _wanted(include, "STUDY")
+def _series(matches: Mapping[str, Match], wanted: frozenset[str], one_series: bool) -> _Search:
+    conds = _conditions(matches, ("PATIENT", "STUDY", "SERIES"))
+    conds += _study_computed_conditions(matches)
     stmt = (
         select(
             Series.id.label("_pk"),
@@ -333,16 +389,9 @@ def _series(
     return _Search(stmt, _sop_classes_finish(wanted, "_study_pk"))
 
 
-def _instances(
-    session: Session, query: Mapping[str, Any], *, fuzzy: bool, include: Collection[str] | None
-) -> _Search:
-    q = _normalise_query(query)
-    dialect = _dialect(session)
-    conds = _conditions(q, _ORDER, dialect=dialect, fuzzy=fuzzy)
-    conds += _study_computed_conditions(q, dialect=dialect)
-    one_series = len(split_values(q.get("SeriesInstanceUID", ""), commas=True)) == 1
+def _instances(matches: Mapping[str, Match], wanted: frozenset[str], one_series: bool) -> _Search:
+    conds = _conditions(matches, _ORDER) + _study_computed_conditions(matches)
     order = (Instance.instance_number, Instance.id) if one_series else (Instance.id,)
-    wanted = _wanted(include, "SERIES") | _wanted(include, "STUDY")
     stmt = (
         select(
             Instance.id.label("_pk"),
@@ -375,17 +424,17 @@ def _aggregates(wanted: Collection[str]) -> list[Any]:
     return [column.label(name) for name, column in _AGGREGATES.items() if name in wanted]
 
 
-def _sop_classes_finish(wanted: set[str], pk_key: str) -> Callable[[Session, list[Row]], None]:
+def _sop_classes_finish(wanted: Collection[str], pk_key: str) -> Finish:
     if "SOPClassesInStudy" not in wanted:
         return _no_finish
 
-    def finish(session: Session, rows: list[Row]) -> None:
+    def finish(session: Executor, rows: list[Row]) -> None:
         _add_sop_classes(session, rows, pk_key)
 
     return finish
 
 
-def _add_sop_classes(session: Session, rows: list[Row], pk_key: str) -> None:
+def _add_sop_classes(session: Executor, rows: list[Row], pk_key: str) -> None:
     """SOPClassesInStudy, read from the instance rows of the rows' studies (only on request)."""
     classes: dict[int, list[str]] = defaultdict(list)
     for chunk in _chunks(sorted({r[pk_key] for r in rows})):
@@ -402,7 +451,7 @@ def _add_sop_classes(session: Session, rows: list[Row], pk_key: str) -> None:
         row["SOPClassesInStudy"] = classes.get(row[pk_key], [])
 
 
-_SEARCHES: dict[str, Callable[..., _Search]] = {
+_SEARCHES: dict[str, Callable[[Mapping[str, Match], frozenset[str], bool], _Search]] = {
     "PATIENT": _patients,
     "STUDY": _studies,
     "SERIES": _series,
@@ -410,7 +459,18 @@ _SEARCHES: dict[str, Callable[..., _Search]] = {
 }
 
 
-def _run(search: _Search, session: Session, limit: int | None, offset: int) -> list[Row]:
+def _find(
+    session: Session,
+    level: str,
+    query: Mapping[str, Any],
+    limit: int | None,
+    offset: int,
+    fuzzy: bool,
+    include: Collection[str] | None,
+) -> list[Row]:
+    q = _normalise_query(query)
+    matches = _matches(q, level, dialect=_dialect(session), fuzzy=fuzzy)
+    search = _SEARCHES[level](matches, _wanted_at(level, include), _one_series(q))
     rows = [_row(record) for record in session.execute(_page(search.stmt, limit, offset))]
     search.finish(session, rows)
     return rows
@@ -426,8 +486,7 @@ def find_patients(
     include: Collection[str] | None = None,
 ) -> list[Row]:
     """PATIENT level (Patient Root C-FIND): patients with a matching key, by arrival."""
-    search = _patients(session, query, fuzzy=fuzzy, include=include)
-    return _run(search, session, limit, offset)
+    return _find(session, "PATIENT", query, limit, offset, fuzzy, include)
 
 
 def find_studies(
@@ -441,8 +500,7 @@ def find_studies(
 ) -> list[Row]:
     """STUDY level (C-FIND both roots, QIDO-RS ``/studies``): patient and study keys match,
     plus ModalitiesInStudy and SOPClassesInStudy. Ordered by arrival (stable for paging)."""
-    search = _studies(session, query, fuzzy=fuzzy, include=include)
-    return _run(search, session, limit, offset)
+    return _find(session, "STUDY", query, limit, offset, fuzzy, include)
 
 
 def find_series(
@@ -457,8 +515,7 @@ def find_series(
     """SERIES level (C-FIND, QIDO-RS ``/series`` and ``/studies/{study}/series``): patient,
     study and series keys match. Rows carry the study's attributes too. Ordered by study, then
     Series Number, then arrival."""
-    search = _series(session, query, fuzzy=fuzzy, include=include)
-    return _run(search, session, limit, offset)
+    return _find(session, "SERIES", query, limit, offset, fuzzy, include)
 
 
 def find_instances(
@@ -473,8 +530,7 @@ def find_instances(
     """IMAGE level (C-FIND, QIDO-RS ``/instances`` and the study- and series-scoped forms):
     every level's keys match. Rows carry the series and study attributes too, and ``_path``
     (relative to the archive). Within one series ordered by Instance Number, else by arrival."""
-    search = _instances(session, query, fuzzy=fuzzy, include=include)
-    return _run(search, session, limit, offset)
+    return _find(session, "IMAGE", query, limit, offset, fuzzy, include)
 
 
 def _level(level: str) -> str:
@@ -501,34 +557,117 @@ def find(
 
 
 def iter_find(
-    session: Session,
+    source: Session | Connection | Engine,
     level: str,
     query: Mapping[str, Any],
     *,
     fuzzy: bool = False,
     include: Collection[str] | None = None,
     batch: int = 500,
-) -> Iterator[Row]:
+) -> Generator[Row, None, None]:
     """:func:`find` without a limit, streamed: the rows come ``batch`` at a time from one
     SELECT (a server-side cursor on PostgreSQL), so that a C-FIND matching a million instances
-    answers its first match at once and never holds every row in memory. Keep ``session``
-    open while iterating; closing the iterator early (a C-CANCEL) stops the SELECT.
+    answers its first match at once and never holds every row in memory. ``source``: a session
+    or connection (kept open while iterating; its transaction is used), or an engine (a
+    connection is taken from its pool for the iteration). Closing the iterator early (a
+    C-CANCEL) stops the SELECT.
+
+    The statement is kept per query shape (level, which keys match and how, the computed
+    attributes asked for) and run with the query's values bound, on the driver's cursor: a
+    repeated query builds and compiles nothing (~30 us instead of ~600 us for a C-FIND).
 
     Raises :class:`InvalidRequest` for an unknown level or a malformed value (before the
     first row)."""
-    search = _SEARCHES[_level(level)](session, query, fuzzy=fuzzy, include=include)
-    return _stream(session, search, batch)
+    name = _level(level)
+    dialect = (source.get_bind() if isinstance(source, Session) else source).dialect
+    q = _normalise_query(query)
+    matches = _matches(q, name, dialect=dialect.name, fuzzy=fuzzy)
+    shapes = tuple((kw, m.shape, len(m.params)) for kw, m in matches.items())
+    plan = _plan(dialect, name, shapes, _wanted_at(name, include), _one_series(q))
+    return _stream(source, plan, plan.parameters(matches), batch)
 
 
-def _stream(session: Session, search: _Search, batch: int) -> Iterator[Row]:
-    result = session.execute(search.stmt.execution_options(yield_per=batch))
-    try:
-        for partition in result.partitions():
-            rows = [_row(record) for record in partition]
-            search.finish(session, rows)
-            yield from rows
-    finally:
-        result.close()
+@dataclass(frozen=True)
+class _Plan:
+    """A level's SELECT for one query shape, compiled for one database, with bind parameters
+    named ``{keyword}_{n}`` for the values of each matching key."""
+
+    sql: str
+    positions: tuple[str, ...] | None
+    """The bind names in order for a positional paramstyle (SQLite's ``?``), else None."""
+    defaults: Mapping[str, Any]
+    """Every bind name with the value compiled in (constants such as ``''``)."""
+    columns: tuple[str, ...]
+    finish: Finish
+
+    def parameters(self, matches: Mapping[str, Match]) -> Any:
+        """The DBAPI parameters for ``matches`` (of this plan's shape)."""
+        values = dict(self.defaults)
+        for keyword, match in matches.items():
+            for n, value in enumerate(match.params):
+                values[f"{keyword}_{n}"] = value
+        if self.positions is None:
+            return values
+        return tuple(values[name] for name in self.positions)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(
+    dialect: Dialect,
+    level: str,
+    shapes: tuple[tuple[str, tuple[Any, ...], int], ...],
+    wanted: frozenset[str],
+    one_series: bool,
+) -> _Plan:
+    """Build and compile the statement of a query shape (kept: at most 512 shapes)."""
+    matches = {
+        keyword: Match(shape, tuple(bindparam(f"{keyword}_{n}") for n in range(count)))
+        for keyword, shape, count in shapes
+    }
+    search = _SEARCHES[level](matches, wanted, one_series)
+    compiled = search.stmt.compile(dialect=dialect)
+    defaults = {name: bind.value for bind, name in compiled.bind_names.items()}
+    positions = tuple(compiled.positiontup or ()) if compiled.positional else None
+    columns = tuple(search.stmt.selected_columns.keys())
+    return _Plan(compiled.string, positions, defaults, columns, search.finish)
+
+
+@contextmanager
+def _connection(source: Session | Connection | Engine) -> Iterator[Connection]:
+    if isinstance(source, Session):
+        yield source.connection()
+    elif isinstance(source, Connection):
+        yield source
+    else:
+        with source.connect() as connection:
+            yield connection
+
+
+_CURSORS = itertools.count()
+
+
+def _stream(
+    source: Session | Connection | Engine, plan: _Plan, parameters: Any, batch: int
+) -> Generator[Row, None, None]:
+    with _connection(source) as connection:
+        if plan.finish is not _no_finish and not connection.in_transaction():
+            connection.begin()  # the rows and what completes them read one snapshot
+        dbapi = connection.connection
+        if connection.dialect.name == "sqlite":
+            cursor = dbapi.cursor()
+        else:  # a server-side cursor: the rows come as they are fetched
+            cursor = dbapi.cursor(name=f"nnunet_find_{next(_CURSORS)}")
+        try:
+            cursor.execute(plan.sql, parameters)
+            columns = plan.columns
+            while records := cursor.fetchmany(batch):
+                rows = [
+                    _finished_row(dict(zip(columns, record, strict=True))) for record in records
+                ]
+                plan.finish(connection, rows)
+                yield from rows
+        finally:
+            cursor.close()
 
 
 # --- responses -------------------------------------------------------------------------------

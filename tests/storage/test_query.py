@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.errors import InvalidRequest
 from nnunet_node.storage.archive import Archive
+from nnunet_node.storage.query import _plan as _plan  # the kept statements
 from nnunet_node.storage.query import (
     find,
     find_instances,
@@ -220,6 +221,44 @@ def test_streamed_rows_are_the_found_rows(
         expected = find(s, level, query, include=include)
         assert expected
         assert list(iter_find(s, level, query, include=include, batch=2)) == expected
+
+
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize(
+    ("level", "first", "second"),
+    [
+        ("STUDY", {"PatientID": "P1"}, {"PatientID": "P2"}),
+        ("STUDY", {"StudyDate": "20240101-"}, {"StudyDate": "20240201-"}),
+        ("STUDY", {"StudyDate": "20231224"}, {"StudyDate": "20240301"}),
+        ("STUDY", {"ModalitiesInStudy": "MR\\SEG"}, {"ModalitiesInStudy": "CT\\MR"}),
+        ("STUDY", {"AccessionNumber": "ACC_1%"}, {"AccessionNumber": "ACCX1%"}),
+        ("STUDY", {"AccessionNumber": "ACC?1*"}, {"AccessionNumber": "ACC?2*"}),
+        ("STUDY", {"PatientName": "doe*"}, {"PatientName": "mü*"}),
+        ("STUDY", {"PatientName": "Doe^Jane"}, {"PatientName": "MÜLLER^jürgen"}),
+        ("PATIENT", {"PatientName": "doe^*"}, {"PatientName": "Müller^*"}),
+        ("SERIES", {"SeriesNumber": "100"}, {"SeriesNumber": "1"}),
+        ("SERIES", {"Modality": "CT\\MR"}, {"Modality": "SEG\\MR"}),
+        ("IMAGE", {"InstanceNumber": "2"}, {"InstanceNumber": "3"}),
+        ("IMAGE", {"SOPClassesInStudy": SEG_CLASS}, {"SOPClassesInStudy": CT_CLASS}),
+        ("IMAGE", {"SOPClassUID": f"{SEG_CLASS}\\x"}, {"SOPClassUID": f"{CT_CLASS}\\y"}),
+    ],
+)
+def test_a_kept_statement_binds_each_querys_values(
+    world: World, level: str, first: dict[str, str], second: dict[str, str]
+) -> None:
+    """C-FIND keeps one compiled statement per query shape: a second query of the shape builds
+    nothing, and finds its own rows (those find() gives), not the first query's."""
+    engine = world.archive.read_sessions.kw["bind"]
+    include = ["SOPClassesInStudy", "NumberOfSeriesRelatedInstances"]
+    with world.sessions() as s:
+        expected = [find(s, level, q, include=include) for q in (first, second)]
+    assert expected[0] != expected[1]
+    assert list(iter_find(engine, level, first, include=include)) == expected[0]
+    built = _plan.cache_info().misses
+    assert list(iter_find(engine, level, second, include=include)) == expected[1]
+    assert _plan.cache_info().misses == built
 
 
 def test_to_dataset_returns_the_requested_keys(world: World) -> None:
