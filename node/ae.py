@@ -178,6 +178,7 @@ class DicomNode:
         self.listening = listening
         self.ae.store_sink = self.access.guard_store_sink(self.handlers.open_store_sink)
         self.ae.request_screen = self.handlers.screen_request
+        self.ae.find_service = self.handlers.find_encoded
         self.ae.association_hooks.append(self.access.guard_association)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.maximum_associations = MAX_ASSOCIATIONS

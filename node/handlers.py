@@ -32,6 +32,7 @@ from nnunet_node.node.contexts import (
     MOVE_MODELS,
     prefer_requested_syntaxes,
 )
+from nnunet_node.node.identifiers import encode_identifier
 from nnunet_node.node.status import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH,
@@ -291,23 +292,63 @@ class NodeHandlers:
 
     @dimse_service("C-FIND")
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """pynetdicom's EVT_C_FIND handler: each match as a Dataset (pynetdicom encodes it).
+        The node's own associations use :meth:`find_encoded` instead."""
+        for row, keys, level, charset in self._matches(event):
+            if row is None:
+                yield CANCEL, None
+                return
+            # In the requester's character set where it can hold the values, else UTF-8.
+            response = query.to_dataset(row, keys, requested_charset=charset)
+            response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
+            yield PENDING, response
+
+    @dimse_service("C-FIND")
+    def find_encoded(self, event: evt.Event) -> Iterator[tuple[int, bytes | None]]:
+        """:meth:`on_find` with each identifier encoded here in the context's transfer syntax
+        (node/identifiers.py; pydicom's encoder where that one declines): the same bytes,
+        without a Dataset per match (pipeline/pynetdicom_internals.serve_find_requests sends
+        them)."""
+        syntax = event.context.transfer_syntax
+        implicit, little, deflated = (
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            syntax.is_deflated,
+        )
+        direct = little and not deflated
+        for row, keys, level, charset in self._matches(event):
+            if row is None:
+                yield CANCEL, None
+                return
+            data = None
+            if direct:
+                data = encode_identifier(
+                    row, keys, level, requested_charset=charset, implicit_vr=implicit
+                )
+            if data is None:
+                response = query.to_dataset(row, keys, requested_charset=charset)
+                response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
+                data = encode(response, implicit, little, deflated)  # None: 0xC312
+            yield PENDING, data
+
+    def _matches(self, event: evt.Event) -> Iterator[tuple[query.Row | None, list[str], str, Any]]:
+        """The matches of a C-FIND request: (row, requested keys, level, requested Specific
+        Character Set) each, and a row of None when the requester cancelled (C-CANCEL,
+        PS3.7 9.3.2.3). Streamed: each match is answered as it is read (a query matching a
+        million instances neither waits for nor holds them all); only the computed attributes
+        asked for are counted."""
         model = FIND_MODELS[str(event.request.AffectedSOPClassUID)]
         identifier = event.identifier
         level = retrieve_level(identifier, model)
         keys, matching = query_keys(identifier)
         charset = identifier.get("SpecificCharacterSet")
-        # Streamed: each match is answered as it is read (a query matching a million instances
-        # neither waits for nor holds them all); only the computed attributes asked for.
         rows = query.iter_find(self._reads, level, matching, include=keys)
         try:
             for row in rows:
                 if cancel_requested(event):
-                    yield CANCEL, None
+                    yield None, keys, level, charset
                     return
-                # In the requester's character set where it can hold the values, else UTF-8.
-                response = query.to_dataset(row, keys, requested_charset=charset)
-                response.QueryRetrieveLevel = level  # PS3.4 C.4.1.1.3.2
-                yield PENDING, response
+                yield row, keys, level, charset
         finally:
             rows.close()
 

@@ -18,7 +18,9 @@ for C-MOVE sub-operations (nothing global is patched; the pynetdicom internals u
   ``store_sink`` (the archive's :class:`storage.incoming.IncomingFile`, given the Part 10 head)
   takes the dataset's fragments as they arrive, so the file is written, and its writeback
   started, while the rest is still on the wire.
-- **Responses encoded directly.** C-STORE, C-ECHO, C-FIND (pending ones with their
+- **Responses encoded directly.** C-FIND requests are answered by the node's ``find_service``
+  with identifiers it encodes from the index rows (node/identifiers.py), not through a pydicom
+  Dataset per match. C-STORE, C-ECHO, C-FIND (pending ones with their
   identifier too), C-GET and C-MOVE responses have a fixed command set; it is encoded here
   (Implicit VR Little Endian, PS3.7 6.3.1, 9.3, E.1) instead of through pydicom (~0.3 ms each),
   as pynetdicom would encode it (tests/node/test_transport.py compares the bytes), and a C-FIND
@@ -43,11 +45,12 @@ from typing import Any
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from nnunet_node.node.contexts import QUERY_RETRIEVE
+from nnunet_node.node.contexts import FIND_MODELS, QUERY_RETRIEVE
 from nnunet_node.node.status import CANNOT_UNDERSTAND
 from nnunet_node.pipeline.dispatch import NodeAE
 from nnunet_node.pipeline.pynetdicom_internals import (
     AcceptingHandler,
+    FindResponses,
     RequestScreen,
     StoreSink,
     after_run,
@@ -57,6 +60,7 @@ from nnunet_node.pipeline.pynetdicom_internals import (
     make_event_driven,
     screen_requests,
     send_responses_directly,
+    serve_find_requests,
     stream_store_datasets,
     unbind_standard_log_handlers,
     unfinished_sinks,
@@ -180,6 +184,10 @@ class ServerAE(NodeAE):
         self.request_screen: RequestScreen | None = None
         """Refuses requests before pynetdicom's service class runs (a C-GET or C-MOVE whose
         identifier cannot be served)."""
+        self.find_service: FindResponses | None = None
+        """Answers C-FIND requests of the Query/Retrieve Find SOP Classes on event-driven
+        associations with identifiers it encodes itself (pynetdicom's service class encodes
+        each one through pydicom); None: pynetdicom's EVT_C_FIND handler answers."""
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("request_handler", AcceptingHandler)
@@ -199,6 +207,8 @@ class ServerAE(NodeAE):
             if self.store_sink is not None:
                 stream_store_datasets(assoc, self.store_sink)
             answer_invalid_store_requests(assoc, CANNOT_UNDERSTAND)
+            if self.find_service is not None:
+                serve_find_requests(assoc, FIND_MODELS, self.find_service)
             close = make_event_driven(assoc, keep_thread=receives_c_store)
 
             def finish() -> None:

@@ -40,6 +40,9 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
 - A C-MOVE whose destination could not be associated with (:func:`on_move_association_failed`):
   the final 0xA801 that ``QueryRetrieveServiceClass._move_scp`` sends then, caught in the
   requesting association's ``DIMSEServiceProvider.send_msg``.
+- C-FIND answered with identifiers the node encodes (:func:`serve_find_requests`):
+  ``Association._serve_request``, ``_accepted_cx``, ``_sent_release``, ``_is_paused``,
+  ``DIMSEServiceProvider.cancel_req``.
 - The standard log handlers of ``pynetdicom._handlers``.
 """
 
@@ -56,8 +59,9 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -74,7 +78,7 @@ from pynetdicom._handlers import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -1199,6 +1203,99 @@ def on_move_association_failed(event: Any, refuse: Callable[[Any, Any], None]) -
         send(primitive, context_id)
 
     dimse.send_msg = send_msg
+
+
+# --- C-FIND answered with identifiers encoded by the node ---------------------------------------
+
+FindResponses = Callable[[Any], Iterator[tuple[int, bytes | None]]]
+"""Given a C-FIND request's ``evt.Event`` (``request``, ``context``, ``identifier``,
+``is_cancelled``, ``assoc``): each response's status and, for a pending one, its identifier
+already encoded in the context's transfer syntax."""
+
+_PENDING = (0xFF00, 0xFF01)
+_UNABLE_TO_PROCESS_HANDLER = 0xC311  # pynetdicom's: the handler raised
+_UNABLE_TO_ENCODE = 0xC312  # pynetdicom's: a pending response without an identifier
+
+
+def serve_find_requests(assoc: Any, sop_classes: Collection[str], find: FindResponses) -> None:
+    """Answer the C-FIND requests of ``sop_classes`` on ``assoc`` with ``find``, whose pending
+    responses carry identifiers it encoded itself, instead of pynetdicom's service class (which
+    encodes each identifier it is given as a Dataset through pydicom, ~0.2 ms per response).
+
+    What pynetdicom's ``_c_find_scp`` does around its handler is done the same: the C-CANCELs
+    kept for the request are cleared before and after it (``dimse.cancel_req``), the reactor is
+    paused meanwhile (``_is_paused``), each pending response goes out as it is yielded, the first
+    response that is not pending (0xFF00/0xFF01) ends the request, a pending one without an
+    identifier is answered 0xC312, an exception in ``find`` 0xC311 (logged), and a final Success
+    follows when ``find`` ends; nothing more is sent once the association is gone. Other
+    requests, and C-FIND requests during release, go to pynetdicom as before.
+
+    Hook: ``Association._serve_request``, ``_accepted_cx``, ``_sent_release``, ``_is_paused``,
+    ``DIMSEServiceProvider.cancel_req``. Public replacement: a C-FIND handler that may yield an
+    encoded identifier (bytes) instead of a Dataset."""
+    serve = assoc._serve_request
+    classes = frozenset(sop_classes)
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        context = assoc._accepted_cx.get(context_id)
+        if (
+            type(msg) is not C_FIND
+            or context is None
+            or assoc._sent_release
+            or not msg.is_valid_request
+            or str(msg.AffectedSOPClassUID) not in classes
+        ):
+            serve(msg, context_id)
+            return
+        dimse = assoc.dimse
+        dimse.cancel_req = {}
+        assoc._is_paused = True
+        try:
+            _answer_find(assoc, msg, context, find)
+        finally:
+            assoc._is_paused = False
+            dimse.cancel_req = {}
+
+    assoc._serve_request = serve_request
+
+
+def _answer_find(assoc: Any, request: Any, context: Any, find: FindResponses) -> None:
+    dimse = assoc.dimse
+    context_id = context.context_id
+    response = C_FIND()
+    response.MessageID = request.MessageID
+    response.MessageIDBeingRespondedTo = request.MessageID
+    response.AffectedSOPClassUID = request.AffectedSOPClassUID
+
+    def is_cancelled(message_id: int) -> bool:  # as QueryRetrieveServiceClass.is_cancelled
+        return dimse.cancel_req.pop(message_id, None) is not None
+
+    event = evt.Event(
+        assoc,
+        evt.EVT_C_FIND,
+        {"request": request, "context": context.as_tuple, "_is_cancelled": is_cancelled},
+    )
+    try:
+        for status, identifier in find(event):
+            if not assoc.is_established:
+                return
+            pending = status in _PENDING
+            if pending and not identifier:
+                status, pending = _UNABLE_TO_ENCODE, False
+            response.Status = status
+            response.Identifier = BytesIO(identifier) if pending and identifier else None
+            dimse.send_msg(response, context_id)
+            if not pending:
+                return
+    except Exception:
+        LOGGER.exception("C-FIND: the handler failed")
+        if assoc.is_established:
+            response.Status, response.Identifier = _UNABLE_TO_PROCESS_HANDLER, None
+            dimse.send_msg(response, context_id)
+        return
+    if assoc.is_established:
+        response.Status, response.Identifier = 0x0000, None
+        dimse.send_msg(response, context_id)
 
 
 # --- responses encoded directly -------------------------------------------------------------

@@ -678,9 +678,10 @@ _TEXT_VRS |= {"UI", "UR", "UT"}
 
 
 @functools.lru_cache(maxsize=4096)
-def _response_key(key: str) -> tuple[str, int, str] | None:
-    """A returned key's keyword, tag and VR; None for keys not returned as elements (rows'
-    private ``_`` keys, unknown keywords, Specific Character Set, Query/Retrieve Level)."""
+def response_key(key: str) -> tuple[str, int, str] | None:
+    """A returned key's keyword, tag and VR (pydicom's dictionary of PS3.6); None for keys not
+    returned as elements (rows' private ``_`` keys, unknown keywords, Specific Character Set,
+    Query/Retrieve Level)."""
     if key.startswith("_"):
         return None
     try:
@@ -707,7 +708,7 @@ def to_dataset(
     ds = Dataset()
     texts: list[str] = []
     for key in keys:
-        spec = _response_key(key)
+        spec = response_key(key)
         if spec is None:
             continue
         keyword, tag, vr = spec
@@ -855,6 +856,7 @@ __all__ = [
     "instance_refs",
     "iter_find",
     "keyword_of",
+    "response_key",
     "series_owners",
     "to_dataset",
 ]

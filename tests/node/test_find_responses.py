@@ -14,7 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore
@@ -58,11 +58,14 @@ class Response:
     data_set: bytes
 
 
-def _find(port: int, identifier: Dataset, max_pdu: int) -> tuple[list[Response], list[int]]:
+def _find(
+    port: int, identifier: Dataset, max_pdu: int, syntax: str = ImplicitVRLittleEndian
+) -> tuple[list[Response], list[int]]:
     """Every C-FIND-RSP message (command set decoded, data set as received) and the length of
-    every P-DATA-TF PDU the node sent, for a requester whose maximum PDU is ``max_pdu``."""
+    every P-DATA-TF PDU the node sent, for a requester whose maximum PDU is ``max_pdu`` and
+    that proposes one transfer ``syntax``."""
     ae = AE(ae_title="FINDER")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, [syntax])
     responses: list[Response] = []
     pdu_lengths: list[int] = []
 
@@ -131,6 +134,19 @@ def test_find_responses_are_what_pynetdicom_would_send(
     if max_pdu == 128:
         # a command PDU per message, and each identifier in at least two fragments
         assert len(our_pdus) >= len(ours) + 2 * expected
+
+
+@pytest.mark.parametrize("level", ["STUDY", "IMAGE"])
+def test_explicit_vr_identifiers_are_what_pynetdicom_would_send(nodes: Nodes, level: str) -> None:
+    """The node encodes each identifier itself (node/identifiers.py), in the negotiated
+    transfer syntax: Explicit VR Little Endian too."""
+    identifier = _identifier(level, nodes)
+    ours, _ = _find(nodes.ours.port, identifier, 16384, ExplicitVRLittleEndian)
+    theirs, _ = _find(nodes.pynetdicom.port, identifier, 16384, ExplicitVRLittleEndian)
+    assert len(ours) == {"STUDY": 1, "IMAGE": nodes.count}[level] + 1
+    assert [r.data_set for r in ours] == [r.data_set for r in theirs]
+    found = decode(io.BytesIO(ours[0].data_set), False, True)
+    assert found.StudyInstanceUID == nodes.study_uid and found.QueryRetrieveLevel == level
 
 
 def test_find_returns_the_computed_attributes_asked_for(nodes: Nodes) -> None:
