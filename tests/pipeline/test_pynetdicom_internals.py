@@ -353,3 +353,33 @@ def test_module_names_what_it_uses() -> None:
         if re.search(r"\b(acse|dul|dimse)\._[a-z]|\bassoc\._(?!node_)[a-z]", text):
             offenders.append(f"{path.relative_to(root)} (private attribute)")
     assert not offenders, offenders
+
+
+def test_what_serving_c_find_directly_replaces() -> None:
+    """serve_find_requests answers a C-FIND as pynetdicom's service class would: it relies on
+    _serve_request's context table, release flag, pause and per-request C-CANCEL table, and
+    repeats _c_find_scp's statuses (0xC311 handler failed, 0xC312 no identifier)."""
+    from pynetdicom.service_class import QueryRetrieveServiceClass
+
+    serve = _source(Association._serve_request)
+    for name in (
+        "if self._sent_release:",
+        "context = self._accepted_cx[context_id]",
+        "self.dimse.cancel_req = {}",
+        "self._is_paused = True",
+        "service_class.SCP(msg, context)",
+    ):
+        assert name in serve, f"Association._serve_request changed: {name!r}"
+    find_scp = _source(QueryRetrieveServiceClass._c_find_scp)
+    for name in (
+        "ctx.error_status = 0xC311",
+        "rsp.Status = 0xC312",
+        '"_is_cancelled": self.is_cancelled',
+        "rsp.Status = 0x0000",
+    ):
+        assert name in find_scp, f"QueryRetrieveServiceClass._c_find_scp changed: {name!r}"
+    cancelled = _source(QueryRetrieveServiceClass.is_cancelled)
+    assert "del self.dimse.cancel_req[msg_id]" in cancelled
+    assoc = Association(AE(), MODE_ACCEPTOR)
+    assert assoc._accepted_cx == {} and assoc._sent_release is False
+    assert assoc.dimse.cancel_req == {}
