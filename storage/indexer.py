@@ -1,18 +1,24 @@
 """The index half of ingest: upsert patient, study, series and instance rows in one transaction.
 
-Statements are built once and executed with bound parameters on a plain Connection: building
-SQLAlchemy statements per call cost more CPU than SQLite spends running them. On the hot path
-(an instance of a series already known) one transaction runs one joined SELECT (series, study,
-patient), one UPDATE of the series (arrival time, AE titles, changed attributes), one SELECT and
-one INSERT (or UPDATE, for a re-sent instance) of the instance.
+Statements are built with SQLAlchemy Core once, compiled once for the engine's dialect, and run
+on the DBAPI cursor itself: SQLAlchemy's execution of a statement (~20 us of CPU) cost more than
+SQLite spends running it (~2 us), and ingest runs several per instance (bench/bench_ingest_cpu.py).
+On the hot path (a new instance of a series already known) a transaction runs one joined SELECT
+(series, study, patient), one ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` of the instance
+(no row back: it was re-sent, and is updated instead), and at its end one UPDATE per series and
+per study it touched: the counts (number of instances; number of series and modalities where a
+series was added, removed or changed modality) and the series' arrival columns are summed over
+the transaction and written once, series rows before study rows, each in key order.
 
 Creation races (two writers making the same patient, study or series): on SQLite a writer holds
-the database from BEGIN IMMEDIATE (storage/db.py), so a row found missing cannot appear before
-its INSERT. Elsewhere (PostgreSQL) the INSERT runs in a savepoint and, on IntegrityError, the
-winner's row is used.
+the database from BEGIN IMMEDIATE (storage/db.py), so nobody else can insert meanwhile. On
+PostgreSQL the ``ON CONFLICT DO NOTHING`` insert waits for a concurrent writer of the same key
+and, once that one committed, returns no row: the winner's row is used. Other databases run the
+insert in a savepoint and take a unique-key violation as the same answer.
 
 Group commit (SQLite): threads that want to commit while another does are served together by
-the next one to get the lock: one transaction, one WAL fsync, a savepoint per instance.
+the next one to get the lock: one transaction, one WAL fsync, a savepoint per instance (one
+that fails is rolled back alone, with its share of the counts).
 
 Patient identity (PS3.3 C.7.1.1; IHE PIX): a patient is its Patient ID within its Issuer of
 Patient ID. A study whose Patient ID is empty or absent gets a patient record of its own (scoped
@@ -27,13 +33,27 @@ nothing under it is deleted.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Dialect,
+    Engine,
+    Integer,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from nnunet_node.core.clock import utcnow
 from nnunet_node.storage.models import Instance, Patient, Series, Study
@@ -121,13 +141,124 @@ def recount(conn: Connection) -> None:
         )
 
 
-def _changes(current: Any, values: dict[str, Any]) -> dict[str, Any]:
+def _changes(current: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """Newer headers refresh the attributes they carry; an empty value never erases one."""
     return {k: v for k, v in values.items() if v not in ("", None) and current[k] != v}
 
 
-def _label(table: Table, prefix: str) -> list[Any]:
-    return [c.label(f"{prefix}{c.name}") for c in table.c]
+class _Statement:
+    """One statement compiled once for a dialect; :meth:`params` turns a dict of values into
+    the parameters its DBAPI takes (a tuple in the order of the ``?`` for qmark, the dict for
+    pyformat), each converted as the column's type does for that dialect (SQLite keeps a
+    datetime as text)."""
+
+    __slots__ = ("_defaults", "_names", "_plan", "_processors", "sql")
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if compiled.escaped_bind_names:
+            raise ValueError(f"bind names that need escaping: {compiled.escaped_bind_names}")
+        self.sql: str = compiled.string
+        # The statement's own values (a literal in it, a LIMIT), by their rendered names.
+        self._defaults = {
+            name: bind.value for name, bind in compiled.binds.items() if not bind.required
+        }
+        self._processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                self._processors[name] = process
+        self._names = tuple(compiled.positiontup or ()) if dialect.positional else None
+        self._plan = [(name, self._processors.get(name)) for name in self._names or ()]
+
+    def params(self, values: dict[str, Any]) -> Any:
+        if self._defaults:
+            values = self._defaults | values
+        if self._names is not None:
+            return tuple(
+                values[name] if process is None or values[name] is None else process(values[name])
+                for name, process in self._plan
+            )
+        if self._processors:
+            values = dict(values)
+            for name, process in self._processors.items():
+                if values.get(name) is not None:
+                    values[name] = process(values[name])
+        return values
+
+
+class _Run:
+    """Runs :class:`_Statement` s on one DBAPI cursor (ingest's own transactions), or through a
+    caller's :class:`Connection` (``exec_driver_sql``: :meth:`Indexer.remove` and
+    :meth:`Indexer.prune` inside a session's transaction)."""
+
+    __slots__ = ("_conn", "_cursor")
+
+    def __init__(self, cursor: Any = None, conn: Connection | None = None) -> None:
+        self._cursor = cursor
+        self._conn = conn
+
+    def execute(self, statement: _Statement, values: dict[str, Any]) -> Any:
+        if self._cursor is not None:
+            self._cursor.execute(statement.sql, statement.params(values))
+            return self._cursor
+        assert self._conn is not None
+        return self._conn.exec_driver_sql(statement.sql, statement.params(values))
+
+    def first(self, statement: _Statement, values: dict[str, Any]) -> Any:
+        return self.execute(statement, values).fetchone()
+
+    def scalar(self, statement: _Statement, values: dict[str, Any]) -> Any:
+        rows = self.execute(statement, values).fetchall()
+        return rows[0][0] if rows else None
+
+    def column(self, statement: _Statement, values: dict[str, Any]) -> list[Any]:
+        return [row[0] for row in self.execute(statement, values).fetchall()]
+
+    def sql(self, sql: str) -> None:
+        """A statement without parameters (transaction control)."""
+        if self._cursor is not None:
+            self._cursor.execute(sql)
+        else:
+            assert self._conn is not None
+            self._conn.exec_driver_sql(sql)
+
+
+@dataclass
+class _Pending:
+    """What one transaction adds to the series' and studies' counts and arrival columns,
+    written once per row at its end (:meth:`Indexer._flush`): additions commute, and the
+    arrival columns take the last instance's values, as one UPDATE per instance would."""
+
+    series: dict[int, int] = field(default_factory=dict)
+    studies: dict[int, int] = field(default_factory=dict)
+    recount: set[int] = field(default_factory=set)
+    """Studies whose series were added, removed or changed modality: their number of series
+    and modalities are counted again from the series rows (:meth:`Indexer._flush`)."""
+    arrival: dict[int, tuple[Any, str, str] | tuple[Any]] = field(default_factory=dict)
+    """series pk -> (last_received_at, calling_ae, called_ae), or (last_received_at,) when
+    the instance came with no AE titles (the series keeps the ones it has)."""
+
+    def count(self, series_pk: int, study_pk: int, delta: int) -> None:
+        self.series[series_pk] = self.series.get(series_pk, 0) + delta
+        self.studies[study_pk] = self.studies.get(study_pk, 0) + delta
+
+    def arrive(self, series_pk: int, now: Any, calling_ae: str, called_ae: str) -> None:
+        if calling_ae or called_ae:
+            self.arrival[series_pk] = (now, calling_ae, called_ae)
+        else:
+            before = self.arrival.get(series_pk)
+            self.arrival[series_pk] = (now, *before[1:]) if before else (now,)
+
+    def merge(self, later: _Pending) -> None:
+        """Add what a later instance of the same transaction pends."""
+        for pk, delta in later.series.items():
+            self.series[pk] = self.series.get(pk, 0) + delta
+        for pk, delta in later.studies.items():
+            self.studies[pk] = self.studies.get(pk, 0) + delta
+        self.recount |= later.recount
+        for pk, (now, *aes) in later.arrival.items():
+            self.arrive(pk, now, *(aes or ("", "")))
 
 
 @dataclass
@@ -140,6 +271,204 @@ class _Request:
     done: bool = False
     result: tuple[bool, str | None] | None = None
     error: BaseException | None = None
+
+
+def _plain_columns(table: Table) -> list[Any]:
+    """The columns ingest compares with a header: all but the datetimes."""
+    return [c for c in table.c if not isinstance(c.type, DateTime)]
+
+
+def _bind(column: Any, name: str | None = None) -> Any:
+    return bindparam(name or column.name, type_=column.type)
+
+
+class _Statements:
+    """Every statement of ingest, compiled once for the engine's dialect. Inserts of rows a
+    concurrent writer may make too use ``INSERT ... ON CONFLICT (key) DO NOTHING RETURNING id``
+    on SQLite (3.35+) and PostgreSQL: no row back means the row exists; elsewhere the insert
+    runs in a savepoint and a unique-key violation means the same."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.on_conflict = dialect.name in ("sqlite", "postgresql") and not (
+            dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 35)
+        )
+        c = self.compile
+        self.series_columns = [
+            f"{prefix}{col.name}"
+            for prefix, table in (("se_", _SE), ("st_", _ST), ("p_", _P))
+            for col in _plain_columns(table)
+        ]
+        self.select_series = c(
+            select(*_plain_columns(_SE), *_plain_columns(_ST), *_plain_columns(_P))
+            .join(_ST, _ST.c.id == _SE.c.study_pk)
+            .join(_P, _P.c.id == _ST.c.patient_pk)
+            .where(_SE.c.series_instance_uid == _bind(_SE.c.series_instance_uid, "uid"))
+        )
+        self.study_columns = self.series_columns[len(_plain_columns(_SE)) :]
+        self.select_study = c(
+            select(*_plain_columns(_ST), *_plain_columns(_P))
+            .join(_P, _P.c.id == _ST.c.patient_pk)
+            .where(_ST.c.study_instance_uid == _bind(_ST.c.study_instance_uid, "uid"))
+        )
+        self.select_instance = c(
+            select(_I.c.id, _I.c.path, _I.c.series_pk).where(
+                _I.c.sop_instance_uid == _bind(_I.c.sop_instance_uid, "uid")
+            )
+        )
+        self.patient_key = c(
+            select(_P.c.id).where(*(_P.c[k] == _bind(_P.c[k]) for k in _PATIENT_UNIQUE))
+        )
+        self.patient_traits = c(
+            select(*(_P.c[k] for k in PATIENT_TRAITS)).where(_P.c.id == _bind(_P.c.id, "pk"))
+        )
+        self.study_pk = c(
+            select(_ST.c.id).where(_ST.c.study_instance_uid == _bind(_ST.c.study_instance_uid))
+        )
+        self.series_pks = c(
+            select(_SE.c.id, _SE.c.study_pk).where(
+                _SE.c.series_instance_uid == _bind(_SE.c.series_instance_uid)
+            )
+        )
+        self.series_study = c(select(_SE.c.study_pk).where(_SE.c.id == _bind(_SE.c.id, "pk")))
+        # Aggregates (PS3.4 C.3.4): counts kept with the rows, modalities per study.
+        delta = bindparam("delta", type_=Integer)
+        count_series = (
+            update(_SE)
+            .where(_SE.c.id == _bind(_SE.c.id, "pk"))
+            .values(number_of_instances=_SE.c.number_of_instances + delta)
+        )
+        self.count_series = c(count_series)
+        arrival = count_series.values(last_received_at=_bind(_SE.c.last_received_at))
+        self.count_series_arrival = c(arrival)
+        self.count_series_arrival_ae = c(
+            arrival.values(calling_ae=_bind(_SE.c.calling_ae), called_ae=_bind(_SE.c.called_ae))
+        )
+        self.count_study = c(
+            update(_ST)
+            .where(_ST.c.id == _bind(_ST.c.id, "pk"))
+            .values(
+                number_of_instances=_ST.c.number_of_instances + delta,
+                updated_at=_bind(_ST.c.updated_at),
+            )
+        )
+        # FOR NO KEY UPDATE: the lock that an UPDATE of the row takes. FOR UPDATE would also
+        # wait for the key-share locks that inserting a series of the study takes, so two
+        # writers each adding a series would deadlock.
+        self.lock_study = c(
+            select(_ST.c.id)
+            .where(_ST.c.id == _bind(_ST.c.id, "pk"))
+            .with_for_update(key_share=True)
+        )
+        self.study_modalities = c(
+            select(_SE.c.modality)
+            .where(_SE.c.study_pk == _bind(_SE.c.study_pk, "pk"), _SE.c.modality != "")
+            .distinct()
+        )
+        self.study_series_count = c(
+            select(func.count())
+            .select_from(_SE)
+            .where(_SE.c.study_pk == _bind(_SE.c.study_pk, "pk"))
+        )
+        self.study_aggregates = c(
+            update(_ST)
+            .where(_ST.c.id == _bind(_ST.c.id, "pk"))
+            .values(
+                number_of_instances=_ST.c.number_of_instances + delta,
+                number_of_series=_bind(_ST.c.number_of_series),
+                modalities_in_study=_bind(_ST.c.modalities_in_study),
+                updated_at=_bind(_ST.c.updated_at),
+            )
+        )
+        # Removal and pruning.
+        self.instance_origin = c(
+            select(_I.c.series_pk, _SE.c.study_pk)
+            .join(_SE, _SE.c.id == _I.c.series_pk)
+            .where(_I.c.id == _bind(_I.c.id, "pk"))
+        )
+        self.delete_instance = c(_I.delete().where(_I.c.id == _bind(_I.c.id, "pk")))
+        self.any_instance = c(
+            select(_I.c.id).where(_I.c.series_pk == _bind(_I.c.series_pk, "pk")).limit(1)
+        )
+        self.delete_series = c(_SE.delete().where(_SE.c.id == _bind(_SE.c.id, "pk")))
+        self.any_series = c(
+            select(_SE.c.id).where(_SE.c.study_pk == _bind(_SE.c.study_pk, "pk")).limit(1)
+        )
+        self.study_patient = c(select(_ST.c.patient_pk).where(_ST.c.id == _bind(_ST.c.id, "pk")))
+        self.delete_study = c(_ST.delete().where(_ST.c.id == _bind(_ST.c.id, "pk")))
+        self.any_study = c(
+            select(_ST.c.id).where(_ST.c.patient_pk == _bind(_ST.c.patient_pk, "pk")).limit(1)
+        )
+        self.delete_patient = c(_P.delete().where(_P.c.id == _bind(_P.c.id, "pk")))
+        # Inserts: every column but the key, the defaults filled in here (no Core to do it).
+        self.insert_columns = {
+            t.name: [col for col in t.c if col.name != "id"] for t in (_P, _ST, _SE, _I)
+        }
+        self.insert = {t.name: self._insert(t) for t in (_P, _ST, _SE, _I)}
+        self.insert_key = {
+            t.name: c(select(t.c.id).where(*(t.c[k] == _bind(t.c[k]) for k in key)))
+            for t, key in _UNIQUE.items()
+        }
+        self._updates: dict[tuple[str, tuple[str, ...]], _Statement] = {}
+        self._lock = threading.Lock()
+
+    def compile(self, statement: Any) -> _Statement:
+        return _Statement(statement, self.dialect)
+
+    def _insert(self, table: Table) -> _Statement:
+        values = {col.name: _bind(col) for col in self.insert_columns[table.name]}
+        key = [table.c[k] for k in _UNIQUE[table]]
+        if not self.on_conflict:
+            return self.compile(insert(table).values(values))
+        dialect_insert = sqlite_insert if self.dialect.name == "sqlite" else postgresql_insert
+        return self.compile(
+            dialect_insert(table)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=key)
+            .returning(table.c.id)
+        )
+
+    def row_values(self, table: Table, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` completed with the column defaults (models.py) for an insert."""
+        row = {}
+        for col in self.insert_columns[table.name]:
+            default: Any = col.default
+            if col.name in values:
+                row[col.name] = values[col.name]
+            elif default is None:
+                row[col.name] = None
+            elif default.is_callable:
+                row[col.name] = default.arg(None)
+            else:
+                row[col.name] = default.arg
+        return row
+
+    def update(self, table: Table, columns: Iterable[str]) -> _Statement:
+        """``UPDATE table SET <columns> WHERE id = :pk`` (compiled once per set of columns);
+        a column with ``onupdate`` (Study.updated_at) is set too, as Core would."""
+        names = tuple(sorted(columns))
+        statement = self._updates.get((table.name, names))
+        if statement is None:
+            with self._lock:
+                statement = self.compile(
+                    update(table)
+                    .where(table.c.id == _bind(table.c.id, "pk"))
+                    .values({name: _bind(table.c[name]) for name in (*names, *_ONUPDATE[table])})
+                )
+                self._updates[(table.name, names)] = statement
+        return statement
+
+
+_PATIENT_UNIQUE = ("patient_id", "issuer_of_patient_id", "study_scope")
+_UNIQUE: dict[Table, tuple[str, ...]] = {
+    _P: _PATIENT_UNIQUE,
+    _ST: ("study_instance_uid",),
+    _SE: ("series_instance_uid",),
+    _I: ("sop_instance_uid",),
+}
+_ONUPDATE: dict[Table, tuple[str, ...]] = {
+    t: tuple(c.name for c in t.c if c.onupdate is not None) for t in _UNIQUE
+}
 
 
 class Indexer:
@@ -159,60 +488,9 @@ class Indexer:
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Request] = []
-        self._conn: Connection | None = None
-        # One row with everything the hot path compares: series, its study, the study's patient.
-        self._select_series = (
-            select(*_label(_SE, "se_"), *_label(_ST, "st_"), *_label(_P, "p_"))
-            .join(_ST, _ST.c.id == _SE.c.study_pk)
-            .join(_P, _P.c.id == _ST.c.patient_pk)
-            .where(_SE.c.series_instance_uid == bindparam("uid"))
-        )
-        self._select_study = (
-            select(*_label(_ST, "st_"), *_label(_P, "p_"))
-            .join(_P, _P.c.id == _ST.c.patient_pk)
-            .where(_ST.c.study_instance_uid == bindparam("uid"))
-        )
-        self._select_instance = select(_I.c.id, _I.c.path, _I.c.series_pk).where(
-            _I.c.sop_instance_uid == bindparam("uid")
-        )
-        self._select_patient = select(_P.c.id).where(
-            _P.c.patient_id == bindparam("pid"),
-            _P.c.issuer_of_patient_id == bindparam("issuer"),
-            _P.c.study_scope == bindparam("scope"),
-        )
-        self._select_study_pk = select(_ST.c.id).where(_ST.c.study_instance_uid == bindparam("uid"))
-        self._select_series_pk = select(_SE.c.id).where(
-            _SE.c.series_instance_uid == bindparam("uid")
-        )
-        self._select_series_study = select(_SE.c.study_pk).where(_SE.c.id == bindparam("pk"))
-        # Aggregates (PS3.4 C.3.4): counts kept with the rows, modalities per study.
-        self._count_series = (
-            update(_SE)
-            .where(_SE.c.id == bindparam("_pk"))
-            .values(number_of_instances=_SE.c.number_of_instances + bindparam("_delta"))
-        )
-        self._count_study = (
-            update(_ST)
-            .where(_ST.c.id == bindparam("_pk"))
-            .values(number_of_instances=_ST.c.number_of_instances + bindparam("_delta"))
-        )
-        # FOR NO KEY UPDATE: the lock that an UPDATE of the row takes. FOR UPDATE would also
-        # wait for the key-share locks that inserting a series of the study takes, so two
-        # writers each adding a series would deadlock.
-        self._lock_study = (
-            select(_ST.c.id).where(_ST.c.id == bindparam("pk")).with_for_update(key_share=True)
-        )
-        self._select_study_modalities = (
-            select(_SE.c.modality)
-            .where(_SE.c.study_pk == bindparam("pk"), _SE.c.modality != "")
-            .distinct()
-        )
-        self._count_study_series = (
-            select(func.count()).select_from(_SE).where(_SE.c.study_pk == bindparam("pk"))
-        )
-        tables = (_P, _ST, _SE, _I)
-        self._update = {t.name: update(t).where(t.c.id == bindparam("_pk")) for t in tables}
-        self._insert = {t.name: insert(t) for t in tables}
+        self._raw: Any = None  # the writer's pooled DBAPI connection (SQLite), and its cursor
+        self._cursor: Any = None
+        self._s = _Statements(engine.dialect)
 
     def upsert(
         self,
@@ -228,11 +506,11 @@ class Indexer:
         On SQLite, writers that arrive while another commits are grouped: the next thread to
         get the lock commits every waiting instance in one transaction (each in its own
         savepoint, so one failure fails only its instance), and one WAL fsync serves them all.
+        Raises what the database driver raises (then nothing of the instance is stored).
         """
         request = _Request(header, size, source, calling_ae, called_ae)
         if not self._group_commit:
-            with self.engine.begin() as conn:
-                return self._upsert(conn, request)
+            return self._commit_alone(request)
         with self._queue_lock:
             self._queue.append(request)
         with self._write_lock:
@@ -245,19 +523,48 @@ class Indexer:
         assert request.result is not None
         return request.result
 
-    def _writer(self) -> Connection:
-        """The connection the writers of this process share (SQLite: one writer at a time, under
-        ``_write_lock``): kept, since a pool checkout per instance cost ~0.2 ms of CPU."""
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = self.engine.connect()
-        return self._conn
+    def _commit_alone(self, request: _Request) -> tuple[bool, str | None]:
+        """One instance in a transaction of its own, on a connection of the pool (PostgreSQL:
+        concurrent writers lock rows, not the database)."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                run = _Run(cursor)
+                pending = _Pending()
+                result = self._upsert(run, request, pending)
+                self._flush(run, pending)
+                raw.commit()
+            except BaseException:
+                _rollback(raw)
+                raise
+            finally:
+                cursor.close()
+        finally:
+            raw.close()
+        return result
+
+    def _writer(self) -> Any:
+        """The cursor the writers of this process share (SQLite: one writer at a time, under
+        ``_write_lock``), on a DBAPI connection kept from the pool: a checkout per instance, and
+        SQLAlchemy's execution of each statement, cost more CPU than SQLite spends running it."""
+        if self._raw is None:
+            self._raw = self.engine.raw_connection()
+            self._cursor = self._raw.cursor()
+        return self._cursor
+
+    def _drop_writer(self) -> None:
+        raw, self._raw, self._cursor = self._raw, None, None
+        if raw is not None:
+            try:
+                raw.close()
+            except Exception:  # already broken: the pool discards it
+                LOGGER.debug("closing the index writer's connection failed", exc_info=True)
 
     def close(self) -> None:
         """Give the shared writer connection back to the pool."""
         with self._write_lock:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
+            self._drop_writer()
 
     def _commit_batch(self, batch: list[_Request]) -> None:
         if self._process_lock is None:
@@ -275,22 +582,36 @@ class Indexer:
                 raise
 
     def _commit_batch_locked(self, batch: list[_Request]) -> None:
+        """One transaction for the batch (BEGIN IMMEDIATE: storage/db.py), a savepoint per
+        instance when there is more than one, the counts written once at the end."""
         try:
-            conn = self._writer()
-            with conn.begin():
+            cursor = self._writer()
+            run = _Run(cursor)
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                pending = _Pending()
                 if len(batch) == 1:
-                    batch[0].result = self._upsert(conn, batch[0])
+                    batch[0].result = self._upsert(run, batch[0], pending)
                 else:
                     for request in batch:
+                        mine = _Pending()
+                        cursor.execute("SAVEPOINT ingest")
                         try:
-                            with conn.begin_nested():
-                                request.result = self._upsert(conn, request)
+                            request.result = self._upsert(run, request, mine)
                         except Exception as exc:
-                            request.error = exc
+                            cursor.execute("ROLLBACK TO SAVEPOINT ingest")
+                            cursor.execute("RELEASE SAVEPOINT ingest")
+                            request.error, request.result = exc, None
+                            continue
+                        cursor.execute("RELEASE SAVEPOINT ingest")
+                        pending.merge(mine)
+                self._flush(run, pending)
+                self._raw.commit()
+            except BaseException:
+                _rollback(self._raw)
+                raise
         except BaseException as exc:  # the commit failed: nothing of the batch is stored
-            if self._conn is not None:  # nor is the connection trusted again
-                self._conn.close()
-                self._conn = None
+            self._drop_writer()  # nor is the connection trusted again
             for request in batch:
                 request.error = request.error or exc
                 request.result = None
@@ -300,249 +621,237 @@ class Indexer:
             for request in batch:
                 request.done = True
 
-    def _upsert(self, conn: Connection, request: _Request) -> tuple[bool, str | None]:
-        """Index one instance inside the caller's transaction."""
-        header, size, source = request.header, request.size, request.source
-        calling_ae, called_ae = request.calling_ae, request.called_ae
+    def _flush(self, run: _Run, pending: _Pending) -> None:
+        """Write the transaction's counts and arrival columns, one UPDATE per series, then one
+        per study, each in key order: concurrent writers on PostgreSQL lock rows in one order
+        (series before studies), and a study's series are counted once all are in place.
+
+        Counting a study's series again (when they were added, removed or changed modality):
+        on PostgreSQL the study row is locked first (as an UPDATE locks it), so that a
+        concurrent writer adding another series to the study waits, and then counts with this
+        one's series committed (READ COMMITTED reads what committed before each statement)."""
+        s = self._s
+        for series_pk in sorted(pending.series.keys() | pending.arrival.keys()):
+            values: dict[str, Any] = {"pk": series_pk, "delta": pending.series.get(series_pk, 0)}
+            arrival = pending.arrival.get(series_pk)
+            if arrival is None:  # counted, not arrived at (an instance moved away from it)
+                run.execute(s.count_series, values)
+            elif len(arrival) == 1:
+                run.execute(s.count_series_arrival, values | {"last_received_at": arrival[0]})
+            else:
+                now, calling_ae, called_ae = arrival
+                values |= {"last_received_at": now, "calling_ae": calling_ae}
+                run.execute(s.count_series_arrival_ae, values | {"called_ae": called_ae})
         now = utcnow()
-        arrival: dict[str, Any] = {"last_received_at": now}
-        if calling_ae or called_ae:
-            arrival |= {"calling_ae": calling_ae, "called_ae": called_ae}
-        row = conn.execute(self._select_series, {"uid": header.series_instance_uid}).first()
-        series_update: dict[str, Any] = {}
+        for study_pk in sorted(pending.studies.keys() | pending.recount):
+            values = {"pk": study_pk, "delta": pending.studies.get(study_pk, 0), "updated_at": now}
+            if study_pk in pending.recount:
+                run.execute(s.lock_study, {"pk": study_pk}).fetchall()
+                modalities = run.column(s.study_modalities, {"pk": study_pk})
+                values["number_of_series"] = run.scalar(s.study_series_count, {"pk": study_pk})
+                values["modalities_in_study"] = join_modalities(modalities)
+                run.execute(s.study_aggregates, values)
+            elif values["delta"]:
+                run.execute(s.count_study, values)
+
+    def _upsert(self, run: _Run, request: _Request, pending: _Pending) -> tuple[bool, str | None]:
+        """Index one instance inside the caller's transaction; its counts and arrival go to
+        ``pending`` (written by :meth:`_flush` before the commit)."""
+        s = self._s
+        header, calling_ae, called_ae = request.header, request.calling_ae, request.called_ae
+        now = utcnow()
+        row = run.first(s.select_series, {"uid": header.series_instance_uid})
+        modality_changed = False
         if row is not None:
-            m = row._mapping
-            series_pk, study_pk = m["se_id"], m["st_id"]
-            series_changes = {k: v for k, v in header.series.items() if v not in ("", None)}
-            series_changes = {k: v for k, v in series_changes.items() if m[f"se_{k}"] != v}
-            series_update = series_changes | arrival
-            self._refresh_study(conn, m, header)
+            m = dict(zip(s.series_columns, row, strict=True))
+            series_pk, study_pk = m["se_id"], m["se_study_pk"]
+            changes = {
+                k: v for k, v in header.series.items() if v not in ("", None) and m[f"se_{k}"] != v
+            }
+            if changes:
+                self._set(run, _SE, series_pk, changes)
+                modality_changed = "modality" in changes
+            self._refresh_study(run, m, header)
         else:
-            series_pk, study_pk = self._new_series(
-                conn, header, now, calling_ae, called_ae, arrival
-            )
+            series_pk, study_pk = self._new_series(run, request, now, pending)
+        pending.arrive(series_pk, now, calling_ae, called_ae)
 
         values = {
+            "sop_instance_uid": header.sop_instance_uid,
             "series_pk": series_pk,
             "sop_class_uid": header.sop_class_uid,
             "transfer_syntax_uid": header.transfer_syntax_uid,
             **header.instance,
             "path": header.relative_path,
-            "size_bytes": size,
+            "size_bytes": request.size,
             "received_at": now,
-            "source": source,
+            "source": request.source,
             "calling_ae": calling_ae,
             "called_ae": called_ae,
         }
-        uid = {"uid": header.sop_instance_uid}
-        existing = conn.execute(self._select_instance, uid).first()
-        if existing is None:
-            key = {"sop_instance_uid": header.sop_instance_uid}
-            _, created = self._insert_or_get(conn, _I, key, values, self._select_instance, uid)
-            if created:
-                self._count(conn, series_pk, study_pk, +1, series_update)
-                if "modality" in series_update:
-                    self._recount_study_series(conn, study_pk)
-                return False, None
-            existing = conn.execute(self._select_instance, uid).one()
-        self._set(conn, _I, existing.id, values)
-        if existing.series_pk == series_pk:  # re-sent: the counts stay
-            self._set(conn, _SE, series_pk, series_update)
-        else:  # moved to another series
+        if self._insert_or_get(run, _I, values)[1]:
+            pending.count(series_pk, study_pk, +1)
+            if modality_changed:
+                pending.recount.add(study_pk)
+            return False, None
+        existing = run.first(s.select_instance, {"uid": header.sop_instance_uid})
+        instance_pk, old_path, old_series_pk = existing
+        del values["sop_instance_uid"]
+        self._set(run, _I, instance_pk, values)
+        if old_series_pk != series_pk:  # moved to another series (re-sent: the counts stay)
             LOGGER.warning(
                 "instance %s moved to series %s",
                 header.sop_instance_uid,
                 header.series_instance_uid,
             )
-            self._count(conn, series_pk, study_pk, +1, series_update)
-            old_study_pk = conn.execute(self._select_series_study, {"pk": existing.series_pk})
-            self._count(conn, existing.series_pk, old_study_pk.scalar_one(), -1, {})
-            self.prune(conn, existing.series_pk)
-        if "modality" in series_update:
-            self._recount_study_series(conn, study_pk)
-        return True, existing.path
+            pending.count(series_pk, study_pk, +1)
+            old_study_pk = run.scalar(s.series_study, {"pk": old_series_pk})
+            pending.count(old_series_pk, old_study_pk, -1)
+            self._prune(run, old_series_pk, pending)
+        if modality_changed:
+            pending.recount.add(study_pk)
+        return True, old_path
 
     def remove(self, conn: Connection, instance_pk: int) -> None:
         """Delete one instance row (inside the caller's transaction), keep its series' and
         study's counts right, and prune what is left empty (:meth:`prune`)."""
-        found = conn.execute(
-            select(_I.c.series_pk, _SE.c.study_pk)
-            .join(_SE, _SE.c.id == _I.c.series_pk)
-            .where(_I.c.id == instance_pk)
-        ).first()
+        run = _Run(conn=conn)
+        found = run.first(self._s.instance_origin, {"pk": instance_pk})
         if found is None:
             return
-        conn.execute(_I.delete().where(_I.c.id == instance_pk))
-        self._count(conn, found.series_pk, found.study_pk, -1, {})
-        self.prune(conn, found.series_pk)
-
-    def _count(
-        self,
-        conn: Connection,
-        series_pk: int,
-        study_pk: int,
-        delta: int,
-        series_values: dict[str, Any],
-    ) -> None:
-        """Add ``delta`` to the series' and the study's number of instances (one UPDATE each,
-        atomic increments, so concurrent writers on PostgreSQL never lose one); the series
-        UPDATE also sets ``series_values`` (arrival time, changed attributes)."""
-        conn.execute(self._count_series, {"_pk": series_pk, "_delta": delta, **series_values})
-        conn.execute(self._count_study, {"_pk": study_pk, "_delta": delta})
-
-    def _recount_study_series(self, conn: Connection, study_pk: int) -> None:
-        """Count the study's series and list its modalities again, from the series rows: run
-        when a series is added, removed or changes modality. On PostgreSQL the study row is
-        locked first (as an UPDATE locks it), so that a concurrent writer adding another
-        series to the study waits, and then counts with this one's series committed (READ
-        COMMITTED reads what committed before each statement)."""
-        conn.execute(self._lock_study, {"pk": study_pk})
-        modalities = conn.execute(self._select_study_modalities, {"pk": study_pk}).scalars()
-        number = conn.execute(self._count_study_series, {"pk": study_pk}).scalar_one()
-        conn.execute(
-            self._update[_ST.name],
-            {
-                "_pk": study_pk,
-                "number_of_series": number,
-                "modalities_in_study": join_modalities(modalities),
-            },
-        )
+        series_pk, study_pk = found
+        run.execute(self._s.delete_instance, {"pk": instance_pk})
+        pending = _Pending()
+        pending.count(series_pk, study_pk, -1)
+        self._prune(run, series_pk, pending)
+        self._flush(run, pending)
 
     def prune(self, conn: Connection, series_pk: int) -> None:
         """Delete the series when no instance is left in it, then its study when no series is
         left, then the study's patient when no study is left (inside the caller's transaction),
         so that queries and counts never show an empty entity. A study that keeps other series
         gets its number of series and its modalities counted again."""
-        if conn.execute(select(_I.c.id).where(_I.c.series_pk == series_pk).limit(1)).first():
+        run, pending = _Run(conn=conn), _Pending()
+        self._prune(run, series_pk, pending)
+        self._flush(run, pending)
+
+    def _prune(self, run: _Run, series_pk: int, pending: _Pending) -> None:
+        s = self._s
+        if run.first(s.any_instance, {"pk": series_pk}) is not None:
             return
-        study_pk = conn.execute(self._select_series_study, {"pk": series_pk}).scalar()
-        conn.execute(_SE.delete().where(_SE.c.id == series_pk))
+        study_pk = run.scalar(s.series_study, {"pk": series_pk})
+        run.execute(s.delete_series, {"pk": series_pk})
         if study_pk is None:
             return
-        if conn.execute(select(_SE.c.id).where(_SE.c.study_pk == study_pk).limit(1)).first():
-            self._recount_study_series(conn, study_pk)
+        if run.first(s.any_series, {"pk": study_pk}) is not None:
+            pending.recount.add(study_pk)
             return
-        patient_pk = conn.execute(select(_ST.c.patient_pk).where(_ST.c.id == study_pk)).scalar()
-        conn.execute(_ST.delete().where(_ST.c.id == study_pk))
-        if (
-            patient_pk is None
-            or conn.execute(select(_ST.c.id).where(_ST.c.patient_pk == patient_pk).limit(1)).first()
-        ):
+        patient_pk = run.scalar(s.study_patient, {"pk": study_pk})
+        run.execute(s.delete_study, {"pk": study_pk})
+        if patient_pk is None or run.first(s.any_study, {"pk": patient_pk}) is not None:
             return
-        conn.execute(_P.delete().where(_P.c.id == patient_pk))
+        run.execute(s.delete_patient, {"pk": patient_pk})
 
     # --- helpers ------------------------------------------------------------------------
-    def _set(self, conn: Connection, table: Table, pk: int, values: dict[str, Any]) -> None:
+    def _set(self, run: _Run, table: Table, pk: int, values: dict[str, Any]) -> None:
         if values:
-            conn.execute(self._update[table.name], {"_pk": pk, **values})
+            now = {name: utcnow() for name in _ONUPDATE[table] if name not in values}
+            run.execute(self._s.update(table, values), {"pk": pk, **values, **now})
 
-    def _insert_or_get(
-        self,
-        conn: Connection,
-        table: Table,
-        key: dict[str, Any],
-        values: dict[str, Any],
-        select_pk: Any,
-        params: dict[str, Any],
-    ) -> tuple[int, bool]:
-        """Insert a row the caller found missing. On SQLite the write lock was held since that
-        look-up (BEGIN IMMEDIATE), so nobody can have inserted it meanwhile. Elsewhere the
-        insert runs in a savepoint; if a concurrent writer won the unique key, its row is used."""
-        if self._group_commit:
-            result = conn.execute(self._insert[table.name], {**key, **values})
-            primary_key = result.inserted_primary_key
-            assert primary_key is not None
-            return int(primary_key[0]), True
-        try:
-            with conn.begin_nested():
-                result = conn.execute(self._insert[table.name], {**key, **values})
-        except IntegrityError:
-            return int(conn.execute(select_pk, params).scalars().first()), False  # type: ignore[arg-type]
-        primary_key = result.inserted_primary_key
-        assert primary_key is not None
-        return int(primary_key[0]), True
+    def _insert_or_get(self, run: _Run, table: Table, values: dict[str, Any]) -> tuple[int, bool]:
+        """Insert a row unless its unique key exists (``values`` hold the key): return (its
+        pk, whether it was inserted). On SQLite the write lock is held since BEGIN IMMEDIATE,
+        so only this transaction can have made it; on PostgreSQL a concurrent writer may have
+        (its INSERT waits for that one's commit, then finds the row)."""
+        s = self._s
+        row = s.row_values(table, values)
+        key = {k: values[k] for k in _UNIQUE[table]}
+        if s.on_conflict:
+            pk = run.scalar(s.insert[table.name], row)
+            if pk is not None:
+                return int(pk), True
+        else:
+            run.sql("SAVEPOINT ingest_insert")
+            try:
+                run.execute(s.insert[table.name], row)
+            except self.engine.dialect.loaded_dbapi.IntegrityError:
+                run.sql("ROLLBACK TO SAVEPOINT ingest_insert")
+                run.sql("RELEASE SAVEPOINT ingest_insert")
+            else:
+                run.sql("RELEASE SAVEPOINT ingest_insert")
+                return int(run.scalar(s.insert_key[table.name], key)), True
+        return int(run.scalar(s.insert_key[table.name], key)), False
 
     def _new_series(
-        self,
-        conn: Connection,
-        header: Header,
-        now: Any,
-        calling_ae: str,
-        called_ae: str,
-        arrival: dict[str, Any],
+        self, run: _Run, request: _Request, now: Any, pending: _Pending
     ) -> tuple[int, int]:
         """Insert the series (and its study, patient) of a header; return (series, study) pks.
         The new series starts with no instance (the caller counts the one it inserts)."""
-        study = conn.execute(self._select_study, {"uid": header.study_instance_uid}).first()
+        s, header = self._s, request.header
+        study = run.first(s.select_study, {"uid": header.study_instance_uid})
         if study is not None:
-            study_pk = study._mapping["st_id"]
-            self._refresh_study(conn, study._mapping, header)
+            m = dict(zip(s.study_columns, study, strict=True))
+            study_pk = m["st_id"]
+            self._refresh_study(run, m, header)
         else:
-            study_pk = self._new_study(conn, header)
-        uid = {"uid": header.series_instance_uid}
+            study_pk = self._new_study(run, header)
         series_pk, created = self._insert_or_get(
-            conn,
+            run,
             _SE,
-            {"series_instance_uid": header.series_instance_uid},
             {
+                "series_instance_uid": header.series_instance_uid,
                 "study_pk": study_pk,
                 **header.series,
-                "calling_ae": calling_ae,
-                "called_ae": called_ae,
+                "calling_ae": request.calling_ae,
+                "called_ae": request.called_ae,
                 "first_received_at": now,
                 "last_received_at": now,
             },
-            self._select_series_pk,
-            uid,
         )
         if not created:  # another writer made it meanwhile (and counted it in its study)
-            self._set(conn, _SE, series_pk, arrival)
-            return series_pk, conn.execute(
-                self._select_series_study, {"pk": series_pk}
-            ).scalar_one()
-        self._recount_study_series(conn, study_pk)
+            return series_pk, run.scalar(s.series_study, {"pk": series_pk})
+        pending.recount.add(study_pk)
         return series_pk, study_pk
 
-    def _new_study(self, conn: Connection, header: Header) -> int:
+    def _new_study(self, run: _Run, header: Header) -> int:
+        s = self._s
         key = {k: header.patient[k] for k in PATIENT_KEY} | {"study_scope": patient_scope(header)}
         traits = {k: header.patient.get(k, "") for k in PATIENT_TRAITS}
-        params = {
-            "pid": key["patient_id"],
-            "issuer": key["issuer_of_patient_id"],
-            "scope": key["study_scope"],
-        }
-        patient_pk = conn.execute(self._select_patient, params).scalar()
+        patient_pk = run.scalar(s.patient_key, key)
         if patient_pk is None:
-            patient_pk, _ = self._insert_or_get(conn, _P, key, traits, self._select_patient, params)
+            patient_pk, _ = self._insert_or_get(run, _P, key | traits)
         else:
             # A new study of a known patient: the patient record takes its values (the latest).
-            current = conn.execute(select(*_P.c).where(_P.c.id == patient_pk)).one()._mapping
-            self._set(conn, _P, patient_pk, _changes(current, traits))
-        uid = {"uid": header.study_instance_uid}
+            found = run.first(s.patient_traits, {"pk": patient_pk})
+            current = dict(zip(PATIENT_TRAITS, found, strict=True))
+            self._set(run, _P, patient_pk, _changes(current, traits))
         study_pk, created = self._insert_or_get(
-            conn,
+            run,
             _ST,
-            {"study_instance_uid": header.study_instance_uid},
-            {"patient_pk": patient_pk, **header.study, **traits},
-            self._select_study_pk,
-            uid,
+            {
+                "study_instance_uid": header.study_instance_uid,
+                "patient_pk": patient_pk,
+                **header.study,
+                **traits,
+            },
         )
         if not created:
-            study = conn.execute(self._select_study, uid).one()
-            self._refresh_study(conn, study._mapping, header)
-        return int(study_pk)
+            study = run.first(s.select_study, {"uid": header.study_instance_uid})
+            self._refresh_study(run, dict(zip(s.study_columns, study, strict=True)), header)
+        return study_pk
 
-    def _refresh_study(self, conn: Connection, m: Any, header: Header) -> None:
+    def _refresh_study(self, run: _Run, m: dict[str, Any], header: Header) -> None:
         """Newer headers refresh the study's own attributes. Its patient attributes are the
         first instance's: a later instance only fills what is still empty, and one naming other
         values is logged (module docstring). A study never moves to another patient."""
-        study_changes = {k: v for k, v in header.study.items() if v not in ("", None)}
-        study_changes = {k: v for k, v in study_changes.items() if m[f"st_{k}"] != v}
+        study_changes = {
+            k: v for k, v in header.study.items() if v not in ("", None) and m[f"st_{k}"] != v
+        }
         traits = {k: header.patient.get(k, "") for k in PATIENT_TRAITS}
         conflicts = {k: v for k, v in traits.items() if v and m[f"st_{k}"] and m[f"st_{k}"] != v}
         study_changes |= {k: v for k, v in traits.items() if v and not m[f"st_{k}"]}
         if study_changes:
-            self._set(conn, _ST, m["st_id"], study_changes | {"updated_at": utcnow()})
+            self._set(run, _ST, m["st_id"], study_changes)
         if any(m[f"p_{k}"] != header.patient[k] for k in PATIENT_KEY):
             LOGGER.warning(
                 "study %s belongs to patient %r; instance %s names %r (kept the first)",
@@ -561,4 +870,13 @@ class Indexer:
                 ", ".join(sorted(conflicts)),
             )
         patient_fill = {k: v for k, v in traits.items() if v and not m[f"p_{k}"]}
-        self._set(conn, _P, m["p_id"], patient_fill)
+        self._set(run, _P, m["p_id"], patient_fill)
+
+
+def _rollback(raw: Any) -> None:
+    """Roll back a DBAPI connection's transaction; a failure here (a broken connection) is
+    logged, and the error that led here is the one raised."""
+    try:
+        raw.rollback()
+    except Exception:
+        LOGGER.debug("rollback failed", exc_info=True)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.storage.archive import Archive
@@ -170,3 +171,60 @@ def test_migration_0006_counts_rows_indexed_before_it(tmp_path: Path) -> None:
             assert [r["NumberOfStudyRelatedInstances"] for r in rows] == [3, 1, 1]
     finally:
         engine.dispose()
+
+
+def test_one_grouped_commit_of_every_kind_of_instance(
+    archive: Archive, index_sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    """The counts of a grouped commit are written once at its end (storage/indexer.py): in one
+    batch a new series, more of its instances, a re-send, a second series of another modality,
+    an instance moved there, and one that fails after making a series of its own. Every count
+    and the arrival columns end as instance-by-instance commits would leave them, the failed
+    instance and its series leave nothing."""
+    from nnunet_node.storage.archive import read_header
+    from nnunet_node.storage.indexer import _Request
+    from nnunet_node.storage.models import Series
+
+    study, ct, mr, lost = generate_uid(), generate_uid(), generate_uid(), generate_uid()
+    moved = generate_uid()
+
+    def header(series: str, **attributes: object) -> object:
+        return read_header(make_instance(study_uid=study, series_uid=series, **attributes))
+
+    first = header(ct, sop_uid=moved)
+    bad = header(lost, Modality="PT")
+    bad.sop_class_uid = None  # type: ignore[attr-defined]  # NOT NULL: fails at its instance row
+    batch = [
+        _Request(first, 10, "dimse", "SCANNER", "NODE"),  # type: ignore[arg-type]
+        _Request(header(ct), 10, "dimse", "SCANNER", "NODE"),  # type: ignore[arg-type]
+        _Request(first, 11, "dimse", "", ""),  # type: ignore[arg-type]  # re-sent
+        _Request(bad, 10, "dimse", "OTHER", "NODE"),  # type: ignore[arg-type]
+        _Request(header(mr, Modality="MR"), 10, "dimse", "MRI", "NODE"),  # type: ignore[arg-type]
+        _Request(header(mr, sop_uid=moved, Modality="MR"), 12, "dimse", "", ""),  # type: ignore[arg-type]
+        _Request(header(ct), 10, "stow", "", ""),  # type: ignore[arg-type]
+    ]
+    archive._indexer._commit_batch(batch)
+    assert [r.result for r in batch] == [
+        (False, None),
+        (False, None),
+        (True, first.relative_path),  # type: ignore[attr-defined]
+        None,
+        (False, None),
+        (True, first.relative_path),  # type: ignore[attr-defined]
+        (False, None),
+    ]
+    assert batch[3].error is not None
+    row = _study(index_sessions, study)
+    assert row["ModalitiesInStudy"] == ["CT", "MR"]
+    assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (2, 4)
+    assert _series_counts(index_sessions, study) == {ct: 2, mr: 2}
+    with index_sessions() as s:
+        assert_aggregates_counted(s)
+        arrivals = {
+            uid: (calling, called)
+            for uid, calling, called in s.execute(
+                select(Series.series_instance_uid, Series.calling_ae, Series.called_ae)
+            )
+        }
+    # an instance without AE titles (STOW-RS) leaves the series' last ones
+    assert arrivals == {ct: ("SCANNER", "NODE"), mr: ("MRI", "NODE")}

@@ -20,7 +20,7 @@ from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.jobs import JobFilters, JobStore
 from nnunet_node.storage.migrations import downgrade, upgrade
-from nnunet_node.storage.models import Instance, JobStatus, Series
+from nnunet_node.storage.models import Instance, JobStatus, Series, Study
 from tests.storage.index_checks import assert_aggregates_counted, fill_0005
 from tests.support.migrations import check_old_style_jobs_upgrade
 from tests.support.postgres import NOT_SET, SERVER_URL, scratch_database
@@ -153,6 +153,69 @@ def test_concurrent_series_of_one_study_are_all_counted(
         assert row["NumberOfStudyRelatedInstances"] == 20
     with sessions() as session:
         assert_aggregates_counted(session)
+
+
+def test_concurrent_new_resent_and_moved_instances_keep_the_counts(
+    tmp_path: Path, sessions: sessionmaker[Session], make_instance: Callable[..., bytes]
+) -> None:
+    """Four writers at once into three series of two studies: new instances, re-sends, and
+    instances moved to another series and study (their old series counted down, pruned when
+    left empty). The counts are written at the end of each transaction, series rows before
+    study rows (storage/indexer.py): every count equals what the rows say, and no writer
+    failed (a deadlock would fail one)."""
+    archive = Archive(tmp_path / "dicom", sessions)
+    studies = [generate_uid(), generate_uid()]
+    series = [(studies[0], generate_uid(), "CT"), (studies[0], generate_uid(), "MR")]
+    series.append((studies[1], generate_uid(), "PT"))
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def store(writer: int) -> None:
+        try:
+            plan = []
+            for n in range(12):
+                study, uid, modality = series[(writer + n) % 3]
+                sop = generate_uid()
+                attributes = {"PatientID": "PG3", "Modality": modality, "InstanceNumber": n}
+                plan.append(
+                    make_instance(study_uid=study, series_uid=uid, sop_uid=sop, **attributes)
+                )
+                if n % 4 == 1:  # re-sent as it was
+                    plan.append(plan[-1])
+                if n % 4 == 3:  # moved to the next series
+                    study, uid, modality = series[(writer + n + 1) % 3]
+                    attributes["Modality"] = modality
+                    plan.append(
+                        make_instance(study_uid=study, series_uid=uid, sop_uid=sop, **attributes)
+                    )
+            start.wait()
+            for data in plan:
+                archive.ingest(data, source="dimse", calling_ae=f"W{writer}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=store, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with sessions() as session:
+        mine = (
+            select(func.count())
+            .select_from(Instance)
+            .join(Series, Series.id == Instance.series_pk)
+            .join(Study, Study.id == Series.study_pk)
+            .where(Study.study_instance_uid.in_(studies))
+        )
+        assert session.scalar(mine) == 48
+        assert_aggregates_counted(session)
+    with archive.read_sessions() as session:
+        found = {
+            row["StudyInstanceUID"]: row["NumberOfStudyRelatedInstances"]
+            for row in query.find_studies(session, {"PatientID": "PG3"})
+        }
+    assert sum(found.values()) == 48 and set(found) == set(studies)
 
 
 def test_migration_0006_counts_existing_rows() -> None:
