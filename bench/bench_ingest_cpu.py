@@ -209,15 +209,21 @@ def main() -> int:
         corpus.with_suffix(".json").unlink(missing_ok=True)
     print(f"\n{args.count} instances of {args.size}x{args.size}, medians of {args.rounds}:")
     for threads in [int(t) for t in args.threads.split(",")]:
-        cpu = {
-            name: statistics.median(r["cpu_ms"] for r in results[(name, threads)]) for name in trees
-        }
-        rate = {
-            name: statistics.median(r["rate"] for r in results[(name, threads)]) for name in trees
-        }
-        line = ", ".join(f"{name} {cpu[name]:.3f} ms ({rate[name]:.0f}/s)" for name in trees)
+
+        def median(key: str, name: str, threads: int = threads) -> float:
+            return statistics.median(r[key] for r in results[(name, threads)])
+
+        cpu = {name: median("cpu_ms", name) for name in trees}
+        user = {name: median("user_ms", name) for name in trees}
+        line = ", ".join(
+            f"{name} {cpu[name]:.3f} ms ({user[name]:.3f} user, {median('rate', name):.0f}/s)"
+            for name in trees
+        )
         ratio = (
-            f"; baseline/this CPU = {cpu['baseline'] / cpu['this']:.2f}" if args.baseline else ""
+            f"; baseline/this: CPU {cpu['baseline'] / cpu['this']:.2f}"
+            f", user {user['baseline'] / user['this']:.2f}"
+            if args.baseline
+            else ""
         )
         print(f"  threads={threads}: {line}{ratio}")
     return 0

@@ -16,6 +16,7 @@ tests/storage/test_headers.py checks that both give the same header.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -141,10 +142,14 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+@functools.cache
+def _column_length(model: type[Base], column: str) -> int | None:
+    return getattr(model.__table__.c[column].type, "length", None) or None
+
+
 def fit_column(model: type[Base], column: str, value: str) -> str:
     """Cut a value to its column's length: PostgreSQL refuses what SQLite would store."""
-    length = getattr(model.__table__.c[column].type, "length", None)
-    return value[:length] if length else value
+    return value[: _column_length(model, column)]
 
 
 _UID_KEYWORDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
@@ -186,18 +191,27 @@ def _build(
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax_uid=transfer_syntax if is_valid_uid(transfer_syntax) else "",
     )
-    header.patient = {
-        "patient_id": fit_column(Patient, "patient_id", text("PatientID")),
-        "issuer_of_patient_id": fit_column(
-            Patient, "issuer_of_patient_id", text("IssuerOfPatientID")
-        ),
-    }
-    header.patient |= {c: fit_column(Patient, c, text(k)) for k, c in PATIENT_ATTRIBUTES.items()}
-    header.study = {c: fit_column(Study, c, text(k)) for k, c in STUDY_ATTRIBUTES.items()}
-    header.series = {c: fit_column(Series, c, text(k)) for k, c in SERIES_ATTRIBUTES.items()}
+    header.patient = {c: text(k)[:n] for k, c, n in _PATIENT_TEXT}
+    header.study = {c: text(k)[:n] for k, c, n in _STUDY_TEXT}
+    header.series = {c: text(k)[:n] for k, c, n in _SERIES_TEXT}
     header.series |= {c: integer(k) for k, c in SERIES_INT_ATTRIBUTES.items()}
     header.instance = {c: integer(k) for k, c in INSTANCE_INT_ATTRIBUTES.items()}
     return header
+
+
+def _fitted(
+    model: type[Base], attributes: dict[str, str]
+) -> tuple[tuple[str, str, int | None], ...]:
+    """(keyword, column, the column's length) for each attribute: what :func:`_build` cuts."""
+    return tuple((k, c, _column_length(model, c)) for k, c in attributes.items())
+
+
+_PATIENT_TEXT = _fitted(
+    Patient,
+    {"PatientID": "patient_id", "IssuerOfPatientID": "issuer_of_patient_id", **PATIENT_ATTRIBUTES},
+)
+_STUDY_TEXT = _fitted(Study, STUDY_ATTRIBUTES)
+_SERIES_TEXT = _fitted(Series, SERIES_ATTRIBUTES)
 
 
 def _scanned_header(
