@@ -148,11 +148,11 @@ def _changes(current: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 class _Statement:
     """One statement compiled once for a dialect; :meth:`params` turns a dict of values into
-    the parameters its DBAPI takes (a tuple in the order of the ``?`` for qmark, the dict for
-    pyformat), each converted as the column's type does for that dialect (SQLite keeps a
-    datetime as text)."""
+    the parameters its DBAPI takes (a dict for named and pyformat styles, a tuple in the order
+    of the placeholders for a positional one), each converted as the column's type does for
+    that dialect (SQLite keeps a datetime as text)."""
 
-    __slots__ = ("_defaults", "_names", "_plan", "_processors", "sql")
+    __slots__ = ("_defaults", "_names", "_processors", "sql")
 
     def __init__(self, statement: Any, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
@@ -163,28 +163,31 @@ class _Statement:
         self._defaults = {
             name: bind.value for name, bind in compiled.binds.items() if not bind.required
         }
-        self._processors: dict[str, Callable[[Any], Any]] = {}
+        self._processors: list[tuple[str, Callable[[Any], Any]]] = []
         for name, bind in compiled.binds.items():
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
-                self._processors[name] = process
+                self._processors.append((name, process))
         self._names = tuple(compiled.positiontup or ()) if dialect.positional else None
-        self._plan = [(name, self._processors.get(name)) for name in self._names or ()]
 
     def params(self, values: dict[str, Any]) -> Any:
-        if self._defaults:
-            values = self._defaults | values
-        if self._names is not None:
-            return tuple(
-                values[name] if process is None or values[name] is None else process(values[name])
-                for name, process in self._plan
-            )
-        if self._processors:
-            values = dict(values)
-            for name, process in self._processors.items():
-                if values.get(name) is not None:
-                    values[name] = process(values[name])
-        return values
+        values = self._defaults | values if self._defaults else dict(values)
+        for name, process in self._processors:
+            value = values.get(name)
+            if value is not None:
+                values[name] = process(value)
+        if self._names is None:
+            return values
+        return tuple([values[name] for name in self._names])
+
+
+def _statement_dialect(dialect: Dialect) -> Dialect:
+    """The dialect to compile for: SQLite's with named parameters (``:name``), which its driver
+    reads from the dict itself; others as they are."""
+    if dialect.name == "sqlite" and dialect.paramstyle == "qmark":
+        named: Dialect = type(dialect)(paramstyle="named")  # type: ignore[call-arg]
+        return named
+    return dialect
 
 
 class _Run:
@@ -289,7 +292,7 @@ class _Statements:
     runs in a savepoint and a unique-key violation means the same."""
 
     def __init__(self, dialect: Dialect) -> None:
-        self.dialect = dialect
+        self.dialect = _statement_dialect(dialect)
         self.on_conflict = dialect.name in ("sqlite", "postgresql") and not (
             dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 35)
         )
