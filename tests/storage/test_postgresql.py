@@ -104,6 +104,13 @@ def test_concurrent_ingest_duplicates_and_queries(
         # C-FIND's streamed form: a server-side cursor read 7 rows at a time
         streamed = query.iter_find(session, "IMAGE", {"SeriesInstanceUID": series}, batch=7)
         assert list(streamed) == found
+    # C-FIND's own form: the kept statement on a pooled DBAPI connection, values bound
+    engine = archive.read_sessions.kw["bind"]
+    for include in ([], ["SOPClassesInStudy"]):
+        by_id = query.iter_find(engine, "STUDY", {"PatientID": "PG*"}, include=include, batch=7)
+        assert [s["StudyInstanceUID"] for s in by_id] == [study]
+        streamed = query.iter_find(engine, "IMAGE", {"SeriesInstanceUID": series}, batch=7)
+        assert [r["InstanceNumber"] for r in streamed] == list(range(1, 31))
     assert len(list((tmp_path / "dicom" / study / series).glob("*.dcm"))) == 30
     with sessions() as session:
         assert_aggregates_counted(session)
