@@ -32,7 +32,7 @@ from nnunet_node.node.contexts import (
     MOVE_MODELS,
     prefer_requested_syntaxes,
 )
-from nnunet_node.node.identifiers import encode_identifier
+from nnunet_node.node.identifiers import encode_identifier, read_find_identifier
 from nnunet_node.node.status import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH,
@@ -128,7 +128,13 @@ def called_ae_title(assoc: Any) -> str:
 
 def retrieve_level(identifier: Dataset, model: str) -> str:
     """The Query/Retrieve Level of a request, checked against the information model."""
-    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    return checked_level(identifier.get("QueryRetrieveLevel", ""), model)
+
+
+def checked_level(value: Any, model: str) -> str:
+    """A Query/Retrieve Level value as sent, checked against the information model; raises
+    :class:`InvalidRequest` (0xA900) for one the model does not have."""
+    level = str(value or "").strip().upper()
     if level not in LEVELS[model]:
         raise InvalidRequest(
             f"QueryRetrieveLevel {level!r} is not one of {LEVELS[model]} "
@@ -316,7 +322,7 @@ class NodeHandlers:
             syntax.is_deflated,
         )
         direct = little and not deflated
-        for row, keys, level, charset in self._matches(event):
+        for row, keys, level, charset in self._matches(event, read_directly=direct):
             if row is None:
                 yield CANCEL, None
                 return
@@ -331,17 +337,31 @@ class NodeHandlers:
                 data = encode(response, implicit, little, deflated)  # None: 0xC312
             yield PENDING, data
 
-    def _matches(self, event: evt.Event) -> Iterator[tuple[query.Row | None, list[str], str, Any]]:
+    def _matches(
+        self, event: evt.Event, *, read_directly: bool = False
+    ) -> Iterator[tuple[query.Row | None, list[str], str, Any]]:
         """The matches of a C-FIND request: (row, requested keys, level, requested Specific
         Character Set) each, and a row of None when the requester cancelled (C-CANCEL,
         PS3.7 9.3.2.3). Streamed: each match is answered as it is read (a query matching a
         million instances neither waits for nor holds them all); only the computed attributes
-        asked for are counted."""
+        asked for are counted. ``read_directly``: the identifier is read without pydicom where
+        node/identifiers.py can (plain ASCII values in a little-endian syntax)."""
         model = FIND_MODELS[str(event.request.AffectedSOPClassUID)]
-        identifier = event.identifier
-        level = retrieve_level(identifier, model)
-        keys, matching = query_keys(identifier)
-        charset = identifier.get("SpecificCharacterSet")
+        found = None
+        if read_directly:
+            syntax = event.context.transfer_syntax
+            if syntax.is_little_endian and not syntax.is_deflated:
+                encoded = getattr(event.request, "Identifier", None)
+                data = encoded.getvalue() if encoded is not None else b""
+                found = read_find_identifier(data, implicit_vr=syntax.is_implicit_VR)
+        if found is not None:
+            level = checked_level(found.level, model)
+            keys, matching, charset = found.keys, found.matching, found.charset
+        else:
+            identifier = event.identifier
+            level = retrieve_level(identifier, model)
+            keys, matching = query_keys(identifier)
+            charset = identifier.get("SpecificCharacterSet")
         rows = query.iter_find(self._reads, level, matching, include=keys)
         try:
             for row in rows:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.charset import python_encoding
+from pydicom.datadict import DicomDictionary
 
 from nnunet_node.core.charset import answer_charset
 from nnunet_node.storage.query import response_key
@@ -209,3 +210,93 @@ def encode_identifier(
     except (_Refuse, UnicodeError, struct.error, OverflowError):
         return None
     return b"".join(parts)
+
+
+# --- request identifiers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FindIdentifier:
+    """What the node reads from a C-FIND request's identifier (PS3.4 C.4.1.1.3.1)."""
+
+    level: str
+    """Query/Retrieve Level as sent (checked by the caller)."""
+    charset: str | None
+    """Specific Character Set as sent (backslash-separated terms), None when absent."""
+    keys: list[str]
+    """The keywords of the identifier's keys, in tag order: each is returned."""
+    matching: dict[str, str]
+    """Keyword -> query value (empty: universal matching) of each key but sequences."""
+
+
+_NOT_MATCHED = ("QueryRetrieveLevel", "SpecificCharacterSet")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def read_find_identifier(data: bytes, *, implicit_vr: bool = True) -> FindIdentifier | None:
+    """The keys of a C-FIND identifier encoded in Implicit (``implicit_vr``) or Explicit VR
+    Little Endian (PS3.5 7.1), read without pydicom: what node/handlers.py's ``query_keys``
+    and ``retrieve_level`` take from pydicom's Dataset of it, up to spaces and NULs around
+    values (which matching ignores, PS3.4 C.2.2.2). Private elements are skipped as pydicom
+    names none of them.
+
+    None, and the caller decodes with pydicom, for whatever this reader does not handle: a
+    value that is not plain ASCII or holds an escape sequence (its Specific Character Set then
+    decides), an element of
+    undefined length, a binary value that is not empty, a tag missing from the data dictionary
+    (group lengths, repeating groups), a VR that differs from the dictionary's or is
+    ambiguous, a repeated tag, or bytes that do not parse."""
+    elements: list[tuple[int, str, str, bytes]] = []
+    offset, end_of_data = 0, len(data)
+    try:
+        while offset < end_of_data:
+            group, number = struct.unpack_from("<HH", data, offset)
+            tag = group << 16 | number
+            entry = DicomDictionary.get(tag)
+            if implicit_vr:
+                vr = entry[0] if entry is not None else ""
+                (length,) = struct.unpack_from("<I", data, offset + 4)
+                start = offset + 8
+            else:
+                vr = data[offset + 4 : offset + 6].decode("ascii")
+                if vr in _LONG_LENGTH:
+                    (length,) = struct.unpack_from("<I", data, offset + 8)
+                    start = offset + 12
+                else:
+                    (length,) = struct.unpack_from("<H", data, offset + 6)
+                    start = offset + 8
+            offset = start + length
+            if length == _UNDEFINED_LENGTH or offset > end_of_data:
+                return None
+            if group % 2:
+                continue  # private: no keyword, neither returned nor matched
+            if entry is None or vr != entry[0]:
+                return None
+            elements.append((tag, entry[4], vr, data[start:offset]))
+    except (struct.error, UnicodeDecodeError):
+        return None
+    elements.sort(key=lambda element: element[0])
+    if len({element[0] for element in elements}) != len(elements):
+        return None
+    level, charset = "", None
+    keys: list[str] = []
+    matching: dict[str, str] = {}
+    for _tag, keyword, vr, raw in elements:
+        if vr == "SQ":
+            keys.append(keyword)
+            continue
+        if not raw:
+            text = ""
+        elif vr in _TEXT_VRS and raw.isascii() and b"\x1b" not in raw:
+            text = raw.decode("ascii")  # no escape sequence: ISO 2022 sets are 7-bit too
+        else:
+            return None  # pydicom decodes it (a character set, a binary value)
+        if keyword == "QueryRetrieveLevel":
+            level = text.strip(" \x00")
+        elif keyword == "SpecificCharacterSet":
+            charset = text.strip(" \x00") or None
+        if keyword in _NOT_MATCHED or not keyword:
+            continue
+        keys.append(keyword)
+        matching[keyword] = text.rstrip(" \x00")
+    return FindIdentifier(level, charset, keys, matching)

@@ -3,7 +3,8 @@ pydicom writes for the Dataset storage.query.to_dataset makes (the path pynetdic
 every attribute the index holds and keys it does not, each level, both little-endian transfer
 syntaxes, odd and even lengths, empty values, and answers in the requester's character set or in
 UTF-8. Where the direct encoder declines (ISO 2022 code extensions, an ambiguous VR) it says so
-and the caller keeps pydicom's path."""
+and the caller keeps pydicom's path. Request identifiers read directly give the keys, level,
+character set and matching that pydicom's Dataset gives."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import io
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
 
-from nnunet_node.node.identifiers import encode_identifier
+from nnunet_node.core.charset import terms_of
+from nnunet_node.node.handlers import query_keys
+from nnunet_node.node.identifiers import encode_identifier, read_find_identifier
+from nnunet_node.storage.matching import Kind, match_of
 from nnunet_node.storage.query import ATTRIBUTES, COMPUTED, to_dataset
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -141,3 +146,90 @@ def test_what_pydicom_must_encode_is_left_to_it(requested: Any, keys: list[str])
     row = {**ROW, "PatientName": "Yamada^Tarou=山田^太郎"}
     assert encode_identifier(row, keys, "STUDY", requested_charset=requested) is None
     assert _pydicom(row, keys, "STUDY", requested, True)  # which pydicom's path still answers
+
+
+def _request(**keys: Any) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+REQUESTS = [
+    _request(QueryRetrieveLevel="STUDY", PatientName="*", PatientID="", StudyInstanceUID=""),
+    _request(
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID="1.2.826.0.1.3680043.8.498.1",  # odd: NUL-padded on the wire
+        SeriesInstanceUID="",
+        Modality="CT\\MR",
+        SeriesNumber="3",
+        NumberOfSeriesRelatedInstances=None,
+    ),
+    _request(
+        QueryRetrieveLevel="IMAGE",
+        SpecificCharacterSet="ISO_IR 100",
+        PatientName="Doe^J*",
+        StudyDate="20240101-20240131",
+        StudyTime="-1015",
+        SOPInstanceUID="1.2.3\\1.2.4",
+        InstanceNumber=None,
+        Rows=None,  # US, empty
+        ReferencedStudySequence=[],
+        AccessionNumber="ACC_1%",
+    ),
+    _request(
+        QueryRetrieveLevel="PATIENT",
+        SpecificCharacterSet=["", "ISO 2022 IR 87"],
+        PatientName="Yamada^Tarou",
+        PatientSex="F",  # odd: space-padded
+        NumberOfPatientRelatedStudies=None,
+    ),
+    _request(QueryRetrieveLevel="STUDY", StudyDescription="Head CT*", ModalitiesInStudy="SEG"),
+]
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: r.QueryRetrieveLevel)
+def test_request_keys_read_directly_are_pydicoms(request_: Dataset, implicit: bool) -> None:
+    """What C-FIND matches on: the same keys in the same order, the same level and character
+    set, and values that match the same rows (the same SQL shape and bound values)."""
+    data = encode(request_, implicit, True)
+    ours = read_find_identifier(data, implicit_vr=implicit)
+    assert ours is not None
+    theirs = decode(io.BytesIO(data), implicit, True)
+    keys, matching = query_keys(theirs)
+    assert ours.keys == keys
+    assert ours.matching.keys() == matching.keys()
+    assert ours.level.strip().upper() == str(theirs.QueryRetrieveLevel).strip().upper()
+    assert terms_of(ours.charset) == terms_of(theirs.get("SpecificCharacterSet"))
+    for keyword, value in matching.items():
+        kind = ATTRIBUTES[keyword].kind if keyword in ATTRIBUTES else None
+        if keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+            kind = Kind.STRING if keyword == "ModalitiesInStudy" else Kind.UID
+        if kind is not None:
+            assert match_of(ours.matching[keyword], kind) == match_of(value, kind), keyword
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        _request(QueryRetrieveLevel="STUDY", PatientName="Müller^*"),  # ISO_IR 100 bytes
+        _request(QueryRetrieveLevel="STUDY", PatientName="\x1b$B;3ED\x1b(B"),  # ISO 2022 escape
+        _request(QueryRetrieveLevel="IMAGE", Rows=512),  # a binary value
+    ],
+    ids=["latin-1", "escape sequence", "binary"],
+)
+def test_what_only_pydicom_can_read_is_left_to_it(identifier: Dataset) -> None:
+    identifier.SpecificCharacterSet = "ISO_IR 100"
+    data = encode(identifier, True, True)
+    assert read_find_identifier(data) is None
+    assert decode(io.BytesIO(data), True, True).QueryRetrieveLevel  # pydicom's path reads it
+
+
+def test_private_elements_are_neither_returned_nor_matched() -> None:
+    identifier = _request(QueryRetrieveLevel="STUDY", PatientID="P1")
+    identifier.add_new(0x00090010, "LO", "ACME")
+    identifier.add_new(0x00091001, "LO", "x")
+    found = read_find_identifier(encode(identifier, True, True))
+    assert found is not None and found.keys == ["PatientID"]
+    assert found.matching == {"PatientID": "P1"}
