@@ -14,6 +14,14 @@ State is in the database, so a restart in the middle of a quiet period changes n
   the series handled does not make a second job.
 - For a later arrival, a rule with ``rerun: true`` (the default) runs again and marks its earlier
   jobs superseded; with ``rerun: false`` the earlier job stands.
+- An arrival that changed nothing (every instance it brought was already held byte for byte:
+  ``Series.content_changed_at`` did not move, storage/archive.py) does not run a rule again
+  while a queued, running or done job of that rule, for the same models, was made after the
+  series last changed: that job already covers exactly this content. After a failed or
+  cancelled job, or for other models, it runs again (re-sending a series is how a PACS user
+  retries).
+- A job's source is the path of the arrival that completed the series (``Series.last_source``:
+  a series sent by C-STORE and re-sent by STOW-RS makes a ``stow`` job the second time).
 
 Series of our own results (instances with source ``job``) never trigger rules.
 """
@@ -41,7 +49,7 @@ from nnunet_node.storage.arrivals import (
     unhandled_series,
     unhandled_series_newest,
 )
-from nnunet_node.storage.jobs import JobStore
+from nnunet_node.storage.jobs import JobStore, SeriesJob
 from nnunet_node.storage.models import JobStatus
 
 LOGGER = logging.getLogger(__name__)
@@ -49,6 +57,8 @@ LOGGER = logging.getLogger(__name__)
 TRIGGER_SOURCES = ("dimse", "stow")
 """Instance sources that make a series routable; ``job`` (our results) and ``import`` do not."""
 SUPERSEDABLE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
+COVERING = SUPERSEDABLE
+"""Statuses of a job that covers its series' content: an unchanged arrival leaves it standing."""
 
 Submit = Callable[..., str]
 Supersede = Callable[[str, str], Any]
@@ -67,6 +77,32 @@ class WaitingSeries:
     instances: int
     last_received_at: datetime
     rules: tuple[tuple[str, datetime], ...]
+
+
+def _arrival_source(series: SeriesArrival, first_source: str) -> str:
+    """The source of the job a series' arrival makes: how its last instance came (``dimse``,
+    ``stow``), else (rows from before migration 0007) how its first did."""
+    return series.last_source if series.last_source in TRIGGER_SOURCES else first_source
+
+
+def _requested_models(request: dict[str, Any]) -> tuple[str, ...]:
+    models = request.get("nnunet_id")
+    return (models,) if isinstance(models, str) else tuple(map(str, models or ()))
+
+
+def _covering_job(jobs: list[SeriesJob], route: Route, series: SeriesArrival) -> SeriesJob | None:
+    """The newest job of ``route`` that already covers the series' current content: queued,
+    running or done, for the models the rule names now, made at or after the series last
+    changed. None when the arrival must make a job."""
+    models = _requested_models(route.request())
+    for job in reversed(jobs):
+        if (
+            job.status in COVERING
+            and job.requested_models == models
+            and job.created_at >= series.changed_at
+        ):
+            return job
+    return None
 
 
 class CompletionWatcher:
@@ -129,7 +165,7 @@ class CompletionWatcher:
                 if series.last_received_at > now - timedelta(seconds=quiet):
                     waiting = True  # this rule's quiet period is longer: come back later
                     continue
-                job_id = self._fire(route, series, source)
+                job_id = self._fire(route, series, _arrival_source(series, source))
                 if job_id:
                     made.append(job_id)
         if not waiting:
@@ -163,6 +199,16 @@ class CompletionWatcher:
         if earlier and not route.rerun:
             LOGGER.info(
                 "series %s: more instances; rule %s does not run again", series.uid, route.name
+            )
+            return None
+        standing = _covering_job(jobs, route, series)
+        if standing is not None:
+            LOGGER.info(
+                "series %s: re-sent unchanged; job %s (%s) of rule %s stands, no new job",
+                series.uid,
+                standing.id,
+                standing.status.value,
+                route.name,
             )
             return None
         try:

@@ -7,9 +7,10 @@ arrival (or unset). These are the only statements on those columns outside inges
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,7 +22,11 @@ from nnunet_node.storage.models import Instance, Series, Study
 
 @dataclass(frozen=True)
 class SeriesArrival:
-    """A series with instances that completion has not handled yet. ``last_received_at`` UTC."""
+    """A series with instances that completion has not handled yet. Datetimes UTC.
+
+    ``last_source``, ``called_ae`` and ``calling_ae`` are those of its last arrival (the source
+    empty for rows indexed before migration 0007); ``content_changed_at`` is the last arrival
+    that changed it (a new instance or other bytes; ``last_received_at`` when not known)."""
 
     pk: int
     uid: str
@@ -29,6 +34,13 @@ class SeriesArrival:
     last_received_at: datetime
     called_ae: str
     calling_ae: str
+    last_source: str = ""
+    content_changed_at: datetime | None = None
+
+    @property
+    def changed_at(self) -> datetime:
+        """When the series' content last changed (``last_received_at`` when not known)."""
+        return self.content_changed_at or self.last_received_at
 
 
 @dataclass(frozen=True)
@@ -47,8 +59,18 @@ _ARRIVAL_COLUMNS = (
     Series.last_received_at,
     Series.called_ae,
     Series.calling_ae,
+    Series.last_source,
+    Series.content_changed_at,
 )
 """What a :class:`SeriesArrival` is made of, in its field order."""
+
+
+def _arrival(row: Sequence[Any]) -> SeriesArrival:
+    """A :class:`SeriesArrival` from the :data:`_ARRIVAL_COLUMNS` of a row."""
+    pk, uid, study, last, called, calling, source, changed = row
+    return SeriesArrival(
+        pk, uid, study, as_utc(last), called or "", calling or "", source or "", as_utc(changed)
+    )
 
 
 def _unhandled() -> ColumnElement[bool]:
@@ -72,10 +94,7 @@ def unhandled_series(
             .order_by(Series.last_received_at)
             .limit(limit)
         ).all()
-    return [
-        SeriesArrival(pk, uid, study, as_utc(last), called or "", calling or "")
-        for pk, uid, study, last, called, calling in rows
-    ]
+    return [_arrival(row) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -108,15 +127,19 @@ def unhandled_series_newest(
             .order_by(Series.last_received_at.desc())
             .limit(limit)
         ).all()
-    return [
-        WaitingArrival(
-            SeriesArrival(pk, uid, study, as_utc(last), called or "", calling or ""),
-            modality or "",
-            description or "",
-            int(count or 0),
+    width = len(_ARRIVAL_COLUMNS)
+    out = []
+    for row in rows:
+        modality, description, count = row[width:]
+        out.append(
+            WaitingArrival(
+                _arrival(row[:width]),
+                str(modality or ""),
+                str(description or ""),
+                int(cast(int | None, count) or 0),
+            )
         )
-        for pk, uid, study, last, called, calling, modality, description, count in rows
-    ]
+    return out
 
 
 def first_instance(sessions: sessionmaker[Session], series_pk: int) -> FirstInstance | None:

@@ -8,7 +8,10 @@ On the hot path (a new instance of a series already known) a transaction runs on
 (no row back: it was re-sent, and is updated instead), and at its end one UPDATE per series and
 per study it touched: the counts (number of instances; number of series and modalities where a
 series was added, removed or changed modality) and the series' arrival columns are summed over
-the transaction and written once, series rows before study rows, each in key order.
+the transaction and written once, series rows before study rows, each in key order. The arrival
+columns: ``last_received_at``, ``last_source`` (how the last instance came), the AE titles (when
+it came with some), and ``content_changed_at``, moved only by an instance that changed the
+series (the caller says whether a re-sent one did: ``upsert(changed=...)``).
 
 Creation races (two writers making the same patient, study or series): on SQLite a writer holds
 the database from BEGIN IMMEDIATE (storage/db.py), so nobody else can insert meanwhile. On
@@ -241,17 +244,33 @@ class _Pending:
     arrival: dict[int, tuple[Any, str, str] | tuple[Any]] = field(default_factory=dict)
     """series pk -> (last_received_at, calling_ae, called_ae), or (last_received_at,) when
     the instance came with no AE titles (the series keeps the ones it has)."""
+    sources: dict[int, str] = field(default_factory=dict)
+    """series pk -> how its last instance came (``last_source``)."""
+    changed: dict[int, Any] = field(default_factory=dict)
+    """series pk -> when an instance last changed it (``content_changed_at``); absent when
+    every instance of the transaction was a byte-identical re-send."""
 
     def count(self, series_pk: int, study_pk: int, delta: int) -> None:
         self.series[series_pk] = self.series.get(series_pk, 0) + delta
         self.studies[study_pk] = self.studies.get(study_pk, 0) + delta
 
-    def arrive(self, series_pk: int, now: Any, calling_ae: str, called_ae: str) -> None:
+    def arrive(
+        self,
+        series_pk: int,
+        now: Any,
+        calling_ae: str,
+        called_ae: str,
+        source: str = "",
+        changed: bool = True,
+    ) -> None:
         if calling_ae or called_ae:
             self.arrival[series_pk] = (now, calling_ae, called_ae)
         else:
             before = self.arrival.get(series_pk)
             self.arrival[series_pk] = (now, *before[1:]) if before else (now,)
+        self.sources[series_pk] = source
+        if changed:
+            self.changed[series_pk] = now
 
     def merge(self, later: _Pending) -> None:
         """Add what a later instance of the same transaction pends."""
@@ -261,7 +280,9 @@ class _Pending:
             self.studies[pk] = self.studies.get(pk, 0) + delta
         self.recount |= later.recount
         for pk, (now, *aes) in later.arrival.items():
-            self.arrive(pk, now, *(aes or ("", "")))
+            calling_ae, called_ae = (str(aes[0]), str(aes[1])) if aes else ("", "")
+            self.arrive(pk, now, calling_ae, called_ae, later.sources.get(pk, ""), changed=False)
+        self.changed |= later.changed
 
 
 @dataclass
@@ -271,6 +292,7 @@ class _Request:
     source: str
     calling_ae: str
     called_ae: str
+    changed: bool = True
     done: bool = False
     result: tuple[bool, str | None] | None = None
     error: BaseException | None = None
@@ -342,7 +364,14 @@ class _Statements:
             .values(number_of_instances=_SE.c.number_of_instances + delta)
         )
         self.count_series = c(count_series)
-        arrival = count_series.values(last_received_at=_bind(_SE.c.last_received_at))
+        arrival = count_series.values(
+            last_received_at=_bind(_SE.c.last_received_at),
+            last_source=_bind(_SE.c.last_source),
+            # NULL: no instance of the transaction changed the series; the time it last did stays
+            content_changed_at=func.coalesce(
+                _bind(_SE.c.content_changed_at, "changed_at"), _SE.c.content_changed_at
+            ),
+        )
         self.count_series_arrival = c(arrival)
         self.count_series_arrival_ae = c(
             arrival.values(calling_ae=_bind(_SE.c.calling_ae), called_ae=_bind(_SE.c.called_ae))
@@ -503,15 +532,20 @@ class Indexer:
         source: str,
         calling_ae: str,
         called_ae: str,
+        changed: bool = True,
     ) -> tuple[bool, str | None]:
         """Index one instance; return (duplicate, the previous path) once its rows are committed.
+
+        Each call is an arrival of the series: ``last_received_at`` and ``last_source`` are set
+        (and the AE titles, when given); ``changed`` false (the caller found the instance held
+        with the same data set) leaves ``content_changed_at`` as it was.
 
         On SQLite, writers that arrive while another commits are grouped: the next thread to
         get the lock commits every waiting instance in one transaction (each in its own
         savepoint, so one failure fails only its instance), and one WAL fsync serves them all.
         Raises what the database driver raises (then nothing of the instance is stored).
         """
-        request = _Request(header, size, source, calling_ae, called_ae)
+        request = _Request(header, size, source, calling_ae, called_ae, changed)
         if not self._group_commit:
             return self._commit_alone(request)
         with self._queue_lock:
@@ -637,6 +671,9 @@ class Indexer:
         for series_pk in sorted(pending.series.keys() | pending.arrival.keys()):
             values: dict[str, Any] = {"pk": series_pk, "delta": pending.series.get(series_pk, 0)}
             arrival = pending.arrival.get(series_pk)
+            if arrival is not None:
+                values["last_source"] = pending.sources.get(series_pk, "")
+                values["changed_at"] = pending.changed.get(series_pk)
             if arrival is None:  # counted, not arrived at (an instance moved away from it)
                 run.execute(s.count_series, values)
             elif len(arrival) == 1:
@@ -677,7 +714,7 @@ class Indexer:
             self._refresh_study(run, m, header)
         else:
             series_pk, study_pk = self._new_series(run, request, now, pending)
-        pending.arrive(series_pk, now, calling_ae, called_ae)
+        pending.arrive(series_pk, now, calling_ae, called_ae, request.source, request.changed)
 
         values = {
             "sop_instance_uid": header.sop_instance_uid,
@@ -809,6 +846,8 @@ class Indexer:
                 "called_ae": request.called_ae,
                 "first_received_at": now,
                 "last_received_at": now,
+                "last_source": request.source,
+                "content_changed_at": now,
             },
         )
         if not created:  # another writer made it meanwhile (and counted it in its study)

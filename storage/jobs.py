@@ -177,11 +177,13 @@ def dispatch_record(d: Dispatch) -> DispatchRecord:
 
 @dataclass(frozen=True)
 class SeriesJob:
-    """A job that reads a given series (series completion asks which ones exist)."""
+    """A job that reads a given series (series completion asks which ones exist).
+    ``requested_models``: its request's ``nnunet_id`` as a tuple (as the rule names them)."""
 
     id: str
     status: JobStatus
     created_at: datetime
+    requested_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,7 @@ class JobStore:
         """The jobs of rule ``route_name`` that read the archived series (any status)."""
         with unit_of_work(self._reads) as session:
             rows = session.execute(
-                select(Job.id, Job.status, Job.created_at)
+                select(Job.id, Job.status, Job.created_at, Job.request)
                 .join(JobSeries, JobSeries.job_id == Job.id)
                 .where(
                     Job.route_name == route_name,
@@ -329,10 +331,12 @@ class JobStore:
                 .order_by(Job.created_at)
             ).all()
         out = []
-        for job_id, status, created in rows:
+        for job_id, status, created, request in rows:
             created_utc = as_utc(created)
             assert created_utc is not None
-            out.append(SeriesJob(job_id, JobStatus(status), created_utc))
+            models = request.get("nnunet_id") if isinstance(request, dict) else None
+            named = (models,) if isinstance(models, str) else tuple(map(str, models or ()))
+            out.append(SeriesJob(job_id, JobStatus(status), created_utc, named))
         return out
 
     @staticmethod

@@ -123,6 +123,13 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(TS, default=utcnow, index=True)
     completion_handled_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
     """When routing last looked at this series; unhandled while older than ``last_received_at``."""
+    last_source: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    """How the last instance arrived (``Instance.source``: ``dimse``, ``stow``...); with
+    ``calling_ae``/``called_ae``, the arrival that completes the series."""
+    content_changed_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    """When an instance last arrived that changed the series (a new instance, or other bytes
+    than the copy held); a re-sent byte-identical copy bumps ``last_received_at`` only. None:
+    not known (rows indexed before migration 0007): ``last_received_at`` stands for it."""
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """NumberOfSeriesRelatedInstances, kept by ingest (storage/indexer.py)."""
 

@@ -71,7 +71,9 @@ def job_rows(context: NodeContext, jobs: list[JobRecord]) -> list[JobRow]:
         if job.source == "http":
             origin = job.client or "HTTP"
         else:
-            first = job.series_uids[0] if job.series_uids else ""
+            # A calling AE title only for C-STORE: a STOW-RS arrival has none (the series may
+            # still name the AE of an earlier C-STORE).
+            first = job.series_uids[0] if job.series_uids and job.source == "dimse" else ""
             origin = calling.get(first, "") or job.source.upper()
         rows.append(JobRow(job, origin, queued.get(job.id), stage_bars(job)))
     return rows

@@ -269,3 +269,111 @@ def test_waiting_lists_unrouted_series_with_their_rules_and_firing_times(
     assert [e.series_instance_uid for e in w.waiting()] == [slow]
     assert len(w.check(later(101))) == 1
     assert w.waiting() == []
+
+
+# --- re-sent series: what changed, and which path it came by ------------------------------------
+def _send(archive: Archive, data: list[bytes], source: str) -> None:
+    for blob in data:
+        archive.ingest(blob, source=source, calling_ae="CT1" if source == "dimse" else "")
+
+
+def _routed(archive: Archive, jobs: RecordingJobs, w: CompletionWatcher) -> tuple[list[bytes], str]:
+    """A 3-instance phantom CT series received by C-STORE and routed once: its bytes, the job."""
+    study, series = generate_uid(), generate_uid()
+    data = [instance(series, study, i) for i in range(3)]
+    _send(archive, data, "dimse")
+    (job_id,) = w.check(later(3))
+    return data, job_id
+
+
+def _done(jobs: RecordingJobs, job_id: str) -> None:
+    assert jobs.store.claim(job_id) is not None
+    jobs.store.finish(job_id, {"status": "done"})
+
+
+def test_identical_resend_of_a_routed_series_makes_no_new_job(
+    archive: Archive, jobs: RecordingJobs
+) -> None:
+    w = watcher(archive, jobs)
+    data, first = _routed(archive, jobs, w)
+    _done(jobs, first)
+    for source in ("stow", "dimse"):  # the same bytes again, by STOW-RS, then by C-STORE
+        _send(archive, data, source)
+        assert [s.series_instance_uid for s in w.waiting()] != []  # an arrival all the same
+        assert w.check(later(3)) == []
+        assert w.waiting() == []  # handled, with no job
+    (job,) = jobs.jobs()
+    assert job.id == first and job.status == JobStatus.DONE and job.superseded_by is None
+    # A queued (or running) job covers the series as well.
+    data, queued = _routed(archive, jobs, w)
+    _send(archive, data[:1], "stow")
+    assert w.check(later(3)) == []
+    assert jobs.store.get(queued).status == JobStatus.QUEUED
+
+
+def test_resend_after_a_failed_job_runs_the_rule_again(
+    archive: Archive, jobs: RecordingJobs
+) -> None:
+    w = watcher(archive, jobs)
+    data, first = _routed(archive, jobs, w)
+    assert jobs.store.claim(first) is not None
+    jobs.store.fail(first, "the destination was down")
+    _send(archive, data, "stow")  # the PACS user's retry: the same series again
+    (second,) = w.check(later(3))
+    assert second != first
+    assert jobs.store.get(second).source == "stow"
+    assert jobs.store.get(first).status == JobStatus.FAILED  # failed jobs are not superseded
+
+
+def test_changed_or_new_instance_runs_the_rule_again(archive: Archive, jobs: RecordingJobs) -> None:
+    w = watcher(archive, jobs)
+    data, first = _routed(archive, jobs, w)
+    _done(jobs, first)
+    ds = pydicom.dcmread(io.BytesIO(data[1]))
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # same SOP Instance UID, other bytes
+    changed = io.BytesIO()
+    pydicom.dcmwrite(changed, ds, enforce_file_format=True)
+    _send(archive, [data[0], changed.getvalue(), data[2]], "stow")
+    (second,) = w.check(later(3))
+    by_id = {j.id: j for j in jobs.jobs()}
+    assert by_id[first].status == JobStatus.SUPERSEDED and by_id[first].superseded_by == second
+    # A new instance of the series, by C-STORE: again.
+    ds.SOPInstanceUID, ds.InstanceNumber = generate_uid(), 7
+    added = io.BytesIO()
+    pydicom.dcmwrite(added, ds, enforce_file_format=True)
+    _send(archive, [added.getvalue()], "dimse")
+    (third,) = w.check(later(3))
+    assert jobs.store.get(third).source == "dimse"
+    assert jobs.store.get(second).superseded_by == third
+
+
+def test_identical_resend_runs_again_when_the_rule_names_other_models(
+    archive: Archive, jobs: RecordingJobs
+) -> None:
+    data, first = _routed(archive, jobs, watcher(archive, jobs))
+    _done(jobs, first)
+    cascade = {
+        "routes": [
+            {**SPEC["routes"][0], "nnunet_id": ["phantom", "phantom_cube"]},  # the spec changed
+        ]
+    }
+    _send(archive, data, "dimse")
+    (second,) = watcher(archive, jobs, cascade).check(later(3))
+    assert jobs.store.get(second).request["nnunet_id"] == ["phantom", "phantom_cube"]
+
+
+def test_a_series_completed_by_stow_makes_a_stow_job(archive: Archive, jobs: RecordingJobs) -> None:
+    """The job's source is the path of the arrival that completed the series, not of its first
+    instance: C-STORE first, then a new instance by STOW-RS."""
+    w = watcher(archive, jobs)
+    data, first = _routed(archive, jobs, w)
+    assert jobs.store.get(first).source == "dimse"
+    ds = pydicom.dcmread(io.BytesIO(data[0]))
+    ds.SOPInstanceUID, ds.InstanceNumber = generate_uid(), 5
+    extra = io.BytesIO()
+    pydicom.dcmwrite(extra, ds, enforce_file_format=True)
+    _send(archive, [extra.getvalue()], "stow")
+    (second,) = w.check(later(3))
+    assert jobs.store.get(second).source == "stow"
+    with archive.session_factory() as session:
+        assert session.scalars(select(Series.last_source)).one() == "stow"

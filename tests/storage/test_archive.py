@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -87,6 +88,46 @@ def test_resent_instance_keeps_one_row_and_newer_copy(
         assert (inst.instance_number, inst.source) == (7, "stow")
         assert inst.series.study.study_description == "Later"
     assert _files(archive.root) == [first.path]
+
+
+def test_a_resent_data_set_that_changes_nothing_keeps_the_series_content_time(
+    archive: Archive, index_sessions: sessionmaker[Session]
+) -> None:
+    """Every arrival bumps ``last_received_at`` and records its path and AE titles; only one
+    that changes the series (a new instance, another data set under a SOP Instance UID) moves
+    ``content_changed_at``. A copy whose File Meta differs (another sender) but whose data set
+    is byte for byte the one held changes nothing."""
+    ds = build_dataset()
+    original = encode(ds)
+    archive.ingest(original, source="dimse", calling_ae="CT1", called_ae="NODE")
+
+    def arrival() -> tuple[Any, ...]:
+        with index_sessions() as s:
+            row = s.scalars(select(Series)).one()
+            return (row.last_received_at, row.content_changed_at, row.last_source, row.calling_ae)
+
+    received, changed, source, calling = arrival()
+    assert changed == received and (source, calling) == ("dimse", "CT1")
+    ds.file_meta.ImplementationVersionName = "OTHER_SENDER"
+    ds.file_meta.SourceApplicationEntityTitle = "ELSEWHERE"
+    other_meta = encode(ds)
+    assert other_meta != original and other_meta.endswith(original[-64:])
+    archive.ingest(other_meta, source="stow")
+    received2, changed2, source2, calling2 = arrival()
+    # STOW-RS names no AE title: the series keeps the last one it was given
+    assert received2 > received and changed2 == changed and (source2, calling2) == ("stow", "CT1")
+    archive.ingest(original, source="dimse", calling_ae="CT1")  # and the first copy again
+    assert arrival()[1] == changed
+    ds.WindowCenter = 40  # another data set under the same SOP Instance UID
+    archive.ingest(encode(ds), source="stow")
+    received3, changed3, _, _ = arrival()
+    assert changed3 == received3 > received2
+    archive.ingest(
+        encode(build_dataset(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID)),
+        source="dimse",
+    )
+    received4, changed4, _, _ = arrival()
+    assert changed4 == received4 > received3  # a new instance
 
 
 def test_resent_instance_under_another_series_moves(

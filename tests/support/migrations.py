@@ -11,7 +11,7 @@ from nnunet_node.storage.jobs import JobFilters, JobStore
 from nnunet_node.storage.migrations import current, downgrade, upgrade
 from nnunet_node.storage.models import InputKind
 
-HEAD = "0006"
+HEAD = "0007"
 """The newest revision: tests that check the head name it here only."""
 
 
