@@ -8,8 +8,9 @@ the database (PostgreSQL) and the data folder (archive and job folders) must be 
 node. Its DICOM results are filed in the archive exactly as the node files its own, and a routed
 job's dispatches are recorded here (the node's dispatcher sends them, from the node's AE title).
 
-While alive, a heartbeat thread renews the lease of the job it runs and rewrites its row in
-``workers`` (host, device, queues, loaded models, current job): ``GET /workers`` lists it. A job
+While alive, a heartbeat thread rewrites its row in ``workers`` (host, device, queues, loaded
+models, current job): ``GET /workers`` lists it. The lease of the job it runs is renewed by the
+job's own :class:`~nnunet_node.pipeline.execution.LeaseKeeper` thread while the job runs. A job
 whose lease ran out (this process died, or lost the database for a whole lease) is taken over
 by another worker; this one then stops it and records nothing (see ``storage.workers``).
 """
@@ -138,17 +139,10 @@ class RemoteWorker:
         )
 
     def beat(self) -> None:
-        """Renew the running job's lease (stop the job when it is no longer ours) and refresh
-        this worker's row. Errors are logged: a database that is away for a whole lease costs the
-        job (another worker takes it over), never the process."""
-        with self._lock:
-            current = self._current
+        """Refresh this worker's row (what ``GET /workers`` shows). Errors are logged, never
+        raised. The running job's lease is renewed by its own thread (``LeaseKeeper``), not
+        here: this row's upkeep (loaded models, counts) must not delay it."""
         try:
-            if current is not None and not self.leases.renew(
-                current, self.name, lease_s=self.settings.job_lease_s
-            ):
-                LOGGER.warning("job %s: no longer held by %s: stopping it", current, self.name)
-                self.context.job_service.request_stop(current)
             self.workers.beat(self.info())
         except Exception:
             LOGGER.exception("heartbeat of %s failed", self.name)

@@ -5,6 +5,12 @@ worker threads (:mod:`nnunet_node.pipeline.workers`) and workers in other proces
 ids from a broker. It claims the row atomically (only ``queued -> running`` wins, through
 :meth:`~nnunet_node.storage.jobs.JobStore.claim`), so a job id delivered twice, or to two
 workers, runs once; a job no longer queued (cancelled, superseded, finished) is not run.
+
+A job that a worker process claimed through its lease (:meth:`JobExecutor.execute` with
+``worker``) has its lease renewed by a :class:`LeaseKeeper` thread for as long as it runs here,
+every quarter lease, so that only a worker that really died (or lost the database for a whole
+lease) has its job taken over; a renewal refused (the job was taken over, cancelled or
+superseded meanwhile) stops the job.
 """
 
 from __future__ import annotations
@@ -117,11 +123,22 @@ class JobExecutor:
             return flag.is_set()
 
         progress = ProgressWriter(self.store, job.id, self.progress_interval_s)
+        keeper: LeaseKeeper | None = None
+        if worker is not None:
+            keeper = LeaseKeeper(
+                self.leases, job.id, worker, lease_s=self.settings.job_lease_s, on_lost=flag.set
+            )
+            keeper.start()
         started = time.monotonic()
         result = "failed"
         status: JobStatus | None = None  # as recorded here; None: not known without a read
         try:
-            outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
+            try:
+                outcome = self.runner.run(job, progress=progress, should_stop=should_stop)
+            finally:
+                # Renewed less than a quarter lease ago: the outcome is recorded well within it.
+                if keeper is not None:
+                    keeper.stop()
             try:
                 final = self.store.finish(
                     job.id,
@@ -226,6 +243,79 @@ class JobExecutor:
                 LOGGER.exception("job %s: done hook %r failed", job_id, hook)
 
 
+class LeaseKeeper:
+    """Renews ``worker``'s lease on the job it runs (``JobLeases.renew``: the job's
+    ``lease_expires_at`` moved ``lease_s`` ahead) every quarter lease in a thread of its own,
+    from :meth:`start` until :meth:`stop`, so that the lease runs out only when this process
+    stops renewing it: it died, or could not reach the database for a whole lease
+    (``storage.workers`` takes such a job over). A renewal the database refuses (the job is no
+    longer this worker's, or no longer running) calls ``on_lost`` once and ends the thread; a
+    renewal that fails (the database away) is tried again every second, and one that came
+    later than half a lease is logged (a starved process)."""
+
+    def __init__(
+        self,
+        leases: JobLeases,
+        job_id: str,
+        worker: str,
+        *,
+        lease_s: float,
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.leases = leases
+        self.job_id = job_id
+        self.worker = worker
+        self.lease_s = lease_s
+        self.interval_s = max(0.05, lease_s / 4)
+        self._on_lost = on_lost
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.renewals = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, name=f"lease-{self.job_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing; returns once a renewal under way has ended."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        wait = self.interval_s
+        while not self._stop.wait(wait):
+            try:
+                held = self.leases.renew(self.job_id, self.worker, lease_s=self.lease_s)
+            except Exception:
+                LOGGER.exception("job %s: lease not renewed; trying again", self.job_id)
+                wait = min(1.0, self.interval_s)
+                continue
+            now = time.monotonic()
+            if now - last > self.lease_s / 2:
+                LOGGER.warning(
+                    "job %s: lease renewed %.1f s after the previous renewal (lease %.1f s): "
+                    "is %s starved of CPU?",
+                    self.job_id,
+                    now - last,
+                    self.lease_s,
+                    self.worker,
+                )
+            last, wait = now, self.interval_s
+            if not held:
+                if not self._stop.is_set():
+                    LOGGER.warning(
+                        "job %s: no longer held by %s: stopping it", self.job_id, self.worker
+                    )
+                    self._on_lost()
+                return
+            self.renewals += 1
+
+
 class ProgressWriter:
     """Records a running job's progress at most every ``interval_s``: the latest report wins,
     and one held back is written when the interval is over (each write is a commit).
@@ -279,4 +369,4 @@ class ProgressWriter:
             timer.cancel()
 
 
-__all__ = ["JobExecutor", "JobHook", "ProgressWriter"]
+__all__ = ["JobExecutor", "JobHook", "LeaseKeeper", "ProgressWriter"]
