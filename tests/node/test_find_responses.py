@@ -6,6 +6,7 @@ level and for requesters whose maximum PDU splits an identifier into fragments."
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from nnunet_node.core.settings import Settings
 from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
+from tests.node.raw_dimse import RawAssociation, command_set
 from tests.support.dcmtk import storescu
 from tests.support.dimse import NodeFactory
 
@@ -162,3 +164,54 @@ def test_find_returns_the_computed_attributes_asked_for(nodes: Nodes) -> None:
     assert (found.SeriesInstanceUID, found.Modality) == (nodes.series_uid, "CT")
     assert found.NumberOfSeriesRelatedInstances == nodes.count
     assert "ModalitiesInStudy" not in found  # not asked for at this level: not computed
+
+
+def _statuses(port: int, identifier: bytes) -> list[int]:
+    association = RawAssociation.open(
+        port, StudyRootQueryRetrieveInformationModelFind, ImplicitVRLittleEndian
+    )
+    try:
+        request = command_set(
+            [
+                (0x0002, b"1.2.840.10008.5.1.4.1.2.2.1\x00"),
+                (0x0100, struct.pack("<H", 0x0020)),  # C-FIND-RQ
+                (0x0110, struct.pack("<H", 7)),
+                (0x0700, struct.pack("<H", 0)),
+                (0x0800, struct.pack("<H", 0x0001)),
+            ]
+        )
+        association.send_message(request, identifier)
+        statuses = [association.read_status()]
+        while statuses[-1] in (0xFF00, 0xFF01):
+            statuses.append(association.read_status())
+        return statuses
+    finally:
+        association.release()
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+@pytest.mark.parametrize(
+    ("identifier", "expected"),
+    [
+        (_implicit(0x00080052, b"FRAME "), [0xA900]),  # no such level
+        (_implicit(0x00080052, b"STUDY ")[:-3], [0xA900]),  # truncated: reads as "STU"
+        (  # a sequence key of undefined length: pydicom reads it, every study matches
+            _implicit(0x00080052, b"STUDY ")
+            + struct.pack("<HHI", 0x0008, 0x1110, 0xFFFFFFFF)
+            + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0),
+            [0xFF00, 0x0000],
+        ),
+    ],
+    ids=["bad level", "truncated", "undefined-length sequence"],
+)
+def test_odd_identifiers_get_pynetdicoms_statuses(
+    nodes: Nodes, identifier: bytes, expected: list[int]
+) -> None:
+    """Identifiers the direct reader declines or refuses are answered as pynetdicom's own
+    service class answers them: the same statuses, and always a final one."""
+    ours = _statuses(nodes.ours.port, identifier)
+    assert ours == _statuses(nodes.pynetdicom.port, identifier)
+    assert ours == expected
