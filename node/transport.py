@@ -56,6 +56,7 @@ from nnunet_node.pipeline.pynetdicom_internals import (
     after_run,
     answer_invalid_store_requests,
     command_set,
+    decode_find_requests,
     log_request_identifiers,
     make_event_driven,
     screen_requests,
@@ -209,6 +210,7 @@ class ServerAE(NodeAE):
             answer_invalid_store_requests(assoc, CANNOT_UNDERSTAND)
             if self.find_service is not None:
                 serve_find_requests(assoc, FIND_MODELS, self.find_service)
+                decode_find_requests(assoc)
             close = make_event_driven(assoc, keep_thread=receives_c_store)
 
             def finish() -> None:

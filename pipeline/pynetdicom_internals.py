@@ -42,7 +42,9 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
   requesting association's ``DIMSEServiceProvider.send_msg``.
 - C-FIND answered with identifiers the node encodes (:func:`serve_find_requests`):
   ``Association._serve_request``, ``_accepted_cx``, ``_sent_release``, ``_is_paused``,
-  ``DIMSEServiceProvider.cancel_req``.
+  ``DIMSEServiceProvider.cancel_req``; its requests decoded directly
+  (:func:`decode_find_requests`): ``DIMSEServiceProvider.receive_primitive``, ``message``,
+  ``msg_queue``.
 - The standard log handlers of ``pynetdicom._handlers``.
 """
 
@@ -1257,6 +1259,89 @@ def serve_find_requests(assoc: Any, sop_classes: Collection[str], find: FindResp
             dimse.cancel_req = {}
 
     assoc._serve_request = serve_request
+
+
+_FIND_RQ_ELEMENTS = {0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800}
+"""The command elements of a C-FIND-RQ (PS3.7 9.3.2.1): group length, Affected SOP Class UID,
+Command Field, Message ID, Priority, Command Data Set Type."""
+
+
+def _find_request(command: bytes) -> Any:
+    """A C_FIND primitive (without its Identifier) from an Implicit VR Little Endian command
+    set (PS3.7 6.3.1), or None for anything but a C-FIND-RQ of those elements alone."""
+    fields: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(command):
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        if group != 0 or element not in _FIND_RQ_ELEMENTS or element in fields:
+            return None
+        fields[element] = command[offset + 8 : offset + 8 + length]
+        offset += 8 + length
+    if offset != len(command) or not fields.keys() >= _FIND_RQ_ELEMENTS:
+        return None
+    (field,), (data_set_type,) = (
+        struct.unpack("<H", fields[0x0100]),
+        struct.unpack("<H", fields[0x0800]),
+    )
+    if field != 0x0020 or data_set_type == 0x0101 or len(fields[0x0110]) != 2:
+        return None
+    request = C_FIND()
+    request.MessageID = struct.unpack("<H", fields[0x0110])[0]
+    request.AffectedSOPClassUID = fields[0x0002].decode("ascii").rstrip("\x00 ")
+    request.Priority = struct.unpack("<H", fields[0x0700])[0]
+    return request
+
+
+def decode_find_requests(assoc: Any) -> None:
+    """Decode each C-FIND-RQ that arrives whole as the usual first PDVs (its command set in one
+    fragment) directly into the C_FIND primitive pynetdicom would make, instead of through
+    ``DIMSEMessage`` and pydicom (~0.3 ms a request on a fresh association thread): the
+    command set's elements are read here, the identifier's fragments gathered as they come,
+    and the primitive queued for the reactor once the last one is in. Anything else (another
+    message, a fragmented or unusual command set, a value pynetdicom's primitive refuses, or
+    EVT_DIMSE_RECV handlers that want the message) goes to pynetdicom untouched; a request
+    whose identifier never completes is dropped as pynetdicom's would be.
+
+    Hook: ``DIMSEServiceProvider.receive_primitive``, ``message`` (None between messages),
+    ``msg_queue``. Public replacement: a faster command set decoder in pynetdicom."""
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+    gathering: list[Any] = []  # [context ID, C_FIND, identifier fragments] while they arrive
+
+    def receive_primitive(primitive: Any) -> None:
+        items = primitive.presentation_data_value_list
+        if not gathering:
+            if (
+                dimse.message is not None
+                or not items
+                or items[0][1][0] & 0x03 != 0x03  # not a whole command set
+                or assoc.get_handlers(evt.EVT_DIMSE_RECV)
+            ):
+                receive(primitive)
+                return
+            try:
+                request = _find_request(items[0][1][1:])
+            except (struct.error, UnicodeDecodeError, ValueError, TypeError):
+                request = None
+            if request is None:
+                receive(primitive)
+                return
+            gathering[:] = [items[0][0], request, []]
+            items = items[1:]
+        context_id, request, fragments = gathering
+        for item_context, data in items:
+            if data[0] & 0x01 or item_context != context_id:  # not its identifier: start over
+                gathering.clear()
+                receive(primitive)
+                return
+            fragments.append(data[1:])
+            if data[0] & 0x02:
+                request.Identifier = BytesIO(b"".join(fragments))
+                gathering.clear()
+                dimse.msg_queue.put((context_id, request))
+                return
+
+    dimse.receive_primitive = receive_primitive
 
 
 def _answer_find(assoc: Any, request: Any, context: Any, find: FindResponses) -> None:

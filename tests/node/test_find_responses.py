@@ -17,7 +17,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import decode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore
 
 from nnunet_node.core.settings import Settings
@@ -166,7 +166,7 @@ def test_find_returns_the_computed_attributes_asked_for(nodes: Nodes) -> None:
     assert "ModalitiesInStudy" not in found  # not asked for at this level: not computed
 
 
-def _statuses(port: int, identifier: bytes) -> list[int]:
+def _statuses(port: int, identifier: bytes, fragment: int = 16384) -> list[int]:
     association = RawAssociation.open(
         port, StudyRootQueryRetrieveInformationModelFind, ImplicitVRLittleEndian
     )
@@ -180,7 +180,7 @@ def _statuses(port: int, identifier: bytes) -> list[int]:
                 (0x0800, struct.pack("<H", 0x0001)),
             ]
         )
-        association.send_message(request, identifier)
+        association.send_message(request, identifier, fragment)
         statuses = [association.read_status()]
         while statuses[-1] in (0xFF00, 0xFF01):
             statuses.append(association.read_status())
@@ -215,3 +215,17 @@ def test_odd_identifiers_get_pynetdicoms_statuses(
     ours = _statuses(nodes.ours.port, identifier)
     assert ours == _statuses(nodes.pynetdicom.port, identifier)
     assert ours == expected
+
+
+@pytest.mark.parametrize("fragment", [6, 16384])
+def test_a_request_identifier_in_fragments_is_gathered(nodes: Nodes, fragment: int) -> None:
+    """The node decodes a C-FIND-RQ itself (pipeline/pynetdicom_internals.py): its identifier's
+    fragments, however small, are gathered before the request is served."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = nodes.study_uid
+    identifier.SeriesInstanceUID = ""
+    data = encode(identifier, True, True)
+    assert data is not None
+    assert _statuses(nodes.ours.port, data, fragment) == [0xFF00, 0x0000]
+    assert _statuses(nodes.pynetdicom.port, data, fragment) == [0xFF00, 0x0000]

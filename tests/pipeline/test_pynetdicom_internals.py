@@ -383,3 +383,42 @@ def test_what_serving_c_find_directly_replaces() -> None:
     assoc = Association(AE(), MODE_ACCEPTOR)
     assert assoc._accepted_cx == {} and assoc._sent_release is False
     assert assoc.dimse.cancel_req == {}
+
+
+def test_c_find_requests_decoded_directly_are_pynetdicoms() -> None:
+    """decode_find_requests replaces DIMSEMessage for whole C-FIND-RQ command sets: it relies
+    on receive_primitive making a message only when none is in progress and triggering
+    EVT_DIMSE_RECV for it, and makes the primitive pynetdicom's message_to_primitive makes."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_FIND_RQ
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.dsutils import encode
+
+    receive = _source(DIMSEServiceProvider.receive_primitive)
+    for name in (
+        "if self.message is None:",
+        "evt.trigger(self.assoc, evt.EVT_DIMSE_RECV",
+        "self.msg_queue.put((context_id, cast(DimseServiceType, d_primitive)))",
+        "self.message = None",
+    ):
+        assert name in receive, f"DIMSEServiceProvider.receive_primitive changed: {name!r}"
+    sent = C_FIND()
+    sent.MessageID, sent.Priority = 513, 2
+    sent.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    sent.Identifier = BytesIO(b"\x08\x00\x52\x00\x00\x00\x00\x00")  # QueryRetrieveLevel
+    message = C_FIND_RQ()
+    message.primitive_to_message(sent)
+    command = encode(message.command_set, True, True)
+    assert command is not None
+    ours = internals._find_request(command)
+    assert ours is not None and ours.is_valid_request is False  # the identifier comes next
+    theirs = message.message_to_primitive()
+    for keyword in ("MessageID", "Priority", "AffectedSOPClassUID"):
+        assert getattr(ours, keyword) == getattr(theirs, keyword), keyword
+    assert isinstance(ours.AffectedSOPClassUID, type(theirs.AffectedSOPClassUID))
+    # anything but a C-FIND-RQ of those elements is left to pynetdicom
+    other = C_FIND_RQ()
+    other.primitive_to_message(sent)
+    other.command_set.CommandField = 0x0021  # C-MOVE-RQ
+    assert internals._find_request(encode(other.command_set, True, True) or b"") is None
