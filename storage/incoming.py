@@ -45,6 +45,7 @@ class IncomingFile:
         self._lock = threading.Lock()  # the receiving thread writes, another may discard
         self._synced = False
         self._head = bytearray()  # the first HEAD_BYTES written, to read the header from
+        self._head_copy = b""  # the last bytes() of it (a 64 KiB copy costs ~4 us)
         self._header: Header | None = None
         self._pixel_at: int | None = None  # where the header scan found the pixel data
         self._head_tried = False
@@ -83,7 +84,7 @@ class IncomingFile:
         if self._header is not None or self._head_tried or self.error is not None:
             return
         pixel_at: list[int] = []
-        self._header = header_from_prefix(bytes(self._head), pixel_at)
+        self._header = header_from_prefix(self._head_bytes(), pixel_at)
         if self._header is not None and pixel_at:
             self._pixel_at = pixel_at[0]
         self._head_tried = self._header is None and len(self._head) >= HEAD_BYTES
@@ -93,8 +94,14 @@ class IncomingFile:
         from the file). Raises InvalidDicom."""
         if self._header is None:
             whole = self.size == len(self._head)
-            self._header = read_header(bytes(self._head) if whole else self.path)
+            self._header = read_header(self._head_bytes() if whole else self.path)
         return self._header
+
+    def _head_bytes(self) -> bytes:
+        """The head as bytes (it only grows, so a copy of the same length is the same)."""
+        if len(self._head_copy) != len(self._head):
+            self._head_copy = bytes(self._head)
+        return self._head_copy
 
     def check_complete(self) -> None:
         """Raise InvalidDicom when the received file ends inside its pixel data (PS3.5 7.1:
@@ -106,9 +113,9 @@ class IncomingFile:
         try:
             if self._pixel_at is not None and self._header is not None:
                 syntax = self._header.transfer_syntax_uid
-                dicomscan.check_pixel_data(bytes(self._head), self._pixel_at, syntax, self.size)
+                dicomscan.check_pixel_data(self._head_bytes(), self._pixel_at, syntax, self.size)
                 return
-            dicomscan.scan(bytes(self._head), frozenset(), complete=whole, size=self.size)
+            dicomscan.scan(self._head_bytes(), frozenset(), complete=whole, size=self.size)
         except dicomscan.NotSure:
             return
         except dicomscan.Truncated as exc:
