@@ -301,6 +301,47 @@ class InferenceEngine:
                     tmp_root.rmdir()
 
 
+@dataclass
+class _Window:
+    stopped: bool = False
+    """``should_stop()`` turned true during the sliding window: its output is not a result."""
+
+
+@contextlib.contextmanager
+def _tiles_skipped_once_stopped(
+    network: torch.nn.Module, should_stop: Callable[[], bool] | None, heads: int
+) -> Any:
+    """While nnU-Net's sliding window runs (``predict_logits_from_preprocessed_data``), ask
+    ``should_stop()`` before each tile's forward pass; once it is true, the remaining tiles are
+    not computed (zeros of the output's shape, (batch, ``heads``, z, y, x)), so that a job
+    cancelled or a node shutting down mid-prediction stops in moments instead of after every
+    tile, and the caller raises :class:`JobCancelled` (``window.stopped``). Nothing is raised
+    inside the window: nnU-Net feeds it from a thread that would stay blocked for ever on its
+    queue, holding the padded image. Yields the :class:`_Window`."""
+    window = _Window()
+    if should_stop is None:
+        yield window
+        return
+    own = vars(network)
+    had_own, previous = "forward" in own, own.get("forward")
+    forward = network.forward
+
+    def checked(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if window.stopped or should_stop():
+            window.stopped = True
+            return x.new_zeros((x.shape[0], heads, *x.shape[2:]))
+        return forward(x, *args, **kwargs)
+
+    own["forward"] = checked
+    try:
+        yield window
+    finally:
+        if had_own:
+            own["forward"] = previous
+        else:
+            del own["forward"]
+
+
 class _Run:
     """The state of one :meth:`InferenceEngine.run` call."""
 
@@ -538,8 +579,15 @@ class _Run:
             predictor.configuration_manager,
             predictor.dataset_json,
         )
-        with model.lock:
+        heads = int(predictor.label_manager.num_segmentation_heads)
+        with (
+            model.lock,
+            _tiles_skipped_once_stopped(predictor.network, self._should_stop, heads) as window,
+        ):
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(pre)).cpu()
+        if window.stopped:
+            where = f"stage {stage.index} ({stage.model.id})"
+            raise JobCancelled(f"cancelled during {where}, in the sliding window")
         if stage.class_idx is not None:
             # Softmax over background and the kept classes only: nnU-Net's own conversion insists on
             # every class, so resample and revert the cropping here the same way it does.

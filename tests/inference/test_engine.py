@@ -475,6 +475,59 @@ def test_progress_tmp_dir_and_cancellation(
     assert list((tmp_path / "stopped").iterdir()) == []
 
 
+def test_a_cancel_during_the_sliding_window_skips_the_remaining_tiles(
+    engine: InferenceEngine, registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """A job cancelled (or a node shutting down) while nnU-Net's sliding window runs stops
+    after the tile in progress, not after every tile: a 64^3 volume is 27 tiles of 32^3 here."""
+    ph = make_phantom(9002, shape=(64, 64, 64), spacing=(1.0, 1.0, 1.3))
+    write_nifti(ph, tmp_path / "big" / "ct.nii.gz")
+    plan = normalise({"nnunet_id": "phantom", "series_folders": ["big"], "tta": False}, registry)
+    network = engine.model_for(plan.stages[0]).predictor.network
+    calls = {"asked": 0, "tiles": 0, "computed": 0}
+
+    def tile(*_: Any) -> None:  # every forward call of the window, computed or not
+        calls["tiles"] += 1
+
+    def computed(*_: Any) -> None:  # the encoder runs only when the tile is computed
+        calls["computed"] += 1
+
+    counting = [
+        network.register_forward_pre_hook(tile),
+        network.encoder.register_forward_hook(computed),
+    ]
+    seen: list[str] = []
+
+    def should_stop() -> bool:  # true from the third tile on
+        if "predict" in seen:
+            calls["asked"] += 1
+        return calls["asked"] > 2
+
+    try:
+        with pytest.raises(JobCancelled, match="sliding window"):
+            engine.run(
+                plan,
+                tmp_path,
+                tmp_path / "stopped",
+                progress=lambda e: seen.append(e["step"]),
+                should_stop=should_stop,
+            )
+        assert calls["computed"] == 2  # the tiles before the cancel, and no more
+        assert calls["tiles"] > 10  # the window went on, through tiles not computed
+        assert "forward" not in vars(network)  # the network is itself again
+        assert list((tmp_path / "stopped").iterdir()) == []
+        calls.update(tiles=0, computed=0)
+        engine.run(plan, tmp_path, tmp_path / "again")  # the cached model still predicts
+        assert calls["computed"] == calls["tiles"] > 10
+    finally:
+        for handle in counting:
+            handle.remove()
+    labels = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(tmp_path / "again" / "stage_0" / "prediction.nii.gz"))
+    )
+    assert dice(labels == SPHERE_LABEL, ph.labels == SPHERE_LABEL) > 0.8
+
+
 def test_a_trainer_class_that_cannot_be_imported_still_loads(
     registry: ModelRegistry, study: Study, tmp_path: Path, run: Callable[..., list[StageResult]]
 ) -> None:

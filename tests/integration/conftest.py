@@ -39,6 +39,6 @@ def make_full_node() -> Callable[..., LiveNode]:
         values.update(overrides)
         settings = load_settings(**values)
         headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
-        return LiveNode(settings, client_headers=headers, client_timeout=60.0, require_stop=False)
+        return LiveNode(settings, client_headers=headers, client_timeout=60.0)
 
     return factory
