@@ -218,7 +218,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Itera
             dicom_port=0,
             rate_limit_per_minute=0,
         )
-        node = LiveNode(settings, client_timeout=60.0, require_stop=False)
+        node = LiveNode(settings, client_timeout=60.0)
         stack.callback(node.stop)
         node.start(timeout=180.0)
         engine = make_engine(pg_database)
