@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -79,7 +79,9 @@ async def list_jobs(
     jobs: JobServiceDep,
     status: Annotated[list[JobStatus] | None, Query(description="Repeat for several")] = None,
     model: Annotated[str | None, Query(description="Id, name or alias of any stage")] = None,
-    source: Annotated[str | None, Query(description="http, dimse or stow")] = None,
+    source: Annotated[
+        Literal["http", "dimse", "stow"] | None, Query(description="http, dimse or stow")
+    ] = None,
     patient_id: str | None = None,
     study_uid: Annotated[str | None, Query(description="StudyInstanceUID")] = None,
     route: Annotated[str | None, Query(description="Routing rule name")] = None,

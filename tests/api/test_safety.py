@@ -182,6 +182,7 @@ def test_parameter_validation_and_a_body_that_is_no_json_object_are_400(guarded:
         ({"offset": -5}, "offset"),
         ({"status": "bogus"}, "status"),
         ({"status": ["done", "sleeping"]}, "status"),
+        ({"source": "DIMSE"}, "source"),  # sources are http, dimse, stow: a typo is no filter
         ({"created_after": "yesterday"}, "created_after"),
     ]:
         body = _assert_failed(guarded.client.get("/jobs", params=params), 400, field)
