@@ -32,7 +32,7 @@ from nnunet_node.api.middleware import (
 from nnunet_node.api.routes import health, infer, jobs, metrics, models, workers
 from nnunet_node.api.ui import pages as ui_pages
 from nnunet_node.api.viewer import ViewerMiddleware, viewer_dist
-from nnunet_node.core.errors import NotFound
+from nnunet_node.core.errors import ConfigError, NotFound
 from nnunet_node.core.settings import Settings, load_settings
 from nnunet_node.inference.request import InferenceRequest
 from nnunet_node.pipeline.context import NodeContext, build_context
@@ -59,30 +59,34 @@ ServiceFactory = Callable[[NodeContext], Service]
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
-        # Migrations, archive recovery, spec, engine, job service (blocking: in a thread).
-        context = await anyio.to_thread.run_sync(build_context, settings)
-        stack.push_async_callback(_in_thread, context.close)
-        app.state.context = context
-        stack.callback(setattr, app.state, "context", None)
+        try:
+            # Migrations, archive recovery, spec, engine, job service (blocking: in a thread).
+            context = await anyio.to_thread.run_sync(build_context, settings)
+            stack.push_async_callback(_in_thread, context.close)
+            app.state.context = context
+            stack.callback(setattr, app.state, "context", None)
 
-        cache = context.inference_engine.cache
-        await anyio.to_thread.run_sync(cache.start)
-        stack.push_async_callback(_in_thread, cache.stop)
-        await anyio.to_thread.run_sync(context.job_service.start)
-        stack.push_async_callback(_in_thread, context.job_service.stop)
+            cache = context.inference_engine.cache
+            await anyio.to_thread.run_sync(cache.start)
+            stack.push_async_callback(_in_thread, cache.stop)
+            await anyio.to_thread.run_sync(context.job_service.start)
+            stack.push_async_callback(_in_thread, context.job_service.stop)
 
-        app.state.services = {}
-        stack.callback(setattr, app.state, "services", {})
-        for name, factory in app.state.service_factories:
-            service = factory(context)
-            await service.start()
-            stack.push_async_callback(_stop_service, name, service)
-            app.state.services[name] = service
-            LOGGER.info("service %s started", name)
-        if settings.broker_url:
-            LOGGER.info("node ready: HTTP API; jobs go to the broker")
-        else:
-            LOGGER.info("node ready: HTTP API, %d job worker(s)", settings.workers)
+            app.state.services = {}
+            stack.callback(setattr, app.state, "services", {})
+            for name, factory in app.state.service_factories:
+                service = factory(context)
+                await service.start()
+                stack.push_async_callback(_stop_service, name, service)
+                app.state.services[name] = service
+                LOGGER.info("service %s started", name)
+            if settings.broker_url:
+                LOGGER.info("node ready: HTTP API; jobs go to the broker")
+            else:
+                LOGGER.info("node ready: HTTP API, %d job worker(s)", settings.workers)
+        except ConfigError as exc:  # the command line says it in one line (cli.py)
+            app.state.start_error = exc
+            raise
         yield
         LOGGER.info("node stopping")
 
@@ -160,6 +164,7 @@ def create_app(
     app.state.context = None
     app.state.services = {}
     app.state.service_factories = tuple(services)
+    app.state.start_error = None  # the ConfigError that stopped start-up (a bad spec...)
     install_error_handlers(app)
 
     protected: dict[str, Any] = {

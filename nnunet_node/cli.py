@@ -14,6 +14,7 @@ import socket
 import sys
 import textwrap
 from collections.abc import Callable
+from typing import Any
 
 from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.logging import configure_logging
@@ -84,6 +85,29 @@ def _freeze_start_up_objects(*_: object) -> None:
     gc.freeze()
 
 
+class _StartErrorInOneLine:
+    """The HTTP app for uvicorn, except that a ConfigError which stops the app's start-up (a
+    wrong spec, a data folder that cannot be made: the lifespan keeps it in
+    ``app.state.start_error``) is not logged as Starlette's traceback of it: :func:`main`
+    prints it in one line, as it does for a bad setting."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_traceback(message: Any) -> None:
+            failed = message["type"] == "lifespan.startup.failed"
+            if failed and self.app.state.start_error is not None:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, send_without_traceback)
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -97,15 +121,23 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.https:
         assert settings.tls_cert is not None and settings.tls_key is not None
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
-    _freeze_start_up_objects()
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_config=None,  # the node's handler and format (core/logging.py)
-        log_level=None,
-        **tls,  # type: ignore[arg-type]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            _StartErrorInOneLine(app),
+            host=host,
+            port=port,
+            log_config=None,  # the node's handler and format (core/logging.py)
+            log_level=None,
+            **tls,  # type: ignore[arg-type]
+        )
     )
+    _freeze_start_up_objects()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit (status 3) when the app's start-up failed
+        if app.state.start_error is not None:
+            raise app.state.start_error from None  # main() prints it in one line
+        raise
     return 0
 
 

@@ -11,11 +11,13 @@ threads, and the dispatcher's thread it started).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.settings import Settings
 from nnunet_node.core.tls import client_context
 from nnunet_node.inference.cache import PredictorCache
@@ -70,9 +72,18 @@ def build_context(
     its predictor cache, and the job service (workers not started). With ``broker`` and
     ``NNUNET_NODE_BROKER_URL`` set, the job service hands jobs to the broker
     (:class:`~nnunet_node.pipeline.broker.BrokerQueue`) instead of running them; worker processes
-    pass ``broker=False``: they run the jobs."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    pass ``broker=False``: they run the jobs.
+
+    Raises ConfigError when the data folder cannot be made or written, or the spec is wrong."""
+    for folder in (settings.data_dir, settings.jobs_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"NNUNET_NODE_DATA: cannot make the folder {folder}: {exc.strerror}"
+            ) from exc
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"NNUNET_NODE_DATA: the folder {folder} is not writable")
     if migrate:
         upgrade(settings.database_url)
     engine_sql = make_engine(settings.database_url)

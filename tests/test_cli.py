@@ -71,6 +71,44 @@ def test_a_taken_port_stops_with_one_line_naming_the_setting(
     assert variable in err and str(port) in err and "already in use" in err
 
 
+@pytest.mark.parametrize(
+    ("command", "problem"), [("serve", "spec"), ("serve", "data"), ("dicom", "data")]
+)
+def test_a_bad_spec_or_data_folder_stops_with_one_line_and_no_traceback(
+    command: str, problem: str, tmp_path: Path
+) -> None:
+    # `serve` found these in its app's start-up, and uvicorn logged Starlette's traceback of
+    # the ConfigError (exit status 3); `dicom` showed a traceback for a data folder that is a file.
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("models:\n  - id: x\n    bogus: 1\n")
+    data = tmp_path / "data"
+    if problem == "data":
+        data.write_text("a file where the data folder should be")
+        spec = REPO / "model-serve-spec.yaml"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MODEL_SERVE_SPEC": str(spec),
+        "NNUNET_NODE_DATA": str(data),
+        "NNUNET_SERVE_PORT": str(free_port()),
+        "NNUNET_NODE_DICOM_PORT": str(free_port()),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "nnunet_node.cli", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    if problem == "spec":
+        assert last.startswith("nnunet-node: model-serve spec: model 'x': unknown key(s) 'bogus'")
+    else:
+        assert last == f"nnunet-node: NNUNET_NODE_DATA: cannot make the folder {data}: File exists"
+
+
 def test_db_with_an_unknown_revision_says_so_without_a_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
