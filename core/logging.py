@@ -50,6 +50,18 @@ class ConnectFailureFilter(logging.Filter):
         return not record.getMessage().startswith(self.PREFIXES)
 
 
+class MoveRefusalFilter(logging.Filter):
+    """Drops pynetdicom's ERROR line for a C-MOVE the node refused (an unknown Move Destination,
+    0xA801; a destination no association could be made with, 0xA702): the node logs each
+    refusal itself, once, as a WARNING naming the destination (a peer's mistake or a PACS that
+    is down is no error of the node's)."""
+
+    PREFIXES = ("Unknown Move Destination: ", "Move SCP: Unable to associate with destination AE")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.PREFIXES)
+
+
 class ProbeFilter(logging.Filter):
     """Drops uvicorn's access-log records of health probes (orchestrators poll them)."""
 
@@ -88,8 +100,15 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
     quiet = max(logging.WARNING, root.level) if root.level > logging.DEBUG else root.level
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(quiet)
+    install_library_filters()
+
+
+def install_library_filters() -> None:
+    """The filters :func:`configure_logging` puts on library loggers (idempotent): probes out
+    of uvicorn's access log, and pynetdicom's ERROR lines that repeat what the node logs."""
     install_filter("uvicorn.access", ProbeFilter)
     install_filter("pynetdicom.transport", ConnectFailureFilter)
+    install_filter("pynetdicom.service_class", MoveRefusalFilter)
 
 
 def install_filter(logger_name: str, kind: type[logging.Filter]) -> None:

@@ -438,7 +438,9 @@ class NodeHandlers:
         destination = self.routing.destination_by_ae(str(event.move_destination))
         if destination is None:
             LOGGER.warning(
-                "C-MOVE to %r refused: not one of the spec's destinations", event.move_destination
+                "C-MOVE to %r refused (0xA801): not a declared peer with a port (the spec's "
+                "destinations, and its peers given a port)",
+                event.move_destination,
             )
             yield None, None  # pynetdicom answers 0xA801 Move destination unknown
             return

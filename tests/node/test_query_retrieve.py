@@ -16,6 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
+from nnunet_node.core.logging import install_library_filters
 from nnunet_node.node.ae import DicomNode
 from tests.node.peers import free_port, received, storescp
 from tests.support.dcmtk import dcmtk, retrieve, storescu
@@ -191,7 +192,18 @@ def test_movescu_hears_the_count_before_its_sub_association(stored: Stored, tmp_
     assert {pydicom.dcmread(p).SOPInstanceUID for p in files} == set(stored.sop_uids)
 
 
-def test_move_to_unknown_ae_is_refused(stored: Stored) -> None:
+def _refusal_logged_once(caplog: pytest.LogCaptureFixture, words: str) -> None:
+    """The node's one WARNING names the refused C-MOVE; no ERROR line (pynetdicom's own, which
+    repeated it, is filtered as the node's logging set-up does)."""
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if words in w], warnings
+
+
+def test_move_to_unknown_ae_is_refused(stored: Stored, caplog: pytest.LogCaptureFixture) -> None:
+    install_library_filters()
+    caplog.set_level(logging.WARNING)
     failures = _moves("failure")
     result = retrieve(
         "movescu",
@@ -204,9 +216,14 @@ def test_move_to_unknown_ae_is_refused(stored: Stored) -> None:
     )
     assert "Refused: MoveDestinationUnknown" in result.stdout, result.stdout  # 0xA801
     assert _moves("failure") == failures + 1  # /metrics counts it as a failure
+    _refusal_logged_once(caplog, "C-MOVE to 'STRANGER' refused")
 
 
-def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
+def test_move_to_known_destination_that_is_down(
+    stored: Stored, caplog: pytest.LogCaptureFixture
+) -> None:
+    install_library_filters()
+    caplog.set_level(logging.WARNING)
     failures = _moves("failure")
     result = retrieve(
         "movescu",
@@ -233,6 +250,7 @@ def test_move_to_known_destination_that_is_down(stored: Stored) -> None:
     assert f"LO {comment}" in final, final
     assert all(uid in final for uid in stored.sop_uids), final  # Failed SOP Instance UID List
     assert _moves("failure") == failures + 1
+    _refusal_logged_once(caplog, "C-MOVE refused 0xA702: no association with PACS")
 
 
 @pytest.mark.parametrize("tool", ["getscu", "movescu"])
