@@ -74,8 +74,18 @@ def _instant(value: str | None, name: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _once(request: Request, repeatable: tuple[str, ...]) -> None:
+    """Raise InvalidRequest when a query parameter that takes one value is given several times
+    (``?model=a&model=b``: FastAPI would keep the last, and filter by it without a word)."""
+    names = [name for name, _ in request.query_params.multi_items() if name not in repeatable]
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            raise InvalidRequest(f"{name}: given {names.count(name)} times; give one value")
+
+
 @router.get("", response_model=JobPage, responses=responses(400, 401, 429))
 async def list_jobs(
+    request: Request,
     jobs: JobServiceDep,
     status: Annotated[list[JobStatus] | None, Query(description="Repeat for several")] = None,
     model: Annotated[str | None, Query(description="Id, name or alias of any stage")] = None,
@@ -91,6 +101,7 @@ async def list_jobs(
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> dict[str, Any]:
     """Job history, newest first, filtered and paged; total counts every match."""
+    _once(request, repeatable=("status",))
     items, total = await run_in_threadpool(
         lambda: jobs.list(
             status=[s.value for s in status] if status else None,
