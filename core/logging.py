@@ -62,6 +62,17 @@ class MoveRefusalFilter(logging.Filter):
         return not record.getMessage().startswith(self.PREFIXES)
 
 
+class UvicornNameFilter(logging.Filter):
+    """Names uvicorn's general logger ``uvicorn``: it is called ``uvicorn.error`` and writes
+    every start and stop line there (``INFO uvicorn.error: Application startup complete.``),
+    which reads as an error to whoever runs the node or collects its logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error":
+            record.name = "uvicorn"
+        return True
+
+
 class ProbeFilter(logging.Filter):
     """Drops uvicorn's access-log records of health probes (orchestrators poll them)."""
 
@@ -105,8 +116,10 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
 
 def install_library_filters() -> None:
     """The filters :func:`configure_logging` puts on library loggers (idempotent): probes out
-    of uvicorn's access log, and pynetdicom's ERROR lines that repeat what the node logs."""
+    of uvicorn's access log, uvicorn's general logger named ``uvicorn``, and pynetdicom's ERROR
+    lines that repeat what the node logs."""
     install_filter("uvicorn.access", ProbeFilter)
+    install_filter("uvicorn.error", UvicornNameFilter)
     install_filter("pynetdicom.transport", ConnectFailureFilter)
     install_filter("pynetdicom.service_class", MoveRefusalFilter)
 

@@ -47,6 +47,17 @@ MAX_PDU = 131072
 MAX_ASSOCIATIONS = 32
 TLS_HANDSHAKE_TIMEOUT_S = 30.0
 
+_NOT_TLS = "not a TLS handshake (plain DICOM sent to the TLS port?)"
+TLS_REFUSALS = {
+    "WRONG_VERSION_NUMBER": _NOT_TLS,
+    "UNKNOWN_PROTOCOL": _NOT_TLS,
+    "HTTP_REQUEST": "an HTTP request, not a TLS handshake",
+    "CERTIFICATE_VERIFY_FAILED": "its certificate is not signed by a CA of NNUNET_NODE_TLS_CA",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "it sent no certificate (NNUNET_NODE_TLS_CA asks for one)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the node's certificate (its CA)",
+}
+"""OpenSSL's reason for a failed handshake -> what the refusal's log line says (the reason too)."""
+
 
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the TLS handshake moved from the accepting thread
@@ -107,7 +118,12 @@ class NodeServer(ThreadedAssociationServer):
                 request.settimeout(None)
             except (OSError, ValueError) as exc:
                 reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-                LOGGER.warning("TLS connection from %s refused: %s", client_address[0], reason)
+                meaning = TLS_REFUSALS.get(str(reason))
+                LOGGER.warning(
+                    "TLS connection from %s refused: %s",
+                    client_address[0],
+                    f"{meaning} ({reason})" if meaning else reason,
+                )
                 with contextlib.suppress(OSError):
                     request.close()
                 self._dropped()

@@ -202,5 +202,8 @@ def test_serve_over_https_with_json_logs_and_offline_docs(tmp_path: Path) -> Non
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     messages = [str(r["message"]) for r in records]
     assert any("node ready" in m for m in messages), messages
+    # uvicorn's start and stop lines under "uvicorn", not its logger's name "uvicorn.error"
+    assert {"uvicorn"} == {r["logger"] for r in records if "Application startup" in r["message"]}
+    assert not [r for r in records if r["logger"] == "uvicorn.error"], records
     assert not any("/healthz" in m or "/readyz" in m for m in messages), messages
     assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], records

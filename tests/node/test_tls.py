@@ -5,6 +5,7 @@ are made for the test (tests/tls_certs.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pydicom
@@ -117,8 +118,13 @@ def test_c_get_over_tls_with_pynetdicom(
 
 
 def test_a_client_certificate_the_node_does_not_trust_is_refused(
-    tls_node: DicomNode, pki: Pki, sessions: sessionmaker[Session], phantom_series: list[Path]
+    tls_node: DicomNode,
+    pki: Pki,
+    sessions: sessionmaker[Session],
+    phantom_series: list[Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="nnunet_node.node.ae")
     rogue = (pki.rogue_client.key, pki.rogue_client.cert)
     refused = dcmtk(
         "storescu", *_tls_args(pki, rogue), "-aec", "NNUNET_NODE", "localhost",
@@ -138,6 +144,12 @@ def test_a_client_certificate_the_node_does_not_trust_is_refused(
     )  # fmt: skip
     assert plain.returncode != 0, plain.stdout
     assert _instances(sessions) == 0
+    # One warning each, saying what went wrong in words (OpenSSL's reason beside them).
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 3, refusals
+    assert "certificate is not signed by a CA of NNUNET_NODE_TLS_CA" in refusals[0], refusals
+    assert "the client does not trust the node's certificate" in refusals[1], refusals
+    assert "not a TLS handshake (plain DICOM sent to the TLS port?)" in refusals[2], refusals
     # The plain port still works beside the TLS one.
     ok = dcmtk(
         "storescu", "-aec", "NNUNET_NODE", "127.0.0.1", str(tls_node.port), str(phantom_series[0])
