@@ -134,6 +134,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     _freeze_start_up_objects()
     try:
         server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn raises it again once it has stopped
+        pass
     except SystemExit:  # uvicorn's exit (status 3) when the app's start-up failed
         if app.state.start_error is not None:
             raise app.state.start_error from None  # main() prints it in one line
