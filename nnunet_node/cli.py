@@ -212,8 +212,18 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 def _db(settings: Settings, args: argparse.Namespace) -> int:
     from alembic.util import CommandError
 
-    from nnunet_node.storage.migrations import downgrade, upgrade
+    from nnunet_node.storage.migrations import current, downgrade, upgrade
 
+    if (
+        args.action == "downgrade"
+        and args.revision is None
+        and current(settings.database_url) is None
+    ):
+        print(
+            "nnunet-node db downgrade: the database has no migration applied: nothing to undo",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.action == "upgrade":
             upgrade(settings.database_url, args.revision or "head")

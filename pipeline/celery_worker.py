@@ -30,6 +30,7 @@ from typing import Any
 from celery import Celery
 
 from nnunet_node.core.clock import utcnow
+from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.settings import Settings
 from nnunet_node.pipeline.broker import RUN_JOB_TASK, make_celery
 from nnunet_node.pipeline.context import NodeContext, build_context
@@ -189,14 +190,17 @@ def register_task(app: Celery, handler: Callable[[str], str]) -> None:
 
 def run_worker(settings: Settings, options: WorkerOptions) -> int:
     """``nnunet-node worker``: run jobs from ``options.queues`` until SIGTERM or SIGINT (a warm
-    shutdown lets the running job end). Refuses to start without a broker, or on a database the
-    node has not migrated to this version's schema."""
+    shutdown lets the running job end). Raises ConfigError without a broker, or on a database
+    the node has not migrated to this version's schema."""
     if not settings.broker_url:
-        raise SystemExit("nnunet-node worker: NNUNET_NODE_BROKER_URL is not set")
+        raise ConfigError(
+            "worker: NNUNET_NODE_BROKER_URL is not set (a worker takes its jobs from the "
+            "node's broker)"
+        )
     at, want = current(settings.database_url), head()
     if at != want:
-        raise SystemExit(
-            f"nnunet-node worker: the database is at revision {at}, this version needs {want}: "
+        raise ConfigError(
+            f"worker: the database is at revision {at}, this version needs {want}: "
             "start the node (or run `nnunet-node db upgrade`) first"
         )
     context = build_context(settings, migrate=False, recover=False, broker=False)

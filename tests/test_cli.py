@@ -120,6 +120,23 @@ def test_db_with_an_unknown_revision_says_so_without_a_traceback(
     assert last.startswith("nnunet-node db downgrade:") and "nonsense" in last, err
 
 
+def test_worker_without_a_broker_and_a_downgrade_below_base_say_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The worker exited 1 through SystemExit; the downgrade showed alembic's "Relative revision
+    # -1 didn't produce 1 migrations".
+    monkeypatch.setenv("NNUNET_NODE_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("NNUNET_NODE_BROKER_URL", raising=False)
+    assert main(["worker"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nnunet-node: worker: NNUNET_NODE_BROKER_URL is not set"), err
+    assert main(["db", "downgrade"]) == 2  # a fresh database: nothing applied
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (
+        "nnunet-node db downgrade: the database has no migration applied: nothing to undo"
+    ), err
+
+
 def test_settings_name_the_missing_tls_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="NNUNET_NODE_TLS_CERT"):
         Settings(data_dir=tmp_path, dicom_tls_port=2762)
