@@ -220,13 +220,23 @@ def _dataset(
     return found
 
 
-def check_pixel_data(data: bytes, pos: int, transfer_syntax: str, size: int) -> None:
+def check_pixel_data(
+    data: bytes, pos: int, transfer_syntax: str, size: int, *, expected: int | None = None
+) -> None:
     """Raise :class:`Truncated` when the pixel data element at ``pos`` (where :func:`scan`
     found it, ``pixel_at``) of a file in ``transfer_syntax`` whose first bytes are ``data``
-    does not fit in the file's ``size`` bytes (see :func:`scan`); :class:`NotSure` when the
-    bytes there are not an element header."""
+    does not fit in the file's ``size`` bytes (see :func:`scan`), or, with ``expected`` (the
+    bytes native pixel data must hold), when its defined length is less; :class:`NotSure`
+    when the bytes there are not an element header."""
     try:
         _check_pixel_data(data, pos, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN, size)
+        if expected is not None:
+            _, _, length = _element(data, pos, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN)
+            if length != _UNDEFINED and length < expected:
+                raise Truncated(
+                    f"its pixel data holds {length} bytes where Rows, Columns, Samples per "
+                    f"Pixel, Number of Frames and Bits Allocated need {expected}"
+                )
     except _Short:
         raise NotSure("the pixel data element header is not in the bytes given") from None
     except (struct.error, IndexError) as exc:

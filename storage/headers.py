@@ -160,7 +160,11 @@ _TEXT_KEYWORDS = (
     *STUDY_ATTRIBUTES,
     *SERIES_ATTRIBUTES,
 )
-_INT_KEYWORDS = (*SERIES_INT_ATTRIBUTES, *INSTANCE_INT_ATTRIBUTES)
+_PIXEL_KEYWORDS = ("SamplesPerPixel", "BitsAllocated")
+_INT_KEYWORDS = (*SERIES_INT_ATTRIBUTES, *INSTANCE_INT_ATTRIBUTES, *_PIXEL_KEYWORDS)
+NATIVE_SYNTAXES = frozenset(("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"))
+"""Little-endian transfer syntaxes whose Pixel Data is native (not encapsulated, not deflated):
+its length is known from the image's attributes (PS3.5 8.1.1, A.1-A.2)."""
 _TAGS = {
     keyword: int(pydicom.datadict.tag_for_keyword(keyword))  # type: ignore[arg-type]
     for keyword in (*_UID_KEYWORDS, *_TEXT_KEYWORDS, *_INT_KEYWORDS)
@@ -196,7 +200,46 @@ def _build(
     header.series = {c: text(k)[:n] for k, c, n in _SERIES_TEXT}
     header.series |= {c: integer(k) for k, c in SERIES_INT_ATTRIBUTES.items()}
     header.instance = {c: integer(k) for k, c in INSTANCE_INT_ATTRIBUTES.items()}
+    header.pixel_bytes = _pixel_bytes(
+        header.instance["rows"],
+        header.instance["columns"],
+        header.instance["number_of_frames"],
+        integer("SamplesPerPixel"),
+        integer("BitsAllocated"),
+    )
     return header
+
+
+def _pixel_bytes(
+    rows: int | None,
+    columns: int | None,
+    frames: int | None,
+    samples: int | None,
+    bits: int | None,
+) -> int | None:
+    """Native Pixel Data's length in bytes (see :attr:`Header.pixel_bytes`), or None."""
+    if not rows or not columns or not samples or not bits:
+        return None
+    return (rows * columns * (frames or 1) * samples * bits + 7) // 8
+
+
+def check_pixel_length(data: bytes, pixel_at: int, header: Header, size: int) -> None:
+    """Raise InvalidDicom when the native Pixel Data element at ``pixel_at`` (an offset into
+    ``data``, the first bytes of a file of ``size`` bytes) holds fewer bytes than the image's
+    attributes say (:attr:`Header.pixel_bytes`): a file cut short and then re-encoded with a
+    consistent length, say, which would otherwise be filed as an image with rows missing.
+    Encapsulated or deflated pixel data, and headers that do not say, are not checked."""
+    expected = header.pixel_bytes
+    if expected is None or header.transfer_syntax_uid not in NATIVE_SYNTAXES:
+        return
+    try:
+        dicomscan.check_pixel_data(
+            data, pixel_at, header.transfer_syntax_uid, size, expected=expected
+        )
+    except dicomscan.NotSure:
+        return
+    except dicomscan.Truncated as exc:
+        raise InvalidDicom(str(exc)) from exc
 
 
 def _fitted(
@@ -221,7 +264,8 @@ def _scanned_header(
     ``size`` (the whole file's length) also checks that the pixel data fits in the file;
     ``pixel_at`` gets the pixel data element's offset (``scan``).
     Raises NotSure (pydicom must read it), Truncated or InvalidDicom (bad UIDs)."""
-    found = dicomscan.scan(data, _WANTED, complete=complete, size=size, pixel_at=pixel_at)
+    at: list[int] = [] if pixel_at is None else pixel_at
+    found = dicomscan.scan(data, _WANTED, complete=complete, size=size, pixel_at=at)
     if found is None:
         return None
     transfer_syntax, elements = found
@@ -230,10 +274,11 @@ def _scanned_header(
         element = elements.get(tag)
         if element is None:
             continue
-        if not _plain_ascii(element.value):
+        if keyword in _US_KEYWORDS:  # binary: any byte may be >= 0x80 (Rows 400: 90 01)
+            if element.vr not in (None, b"US", b"UN"):
+                raise dicomscan.NotSure(f"{keyword} has VR {element.vr!r}")
+        elif not _plain_ascii(element.value):
             raise dicomscan.NotSure(f"{keyword} is not plain ASCII: its character set decides")
-        if keyword in _US_KEYWORDS and element.vr not in (None, b"US", b"UN"):
-            raise dicomscan.NotSure(f"{keyword} has VR {element.vr!r}")
         values[keyword] = element.value
 
     def text(keyword: str) -> str:
@@ -254,7 +299,10 @@ def _scanned_header(
         except ValueError:
             return None
 
-    return _build(text, text, integer, transfer_syntax)
+    header = _build(text, text, integer, transfer_syntax)
+    if size is not None and at:
+        check_pixel_length(data, at[0], header, size)
+    return header
 
 
 def read_header_pydicom(data: bytes | bytearray | Path | BinaryIO) -> Header:
@@ -304,7 +352,14 @@ def read_header(data: bytes | bytearray | Path | BinaryIO) -> Header:
     except dicomscan.Truncated as exc:
         raise InvalidDicom(f"not a readable DICOM Part 10 file: {exc}") from exc
     # pydicom, on the bytes already read when they are the whole file
-    return read_header_pydicom(prefix if complete else data)
+    if not complete:
+        return read_header_pydicom(data)
+    stream = io.BytesIO(prefix)
+    header = read_header_pydicom(stream)
+    end = stream.tell()
+    if prefix[end : end + 4] in _PIXEL_TAGS:
+        check_pixel_length(prefix, end, header, size)
+    return header
 
 
 # Where stop_before_pixels stops, encoded little and big endian.
@@ -333,4 +388,8 @@ def header_from_prefix(prefix: bytes, pixel_at: list[int] | None = None) -> Head
     except InvalidDicom:
         return None  # perhaps only cut short: the whole file decides
     end = stream.tell()
-    return header if prefix[end : end + 4] in _PIXEL_TAGS else None
+    if prefix[end : end + 4] not in _PIXEL_TAGS:
+        return None
+    if pixel_at is not None:
+        pixel_at.append(end)  # pydicom stopped at the pixel data element: checked there later
+    return header

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nnunet_node.core import dicomscan
 from nnunet_node.core.errors import InvalidDicom
-from nnunet_node.storage.headers import header_from_prefix, read_header
+from nnunet_node.storage.headers import check_pixel_length, header_from_prefix, read_header
 from nnunet_node.storage.indexer import Header
 
 LOGGER = logging.getLogger(__name__)
@@ -113,7 +113,9 @@ class IncomingFile:
         try:
             if self._pixel_at is not None and self._header is not None:
                 syntax = self._header.transfer_syntax_uid
-                dicomscan.check_pixel_data(self._head_bytes(), self._pixel_at, syntax, self.size)
+                head = self._head_bytes()
+                dicomscan.check_pixel_data(head, self._pixel_at, syntax, self.size)
+                check_pixel_length(head, self._pixel_at, self._header, self.size)
                 return
             dicomscan.scan(self._head_bytes(), frozenset(), complete=whole, size=self.size)
         except dicomscan.NotSure:

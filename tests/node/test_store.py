@@ -261,7 +261,9 @@ def test_dataset_cut_inside_its_pixel_data_is_refused_and_the_stored_copy_kept(
     start_node: NodeFactory, tmp_path: Path, sessions: sessionmaker[Session], rows: int
 ) -> None:
     """A sender that stops inside the pixel data (its length says more bytes than came) gets
-    0xC000; the copy the node already held is not replaced by the short one. Checked for a
+    0xC000, and so does a data set whose native Pixel Data is shorter than its Rows, Columns,
+    Samples per Pixel and Bits Allocated need; the copy the node already held is not replaced
+    by the short one. Checked for a
     dataset the node keeps whole in memory while it streams (64 rows: 8 KiB of pixels) and
     for one larger than that head (400 rows: 312 KiB, checked from where the header scan
     found the pixel data element)."""
@@ -283,10 +285,18 @@ def test_dataset_cut_inside_its_pixel_data_is_refused_and_the_stored_copy_kept(
     ds.PixelData = bytes(range(256)) * (rows * rows * 2 // 256)
     whole = tmp_path / "whole.dcm"
     pydicom.dcmwrite(whole, ds, enforce_file_format=True)
+    whole_pixels = ds.PixelData
     assert _raw_store(node.port, whole) == 0x0000
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(whole.read_bytes()[:-1000])
     assert _raw_store(node.port, cut) == 0xC000
+    # Cut, then written again by a tool that reads it leniently: the Pixel Data element's
+    # length is consistent, but holds half the bytes Rows x Columns x 16 bits need.
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    short = tmp_path / "short.dcm"
+    pydicom.dcmwrite(short, ds, enforce_file_format=True)
+    assert _raw_store(node.port, short) == 0xC000
+    ds.PixelData = whole_pixels
     stored = list((tmp_path / "data" / "dicom").rglob(f"{sop_uid}.dcm"))
     assert len(stored) == 1
     assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData  # the whole copy

@@ -451,7 +451,7 @@ def _corpus() -> dict[str, tuple[str, Callable[[], bytes]]]:
             FAST,
             lambda: edited(
                 ct(size=4),
-                {ROWS: raw(ROWS, b"UN", b"\x00\x02"), COLUMNS: raw(COLUMNS, b"UN", b"\x04\x00")},
+                {ROWS: raw(ROWS, b"UN", b"\x02\x00"), COLUMNS: raw(COLUMNS, b"UN", b"\x04\x00")},
             ),
         ),
         "Rows with two values": (
@@ -741,6 +741,24 @@ def test_file_cut_inside_its_header_is_refused(tag: int, implicit: bool) -> None
     else:
         cut = _value_end(data, tag) - 1
     _refusal(data[:cut])
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_native_pixel_data_shorter_than_the_image_is_refused(implicit: bool) -> None:
+    """A file cut inside its pixel data and then written again with a consistent length (a
+    lenient reader's copy): the element fits the file, but holds fewer bytes than Rows x
+    Columns x Samples per Pixel x Bits Allocated / 8 (PS3.5 8.1.1). Refused; the whole image,
+    and one with a byte of padding more, are read."""
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds = ct(size=4)
+    whole = bytes(ds.PixelData)
+    assert len(whole) == 4 * 4 * 2
+    assert read_header(part10(ds, syntax)).pixel_bytes == 32
+    ds.PixelData = whole + b"\0\0"
+    read_header(part10(ds, syntax))
+    ds.PixelData = whole[:16]
+    with pytest.raises(InvalidDicom, match="pixel data holds 16 bytes .* need 32"):
+        read_header(part10(ds, syntax))
 
 
 # --- prefixes of a file still arriving ---------------------------------------------------------
