@@ -330,12 +330,13 @@ def test_a_receiver_killed_mid_way_loses_nothing_acknowledged(node: Node, tmp_pa
     (pid,) = node.receivers.pids()
     processes: list[subprocess.Popen[str]] = []
     try:
+        # 2400 small files per association: the receiver's is still sending when it is killed
         for _ in range(12):  # until one association is the receiver's
             processes.append(
                 subprocess.Popen(
                     [
                         *(tool("storescu"), "-v", "-aec", "NNUNET_NODE"),
-                        *("127.0.0.1", str(node.port), *map(str, files * 20)),
+                        *("127.0.0.1", str(node.port), *map(str, files * 100)),
                     ],
                     env=DCMTK_ENV,
                     stdout=subprocess.PIPE,
