@@ -286,6 +286,12 @@ def _routed(archive: Archive, jobs: RecordingJobs, w: CompletionWatcher) -> tupl
     return data, job_id
 
 
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
 def _done(jobs: RecordingJobs, job_id: str) -> None:
     assert jobs.store.claim(job_id) is not None
     jobs.store.finish(job_id, {"status": "done"})
@@ -331,17 +337,13 @@ def test_changed_or_new_instance_runs_the_rule_again(archive: Archive, jobs: Rec
     _done(jobs, first)
     ds = pydicom.dcmread(io.BytesIO(data[1]))
     ds.WindowCenter, ds.WindowWidth = 40, 400  # same SOP Instance UID, other bytes
-    changed = io.BytesIO()
-    pydicom.dcmwrite(changed, ds, enforce_file_format=True)
-    _send(archive, [data[0], changed.getvalue(), data[2]], "stow")
+    _send(archive, [data[0], _encoded(ds), data[2]], "stow")
     (second,) = w.check(later(3))
     by_id = {j.id: j for j in jobs.jobs()}
     assert by_id[first].status == JobStatus.SUPERSEDED and by_id[first].superseded_by == second
     # A new instance of the series, by C-STORE: again.
     ds.SOPInstanceUID, ds.InstanceNumber = generate_uid(), 7
-    added = io.BytesIO()
-    pydicom.dcmwrite(added, ds, enforce_file_format=True)
-    _send(archive, [added.getvalue()], "dimse")
+    _send(archive, [_encoded(ds)], "dimse")
     (third,) = w.check(later(3))
     assert jobs.store.get(third).source == "dimse"
     assert jobs.store.get(second).superseded_by == third
@@ -370,9 +372,7 @@ def test_a_series_completed_by_stow_makes_a_stow_job(archive: Archive, jobs: Rec
     assert jobs.store.get(first).source == "dimse"
     ds = pydicom.dcmread(io.BytesIO(data[0]))
     ds.SOPInstanceUID, ds.InstanceNumber = generate_uid(), 5
-    extra = io.BytesIO()
-    pydicom.dcmwrite(extra, ds, enforce_file_format=True)
-    _send(archive, [extra.getvalue()], "stow")
+    _send(archive, [_encoded(ds)], "stow")
     (second,) = w.check(later(3))
     assert jobs.store.get(second).source == "stow"
     with archive.session_factory() as session:
