@@ -30,9 +30,20 @@ BARE = "<bare>"
 """Marks an import of a folder by its bare name instead of through ``nnunet_node``."""
 
 
+def _parse(path: Path) -> ast.Module:
+    """``ast.parse`` of ``path``, tried a second time on CPython 3.11's spurious "AST
+    constructor recursion depth mismatch" SystemError (seen once in a whole-suite run on
+    3.11.7; the same file parses the next time, python/cpython#106905)."""
+    source = path.read_text()
+    try:
+        return ast.parse(source, filename=str(path))
+    except SystemError:
+        return ast.parse(source, filename=str(path))
+
+
 def _imported_packages(path: Path) -> set[str]:
     """The sub-packages of ``nnunet_node`` that ``path`` imports (:data:`BARE` for bare ones)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = _parse(path)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -103,7 +114,7 @@ they pass on. Statements (``select``, ``update``, ``text``, ...) belong to ``sto
 def _sqlalchemy_names(path: Path) -> set[str]:
     """``module.name`` of everything ``path`` imports from SQLAlchemy (``module`` alone for a
     plain ``import``)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = _parse(path)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -138,7 +149,7 @@ def _pytest_modules_imported(path: Path) -> set[str]:
     """The modules ``path`` imports that pytest loads itself: ``conftest`` modules and test
     modules (``test_*``). pytest imports those under its own names, so importing them again makes
     a second copy with its own state; shared helpers live in ``tests/support/`` instead."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = _parse(path)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
