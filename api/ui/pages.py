@@ -36,7 +36,7 @@ from nnunet_node.api.deps import (
 )
 from nnunet_node.api.ui import views
 from nnunet_node.api.viewer import viewer_link
-from nnunet_node.core.errors import ClientError
+from nnunet_node.core.errors import ClientError, NotFound
 from nnunet_node.storage.models import JobStatus
 
 LOGGER = logging.getLogger(__name__)
@@ -183,8 +183,14 @@ async def job_rows(request: Request, limit: Annotated[int, Query(ge=1, le=500)] 
 
 @pages.get("/jobs/{job_id}", response_class=HTMLResponse)
 async def job_page(request: Request, job_id: str) -> HTMLResponse:
+    """The job's page; an unknown id gets a page that says so (404), not the API's JSON."""
     context = get_context(request)
-    job = await run_in_threadpool(context.job_service.get, job_id)
+    try:
+        job = await run_in_threadpool(context.job_service.get, job_id)
+    except NotFound as exc:
+        page = _page(request, "not_found.html", message=str(exc))
+        page.status_code = 404
+        return page
     return _page(request, "job.html", job=job)
 
 

@@ -66,7 +66,11 @@ def test_pages_need_the_key_and_the_login_sets_a_cookie_the_api_accepts(node: An
         assert "in-process-" in workers.text and "<td>*</td>" in workers.text
         assert client.get("/jobs").status_code == 200  # the API takes the cookie
         assert client.get("/dicom-web/studies").status_code == 200
-        assert client.get("/ui/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+        unknown = client.get("/ui/jobs/0123456789abcdef0123456789abcdef")
+        assert unknown.status_code == 404
+        assert unknown.headers["content-type"].startswith("text/html")  # a page, not JSON
+        assert "0123456789abcdef0123456789abcdef" in unknown.text
+        assert 'href="/ui/jobs"' in unknown.text
         client.post("/ui/logout")
         client.cookies.clear()
         assert client.get("/jobs").status_code == 401
