@@ -757,7 +757,7 @@ def test_native_pixel_data_shorter_than_the_image_is_refused(implicit: bool) -> 
     ds.PixelData = whole + b"\0\0"
     read_header(part10(ds, syntax))
     ds.PixelData = whole[:16]
-    with pytest.raises(InvalidDicom, match="pixel data holds 16 bytes .* need 32"):
+    with pytest.raises(InvalidDicom, match=r"pixel data holds 16 bytes .* need 32"):
         read_header(part10(ds, syntax))
 
 
