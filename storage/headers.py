@@ -217,10 +217,13 @@ def _pixel_bytes(
     samples: int | None,
     bits: int | None,
 ) -> int | None:
-    """Native Pixel Data's length in bytes (see :attr:`Header.pixel_bytes`), or None."""
+    """The fewest bytes native Pixel Data may hold (see :attr:`Header.pixel_bytes`), or None.
+    Colour counts 2 samples per pixel, not 3: YBR_FULL_422 shares Cb and Cr between two pixels
+    (PS3.3 C.7.6.3.1.2), and the Photometric Interpretation is not read here."""
     if not rows or not columns or not samples or not bits:
         return None
-    return (rows * columns * (frames or 1) * samples * bits + 7) // 8
+    per_pixel = 1 if samples == 1 else 2
+    return (rows * columns * (frames or 1) * per_pixel * bits + 7) // 8
 
 
 def check_pixel_length(data: bytes, pixel_at: int, header: Header, size: int) -> None:

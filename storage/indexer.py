@@ -94,9 +94,10 @@ class Header:
     series: dict[str, Any] = field(default_factory=dict)
     instance: dict[str, Any] = field(default_factory=dict)
     pixel_bytes: int | None = None
-    """How many bytes native (uncompressed) Pixel Data must hold: Rows x Columns x Samples per
-    Pixel x Number of Frames x Bits Allocated / 8, rounded up (PS3.5 8.1.1, PS3.3 C.7.6.3);
-    None when the header does not say (no image, or an attribute missing)."""
+    """How many bytes native (uncompressed) Pixel Data must hold at least: Rows x Columns x
+    Number of Frames x Bits Allocated / 8, rounded up, times 1 for one sample per pixel and 2
+    for colour (YBR_FULL_422 holds 2 samples per pixel; PS3.5 8.1.1, PS3.3 C.7.6.3); None when
+    the header does not say (no image, or an attribute missing)."""
 
     @property
     def relative_path(self) -> str:

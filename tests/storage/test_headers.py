@@ -761,6 +761,28 @@ def test_native_pixel_data_shorter_than_the_image_is_refused(implicit: bool) -> 
         read_header(part10(ds, syntax))
 
 
+def test_native_colour_and_one_bit_pixel_data_of_the_right_size_are_read() -> None:
+    """The length check refuses no valid image: YBR_FULL_422 holds 2 bytes per pixel for 3
+    samples (PS3.3 C.7.6.3.1.2), RGB 3; a binary SEG's frames are packed bits (PS3.3 C.8.20.2)."""
+    ds = ct(size=4)
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 3, 8, 8, 7
+    ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = bytes(4 * 4 * 2)
+    assert read_header(part10(ds)).pixel_bytes == 32
+    ds.PhotometricInterpretation = "RGB"
+    ds.PixelData = bytes(4 * 4 * 3)
+    read_header(part10(ds))
+    seg = ct(size=4)
+    seg.SamplesPerPixel, seg.BitsAllocated, seg.BitsStored, seg.HighBit = 1, 1, 1, 0
+    seg.NumberOfFrames = 3
+    seg.PixelData = bytes((4 * 4 * 3 + 7) // 8)
+    assert read_header(part10(seg)).pixel_bytes == 6
+    seg.PixelData = bytes(4)
+    with pytest.raises(InvalidDicom, match="holds 4 bytes"):
+        read_header(part10(seg))
+
+
 # --- prefixes of a file still arriving ---------------------------------------------------------
 
 
