@@ -31,6 +31,14 @@ class Stored:
     series_uid: str
     sop_uids: list[str]
 
+    def series_keys(self) -> dict[str, str]:
+        """The identifier of a SERIES-level retrieve of the stored series (``-k`` keys)."""
+        return {
+            "QueryRetrieveLevel": "SERIES",
+            "StudyInstanceUID": self.study_uid,
+            "SeriesInstanceUID": self.series_uid,
+        }
+
 
 @pytest.fixture
 def stored(start_node: NodeFactory, phantom_series: list[Path]) -> Stored:
@@ -140,9 +148,7 @@ def test_movescu_to_storescp_destination(stored: Stored, tmp_path: Path) -> None
             "-S",
             "-aem",
             "PACS",
-            QueryRetrieveLevel="SERIES",
-            StudyInstanceUID=stored.study_uid,
-            SeriesInstanceUID=stored.series_uid,
+            **stored.series_keys(),
         )
     assert result.returncode == 0, result.stdout
     assert "Received Final Move Response (Success)" in result.stdout, result.stdout
@@ -172,9 +178,7 @@ def test_movescu_hears_the_count_before_its_sub_association(stored: Stored, tmp_
         str(stored.pacs_port),
         "-od",
         str(out),
-        QueryRetrieveLevel="SERIES",
-        StudyInstanceUID=stored.study_uid,
-        SeriesInstanceUID=stored.series_uid,
+        **stored.series_keys(),
     )
     assert result.returncode == 0, result.stdout
     first, sub_association = (
@@ -336,9 +340,7 @@ def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:
         "-S",
         "-od",
         str(out),
-        QueryRetrieveLevel="SERIES",
-        StudyInstanceUID=stored.study_uid,
-        SeriesInstanceUID=stored.series_uid,
+        **stored.series_keys(),
     )
     assert result.returncode == 0, result.stdout
     files = received(out)
