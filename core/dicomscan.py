@@ -227,25 +227,27 @@ def check_pixel_data(
     found it, ``pixel_at``) of a file in ``transfer_syntax`` whose first bytes are ``data``
     does not fit in the file's ``size`` bytes (see :func:`scan`), or, with ``expected`` (the
     bytes native pixel data must hold), when its defined length is less; :class:`NotSure`
-    when the bytes there are not an element header."""
+    when the bytes there are not an element header, or ``transfer_syntax`` is not one this
+    module reads (big endian, deflated), as :func:`scan`."""
+    if not transfer_syntax or transfer_syntax in _NOT_LITTLE_ENDIAN_EXPLICIT:
+        raise NotSure(f"transfer syntax {transfer_syntax!r}")
     try:
-        _check_pixel_data(data, pos, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN, size)
-        if expected is not None:
-            _, _, length = _element(data, pos, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN)
-            if length != _UNDEFINED and length < expected:
-                raise Truncated(
-                    f"its pixel data holds {length} bytes where Rows, Columns, Samples per "
-                    f"Pixel, Number of Frames and Bits Allocated need {expected}"
-                )
+        length = _check_pixel_data(data, pos, transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN, size)
+        if expected is not None and length is not None and length < expected:
+            raise Truncated(
+                f"its pixel data holds {length} bytes where Rows, Columns, Samples per "
+                f"Pixel, Number of Frames and Bits Allocated need {expected}"
+            )
     except _Short:
         raise NotSure("the pixel data element header is not in the bytes given") from None
     except (struct.error, IndexError) as exc:
         raise NotSure(str(exc)) from exc
 
 
-def _check_pixel_data(data: bytes, pos: int, implicit: bool, size: int) -> None:
+def _check_pixel_data(data: bytes, pos: int, implicit: bool, size: int) -> int | None:
     """Raise :class:`Truncated` when the pixel data element at ``pos`` does not fit in a file
-    of ``size`` bytes whose first bytes are ``data``."""
+    of ``size`` bytes whose first bytes are ``data``; return its defined length (None when
+    undefined: encapsulated)."""
     _, value_pos, length = _element(data, pos, implicit)
     if length != _UNDEFINED:
         if value_pos + length > size:
@@ -253,13 +255,14 @@ def _check_pixel_data(data: bytes, pos: int, implicit: bool, size: int) -> None:
                 f"the file ends inside its pixel data: {value_pos + length - size} of its "
                 f"{length} bytes are missing"
             )
-        return
+        return int(length)
     if size > len(data):
-        return  # an encapsulated value beyond the bytes given: not checked
+        return None  # an encapsulated value beyond the bytes given: not checked
     try:
         _skip_items(data, value_pos, True)
     except _Short:
         raise Truncated("the file ends inside its encapsulated pixel data") from None
+    return None
 
 
 def _skip_items(data: bytes, pos: int, implicit: bool) -> int:

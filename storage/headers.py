@@ -226,23 +226,33 @@ def _pixel_bytes(
     return (rows * columns * (frames or 1) * per_pixel * bits + 7) // 8
 
 
+def native_pixel_bytes(header: Header) -> int | None:
+    """The fewest bytes the header's Pixel Data must hold (:attr:`Header.pixel_bytes`) when its
+    transfer syntax keeps it native; None when that is not known (encapsulated or deflated
+    pixel data, attributes missing)."""
+    if header.transfer_syntax_uid not in NATIVE_SYNTAXES:
+        return None
+    return header.pixel_bytes
+
+
 def check_pixel_length(data: bytes, pixel_at: int, header: Header, size: int) -> None:
-    """Raise InvalidDicom when the native Pixel Data element at ``pixel_at`` (an offset into
-    ``data``, the first bytes of a file of ``size`` bytes) holds fewer bytes than the image's
-    attributes say (:attr:`Header.pixel_bytes`): a file cut short and then re-encoded with a
-    consistent length, say, which would otherwise be filed as an image with rows missing.
-    Encapsulated or deflated pixel data, and headers that do not say, are not checked."""
-    expected = header.pixel_bytes
-    if expected is None or header.transfer_syntax_uid not in NATIVE_SYNTAXES:
-        return
+    """Raise InvalidDicom when the Pixel Data element at ``pixel_at`` (an offset into ``data``,
+    the first bytes of a file of ``size`` bytes) does not fit in the file or, native, holds
+    fewer bytes than the image's attributes say (:func:`native_pixel_bytes`): a file cut short
+    and then re-encoded with a consistent length, say, which would otherwise be filed as an
+    image with rows missing. Nothing is raised where the bytes there are not sure."""
     try:
         dicomscan.check_pixel_data(
-            data, pixel_at, header.transfer_syntax_uid, size, expected=expected
+            data,
+            pixel_at,
+            header.transfer_syntax_uid,
+            size,
+            expected=native_pixel_bytes(header),
         )
     except dicomscan.NotSure:
         return
     except dicomscan.Truncated as exc:
-        raise InvalidDicom(str(exc)) from exc
+        raise InvalidDicom(f"not a readable DICOM Part 10 file: {exc}") from exc
 
 
 def _fitted(

@@ -105,17 +105,16 @@ class IncomingFile:
 
     def check_complete(self) -> None:
         """Raise InvalidDicom when the received file ends inside its pixel data (PS3.5 7.1:
-        the element's length says more bytes than came). Read from the head kept in memory, so
-        a header longer than :data:`HEAD_BYTES`, or one only pydicom reads, is not checked.
+        the element's length says more bytes than came), or when its native pixel data holds
+        fewer bytes than its image attributes say (:func:`check_pixel_length`). Read from the
+        head kept in memory, so a header longer than :data:`HEAD_BYTES`, or one only pydicom
+        reads, is not checked.
         When the header was read ahead by the node's scan, the pixel data element it found is
         checked where it lies, without scanning the head again."""
         whole = self.size == len(self._head)
         try:
             if self._pixel_at is not None and self._header is not None:
-                syntax = self._header.transfer_syntax_uid
-                head = self._head_bytes()
-                dicomscan.check_pixel_data(head, self._pixel_at, syntax, self.size)
-                check_pixel_length(head, self._pixel_at, self._header, self.size)
+                check_pixel_length(self._head_bytes(), self._pixel_at, self._header, self.size)
                 return
             dicomscan.scan(self._head_bytes(), frozenset(), complete=whole, size=self.size)
         except dicomscan.NotSure:
