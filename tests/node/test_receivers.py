@@ -329,21 +329,26 @@ def test_a_receiver_killed_mid_way_loses_nothing_acknowledged(node: Node, tmp_pa
     files = sorted(folder.iterdir())
     (pid,) = node.receivers.pids()
     processes: list[subprocess.Popen[str]] = []
+    logs: list[Path] = []
     try:
-        # 2400 small files per association: the receiver's is still sending when it is killed
-        for _ in range(12):  # until one association is the receiver's
-            processes.append(
-                subprocess.Popen(
-                    [
-                        *(tool("storescu"), "-v", "-aec", "NNUNET_NODE"),
-                        *("127.0.0.1", str(node.port), *map(str, files * 100)),
-                    ],
-                    env=DCMTK_ENV,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
+        # 2400 small files per association: the receiver's is still sending when it is killed.
+        # Output goes to files: a pipe nobody reads fills up (-v writes ~300 bytes per file)
+        # and storescu, blocked writing it, would never see its association break.
+        for i in range(12):  # until one association is the receiver's
+            logs.append(tmp_path / f"storescu-{i}.log")
+            with logs[-1].open("w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            *(tool("storescu"), "-v", "-aec", "NNUNET_NODE"),
+                            *("127.0.0.1", str(node.port), *map(str, files * 100)),
+                        ],
+                        env=DCMTK_ENV,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    )
                 )
-            )
             time.sleep(0.3)
             if _receiver_has_connection(pid, node.port):
                 break
@@ -356,8 +361,9 @@ def test_a_receiver_killed_mid_way_loses_nothing_acknowledged(node: Node, tmp_pa
         for process in processes:
             if process.poll() is None:
                 process.terminate()
-        texts = [p.communicate(timeout=60)[0] for p in processes]
-        outputs = [(p.returncode, out) for p, out in zip(processes, texts, strict=True)]
+        for process in processes:
+            process.wait(timeout=60)
+        outputs = [(p.returncode, log.read_text()) for p, log in zip(processes, logs, strict=True)]
     # A new receiver takes the dead one's place, after finishing its interrupted writes.
     until(lambda: node.receivers.pids() and node.receivers.pids() != [pid], timeout=60)
     until(lambda: not [p for p in node.receiver_folder.iterdir() if p.stat().st_size], 30)
