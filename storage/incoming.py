@@ -212,10 +212,16 @@ class SpareFiles:
                     self._ready.append((path, fd))
 
     def close(self) -> None:
+        """Stop making spare files and delete the ready ones. Returns once the thread has
+        ended, so a file it was making just then is gone too (:meth:`Archive.recover` after
+        :meth:`Archive.close` would otherwise count it as a spare, or find it deleted under it)."""
         with self._lock:
             self._closed = True
             ready, self._ready = self._ready, []
+            thread = self._thread
         self._wanted.set()
         for path, fd in ready:
             os.close(fd)
             path.unlink(missing_ok=True)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)

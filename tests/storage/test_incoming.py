@@ -224,6 +224,35 @@ def test_recover_drops_a_file_cut_short_whose_row_committed(
         assert _data_files(archive) == []
 
 
+def test_closing_waits_for_the_spare_file_being_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spare file the background thread is making while the archive closes is gone once
+    ``close`` returns: ``recover`` right after a close (a restart) found it and counted it as
+    a second spare (CI's failure of the test above, stop 19)."""
+    made, go = threading.Event(), threading.Event()
+    real_new_temp = incoming_module.new_temp
+
+    def slow_new_temp(folder: Path) -> tuple[Path, int]:
+        made_file = real_new_temp(folder)
+        made.set()
+        go.wait(10)
+        return made_file
+
+    monkeypatch.setattr(incoming_module, "new_temp", slow_new_temp)
+    spares = incoming_module.SpareFiles(tmp_path)
+    assert spares.take() is None  # none ready yet; the thread starts making one
+    assert made.wait(10)
+    closer = threading.Thread(target=spares.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # still waiting for the thread's file
+    go.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_recover_after_a_crash_that_left_only_spare_files_reports_nothing_dropped(
     archive: Archive, caplog: pytest.LogCaptureFixture
 ) -> None:
