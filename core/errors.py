@@ -141,6 +141,24 @@ class JobCancelled(NodeError):
     """The job was cancelled while it ran."""
 
 
+# --- values a requester sent, quoted in messages ---------------------------------------------
+
+
+def shown_value(value: str | bytes, limit: int = 64) -> str:
+    """``value`` as a message or a log line may quote it whatever it holds: Python's ``ascii()``
+    of it (quotes; non-ASCII characters, NUL, control characters and backslashes escaped, so the
+    line stays one line of printable ASCII), cut to its first ``limit`` characters, with its
+    length said when it is longer. Bytes are shown one character per byte (``b"\\xe9"`` as
+    ``'\\xe9'``), so what a requester sent can be read back exactly.
+
+    For values that may be anything (a UID of 200 characters with non-ASCII bytes): 64 is the
+    longest a UID may be (PS3.5 9.1)."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if len(text) <= limit:
+        return ascii(text)
+    return f"{text[:limit]!a}... ({len(text)} characters)"
+
+
 # --- pydantic's errors, said once ------------------------------------------------------------
 
 _TYPE_MESSAGES = {

@@ -46,7 +46,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from nnunet_node.node.contexts import FIND_MODELS, QUERY_RETRIEVE
-from nnunet_node.node.status import CANNOT_UNDERSTAND
+from nnunet_node.node.status import CANNOT_UNDERSTAND, refused_before_handler
 from nnunet_node.pipeline.dispatch import NodeAE
 from nnunet_node.pipeline.pynetdicom_internals import (
     AcceptingHandler,
@@ -164,6 +164,11 @@ def receives_c_store(assoc: Any) -> bool:
     )
 
 
+def _log_store_refusal(assoc: Any, status: int, reason: str) -> None:
+    """The one log line (and count) of a C-STORE request refused before its handler."""
+    refused_before_handler("C-STORE", status, reason, assoc)
+
+
 def _discard_unfinished(assoc: Any) -> None:
     """At the end of an association: delete what was being received and never handled."""
     for sink in unfinished_sinks(assoc):
@@ -205,9 +210,8 @@ class ServerAE(NodeAE):
         """Called for each accepted association before it starts (AcceptingHandler)."""
         if self.event_driven:
             self._fast(assoc)
-            if self.store_sink is not None:
-                stream_store_datasets(assoc, self.store_sink)
-            answer_invalid_store_requests(assoc, CANNOT_UNDERSTAND)
+            stream_store_datasets(assoc, self.store_sink)
+            answer_invalid_store_requests(assoc, CANNOT_UNDERSTAND, _log_store_refusal)
             if self.find_service is not None:
                 serve_find_requests(assoc, FIND_MODELS, self.find_service)
                 decode_find_requests(assoc)

@@ -31,7 +31,8 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
 - P-DATA written straight to the socket (:func:`send_pdata_direct`) while the state machine is
   in Sta6 (``StateMachine.current_state``), bypassing the DUL thread.
 - C-STORE streaming: ``DIMSEServiceProvider.message`` / ``receive_primitive`` and the chunked
-  receive mode's ``DIMSEMessage._data_set_file`` / ``_data_set_path``.
+  receive mode's ``DIMSEMessage._data_set_file`` / ``_data_set_path``; the command set's UIDs
+  judged on its raw elements before pynetdicom reads them (:func:`refuse_invalid_command_uids`).
 - Sending a file as stored: the chunked send mode's ``C_STORE._dataset_path`` and the reactor
   pause (``Association._reactor_checkpoint`` / ``_is_paused``), ``_check_received_status``;
   its C-STORE-RSP decoded directly (:func:`decode_store_responses`).
@@ -68,6 +69,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
@@ -83,6 +85,9 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_FIND, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from nnunet_node.core.errors import shown_value
+from nnunet_node.storage.headers import is_valid_uid
 
 LOGGER = logging.getLogger(__name__)
 
@@ -1002,15 +1007,88 @@ pynetdicom writes fragments with (``write``, ``file.flush``, ``close``, ``name``
 and ``complete`` (called after the last): :class:`storage.incoming.IncomingFile`."""
 
 
-def stream_store_datasets(assoc: Any, open_sink: StoreSink) -> None:
-    """As soon as a C-STORE-RQ's command set is decoded, hand its data set's fragments to the
-    sink ``open_sink`` gives, as they arrive; P-DATA with several PDVs are fed one PDV at a
-    time so that the sink is in place before the first data set fragment.
+_COMMAND_UIDS = (
+    (0x00000002, "Affected SOP Class UID"),
+    (0x00001000, "Affected SOP Instance UID"),
+)
+"""The UIDs of a C-STORE-RQ's command set (PS3.7 9.3.1.1), with their names for the log."""
+
+
+def refuse_invalid_command_uids(command: Dataset) -> str | None:
+    """Why a C-STORE-RQ's command set cannot be served, judged on its raw UID values before
+    pydicom or pynetdicom read them; None when its UIDs are valid (or absent: pynetdicom's own
+    check finds those). Each invalid UID (PS3.5 9.1: non-ASCII bytes, other characters than
+    digits and dots, more than 64 characters, empty) is emptied in ``command``, which makes
+    the request one :func:`answer_invalid_store_requests` answers (emptied, not deleted:
+    pynetdicom's standard log handlers, bound when its logger is verbose, read the element);
+    the value is quoted with
+    :func:`core.errors.shown_value` (escaped, cut short).
+
+    Reading such a value through pydicom logs and warns "Invalid value for VR UI" with the raw
+    bytes, pynetdicom adds "Non-conformant ... value" (twice), and takes the first of several
+    backslash-separated values: an operator would see those lines before the node's refusal,
+    and a UID with a backslash would even be stored under its first value. Judged here, the
+    node's refusal is the one line."""
+    problems = []
+    for tag, name in _COMMAND_UIDS:
+        element = command.get_item(tag)  # the raw element: its value not converted, not checked
+        if element is None:
+            continue
+        value = element.value
+        if isinstance(value, bytes):
+            text = value.decode("latin-1")
+        elif isinstance(value, list | tuple):
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = "" if value is None else str(value)
+        text = text.rstrip("\x00 ")  # UI is padded with NUL (PS3.5 6.2); tolerate a space
+        if not is_valid_uid(text):
+            problems.append(f"{name} {shown_value(text)} is not a valid UID (PS3.5 9.1)")
+            command[tag] = DataElement(tag, "UI", "")  # replaced, never read
+    return "; ".join(problems) or None
+
+
+class RefusedDataSet:
+    """The sink of a C-STORE request refused as soon as its command set was read
+    (:func:`refuse_invalid_command_uids`): its data set's fragments are read off the wire and
+    dropped, neither written nor gathered in memory; :attr:`reason` is what the refusal's log
+    line says. It has the parts of a file object pynetdicom's chunked reception writes with."""
+
+    name = os.devnull
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    @property
+    def file(self) -> RefusedDataSet:
+        return self
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing is kept."""
+
+    def close(self) -> None:
+        """Nothing is kept."""
+
+    def discard(self) -> None:
+        """Nothing is kept."""
+
+
+def stream_store_datasets(assoc: Any, open_sink: StoreSink | None) -> None:
+    """As soon as a C-STORE-RQ's command set is decoded, judge its UIDs
+    (:func:`refuse_invalid_command_uids`: a refused request's data set is dropped as it arrives,
+    :class:`RefusedDataSet`) and hand its data set's fragments to the sink ``open_sink`` gives,
+    as they arrive (``open_sink`` None: pynetdicom gathers them in memory); P-DATA with several
+    PDVs are fed one PDV at a time so that the sink is in place before the first data set
+    fragment.
 
     Hooks: ``DIMSEServiceProvider.receive_primitive`` and ``message``, the chunked receive
     mode's ``DIMSEMessage._data_set_file`` / ``_data_set_path`` (pynetdicom sets them only with
-    ``_config.STORE_RECV_CHUNKED_DATASET``, process-wide). Public replacement: a per-association
-    "data set sink" callback.
+    ``_config.STORE_RECV_CHUNKED_DATASET``, process-wide), the command set's raw elements
+    (``Dataset.get_item``). Public replacement: a per-association "data set sink" callback
+    given the command set before its values are read.
     """
     dimse = assoc.dimse
     receive = dimse.receive_primitive
@@ -1026,13 +1104,13 @@ def stream_store_datasets(assoc: Any, open_sink: StoreSink) -> None:
         ):
             return
         command = message.command_set
-        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
-            value = command.get(keyword)
-            if value is not None and len(str(value)) > 64:
-                # pynetdicom would refuse to make a primitive of it and abort the association;
-                # without it the request is answered 0xC000 (answer_invalid_store_requests)
-                LOGGER.info("C-STORE: %s longer than 64 characters; request refused", keyword)
-                setattr(command, keyword, "")
+        refusal = refuse_invalid_command_uids(command)
+        if refusal is not None:
+            refused: Any = RefusedDataSet(refusal)  # has what pynetdicom uses of its file
+            message._data_set_file = refused
+            return
+        if open_sink is None:
+            return
         try:
             transfer_syntax = next(
                 cx.transfer_syntax[0]
@@ -1099,11 +1177,19 @@ def incoming_file(request: Any) -> Any:
 # --- requests pynetdicom would drop unanswered ----------------------------------------------
 
 
-def answer_invalid_store_requests(assoc: Any, status: int) -> None:
+StoreRefusalLog = Callable[[Any, int, str], None]
+"""``(assoc, status, reason)``: logs (and counts) a C-STORE request answered ``status``."""
+
+
+def answer_invalid_store_requests(assoc: Any, status: int, log_refusal: StoreRefusalLog) -> None:
     """Answer a C-STORE-RQ that lacks a required parameter (an empty Affected SOP Instance
-    UID, say) with ``status`` instead of dropping it: pynetdicom logs "Received unexpected
-    C-STORE service message" and sends nothing, so the requester waits for ever (PS3.7 9.1.1:
-    every request gets a response). What was streamed of its data set is deleted.
+    UID, say), or whose command set's UIDs were refused (:func:`refuse_invalid_command_uids`),
+    with ``status`` instead of dropping it: pynetdicom logs "Received unexpected C-STORE service
+    message" and sends nothing, so the requester waits for ever (PS3.7 9.1.1: every request
+    gets a response). What was streamed of its data set is deleted; ``log_refusal`` gives the
+    one log line, with the refused UID's reason where there is one. The response carries no
+    Affected SOP Instance UID (it is optional in a C-STORE-RSP, PS3.7 9.3.1.2, and the
+    request's may not be a UID at all).
 
     Hook: ``Association._serve_request`` (and the primitive's ``_dataset_file``). Public
     replacement: pynetdicom answering such requests itself, or an event for them.
@@ -1118,12 +1204,13 @@ def answer_invalid_store_requests(assoc: Any, status: int) -> None:
         if sink is not None and hasattr(sink, "discard"):
             with contextlib.suppress(OSError):
                 sink.discard()
-        LOGGER.warning(
-            "C-STORE from %s: 0x%04X: the request lacks a required parameter (SOP Class UID, "
-            "SOP Instance UID, Priority or data set)",
-            assoc.requestor.ae_title,
-            status,
+        reason = (
+            sink.reason
+            if isinstance(sink, RefusedDataSet)
+            else "the request lacks a required parameter (SOP Class UID, SOP Instance UID, "
+            "Priority or data set)"
         )
+        log_refusal(assoc, status, reason)
         response = C_STORE()
         response.MessageIDBeingRespondedTo = msg.MessageID
         response.Status = status

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from nnunet_node.core import charset, dicomscan
-from nnunet_node.core.errors import InvalidDicom
+from nnunet_node.core.errors import InvalidDicom, shown_value
 from nnunet_node.storage.indexer import Header
 from nnunet_node.storage.models import Base, Patient, Series, Study
 
@@ -122,12 +122,14 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _raw_text(ds: Dataset, keyword: str) -> str:
-    """The value as sent, without pydicom's value validation (hostile UIDs are ours to judge)."""
+    """The value as sent, without pydicom's value validation (hostile UIDs are ours to judge,
+    and pydicom would log a warning of its own for each); bytes that are not ASCII are kept one
+    character per byte (ISO 8859-1), so a message can quote them exactly."""
     raw = _raw(ds, keyword)
     if raw is None:
         return ""
     if isinstance(raw, bytes):
-        return raw.decode("ascii", errors="replace").strip("\x00 ")
+        return raw.decode("latin-1").strip("\x00 ")
     return str(raw).strip("\x00 ")
 
 
@@ -187,7 +189,7 @@ def _build(
         if not value:
             raise InvalidDicom(f"{keyword} is missing")
         if not is_valid_uid(value):
-            raise InvalidDicom(f"{keyword} {value[:80]!r} is not a valid UID (PS3.5 9.1)")
+            raise InvalidDicom(f"{keyword} {shown_value(value)} is not a valid UID (PS3.5 9.1)")
     header = Header(
         sop_instance_uid=uids["SOPInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],

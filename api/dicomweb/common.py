@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from nnunet_node.core.errors import InvalidRequest
+from nnunet_node.core.errors import InvalidRequest, shown_value
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -54,7 +54,7 @@ def instance_url(base: str, study: str, series: str, sop: str) -> str:
 def check_uid(value: str, what: str) -> str:
     """A UID from the path (PS3.5 9.1): digits and dots, at most 64 characters, else 400."""
     if not value or len(value) > 64 or not set(value) <= _UID_CHARS:
-        raise InvalidRequest(f"{what} {value[:80]!r} is not a valid UID")
+        raise InvalidRequest(f"{what} {shown_value(value)} is not a valid UID")
     return value
 
 

@@ -25,6 +25,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
+from nnunet_node.storage.headers import is_valid_uid
+
 LOGGER = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/dicom+json"
@@ -160,14 +162,23 @@ class FailedRef:
 def store_response(
     stored: Iterable[StoredRef], failed: Iterable[FailedRef], *, study_url: str | None
 ) -> dict[str, Any]:
-    """The Store Instances Response Module (PS3.18 Annex I) as DICOM JSON."""
+    """The Store Instances Response Module (PS3.18 Annex I) as DICOM JSON.
+
+    A Failed SOP Sequence item whose SOP Class or Instance UID could not be read, or is not a
+    valid UID (PS3.5 9.1: a part refused for exactly that), holds that element empty. The SOP
+    Instance Reference Macro (PS3.3 Table 10-11) makes both Type 1, so no choice is fully
+    conformant: an empty value keeps every item's shape (a client that looks for the element
+    finds it and reads "unknown"), keeps the response a valid dataset (echoing the value back
+    would put an invalid UI value in it, which strict DICOM JSON readers refuse), and the
+    item's Failure Reason still says why the part failed. The log line of the refusal quotes
+    the value as sent."""
     ds = Dataset()
     ds.RetrieveURL = study_url or ""
     failed_items = []
     for failure in failed:
         item = Dataset()
-        item.ReferencedSOPClassUID = failure.sop_class_uid
-        item.ReferencedSOPInstanceUID = failure.sop_instance_uid
+        item.ReferencedSOPClassUID = _valid_or_empty(failure.sop_class_uid)
+        item.ReferencedSOPInstanceUID = _valid_or_empty(failure.sop_instance_uid)
         item.FailureReason = failure.reason
         failed_items.append(item)
     stored_items = []
@@ -182,6 +193,10 @@ def store_response(
     if stored_items:
         ds.ReferencedSOPSequence = stored_items
     return ds.to_json_dict()
+
+
+def _valid_or_empty(uid: str) -> str:
+    return uid if is_valid_uid(uid) else ""
 
 
 _NUMBER_VRS = frozenset({"IS", "DS", "US", "UL", "SS", "SL", "FL", "FD", "SV", "UV"})

@@ -42,6 +42,7 @@ from nnunet_node.core.errors import (
     WrongStudy,
 )
 from nnunet_node.storage.archive import Archive, IngestResult, read_header
+from nnunet_node.storage.headers import is_valid_uid
 from nnunet_node.storage.refusals import refusal_for
 
 LOGGER = logging.getLogger(__name__)
@@ -67,15 +68,28 @@ def _check_content_type(raw: str | None) -> bytes:
 
 
 def _uids_of(part: Part) -> tuple[str, str]:
-    """SOP Class and Instance UIDs of a failed part, as far as they can be read."""
+    """SOP Class and Instance UIDs of a failed part for its Failed SOP Sequence item, each
+    empty where it cannot be read or is not a valid UID (PS3.5 9.1; the item then leaves it
+    empty, :func:`api.dicomweb.dicom_json.store_response`). Read raw, without pydicom's value
+    conversion: that would log a warning of its own for an invalid UID, after the node's
+    refusal line."""
     try:
         source: Any = part.path if part.path is not None else io.BytesIO(part.data or b"")
         ds = pydicom.dcmread(
             source, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
         )
-        return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+        return _raw_uid(ds, 0x00080016), _raw_uid(ds, 0x00080018)
     except Exception:
         return "", ""
+
+
+def _raw_uid(ds: pydicom.Dataset, tag: int) -> str:
+    """The UI element's value as sent if it is a valid UID, else empty."""
+    element = ds.get_item(tag)  # the raw element: its value not converted, not checked
+    value = element.value if element is not None else None
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value or "")
+    text = text.rstrip("\x00 ")
+    return text if is_valid_uid(text) else ""
 
 
 def _store_part(archive: Archive, part: Part, study: str | None) -> IngestResult:

@@ -10,9 +10,11 @@ then update the check.
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import re
 import threading
+from io import BytesIO
 
 import pynetdicom
 import pytest
@@ -23,10 +25,12 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from nnunet_node.pipeline import pynetdicom_internals as internals
+from tests.node.raw_dimse import store_request
 
 
 def _source(obj: object) -> str:
@@ -422,3 +426,29 @@ def test_c_find_requests_decoded_directly_are_pynetdicoms() -> None:
     other.primitive_to_message(sent)
     other.command_set.CommandField = 0x0021  # C-MOVE-RQ
     assert internals._find_request(encode(other.command_set, True, True) or b"") is None
+
+
+@pytest.mark.parametrize("bad", [b"1.2.3.\xe9", b"1.2." + b"9" * 80, b"1.2.abc", b"1.2\\3"])
+def test_command_uids_are_judged_raw_and_refused_requests_are_invalid(
+    bad: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pynetdicom decodes a command set into raw elements (DIMSEMessage.decode_msg) and reads
+    # their values only in message_to_primitive: refuse_invalid_command_uids runs between the
+    # two, reads them raw (no pydicom warning: filterwarnings = error) and empties the bad one,
+    # which leaves a request pynetdicom calls invalid (answer_invalid_store_requests answers it)
+    caplog.set_level(logging.WARNING)
+    assert "self.command_set = decode(self.encoded_command_set, True, True)" in _source(
+        DIMSEMessage.decode_msg
+    )
+    ct = b"1.2.840.10008.5.1.4.1.1.2\x00"
+    message = C_STORE_RQ()
+    message.command_set = decode(BytesIO(store_request(ct, bad, message_id=7)), True, True)
+    message.context_id = 1
+    reason = internals.refuse_invalid_command_uids(message.command_set)
+    assert reason is not None and reason.startswith("Affected SOP Instance UID ")
+    primitive = message.message_to_primitive()
+    assert primitive.MessageID == 7
+    assert primitive.is_valid_request is False
+    assert not caplog.records, [r.getMessage()[:100] for r in caplog.records]
+    good = decode(BytesIO(store_request(ct, b"1.2.3.4\x00", message_id=8)), True, True)
+    assert internals.refuse_invalid_command_uids(good) is None

@@ -38,7 +38,7 @@ from pydicom.uid import (
 )
 
 from nnunet_node.core import dicomscan
-from nnunet_node.core.errors import InvalidDicom
+from nnunet_node.core.errors import InvalidDicom, shown_value
 from nnunet_node.storage.headers import (
     INSTANCE_INT_ATTRIBUTES,
     PATIENT_ATTRIBUTES,
@@ -685,7 +685,8 @@ def test_invalid_uid_is_refused(keyword: str, uid: str) -> None:
     data = part10(ds)
     message = _refusal(data)
     assert message == _pydicom_refusal(data)
-    assert message == f"{keyword} {uid!r} is not a valid UID (PS3.5 9.1)"
+    assert message == f"{keyword} {shown_value(uid)} is not a valid UID (PS3.5 9.1)"
+    assert message.isascii() and len(message) < 150
 
 
 def test_invalid_uid_in_a_fallback_file_is_refused_alike() -> None:
@@ -700,7 +701,15 @@ def test_non_ascii_uid_is_refused() -> None:
     data = edited(ct(), {STUDY_UID: raw(STUDY_UID, b"UI", b"1.2.3\xe9")})
     message = _refusal(data)
     assert message == _pydicom_refusal(data)
-    assert message.startswith("StudyInstanceUID ")
+    # the byte as sent, escaped: the message stays printable ASCII
+    assert message == "StudyInstanceUID '1.2.3\\xe9' is not a valid UID (PS3.5 9.1)"
+
+
+def test_overlong_uid_is_quoted_cut_short() -> None:
+    uid = "1.2." + "9" * 200
+    message = _refusal(part10(ct(SOPInstanceUID=uid)))
+    quoted = f"'{uid[:64]}'... (204 characters)"
+    assert message == f"SOPInstanceUID {quoted} is not a valid UID (PS3.5 9.1)"
 
 
 @pytest.mark.parametrize(

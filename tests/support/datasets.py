@@ -4,6 +4,7 @@ that use them do not depend on the phantom generator."""
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from typing import Any
 
@@ -68,3 +69,20 @@ def encode(ds: Dataset) -> bytes:
         warnings.simplefilter("ignore")
         pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def with_raw_uid(data: bytes, keyword: str, value: bytes) -> bytes:
+    """``data`` (an Explicit VR Little Endian data set, or a Part 10 file of one) with the
+    value of its UI element ``keyword`` replaced by ``value`` as given, padded with one NUL to
+    an even length and not checked: what a faulty or hostile sender writes (non-ASCII bytes,
+    200 characters, letters), which pydicom would warn about or refuse to write.
+
+    :raises ValueError: ``data`` has no such element."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or pydicom.datadict.dictionary_VR(tag) != "UI":
+        raise ValueError(f"{keyword} is not a UI attribute")
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"UI"
+    at = data.index(head)
+    (length,) = struct.unpack_from("<H", data, at + 6)
+    padded = value + b"\x00" * (len(value) % 2)
+    return data[:at] + head + struct.pack("<H", len(padded)) + padded + data[at + 8 + length :]

@@ -236,6 +236,15 @@ def test_store_response_lists_stored_and_failed() -> None:
     assert ds.FailedSOPSequence[0].FailureReason == 0xC000
 
 
+@pytest.mark.parametrize("uid", ["1.2.3.\u00e9", "1.2." + "9" * 80, "1.2.abc", "1.2.3\\4"])
+def test_store_response_never_echoes_an_invalid_uid(uid: str) -> None:
+    body = store_response([], [FailedRef(uid, uid, 0xC000)], study_url=None)
+    item = body["00081198"]["Value"][0]
+    assert item["00081150"] == {"vr": "UI"}  # present, empty (the docstring says why)
+    assert item["00081155"] == {"vr": "UI"}
+    assert item["00081197"] == {"vr": "US", "Value": [0xC000]}
+
+
 # --- QIDO parameters -----------------------------------------------------------------------
 
 
