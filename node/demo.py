@@ -10,10 +10,18 @@ So that the results have somewhere to go, the demo runs the rule's destination i
 occasion (:class:`DemoDestination`, a small storage SCP with the destination's AE title, on its
 loopback host and port) and shows the SEG and RTSTRUCT arriving there. When something already
 listens on that port (a PACS of your own, ``storescp``), the results go there instead.
+
+Before anything (no phantom written, no destination started), the node must answer a C-ECHO
+(PS3.4 A) as the demo will call it: otherwise one line on stderr says why, and the exit status
+is 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -24,6 +32,7 @@ from typing import Any
 import httpx
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
@@ -38,6 +47,9 @@ from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.jobs import MAX_PAGE, JobFilters, JobStore
 
 TERMINAL = {"done", "failed", "cancelled", "superseded"}
+UNREACHABLE = 2
+"""Exit status when the node does not answer the C-ECHO (as for the CLI's other refusals)."""
+ECHO_TIMEOUT_S = 10.0
 DEFAULT_TIMEOUT_S = 300.0
 ARRIVAL_TIMEOUT_S = 60.0
 PHANTOM_ATTRIBUTES = {"Modality": "CT", "SeriesDescription": "Phantom CT"}
@@ -176,6 +188,47 @@ def _progress_of(job: dict[str, Any]) -> dict[str, Any]:
     return {"description": f"{status}{where} {step}".rstrip(), "completed": fraction}
 
 
+@contextlib.contextmanager
+def _pynetdicom_quiet() -> Any:
+    """pynetdicom's own log lines about a failed association (ERROR "unable to connect", the
+    rejection's result, source and reason) held back for a moment: the demo says it in one."""
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def echo_node(host: str, port: int, called_ae: str, calling_ae: str) -> str | None:
+    """C-ECHO the node (Verification SOP Class, PS3.4 A) as ``calling_ae``; None when it
+    answers Success, else why not in a few words (the connection refused or timed out, the
+    association rejected or aborted, or the status it answered)."""
+    try:
+        with socket.create_connection((host, port), timeout=ECHO_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ECHO_TIMEOUT_S
+    with _pynetdicom_quiet():
+        assoc = ae.associate(host, port, ae_title=called_ae)
+        if assoc.is_rejected:
+            return f"the association was rejected (calling AE title {calling_ae})"
+        if not assoc.is_established:
+            return "the association was not accepted"
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+    code = status.get("Status") if status is not None else None
+    if code is None:
+        return "no answer to the C-ECHO"
+    return None if code == 0x0000 else f"the C-ECHO was answered 0x{int(code):04X}"
+
+
 def run_demo(
     settings: Settings,
     host: str = "127.0.0.1",
@@ -185,9 +238,21 @@ def run_demo(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     phantom_shape: tuple[int, int, int] | None = None,
 ) -> int:
-    """Send a phantom study to the node at ``host:port`` and follow its job; 0 when it is done."""
+    """Send a phantom study to the node at ``host:port`` and follow its job; 0 when it is done,
+    :data:`UNREACHABLE` (2) when the node does not answer a C-ECHO first (one line on stderr,
+    nothing written), 1 when the study could not be sent or its job did not end done."""
     port = port or settings.dicom_port
     http_port = http_port or settings.http_port
+    calling = _calling_ae(settings)
+    unreachable = echo_node(host, port, settings.ae_title, calling)
+    if unreachable is not None:
+        print(
+            f"nnunet-node demo: the DICOM node {settings.ae_title}@{host}:{port} does not answer "
+            f"a C-ECHO ({unreachable}); start it with `nnunet-node serve`, or give its --host "
+            "and --port",
+            file=sys.stderr,
+        )
+        return UNREACHABLE
     started = time.perf_counter()
     scps: list[DemoDestination] = []
     for destination in _demo_destinations(settings):
@@ -208,6 +273,11 @@ def run_demo(
     finally:
         for scp in scps:
             scp.stop()
+
+
+def _calling_ae(settings: Settings) -> str:
+    """The demo's calling AE title: with an allow-list, the first allowed one."""
+    return (settings.allowed_calling_aes or ["NNUNET_DEMO"])[0]
 
 
 def _run(
@@ -236,9 +306,7 @@ def _run(
 
         node = Destination("node", settings.ae_title, host, port)
         try:
-            # With an allow-list, call as the first allowed AE title.
-            calling = (settings.allowed_calling_aes or ["NNUNET_DEMO"])[0]
-            report = send_files(node, files, calling_ae=calling)
+            report = send_files(node, files, calling_ae=_calling_ae(settings))
         except SendError as exc:
             print(f"   could not send it: {exc}. Is the node running (`nnunet-node serve`)?")
             return 1

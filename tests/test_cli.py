@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from nnunet_node.cli import build_parser, main
 from nnunet_node.core.settings import Settings
@@ -135,6 +137,51 @@ def test_worker_without_a_broker_and_a_downgrade_below_base_say_so_in_one_line(
     assert err.splitlines()[-1] == (
         "nnunet-node db downgrade: the database has no migration applied: nothing to undo"
     ), err
+
+
+@pytest.mark.parametrize("peer", ["nothing listens", "an SCP that rejects the demo"])
+def test_demo_without_a_node_says_so_in_one_line_and_writes_nothing(
+    peer: str, tmp_path: Path
+) -> None:
+    # The demo wrote its phantom study and started the rule's destination SCP, then failed to
+    # send (exit status 1, after several lines and pynetdicom's errors).
+    port = free_port()
+    server = None
+    if peer != "nothing listens":
+        scp = AE(ae_title="SOMEONE_ELSE")
+        scp.require_called_aet = True  # the demo calls NNUNET_NODE: rejected
+        scp.add_supported_context(Verification)
+        server = scp.start_server(("127.0.0.1", port), block=False)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "TMPDIR": str(scratch),  # where the demo writes its phantom study
+        "NNUNET_NODE_DATA": str(tmp_path / "data"),
+        "NNUNET_NODE_AE_TITLE": "NNUNET_NODE",
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "nnunet_node.cli", "demo", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        if server is not None:
+            server.shutdown()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""  # not a step begun: no phantom, no destination SCP
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(
+        f"nnunet-node demo: the DICOM node NNUNET_NODE@127.0.0.1:{port} does not answer a C-ECHO ("
+    )
+    reason = "Connection refused" if peer == "nothing listens" else "the association was rejected"
+    assert reason in lines[0] and "nnunet-node serve" in lines[0]
+    assert list(scratch.iterdir()) == []
 
 
 def test_settings_name_the_missing_tls_files(tmp_path: Path) -> None:
