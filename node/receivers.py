@@ -127,7 +127,7 @@ def run_receiver(
             shared=True,
             incoming_name=receiver_folder(index),
         )
-        spec = NodeSpec.load(settings)
+        spec = NodeSpec.load(settings, quiet=True)  # the node's process logged it already
         node = DicomNode(
             settings, archive, spec.routing, port=0, tls_port=0 if tls else None, listening=False
         )

@@ -126,8 +126,9 @@ class RoutingTable:
     """Every declared peer: the destinations, then the ``peers`` entries of other AE titles."""
 
     @classmethod
-    def from_spec(cls, spec: SpecFile | Mapping[str, Any]) -> RoutingTable:
-        """The spec's ``destinations`` and ``routes`` (a parsed document is validated first).
+    def from_spec(cls, spec: SpecFile | Mapping[str, Any], *, quiet: bool = False) -> RoutingTable:
+        """The spec's ``destinations`` and ``routes`` (a parsed document is validated first),
+        logged in one line unless ``quiet`` (a receiver process, whose node already logged it).
 
         Raises :class:`ConfigError` naming the rule and the key: a rule's ``args`` must be
         ``/infer`` request fields a request would accept."""
@@ -144,12 +145,13 @@ class RoutingTable:
         ]
         for route in spec.routes:
             _check_args(route)
-        LOGGER.info(
-            "routing: %d destination(s), %d peer(s), %d rule(s)",
-            len(destinations),
-            len(peers),
-            len(spec.routes),
-        )
+        if not quiet:
+            LOGGER.info(
+                "routing: %d destination(s), %d peer(s), %d rule(s)",
+                len(destinations),
+                len(peers),
+                len(spec.routes),
+            )
         return cls(destinations=destinations, routes=tuple(spec.routes), peers=tuple(peers))
 
     def matching(self, attributes: Mapping[str, str]) -> list[Route]:

@@ -40,14 +40,16 @@ class NodeSpec:
     path: Path | None = None
 
     @classmethod
-    def load(cls, settings: Settings) -> NodeSpec:
-        """Read ``settings.model_serve_spec``; :class:`ConfigError` names what is wrong."""
+    def load(cls, settings: Settings, *, quiet: bool = False) -> NodeSpec:
+        """Read ``settings.model_serve_spec``; :class:`ConfigError` names what is wrong.
+        ``quiet``: without the summary lines (:meth:`from_file`)."""
         path = Path(settings.model_serve_spec)
         return cls.from_file(
             SpecFile.read(path),
             base_dir=path.resolve().parent,
             totalseg_weights_path=settings.totalseg_weights_path,
             path=path,
+            quiet=quiet,
         )
 
     @classmethod
@@ -58,9 +60,15 @@ class NodeSpec:
         base_dir: Path,
         totalseg_weights_path: Path | None = None,
         path: Path | None = None,
+        quiet: bool = False,
     ) -> NodeSpec:
         """Resolve a validated spec whose folder is ``base_dir`` (template and model paths are
-        relative to it); raises :class:`ConfigError` naming the model, segment or rule."""
+        relative to it); raises :class:`ConfigError` naming the model, segment or rule.
+
+        What it holds is logged in two lines (the routing table, the models and their DICOM
+        metadata) unless ``quiet``: for a process that loads the spec its node's process has
+        just loaded and logged (a receiver, node/receivers.py). Warnings about the spec's
+        content and errors are logged either way."""
         registry = ModelRegistry.from_spec(spec, base_dir, totalseg_weights_path)
         metadata: dict[str, SegmentationMetadata] = {}
         for model in registry.models:
@@ -72,14 +80,15 @@ class NodeSpec:
                 model_id=model.id,
                 labels=_model_labels(registry, model),
             )
-        routing = RoutingTable.from_spec(spec)
+        routing = RoutingTable.from_spec(spec, quiet=quiet)
         routing.check_models(registry.resolve)
-        LOGGER.info(
-            "spec %s: %d model(s), DICOM metadata for %s",
-            path or base_dir,
-            len(registry.models),
-            sorted(metadata) or "none",
-        )
+        if not quiet:
+            LOGGER.info(
+                "spec %s: %d model(s), DICOM metadata for %s",
+                path or base_dir,
+                len(registry.models),
+                sorted(metadata) or "none",
+            )
         return cls(
             registry=registry,
             metadata=metadata,

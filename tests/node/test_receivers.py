@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from nnunet_node.node.receivers import receiver_folder
 from nnunet_node.node.service import DimseService
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.models import Instance, Job, Series
+from tests.node.peers import free_port
 from tests.peer_tools import tool
 from tests.support.dcmtk import DCMTK_ENV, dcmtk, retrieve
 from tests.tls_certs import make_pki
@@ -391,3 +393,54 @@ def test_a_receiver_killed_mid_way_loses_nothing_acknowledged(node: Node, tmp_pa
 
 def _sop_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_the_spec_is_logged_once_by_the_node_not_again_by_each_receiver(tmp_path: Path) -> None:
+    """``nnunet-node dicom`` with three processes: the routing table and the model-serve spec's
+    summary appear once in the log, the node's process's (each receiver logged both again);
+    the receivers started (the node says so once they said they were ready), and the node
+    answers a C-ECHO."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "NNUNET_NODE_DATA": str(tmp_path / "data"),
+        "MODEL_SERVE_SPEC": str(REPO / "model-serve-spec.yaml"),
+        "NNUNET_NODE_DICOM_HOST": "127.0.0.1",
+        "NNUNET_NODE_DICOM_PORT": str(port),
+        "NNUNET_NODE_DICOM_PROCESSES": "3",
+        "NNUNET_NODE_DEVICE": "cpu",
+    }
+    log = tmp_path / "node.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nnunet_node.cli", "dicom"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        until(
+            lambda: "nnunet-node dicom: ready" in log.read_text() or process.poll() is not None,
+            timeout=120,
+        )
+        assert process.poll() is None, log.read_text()
+        ae = AE(ae_title="LOGCHECK")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="NNUNET_NODE")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    lines = log.read_text().splitlines()
+    assert len([ln for ln in lines if "nnunet_node.pipeline.routing: routing: " in ln]) == 1, lines
+    assert len([ln for ln in lines if "nnunet_node.pipeline.spec: spec " in ln]) == 1, lines
+    assert any("2 DICOM receiver process(es) serving associations" in ln for ln in lines), lines
+    assert not [ln for ln in lines if "Traceback" in ln or " ERROR " in ln], lines
