@@ -17,7 +17,7 @@ from nnunet_node.core.phantom import make_phantom, write_dicom_series
 from nnunet_node.storage.jobs import JobRecord
 from nnunet_node.storage.models import Instance, Job, JobStatus, Series
 from tests.node.peers import free_port, received, storescp
-from tests.support.dcmtk import dcmtk, retrieve, storescu
+from tests.support.dcmtk import dcmtk, get_series, retrieve, storescu
 from tests.support.routed import DimseNode, dimse_settings, routed_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,21 +149,15 @@ def test_movescu_moves_the_results_to_a_storescp(flow: Flow, tmp_path: Path) -> 
 
 
 def test_getscu_gets_the_seg(flow: Flow, tmp_path: Path) -> None:
-    out = tmp_path / "got"
-    out.mkdir()
-    result = retrieve(
-        "getscu",
-        flow.node.port,
-        "-S",
-        "-od",
-        str(out),
-        QueryRetrieveLevel="SERIES",
-        StudyInstanceUID=flow.study_uid,
-        SeriesInstanceUID=flow.result_series["SEG"],
-    )
-    assert result.returncode == 0, result.stdout
-    (got,) = received(out)
-    ds = pydicom.dcmread(got)
+    keys = {
+        "QueryRetrieveLevel": "SERIES",
+        "StudyInstanceUID": flow.study_uid,
+        "SeriesInstanceUID": flow.result_series["SEG"],
+    }
+    got = get_series(flow.node.port, tmp_path / "got", keys, "-S")
+    assert got.returncode == 0, got.output
+    (seg,) = got.files
+    ds = pydicom.dcmread(seg)
     assert ds.Modality == "SEG" and ds.StudyInstanceUID == flow.study_uid
 
 

@@ -21,16 +21,10 @@ from nnunet_node.core.errors import shown_value
 from nnunet_node.pipeline.stored_send import data_set_offset
 from nnunet_node.storage.models import Instance
 from tests.node.raw_dimse import RawAssociation, store_request
-from tests.support.datasets import with_raw_uid
+from tests.support.datasets import BAD_UIDS, with_raw_uid
 from tests.support.dimse import NodeFactory
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-BAD_UIDS = {
-    "non-ASCII": b"1.2.3.\xe9\xe8.4",
-    "too long": b"1.2." + b"9" * 200,
-    "letters": b"1.2.abc",
-    "backslash": b"1.2.3\\4.5",
-}
 
 
 def _sop_class() -> bytes:

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from nnunet_node.core.logging import install_library_filters
 from nnunet_node.node.ae import DicomNode
 from tests.node.peers import free_port, received, storescp
-from tests.support.dcmtk import dcmtk, retrieve, storescu
+from tests.support.dcmtk import dcmtk, get_series, retrieve, storescu
 from tests.support.dimse import NodeFactory
 
 
@@ -332,38 +332,22 @@ def test_get_cancelled_during_its_first_sub_operation(stored: Stored) -> None:
 
 
 def test_getscu_gets_the_series(stored: Stored, tmp_path: Path) -> None:
-    out = tmp_path / "got"
-    out.mkdir()
-    result = retrieve(
-        "getscu",
-        stored.node.port,
-        "-S",
-        "-od",
-        str(out),
-        **stored.series_keys(),
-    )
-    assert result.returncode == 0, result.stdout
-    files = received(out)
-    assert {pydicom.dcmread(p).SOPInstanceUID for p in files} == set(stored.sop_uids)
+    got = get_series(stored.node.port, tmp_path / "got", stored.series_keys(), "-S")
+    assert got.returncode == 0, got.output
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in got.files} == set(stored.sop_uids)
 
 
 def test_get_one_image_with_patient_root(stored: Stored, tmp_path: Path) -> None:
-    out = tmp_path / "got"
-    out.mkdir()
-    result = retrieve(
-        "getscu",
-        stored.node.port,
-        "-P",
-        "-od",
-        str(out),
-        QueryRetrieveLevel="IMAGE",
-        PatientID="PHANTOM",
-        StudyInstanceUID=stored.study_uid,
-        SeriesInstanceUID=stored.series_uid,
-        SOPInstanceUID=stored.sop_uids[3],
-    )
-    assert result.returncode == 0, result.stdout
-    assert [pydicom.dcmread(p).SOPInstanceUID for p in received(out)] == [stored.sop_uids[3]]
+    image = {
+        "QueryRetrieveLevel": "IMAGE",
+        "PatientID": "PHANTOM",
+        "StudyInstanceUID": stored.study_uid,
+        "SeriesInstanceUID": stored.series_uid,
+        "SOPInstanceUID": stored.sop_uids[3],
+    }
+    got = get_series(stored.node.port, tmp_path / "got", image, "-P")
+    assert got.returncode == 0, got.output
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in got.files] == [stored.sop_uids[3]]
 
 
 def test_getscu_without_the_series_uid_is_told_the_identifier_is_wrong(
@@ -372,16 +356,7 @@ def test_getscu_without_the_series_uid_is_told_the_identifier_is_wrong(
     """A SERIES-level C-GET without SeriesInstanceUID: 0xA900 (Identifier does not match SOP
     Class), the status a C-FIND with a bad identifier gets, not pynetdicom's unable to process;
     nothing is sent."""
-    out = tmp_path / "got"
-    out.mkdir()
-    result = retrieve(
-        "getscu",
-        stored.node.port,
-        "-S",
-        "-od",
-        str(out),
-        QueryRetrieveLevel="SERIES",
-        StudyInstanceUID=stored.study_uid,
-    )
-    assert "DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout
-    assert received(out) == []
+    keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": stored.study_uid}
+    got = get_series(stored.node.port, tmp_path / "got", keys, "-S")
+    assert "DataSetDoesNotMatchSOPClass" in got.output, got.output
+    assert got.files == []

@@ -34,7 +34,7 @@ from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.models import Instance, Job, Series
 from tests.node.peers import free_port
 from tests.peer_tools import tool
-from tests.support.dcmtk import DCMTK_ENV, dcmtk, retrieve
+from tests.support.dcmtk import DCMTK_ENV, dcmtk, get_series
 from tests.tls_certs import make_pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -226,21 +226,15 @@ def test_find_and_get_are_served_by_every_process(node: Node, tmp_path: Path) ->
         )  # fmt: skip
         assert found.returncode == 0, found.stdout
         assert len(re.findall(r"Find Response: \d+ \(Pending\)", found.stdout)) == len(files)
+    keys = {
+        "QueryRetrieveLevel": "SERIES",
+        "StudyInstanceUID": first.StudyInstanceUID,
+        "SeriesInstanceUID": first.SeriesInstanceUID,
+    }
     for attempt in range(4):
-        out = tmp_path / f"get{attempt}"
-        out.mkdir()
-        got = retrieve(
-            "getscu",
-            node.port,
-            "-S",
-            "-od",
-            str(out),
-            QueryRetrieveLevel="SERIES",
-            StudyInstanceUID=first.StudyInstanceUID,
-            SeriesInstanceUID=first.SeriesInstanceUID,
-        )
-        assert got.returncode == 0, got.stdout
-        assert len(list(out.iterdir())) == len(files)
+        got = get_series(node.port, tmp_path / f"get{attempt}", keys, "-S")
+        assert got.returncode == 0, got.output
+        assert len(got.files) == len(files)
 
 
 def test_tls_associations_are_served_by_every_process(node: Node, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ a failure count (and Failed SOP Instance UID List) for the rest."""
 from __future__ import annotations
 
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.stored_send import data_set_offset
 from nnunet_node.storage.archive import Archive
 from tests.node.peers import free_port, received
-from tests.support.dcmtk import dcmtk, retrieve
+from tests.support.dcmtk import dcmtk, get_series, retrieve
 from tests.support.dimse import NodeFactory
 
 # One series per stored transfer syntax, and the dcmtk tool that makes it from Explicit VR LE.
@@ -109,51 +110,43 @@ def _check_identical(corpus: Corpus, got: list[Path], syntax: str) -> None:
 def test_getscu_receives_the_stored_bytes(
     corpus: Corpus, tmp_path: Path, name: str, preference: str
 ) -> None:
-    out = tmp_path / "got"
-    out.mkdir()
-    result = retrieve(
-        "getscu",
-        corpus.node.port,
-        "-S",
-        preference,
-        "+B",
-        "-od",
-        str(out),
-        QueryRetrieveLevel="SERIES",
-        StudyInstanceUID=corpus.study_uid,
-        SeriesInstanceUID=corpus.series[name],
-    )
-    assert result.returncode == 0, result.stdout
-    assert _final_get(result.stdout) == ("Success", {"Completed": 3, "Failed": 0, "Warning": 0})
-    got = received(out)
-    assert len(got) == 3
-    _check_identical(corpus, got, SYNTAXES[name][0])
+    keys = {
+        "QueryRetrieveLevel": "SERIES",
+        "StudyInstanceUID": corpus.study_uid,
+        "SeriesInstanceUID": corpus.series[name],
+    }
+    got = get_series(corpus.node.port, tmp_path / "got", keys, "-S", preference, "+B")
+    assert got.returncode == 0, got.output
+    assert _final_get(got.output) == ("Success", {"Completed": 3, "Failed": 0, "Warning": 0})
+    assert len(got.files) == 3
+    _check_identical(corpus, got.files, SYNTAXES[name][0])
 
 
-def test_movescu_receives_every_syntax_as_stored(corpus: Corpus, tmp_path: Path) -> None:
-    """One C-MOVE of the whole study: the node proposes a context per stored syntax, movescu's
-    storage SCP (accepting every syntax dcmtk knows) takes each, and each file arrives as stored."""
-    out = tmp_path / "moved"
+def _move_study(corpus: Corpus, out: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """C-MOVE the whole study with dcmtk's movescu to its own storage SCP (AE MOVESCU, the
+    corpus's move port), which writes each file into ``out`` (made here) as received (``+B``);
+    ``options``: which transfer syntaxes that SCP accepts (``+xa`` any, ``+xi`` Implicit VR
+    Little Endian only), ``-d``..."""
     out.mkdir()
-    result = retrieve(
+    return retrieve(
         "movescu",
         corpus.node.port,
         "-S",
-        "-aet",
-        "MOVESCU",
-        "-aem",
-        "MOVESCU",
-        "+P",
-        str(corpus.move_port),
-        "+xa",
-        "+B",
-        "-d",
+        *("-aet", "MOVESCU", "-aem", "MOVESCU", "+P", str(corpus.move_port), "+B"),
+        *options,
         "-od",
         str(out),
         cwd=out,
         QueryRetrieveLevel="STUDY",
         StudyInstanceUID=corpus.study_uid,
     )
+
+
+def test_movescu_receives_every_syntax_as_stored(corpus: Corpus, tmp_path: Path) -> None:
+    """One C-MOVE of the whole study: the node proposes a context per stored syntax, movescu's
+    storage SCP (accepting every syntax dcmtk knows) takes each, and each file arrives as stored."""
+    out = tmp_path / "moved"
+    result = _move_study(corpus, out, "+xa", "-d")
     assert result.returncode == 0, result.stdout
     final = re.split(r"Message Type\s*: C-MOVE RSP", result.stdout)[-1]
     assert re.search(r"DIMSE Status\s*: 0x0000: Success", final), result.stdout[-3000:]
@@ -212,25 +205,7 @@ def test_implicit_only_move_destination(corpus: Corpus, tmp_path: Path) -> None:
     re-encoded, RLE files decompressed, implicit ones sent as stored; JPEG Lossless files are
     failed sub-operations when no decoder is installed."""
     out = tmp_path / "moved"
-    out.mkdir()
-    result = retrieve(
-        "movescu",
-        corpus.node.port,
-        "-S",
-        "-aet",
-        "MOVESCU",
-        "-aem",
-        "MOVESCU",
-        "+P",
-        str(corpus.move_port),
-        "+xi",
-        "+B",
-        "-od",
-        str(out),
-        cwd=out,
-        QueryRetrieveLevel="STUDY",
-        StudyInstanceUID=corpus.study_uid,
-    )
+    result = _move_study(corpus, out, "+xi")
     failed, failed_uids = _implicit_only_outcome(corpus)
     assert result.returncode == 0 or failed, result.stdout  # movescu exits non-zero on Warning
     final = "Warning: SubOperationsCompleteOneOrMoreFailures" if failed else "Success"

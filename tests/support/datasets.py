@@ -71,6 +71,15 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+BAD_UIDS = {
+    "non-ASCII": b"1.2.3.\xe9\xe8.4",
+    "too long": b"1.2." + b"9" * 200,
+    "letters": b"1.2.abc",
+    "backslash": b"1.2.3\\4.5",
+}
+"""Values no UID may take (PS3.5 9.1), as a sender's bytes, by what is wrong with them."""
+
+
 def with_raw_uid(data: bytes, keyword: str, value: bytes) -> bytes:
     """``data`` (an Explicit VR Little Endian data set, or a Part 10 file of one) with the
     value of its UI element ``keyword`` replaced by ``value`` as given, padded with one NUL to

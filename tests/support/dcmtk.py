@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.peer_tools import tool
@@ -41,6 +43,29 @@ def retrieve(
     return dcmtk(
         tool, "-v", *options, "-aec", "NNUNET_NODE", *identifier, "127.0.0.1", str(port), cwd=cwd
     )
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """What one getscu run gave: its exit status, its output (stdout and stderr together) and
+    the files it wrote, sorted by name."""
+
+    returncode: int
+    output: str
+    files: list[Path]
+
+
+def get_series(port: int, out_dir: Path, keys: Mapping[str, str], *options: str) -> Retrieved:
+    """C-GET with dcmtk's getscu (verbose) from the node (AE NNUNET_NODE) at ``port`` on
+    loopback, into ``out_dir`` (made here when absent), with the identifier ``keys`` (one
+    ``-k Keyword=value`` each, in order: a series' usually, any level works) and ``options``
+    (the information model, ``-S`` Study Root or ``-P`` Patient Root; a transfer syntax
+    preference such as ``+xr``; ``+B``...). Nothing is asserted: the caller checks the exit
+    status and the files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = retrieve("getscu", port, *options, "-od", str(out_dir), **keys)
+    files = sorted(p for p in out_dir.iterdir() if p.is_file())
+    return Retrieved(result.returncode, result.stdout, files)
 
 
 def storescu(port: int, folder: Path, timeout: float = 60) -> None:

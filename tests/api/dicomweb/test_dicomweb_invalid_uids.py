@@ -16,16 +16,10 @@ import pytest
 from nnunet_node.api.dicomweb.multipart import encode_parts
 from nnunet_node.core.errors import shown_value
 from nnunet_node.storage.headers import is_valid_uid
-from tests.support.datasets import with_raw_uid
+from tests.support.datasets import BAD_UIDS, with_raw_uid
 from tests.support.dicomweb import Node, write_phantom_study
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"; boundary=xyzzy'
-BAD_UIDS = {
-    "non-ASCII": b"1.2.3.\xe9\xe8.4",
-    "too long": b"1.2." + b"9" * 200,
-    "letters": b"1.2.abc",
-    "backslash": b"1.2.3\\4.5",
-}
 
 
 def _ui_values(model: Any) -> list[Any]:
