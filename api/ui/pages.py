@@ -14,6 +14,7 @@ same origin) accepts as well.
 
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -177,7 +178,9 @@ async def job_rows(request: Request, limit: Annotated[int, Query(ge=1, le=500)] 
     try:
         rows, total = await run_in_threadpool(load)
     except ClientError as exc:
-        return HTMLResponse(f'<tr><td colspan="9" class="error">{exc}</td></tr>')
+        # The message quotes the filter as given (``?status=...``): escaped, or a link to the
+        # dashboard could carry markup that runs in the page (reflected XSS).
+        return HTMLResponse(f'<tr><td colspan="9" class="error">{html.escape(str(exc))}</td></tr>')
     return _page(request, "_job_rows.html", rows=rows, total=total)
 
 

@@ -124,6 +124,23 @@ def test_studies_page_shows_patient_names_as_people_write_them(node: Any, tmp_pa
         assert "Smith^John" not in page.text
 
 
+def test_filters_quoted_in_errors_are_text_not_markup(node: Any) -> None:
+    """A link to the dashboard whose filter holds markup shows it as text: the jobs list's error
+    quotes the refused ``status`` escaped (it was not, so the markup ran in the page), and so does
+    the studies page for a refused date."""
+    markup = "<img src=x onerror=alert(1)>"
+    with bare(node) as client:
+        client.headers["X-API-Key"] = KEY
+        rows = client.get("/ui/jobs/rows", params={"status": markup})
+        assert rows.status_code == 200 and 'class="error"' in rows.text
+        assert "&lt;img src=x onerror=alert(1)&gt;" in rows.text
+        assert "<img" not in rows.text
+        studies = client.get("/ui/studies", params={"date": markup})
+        assert studies.status_code == 200
+        assert "&lt;img src=x onerror=alert(1)&gt;" in studies.text
+        assert "<img" not in studies.text
+
+
 @pytest.mark.parametrize(
     ("value", "shown"),
     [

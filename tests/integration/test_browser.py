@@ -267,6 +267,13 @@ def test_other_pages(site: Site) -> None:
     page.goto(site.url("/ui/waiting"))
     assert page.locator("table.waiting").count() == 1
     site.shot("10-waiting")
+    # A filter the jobs list refuses is quoted in its error as text: markup in a link to the
+    # dashboard does not run (it did: the rows' error was not escaped).
+    page.goto(site.url("/ui/jobs?status=<img src=x onerror=document.body.dataset.injected=1>"))
+    error = page.locator("#job-rows td.error")
+    assert "<img src=x onerror=" in error.inner_text()
+    assert page.locator("#job-rows img").count() == 0
+    assert page.evaluate("document.body.dataset.injected") is None
 
 
 def viewport_stats(page: Any) -> tuple[int, tuple[float, float] | None, tuple[int, ...] | None]:
