@@ -52,6 +52,8 @@ class NodeContext:
     completion: CompletionWatcher
     """Fires the routing rules on complete series (not started: the DIMSE service runs its
     thread; the dashboard lists the waiting series through it, whether or not it runs here)."""
+    data_lock: locks.DataFolderLock | None = None
+    """Held while this process is the node of the data folder (built with ``recover``)."""
 
     def close(self) -> None:
         """Stop the workers (if started), empty the model cache and close the database pool."""
@@ -62,6 +64,8 @@ class NodeContext:
             cache.clear()
         self.archive.close()
         self.engine_sql.dispose()
+        if self.data_lock is not None:
+            self.data_lock.release()
 
 
 def build_context(
@@ -74,7 +78,12 @@ def build_context(
     (:class:`~nnunet_node.pipeline.broker.BrokerQueue`) instead of running them; worker processes
     pass ``broker=False``: they run the jobs.
 
-    Raises ConfigError when the data folder cannot be made or written, or the spec is wrong."""
+    With ``recover`` this process becomes the node of the data folder (:class:`~nnunet_node.
+    storage.locks.DataFolderLock`, released by :meth:`NodeContext.close`): recovery and the
+    requeueing of running jobs are safe only where no other node works in it.
+
+    Raises ConfigError when the data folder cannot be made or written, is in use by another node,
+    or the spec is wrong."""
     for folder in (settings.data_dir, settings.jobs_dir):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -84,9 +93,15 @@ def build_context(
             ) from exc
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(f"NNUNET_NODE_DATA: the folder {folder} is not writable")
-    if migrate:
-        upgrade(settings.database_url)
-    engine_sql = make_engine(settings.database_url)
+    data_lock = locks.DataFolderLock.acquire(settings.data_dir) if recover else None
+    try:
+        if migrate:
+            upgrade(settings.database_url)
+        engine_sql = make_engine(settings.database_url)
+    except BaseException:
+        if data_lock is not None:
+            data_lock.release()
+        raise
     try:
         sessions = make_sessionmaker(engine_sql)
         archive = Archive(
@@ -128,6 +143,8 @@ def build_context(
         )
     except BaseException:
         engine_sql.dispose()
+        if data_lock is not None:
+            data_lock.release()
         raise
     return NodeContext(
         settings=settings,
@@ -146,4 +163,5 @@ def build_context(
             supersede=job_service.supersede,
             default_quiet_s=settings.series_quiet_s,
         ),
+        data_lock=data_lock,
     )

@@ -1,4 +1,5 @@
-"""Locks shared by the processes that write one archive (the node's receiver processes).
+"""Locks shared by the processes that write one archive (the node's receiver processes), and the
+lock that keeps a data folder to one node (:class:`DataFolderLock`).
 
 :class:`ProcessLocks` holds advisory byte-range locks (fcntl(2) open file description locks, one
 byte each) on one lock file: every process that opens the same file and locks the same byte
@@ -17,6 +18,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from nnunet_node.core.errors import ConfigError
 
 # Open file description locks (Linux 3.15; POSIX.1-2024 F_OFD_SETLKW): owned by the open file,
 # not the process, so the kernel's deadlock check, which sees processes and not threads, cannot
@@ -70,5 +73,55 @@ class ProcessLocks:
         again)."""
         with self._fd_lock:
             fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class DataFolderLock:
+    """The one node process that uses a data folder: an exclusive flock(2) on
+    ``<data>/node.lock``, held until :meth:`release` (the kernel drops it when the process dies,
+    so a killed node leaves none behind). The file holds the holder's pid, for the message a
+    second node gets.
+
+    A second node on the same folder would "recover" the first one's live state at its start: put
+    its running jobs back in the queue (they then run twice, into one output folder) and delete
+    its spare and in-flight files under ``dicom/.incoming`` (its next C-STORE fails with 0xA701).
+    Job workers on other hosts (``nnunet-node worker``) share the folder without this lock: they
+    recover nothing.
+
+    :meth:`acquire` raises ConfigError naming ``NNUNET_NODE_DATA`` when another process holds
+    the lock, and OSError when the file cannot be opened.
+    """
+
+    NAME = "node.lock"
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, folder: Path) -> DataFolderLock:
+        path = folder / cls.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(
+                f"NNUNET_NODE_DATA: the folder {folder} is in use by another node{by}: stop it, "
+                "or give this node a data folder of its own"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        """Let another node use the folder (closing the file drops the lock); idempotent."""
+        fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

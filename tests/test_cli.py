@@ -111,6 +111,57 @@ def test_a_bad_spec_or_data_folder_stops_with_one_line_and_no_traceback(
         assert last == f"nnunet-node: NNUNET_NODE_DATA: cannot make the folder {data}: File exists"
 
 
+def test_a_second_node_on_a_data_folder_in_use_stops_with_one_line(tmp_path: Path) -> None:
+    """``serve`` on the data folder of a running node (other ports) stops with one line naming
+    the first node, exit status 2, and the first node goes on answering. It used to start: its
+    start-up put the first node's running job back in the queue (the job then ran twice, into
+    one output folder) and deleted the first node's spare files under ``dicom/.incoming``, so
+    that node's next C-STORE failed with 0xA701."""
+    data = tmp_path / "data"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "NNUNET_NODE_DATA": str(data),
+        "NNUNET_NODE_DICOM_PROCESSES": "1",
+        "NNUNET_NODE_DICOM_PORT": str(free_port()),
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "nnunet_node.cli", "dicom"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None
+        assert "listening on port" in first.stdout.readline()
+        second = subprocess.run(
+            [sys.executable, "-m", "nnunet_node.cli", "serve"],
+            env={
+                **env,
+                "NNUNET_SERVE_PORT": str(free_port()),
+                "NNUNET_NODE_DICOM_PORT": str(free_port()),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr
+        assert "Traceback" not in second.stderr, second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"nnunet-node: NNUNET_NODE_DATA: the folder {data} is in use by another node "
+            f"(pid {first.pid}): stop it, or give this node a data folder of its own"
+        )
+        assert first.poll() is None  # the first node runs on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.communicate()
+
+
 def test_db_with_an_unknown_revision_says_so_without_a_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_node.core.errors import (
+    ConfigError,
     InferenceError,
     InvalidRequest,
     JobCancelled,
@@ -27,6 +28,7 @@ from nnunet_node.core.errors import (
 )
 from nnunet_node.core.settings import Settings
 from nnunet_node.inference.request import Plan
+from nnunet_node.pipeline.context import build_context
 from nnunet_node.pipeline.jobs import JobService
 from nnunet_node.pipeline.spec import NodeSpec
 from nnunet_node.storage.archive import Archive
@@ -553,3 +555,16 @@ def test_a_done_hook_can_be_removed(
     service.submit(request_for(study))
     service.run_pending()
     assert seen == [first]
+
+
+def test_one_node_per_data_folder_until_it_closes(demo_settings: Settings) -> None:
+    """A node (built with recovery) holds its data folder: a second one is refused with the
+    reason, a job worker (no recovery) shares the folder, and closing the node frees it."""
+    first = build_context(demo_settings)
+    try:
+        with pytest.raises(ConfigError, match=r"is in use by another node \(pid \d+\)"):
+            build_context(demo_settings)
+        build_context(demo_settings, recover=False, broker=False).close()  # as `nnunet-node worker`
+    finally:
+        first.close()
+    build_context(demo_settings).close()
