@@ -34,6 +34,7 @@ from nnunet_node.api.dicomweb.dicom_json import (
     store_response,
 )
 from nnunet_node.api.dicomweb.multipart import Part, boundary_of, iter_parts, parse_media_type
+from nnunet_node.api.dicomweb.negotiate import wants_json
 from nnunet_node.core.errors import (
     InvalidDicom,
     InvalidRequest,
@@ -135,6 +136,9 @@ async def _ingest(
 
 async def _store(request: Request, context: Any, study: str | None) -> JSONResponse:
     settings, _, archive = context_parts(context)
+    # The response is DICOM JSON (PS3.18 10.5.3): a client that accepts only XML gets 406 before
+    # anything is stored, not a JSON answer it cannot read about instances it then sends again.
+    wants_json(request.headers.get("accept"))
     boundary = _check_content_type(request.headers.get("content-type"))
     max_bytes = settings.max_upload_mb * 1024 * 1024
     length = request.headers.get("content-length")
@@ -205,6 +209,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"description": "No instance stored (FailedSOPSequence says why)"},
     400: {"description": "Malformed multipart body"},
     413: {"description": "Body over the upload limit"},
+    406: {"description": "Accept names no DICOM JSON (the response is application/dicom+json)"},
     415: {"description": 'Not multipart/related; type="application/dicom"'},
 }
 

@@ -75,6 +75,40 @@ def test_parameters_quoted_or_not_in_any_order(node: Node, content_type: str) ->
     assert _stored_uids(response) == [ds.SOPInstanceUID]
 
 
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        ("application/dicom+xml", 406),
+        ("text/html", 406),
+        ("application/dicom+xml, application/dicom+json;q=0.5", 200),
+        ("application/json", 200),
+        ("*/*", 200),
+    ],
+)
+def test_the_response_type_is_negotiated_before_anything_is_stored(
+    node: Node, accept: str, status: int
+) -> None:
+    """The Store Instances Response is DICOM JSON (PS3.18 10.5.3): a client that accepts only
+    XML gets 406 and nothing is stored (it got a 200 in JSON and its instances were filed)."""
+    study = generate_uid()
+    datasets = [build_dataset(study_uid=study) for _ in range(2)]
+    response = node.session().post(
+        f"{node.dicomweb}/studies",
+        data=_body([encode(ds) for ds in datasets]),
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            "Accept": accept,
+        },
+    )
+    assert response.status_code == status, response.text
+    if status == 406:
+        assert response.json()["error"] == "only application/dicom+json is served (no XML)"
+        assert _study_instances(node, study) == set()
+    else:
+        assert response.headers["content-type"].startswith("application/dicom+json")
+        assert _study_instances(node, study) == {ds.SOPInstanceUID for ds in datasets}
+
+
 def test_parse_media_type_keeps_the_boundary_case() -> None:
     media = parse_media_type('multipart/related; BOUNDARY="AbC;d"; type=application/dicom')
     assert media.type == "multipart/related"
