@@ -92,6 +92,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         reason = (first.get("ctx") or {}).get("error") or first.get("msg", "invalid JSON")
         return error_response(400, f"the request body is not valid JSON: {reason}")
     if first.get("type") == "dict_type" and tuple(first.get("loc", ())) == ("body",):
+        sent = request.headers.get("content-type", "")
+        if sent and "json" not in sent.split(";")[0].lower():
+            # FastAPI reads a JSON body only under a JSON media type: `curl -d '{...}'` without
+            # -H sends application/x-www-form-urlencoded, and the object arrived as bytes.
+            return error_response(
+                400,
+                "the request body must be a JSON object sent with Content-Type: "
+                f"application/json (it came as {sent.split(';')[0].strip()!r})",
+            )
         return error_response(400, "the request body must be a JSON object")
     message = describe_validation_error(exc, skip=("body",)) if details else "invalid request"
     return error_response(400, message, details=details)

@@ -211,6 +211,16 @@ def test_parameter_validation_and_a_body_that_is_no_json_object_are_400(guarded:
             guarded.client.post(path, content=b"{not json", headers=json_type), 400, "not valid"
         )
         assert set(body) == {"status", "error"}
+        # A JSON object under another media type (`curl -d` without -H sends a form type): the
+        # error names the header to send, not "must be a JSON object" about a JSON object.
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        body = _assert_failed(
+            guarded.client.post(path, content=b'{"nnunet_id": "phantom"}', headers=form), 400, ""
+        )
+        assert body["error"] == (
+            "the request body must be a JSON object sent with Content-Type: application/json "
+            "(it came as 'application/x-www-form-urlencoded')"
+        )
     assert _job_count(guarded) == count
 
 
