@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Literal
 
 from pythonjsonlogger.json import JsonFormatter
@@ -60,6 +61,47 @@ class MoveRefusalFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.PREFIXES)
+
+
+_NOT_DICOM_HINTS = {
+    0x16: "a TLS handshake: TLS is served only on NNUNET_NODE_DICOM_TLS_PORT, when set",
+    **{
+        ord(c): "an HTTP request? the HTTP API has its own port (NNUNET_SERVE_PORT)"
+        for c in "GPHDOC"
+    },
+}
+"""What the first byte of a connection that sends no DICOM PDU looks like."""
+
+
+class UnknownPduFilter(logging.Filter):
+    """Makes pynetdicom's ERROR "Unknown PDU type received '0x16'" one WARNING per connection
+    that says what the bytes look like. pynetdicom logs the line for every 6 bytes a connection
+    sends that are no DICOM PDU (PS3.8 9.3: types 0x01-0x07) until it closes: five ERROR lines
+    for one TLS ClientHello sent to the plain DICOM port, more for an HTTP request. It is the
+    peer's mistake, not the node's. The association's thread (pynetdicom's DUL reader, one per
+    connection) carries the mark of a connection already reported."""
+
+    PREFIX = "Unknown PDU type received '0x"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        thread = threading.current_thread()
+        if getattr(thread, "_nnunet_node_unknown_pdu", False):
+            return False
+        thread._nnunet_node_unknown_pdu = True  # type: ignore[attr-defined]
+        try:
+            first = int(message[len(self.PREFIX) : len(self.PREFIX) + 2], 16)
+        except ValueError:
+            return True
+        hint = _NOT_DICOM_HINTS.get(first)
+        record.msg = (
+            "a connection sent bytes that are no DICOM PDU (PS3.8 9.3), first 0x%02X%s: aborted"
+        )
+        record.args = (first, f", {hint}" if hint else "")
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class UvicornNameFilter(logging.Filter):
@@ -117,11 +159,13 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
 def install_library_filters() -> None:
     """The filters :func:`configure_logging` puts on library loggers (idempotent): probes out
     of uvicorn's access log, uvicorn's general logger named ``uvicorn``, and pynetdicom's ERROR
-    lines that repeat what the node logs."""
+    lines that repeat what the node logs, and its ERROR lines for a connection that sends no
+    DICOM made one WARNING."""
     install_filter("uvicorn.access", ProbeFilter)
     install_filter("uvicorn.error", UvicornNameFilter)
     install_filter("pynetdicom.transport", ConnectFailureFilter)
     install_filter("pynetdicom.service_class", MoveRefusalFilter)
+    install_filter("pynetdicom.dul", UnknownPduFilter)
 
 
 def install_filter(logger_name: str, kind: type[logging.Filter]) -> None:

@@ -6,6 +6,8 @@ are made for the test (tests/tls_certs.py)."""
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from pathlib import Path
 
 import pydicom
@@ -16,6 +18,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # ty
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core.logging import install_library_filters
 from nnunet_node.core.tls import client_context
 from nnunet_node.node.ae import DicomNode
 from nnunet_node.pipeline.dispatch import SendError, send_files
@@ -156,6 +159,48 @@ def test_a_client_certificate_the_node_does_not_trust_is_refused(
     )
     assert ok.returncode == 0, ok.stdout
     assert _instances(sessions) == 1
+
+
+def _records_settle(caplog: pytest.LogCaptureFixture, words: str) -> list[logging.LogRecord]:
+    """The log records once one holding ``words`` came (the association's thread logs after
+    the client has gone), or after 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(words in r.getMessage() for r in caplog.records):
+            time.sleep(0.3)  # any repeat of it would follow at once
+            break
+        time.sleep(0.05)
+    return list(caplog.records)
+
+
+def test_tls_or_http_sent_to_the_plain_port_is_one_warning_saying_so(
+    tls_node: DicomNode, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS client pointed at the plain DICOM port got pynetdicom's ERROR "Unknown PDU type
+    received '0x16'" five times (once per 6 bytes of its ClientHello), naming neither TLS nor
+    the TLS port; an HTTP request more. Now: one WARNING each, no ERROR, and the port serves on."""
+    install_library_filters()
+    caplog.set_level(logging.WARNING)
+    refused = dcmtk(
+        "echoscu", *_tls_args(pki), "-aec", "NNUNET_NODE", "localhost", str(tls_node.port)
+    )
+    assert refused.returncode != 0, refused.stdout
+    records = _records_settle(caplog, "a TLS handshake")
+    assert not [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    warnings = [r.getMessage() for r in records if "no DICOM PDU" in r.getMessage()]
+    assert warnings == [
+        "a connection sent bytes that are no DICOM PDU (PS3.8 9.3), first 0x16, a TLS handshake: "
+        "TLS is served only on NNUNET_NODE_DICOM_TLS_PORT, when set: aborted"
+    ], warnings
+    caplog.clear()
+    with socket.create_connection(("127.0.0.1", tls_node.port), timeout=10) as http:
+        http.sendall(b"GET /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n\r\n" * 4)
+        records = _records_settle(caplog, "an HTTP request")
+    assert not [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    warnings = [r.getMessage() for r in records if "no DICOM PDU" in r.getMessage()]
+    assert len(warnings) == 1 and "first 0x47, an HTTP request?" in warnings[0], warnings
+    echo = dcmtk("echoscu", "-aec", "NNUNET_NODE", "localhost", str(tls_node.port))
+    assert echo.returncode == 0, echo.stdout
 
 
 def test_the_node_sends_to_a_tls_destination(
