@@ -115,6 +115,17 @@ class Settings(BaseSettings):
     node's own and ``n - 1`` receiver processes sharing its ports, node/receivers.py), so that
     several associations at once use several cores. Unset: one per core, at most 4
     (:attr:`dicom_process_count`)."""
+    dicom_stop_grace_s: float = Field(
+        8.0,
+        ge=0,
+        le=3600,
+        validation_alias=_env("NNUNET_NODE_DICOM_STOP_GRACE_S", "dicom_stop_grace_s"),
+    )
+    """``NNUNET_NODE_DICOM_STOP_GRACE_S``: on SIGTERM or SIGINT the DICOM ports close at once
+    (new connections are refused) and the associations open are given this many seconds to end
+    (their C-STOREs answered, their release answered) before those still open are aborted; a
+    second signal aborts them at once. 0: abort them at once. The default stays under Docker's
+    10 s between ``docker stop``'s SIGTERM and its SIGKILL (node/service.py)."""
     dicom_access: Literal["auto", "peers", "open-store", "open"] = Field(
         "auto", validation_alias=_env("NNUNET_NODE_DICOM_ACCESS", "dicom_access")
     )

@@ -8,6 +8,7 @@ one, or a port that is taken, stops the command with one line naming the variabl
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import gc
 import socket
@@ -108,6 +109,38 @@ class _StartErrorInOneLine:
         await self.app(scope, receive, send_without_traceback)
 
 
+def _graceful_server(config: Any, app: Any) -> Any:
+    """uvicorn's server for ``app`` (the node's, :mod:`nnunet_node.app`), which also stops the
+    DICOM node gracefully (node/service.py): when a signal ends the main loop (checked every
+    0.1 s), the DICOM ports close and the receivers are told before uvicorn closes its own
+    connections; the app's lifespan then waits for the associations open, for what is left of
+    ``NNUNET_NODE_DICOM_STOP_GRACE_S``; a second SIGTERM or SIGINT aborts them. The signal
+    handler only sets flags (no lock: a lock the interrupted thread holds would deadlock)."""
+    import uvicorn
+
+    from nnunet_node.node.service import DimseService
+
+    def dimse() -> DimseService | None:
+        service = app.state.services.get("dimse")
+        return service if isinstance(service, DimseService) else None
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            again = self.should_exit
+            super().handle_exit(sig, frame)
+            service = dimse()
+            if again and service is not None:
+                service.abort_stop()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            service = dimse()
+            if service is not None:
+                await asyncio.to_thread(service.begin_stop)
+            await super().shutdown(sockets)
+
+    return GracefulServer(config)
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -121,7 +154,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.https:
         assert settings.tls_cert is not None and settings.tls_key is not None
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
-    server = uvicorn.Server(
+    server = _graceful_server(
         uvicorn.Config(
             _StartErrorInOneLine(app),
             host=host,
@@ -129,7 +162,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             log_config=None,  # the node's handler and format (core/logging.py)
             log_level=None,
             **tls,  # type: ignore[arg-type]
-        )
+        ),
+        app,
     )
     _freeze_start_up_objects()
     try:

@@ -24,6 +24,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -203,6 +204,7 @@ class DicomNode:
         add_supported_contexts(self.ae)
         self._server: NodeServer | None = None
         self._tls_server: NodeServer | None = None
+        self._started = False
 
     @staticmethod
     def _tls_client(settings: Settings, routing: RoutingTable) -> ssl.SSLContext | None:
@@ -227,6 +229,7 @@ class DicomNode:
 
     @property
     def running(self) -> bool:
+        """Whether the node accepts new connections (started, and not yet stopping)."""
         return self._server is not None
 
     def _bindings(self) -> list[Any]:
@@ -266,7 +269,7 @@ class DicomNode:
     def start(self) -> None:
         """Listen on the plain port, and on the TLS port when one is set. Raises
         :class:`ConfigError` naming the setting when a port is taken or the TLS files are bad."""
-        if self._server is not None:
+        if self._started:
             return
         tls_context = None
         if self._requested_tls_port is not None:
@@ -277,6 +280,7 @@ class DicomNode:
                 )
             tls_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self._server = self._listen(self._requested_port, "NNUNET_NODE_DICOM_PORT", None)
+        self._started = True
         if tls_context is not None and self._requested_tls_port is not None:
             try:
                 self._tls_server = self._listen(
@@ -305,20 +309,55 @@ class DicomNode:
             else "",
         )
 
-    def stop(self) -> None:
-        """Stop accepting, then end the associations still open (abort after their timeout)."""
+    def stop_accepting(self) -> None:
+        """Accept no new connection from now on: the listening sockets are closed, so that a
+        new connection is refused (the peer's ``connect`` fails with ECONNREFUSED, which a
+        sender retries later, as for any node that is down); a receiver process's node
+        (``listening=False``) serves no further connection handed over. The associations open
+        go on. Returns once the accepting threads have ended (up to their 0.5 s poll)."""
         server, self._server = self._server, None
         tls_server, self._tls_server = self._tls_server, None
-        if server is None:
-            return
         if self.listening:  # the others never served (their sockets are closed)
-            server.shutdown()
-            if tls_server is not None:
-                tls_server.shutdown()
+            for listener in (server, tls_server):
+                if listener is not None:
+                    listener.shutdown()
+
+    def open_associations(self) -> int:
+        """How many associations peers requested are open (the node's own requests for C-MOVE
+        sub-operations, inside one of them, not counted)."""
+        return sum(1 for assoc in self.ae.active_associations if assoc.is_acceptor)
+
+    def wait_for_associations(self, grace_s: float, abort: Callable[[], bool] | None = None) -> int:
+        """Wait until no association peers requested is open, for at most ``grace_s`` seconds
+        or until ``abort()`` says True (looked at every 50 ms: it may read a flag a signal
+        handler sets, which must take no lock); the number still open."""
+        deadline = time.monotonic() + grace_s
+        while (still_open := self.open_associations()) and (
+            left := deadline - time.monotonic()
+        ) > 0:
+            if abort is not None and abort():
+                break
+            time.sleep(min(0.05, left))
+        return still_open
+
+    def stop(self, grace_s: float = 0.0, abort: Callable[[], bool] | None = None) -> int:
+        """Stop accepting (:meth:`stop_accepting`), let the associations open end by
+        themselves for up to ``grace_s`` seconds (0, the default: not at all) or until
+        ``abort()`` says True, then abort those still open (A-ABORT, PS3.8 7.3) and shut the AE
+        down. Returns how many associations peers requested were aborted. Logs nothing about
+        them: the caller (node/service.py, node/receivers.py) reports the whole node's."""
+        if not self._started:
+            return 0
+        self.stop_accepting()
+        if grace_s > 0:
+            self.wait_for_associations(grace_s, abort)
+        aborted = self.open_associations()
         for assoc in list(self.ae.active_associations):
             assoc.abort()
         self.ae.shutdown()  # the archive is closed by whoever made it (NodeContext.close)
+        self._started = False
         LOGGER.info("DICOM node %s stopped", self.settings.ae_title)
+        return aborted
 
     def hand_over_with(self, hand_over: Callable[[socket.socket, Any, bool], bool] | None) -> None:
         """Give each connection the servers accept to ``hand_over`` first (node/receivers.py);

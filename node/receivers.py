@@ -36,10 +36,16 @@ Metrics: a receiver counts nothing itself; it sends its events to the node's pro
 :data:`FLUSH_S` seconds (:func:`core.metrics.forward_events`), so ``/metrics`` counts every
 association's requests and instances.
 
-Processes are started with ``spawn`` (no inherited threads, locks or sockets); stopping sends
-each receiver a stop message: it ends its associations as the node's own process does
-(node/ae.py, :meth:`DicomNode.stop`) and exits; one that has not exited after
-:data:`STOP_TIMEOUT_S` is killed.
+Processes are started with ``spawn`` (no inherited threads, locks or sockets). Stopping
+(:meth:`ReceiverPool.request_stop`, then :meth:`ReceiverPool.stop`): the node's process has
+closed its ports, so it hands over no more connections; each receiver gets ``("stop", grace_s)``
+on its hand-over pipe, after every connection handed to it, serves those, lets its associations
+end by themselves for up to ``grace_s`` seconds (``NNUNET_NODE_DICOM_STOP_GRACE_S`` when a
+signal stops the node, else 0), aborts those still open (node/ae.py, :meth:`DicomNode.stop`),
+says how many with ``("stopped", aborted)`` and exits. ``("abort",)`` (a second signal to the
+node) cuts the wait short. One that has not exited :data:`STOP_TIMEOUT_S` after its grace is
+killed. A receiver that gets SIGTERM itself (systemd signals every process of the service)
+stops the same way with the grace of the settings; a second SIGTERM aborts at once.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -72,7 +79,8 @@ FLUSH_S = 0.25
 START_TIMEOUT_S = 120.0
 """Longest wait for a receiver to listen."""
 STOP_TIMEOUT_S = 15.0
-"""Longest wait for a receiver to exit after the stop message, before it is killed."""
+"""Longest wait for a receiver to exit after the stop message and its grace, before it is
+killed."""
 RESTART_DELAY_S = 1.0
 """Wait before a receiver that died is replaced."""
 
@@ -105,15 +113,29 @@ def run_receiver(
     """A receiver process's body (``spawn`` target): serve the connections the node's process
     sends over ``handoff`` (plain, or TLS when ``tls``), count each association it ends in
     ``ended[index]``, say ``("ready", pid)`` or ``("failed", reason)`` on ``conn``, send
-    ``("metrics", events)`` while running, and stop on ``("stop",)``, SIGTERM or the end of
-    either pipe. SIGINT is left to the node's process, which stops its receivers."""
+    ``("metrics", events)`` while running, and stop on ``("stop", grace_s)`` (on ``handoff``,
+    after the connections handed over before it), SIGTERM (with the grace of the settings) or
+    the end of either pipe (at once). Stopping, it says ``("stopping",)``, lets its
+    associations end for up to the grace, or until ``("abort",)`` or a second SIGTERM, aborts
+    the others and says ``("stopped", aborted)``. SIGINT is left to the node's process, which
+    stops its receivers."""
     from nnunet_node.node.ae import DicomNode  # the receiver's imports, not the module's
     from nnunet_node.pipeline.spec import NodeSpec
     from nnunet_node.storage.db import make_engine, make_sessionmaker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    abort = threading.Event()
+    grace = [0.0]  # what the open associations get once stopping (seconds)
+    terms = [0]  # SIGTERMs: the handler only counts (a lock taken there could deadlock)
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        terms[0] += 1
+
+    def aborting() -> bool:
+        return abort.is_set() or terms[0] > 1
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     configure_logging(settings.log_level, settings.log_format)
     metrics.forward_events()
     engine = make_engine(settings.database_url)
@@ -143,8 +165,12 @@ def run_receiver(
 
     def watch_node() -> None:
         with contextlib.suppress(EOFError, OSError):
-            while conn.recv() != ("stop",):
+            while conn.recv() != ("abort",):
                 pass
+            abort.set()
+            stop.set()
+            return
+        abort.set()  # the node's process is gone: no grace
         stop.set()
 
     def take_connections() -> None:
@@ -152,6 +178,9 @@ def run_receiver(
         with contextlib.suppress(EOFError, OSError):
             while not stop.is_set():
                 kind, address = handoff.recv()
+                if kind == "stop":  # after every connection handed over
+                    grace[0] = float(address)
+                    break
                 fd = reduction.recv_handle(handoff)
                 sock = socket.socket(fileno=fd)
                 try:
@@ -172,12 +201,21 @@ def run_receiver(
             with contextlib.suppress(OSError):
                 conn.send(("metrics", events))
 
+    aborted = 0
     try:
         while not stop.wait(FLUSH_S):
+            if terms[0] and not stop.is_set():
+                grace[0] = settings.dicom_stop_grace_s
+                stop.set()
+                break
             flush()
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("stopping",))  # no more connections to this process
     finally:
-        node.stop()
+        aborted = node.stop(grace[0], aborting)
         flush()
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("stopped", aborted))
         archive.close()
         engine.dispose()
 
@@ -193,6 +231,10 @@ class _Receiver:
     reader: threading.Thread | None = None
     handed: int = 0
     """Connections handed to this process (its ``ended`` slot starts at 0 with it)."""
+    draining: bool = False
+    """It said it is stopping: no more connections for it."""
+    aborted: int = 0
+    """Associations it aborted when it stopped (its ``("stopped", n)``)."""
 
 
 class ReceiverPool:
@@ -207,6 +249,8 @@ class ReceiverPool:
         self._receivers: dict[int, _Receiver] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        self._kill_at: float | None = None
+        """When a receiver still running after :meth:`request_stop` is killed (monotonic)."""
         self._tls = False
         self._node: DicomNode | None = None
         self._ended: Any = self._context.RawArray("q", count + 1)
@@ -224,6 +268,7 @@ class ReceiverPool:
         connections and from now on hands them over, :meth:`hand_over`); return when all are
         ready. Raises ConfigError (after stopping those that started) when one cannot."""
         self._stopping.clear()
+        self._kill_at = None
         self._tls = node.tls_port is not None
         started = [self._spawn(index) for index in range(1, self.count + 1)]
         for receiver in started:
@@ -262,7 +307,7 @@ class ReceiverPool:
                 candidates += [
                     (r.handed - self._ended[r.index], r)
                     for _, r in sorted(self._receivers.items())
-                    if r.ready.is_set() and r.failure is None
+                    if r.ready.is_set() and r.failure is None and not r.draining
                 ]
             # this process first on a tie (no hand-over to pay), then the receivers in turn
             others = len(candidates) - 1
@@ -331,6 +376,10 @@ class ReceiverPool:
                     receiver.ready.set()
                 elif message[0] == "failed":
                     receiver.failure = str(message[1])
+                elif message[0] == "stopping":
+                    receiver.draining = True
+                elif message[0] == "stopped":
+                    receiver.aborted = int(message[1])
         except (EOFError, OSError):
             pass
         receiver.process.join(STOP_TIMEOUT_S)
@@ -378,30 +427,55 @@ class ReceiverPool:
             report.dropped,
         )
 
-    def stop(self) -> None:
-        """Stop every receiver (stop message, then kill after :data:`STOP_TIMEOUT_S`) and wait
-        for them."""
-        self._stopping.set()
+    def request_stop(self, grace_s: float) -> None:
+        """Hand no more connections to the receivers and send each ``("stop", grace_s)`` on
+        its hand-over pipe, after the connections handed to it: it serves them, lets its
+        associations end for up to ``grace_s`` seconds, aborts those still open and exits. Call
+        it once the node's ports are closed (:meth:`DicomNode.stop_accepting`); a second call
+        changes nothing. Returns at once; :meth:`stop` waits."""
+        with self._lock:  # hand_over sends under this lock: the stop comes after its sends
+            if self._kill_at is not None:
+                return
+            self._stopping.set()
+            self._kill_at = time.monotonic() + grace_s + STOP_TIMEOUT_S
+            for receiver in self._receivers.values():
+                with contextlib.suppress(OSError, ValueError):
+                    receiver.handoff.send(("stop", grace_s))
+
+    def stop(self, abort: Callable[[], bool] | None = None) -> int:
+        """Stop every receiver and wait for them: :meth:`request_stop` with no grace unless it
+        was called; ``("abort",)`` to each once ``abort()`` says True; a receiver still running
+        :data:`STOP_TIMEOUT_S` after its grace is killed. Returns how many associations the
+        receivers aborted (those of a killed receiver counted as aborted)."""
+        self.request_stop(0.0)
         with self._lock:
             receivers = list(self._receivers.values())
             self._receivers.clear()
             if self._node is not None:
                 self._node.hand_over_with(None)
                 self._node = None
+            kill_at = self._kill_at or time.monotonic()
+        aborted = 0
+        abort_sent = False
         for receiver in receivers:
-            with contextlib.suppress(OSError, ValueError):
-                receiver.conn.send(("stop",))
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for receiver in receivers:
-            receiver.process.join(max(0.0, deadline - time.monotonic()))
+            while receiver.process.is_alive() and (left := kill_at - time.monotonic()) > 0:
+                if abort is not None and not abort_sent and abort():
+                    abort_sent = True
+                    for other in receivers:
+                        with contextlib.suppress(OSError, ValueError):
+                            other.conn.send(("abort",))
+                receiver.process.join(min(0.1, left))
             if receiver.process.is_alive():
                 LOGGER.warning(
-                    "DICOM receiver process %d did not stop in %.0f s: killed",
+                    "DICOM receiver process %d did not stop %.0f s after its grace: killed",
                     receiver.index,
                     STOP_TIMEOUT_S,
                 )
+                aborted += max(0, receiver.handed - self._ended[receiver.index])
                 receiver.process.kill()
                 receiver.process.join()
         for receiver in receivers:
             if receiver.reader is not None and receiver.reader is not threading.current_thread():
                 receiver.reader.join(STOP_TIMEOUT_S)
+            aborted += receiver.aborted
+        return aborted
