@@ -17,6 +17,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.data_dir == (tmp_path / "data").resolve()
     assert s.database_url == f"sqlite:///{tmp_path.resolve() / 'data' / 'nnunet-node.db'}"
     assert s.allowed_roots == [s.data_dir]
+    assert s.dicom_stop_grace_s == 8.0  # under Docker's 10 s from SIGTERM to SIGKILL
 
 
 def test_environment_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,6 +39,7 @@ def test_environment_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ("NNUNET_SERVE_PORT", "70000", "NNUNET_SERVE_PORT"),
         ("NNUNET_NODE_AE_TITLE", "A" * 17, "NNUNET_NODE_AE_TITLE"),
         ("NNUNET_NODE_DEVICE", "tpu", "NNUNET_NODE_DEVICE"),
+        ("NNUNET_NODE_DICOM_STOP_GRACE_S", "-1", "NNUNET_NODE_DICOM_STOP_GRACE_S"),
     ],
 )
 def test_bad_values_name_the_variable(
