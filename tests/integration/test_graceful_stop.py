@@ -58,7 +58,9 @@ def write_series(folder: Path, count: int, size: int = 128) -> dict[str, str]:
 
 
 def refused(port: int) -> bool:
-    """Whether a new TCP connection to the node's DICOM port is refused."""
+    """Whether a new TCP connection to the node's DICOM port is refused. (Tried only once the
+    stop's INFO line is logged: a connection the node accepts counts as an association open
+    until the node sees it close.)"""
     with socket.socket() as sock:
         sock.settimeout(2)
         return sock.connect_ex(("127.0.0.1", port)) != 0
@@ -157,7 +159,8 @@ def test_a_series_in_flight_at_sigterm_is_stored_whole_and_released(
     node.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
 
-    assert until(lambda: refused(port), 5), "a new connection was still accepted"
+    assert until(lambda: stop_lines(node.log)[0], 5)  # logged once the ports are closed
+    assert refused(port), "a new connection was still accepted"
     assert any(sender.poll() is None for sender in senders), "the senders ended first"
     at_refusal = [acknowledged(log) for log in logs]
 
@@ -195,7 +198,8 @@ def test_idle_associations_are_aborted_when_the_grace_ends(node: NodeProcess) ->
     assert node.process is not None
     node.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    assert until(lambda: refused(port), 5)
+    assert until(lambda: stop_lines(node.log)[0], 5)
+    assert refused(port)
     time.sleep(0.5)
     assert all(assoc.is_established for assoc in associations)  # not aborted at once
 
@@ -221,7 +225,8 @@ def test_a_second_sigterm_aborts_at_once(node: NodeProcess) -> None:
     associations = idle_associations(port, 2)
     assert node.process is not None
     node.process.send_signal(signal.SIGTERM)
-    assert until(lambda: refused(port), 5)
+    assert until(lambda: stop_lines(node.log)[0], 5)
+    assert refused(port)
     time.sleep(0.5)
     assert all(assoc.is_established for assoc in associations)
     node.process.send_signal(signal.SIGTERM)
@@ -273,12 +278,15 @@ def test_serve_closes_the_dicom_port_at_sigterm_and_waits_out_the_grace(tmp_path
             stderr=subprocess.STDOUT,
         )
     try:
-        assert until(lambda: not refused(port) or process.poll() is not None, 120, 0.2)
+        assert until(
+            lambda: "listening on" in node.log.read_text() or process.poll() is not None, 120, 0.2
+        )
         assert process.poll() is None, node.log.read_text()[-3000:]
         (association,) = idle_associations(port, 1)
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        assert until(lambda: refused(port), 5)
+        assert until(lambda: stop_lines(node.log)[0], 5)
+        assert refused(port)
         time.sleep(0.5)
         assert association.is_established
         assert until(lambda: association.is_aborted, 30)
