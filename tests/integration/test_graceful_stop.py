@@ -29,9 +29,9 @@ from sqlalchemy import select
 
 from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.models import Instance
-from tests.integration.test_dicom_process import REPO, NodeProcess
 from tests.node.peers import DCMTK_ENV, free_port
 from tests.peer_tools import tool
+from tests.support.node_process import REPO, NodeProcess
 
 
 def write_series(folder: Path, count: int, size: int = 128) -> dict[str, str]:
