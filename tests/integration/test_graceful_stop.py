@@ -216,6 +216,29 @@ def test_idle_associations_are_aborted_when_the_grace_ends(node: NodeProcess) ->
 
 
 @pytest.mark.slow
+def test_sigterm_to_every_process_at_once_drains_the_receiver_too(node: NodeProcess) -> None:
+    """systemd signals every process of the service: the receiver process, which gets SIGTERM
+    itself, gives its association the same grace instead of aborting it at once."""
+    grace = 2.0
+    node.env["NNUNET_NODE_DICOM_STOP_GRACE_S"] = str(grace)
+    node.start()
+    port = port_of(node)
+    associations = idle_associations(port, 2)  # the second on the receiver
+    assert node.process is not None
+    node.signal_all(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert until(lambda: stop_lines(node.log)[0], 5)
+    time.sleep(0.5)
+    assert all(assoc.is_established for assoc in associations)
+    assert until(lambda: all(assoc.is_aborted for assoc in associations), grace + 20)
+    assert time.monotonic() - signalled >= grace - 0.2
+    assert node.process.wait(30) == 0
+    _, aborted = stop_lines(node.log)
+    assert len(aborted) == 1 and "2 association(s) still open after 2 s" in aborted[0], aborted
+    assert "killed" not in node.log.read_text()
+
+
+@pytest.mark.slow
 def test_a_second_sigterm_aborts_at_once(node: NodeProcess) -> None:
     """A grace of 60 s; the second SIGTERM ends the wait: the idle associations are aborted and
     the node exits well before the grace is over, its WARNING saying why."""

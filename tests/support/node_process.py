@@ -59,10 +59,15 @@ class NodeProcess:
     def kill_all(self) -> None:
         """SIGKILL the node's process and its receiver processes at once (a power loss, the
         OOM killer taking the container)."""
+        self.signal_all(signal.SIGKILL)
+
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to the node's process and its child processes at once (as systemd
+        does with its default ``KillMode=control-group``)."""
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         for pid in [self.process.pid, *map(int, children.read_text().split())]:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
 
     def kill_if_running(self) -> None:
         if self.process is not None and self.process.poll() is None:
