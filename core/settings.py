@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from nnunet_node.core.errors import ConfigError, describe_validation_error
 
@@ -55,10 +62,48 @@ def check_queue_name(value: str) -> str:
     return value
 
 
+def variable_names(field: FieldInfo) -> list[str]:
+    """The environment variables a settings field reads: the upper-case names of its
+    ``validation_alias`` (``NNUNET_NODE_...`` or one of the reference server's three)."""
+    choices = getattr(field.validation_alias, "choices", [])
+    return [c for c in choices if isinstance(c, str) and c.isupper()]
+
+
+class _OwnVariables(EnvSettingsSource):
+    """The environment, read only under the node's own names.
+
+    pydantic-settings also reads a field under its bare name (``WORKERS``, ``DEVICE``,
+    ``API_KEY``, ``HTTPS``, ``LOG_LEVEL``... in any case) when fields may be filled by name, as
+    :class:`Settings` allows for the composition roots and tests: a variable some other program
+    set on the host would then configure the node, or stop it. Here a field reads only the
+    variables :func:`variable_names` gives."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[object, str, bool]:
+        for name in variable_names(field):
+            value = self.env_vars.get(name if self.case_sensitive else name.lower())
+            if value is not None:
+                return value, name, False
+        return None, field_name, False
+
+
 class Settings(BaseSettings):
-    """Every setting of the node. Field docs name the environment variable."""
+    """Every setting of the node. Field docs name the environment variable; only those names
+    are read from the environment (``_OwnVariables``), while keyword arguments use the field
+    names (``Settings(data_dir=...)``)."""
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments first, then the environment under the node's own names only."""
+        return init_settings, _OwnVariables(settings_cls)
 
     # --- the reference server's names -------------------------------------------------
     model_serve_spec: Path = Field(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_node.core.errors import ConfigError
-from nnunet_node.core.settings import Settings, load_settings
+from nnunet_node.core.settings import Settings, load_settings, variable_names
 
 
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,8 +56,31 @@ def test_the_readme_configuration_table_lists_every_setting() -> None:
     rows = {line.split("|")[1].strip().strip("`") for line in table.splitlines() if "|" in line}
     variables = set()
     for field in Settings.model_fields.values():
-        alias = field.validation_alias
-        choices = getattr(alias, "choices", [])
-        variables |= {str(c) for c in choices if isinstance(c, str) and c.isupper()}
+        variables |= set(variable_names(field))
     assert len(variables) >= 30
     assert variables - rows == set()
+
+
+def test_variables_of_other_programs_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host's environment holds names like ``DEVICE``, ``WORKERS``, ``API_KEY`` or
+    ``LOG_LEVEL`` set for other programs: the node reads only its own names, so none of them
+    changes a setting or stops the node (each field's bare name, upper and lower case, is set
+    to a value the field would refuse or that differs from its default)."""
+    monkeypatch.chdir(tmp_path)
+    default = load_settings()
+    for name, field in Settings.model_fields.items():
+        if name.upper() in variable_names(field):  # MODEL_SERVE_SPEC, TOTALSEG_WEIGHTS_PATH
+            continue
+        for variable in (name, name.upper()):
+            monkeypatch.setenv(variable, "bogus-value")
+    monkeypatch.setenv("API_KEY", "someone-elses-key")
+    settings = load_settings()
+    changed = {k: v for k, v in settings.model_dump().items() if default.model_dump()[k] != v}
+    assert changed == {}
+    assert settings.api_key is None
+    monkeypatch.setenv("NNUNET_NODE_API_KEY", "the-nodes-key")
+    monkeypatch.setenv("NNUNET_NODE_WORKERS", "3")
+    settings = load_settings()
+    assert (settings.api_key, settings.workers) == ("the-nodes-key", 3)
