@@ -246,7 +246,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 def _db(settings: Settings, args: argparse.Namespace) -> int:
     from alembic.util import CommandError
 
-    from nnunet_node.storage.migrations import current, downgrade, upgrade
+    from nnunet_node.storage.migrations import current, downgrade, safe_url, upgrade
 
     if (
         args.action == "downgrade"
@@ -266,7 +266,7 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
     except CommandError as exc:  # an unknown revision, or none below the base
         print(f"nnunet-node db {args.action}: {exc}", file=sys.stderr)
         return 2
-    print(f"database {settings.database_url}: {args.action} done")
+    print(f"database {safe_url(settings.database_url)}: {args.action} done")
     return 0
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 from importlib.resources import as_file, files
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
+
+from nnunet_node.core.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -45,29 +48,83 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Migrate the database at ``url`` up to ``revision`` (default: the newest)."""
-    LOGGER.info("migrating %s up to %s", _safe(url), revision)
+    """Migrate the database at ``url`` up to ``revision`` (default: the newest).
+
+    Raises :class:`ConfigError` when the database cannot be reached (:func:`check_database`)."""
+    check_database(url)
+    LOGGER.info("migrating %s up to %s", safe_url(url), revision)
     command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
-    """Migrate the database at ``url`` down to ``revision`` (``base`` drops everything)."""
-    LOGGER.info("migrating %s down to %s", _safe(url), revision)
+    """Migrate the database at ``url`` down to ``revision`` (``base`` drops everything).
+
+    Raises :class:`ConfigError` when the database cannot be reached (:func:`check_database`)."""
+    check_database(url)
+    LOGGER.info("migrating %s down to %s", safe_url(url), revision)
     command.downgrade(alembic_config(url), revision)
 
 
 def current(url: str) -> str | None:
-    """The revision the database at ``url`` is at (None before the first migration)."""
+    """The revision the database at ``url`` is at (None before the first migration).
+
+    Raises :class:`ConfigError` when the database cannot be reached (:func:`check_database`)."""
     from alembic.runtime.migration import MigrationContext
 
-    from nnunet_node.storage.db import make_engine
-
-    engine = make_engine(url)
+    engine = _connectable(url)
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _unreachable(url, exc) from exc
     finally:
         engine.dispose()
+
+
+def check_database(url: str) -> None:
+    """Connect to the database at ``url`` once and let go.
+
+    Raises :class:`ConfigError` in one line, naming ``NNUNET_NODE_DB_URL`` and the URL without
+    its password, when the URL cannot be parsed, names an unknown dialect or a driver that is
+    not installed, or the server refuses or does not answer (the driver's reason, its first
+    line): what an operator sees at start instead of SQLAlchemy's traceback."""
+    engine = _connectable(url)
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:
+        raise _unreachable(url, exc) from exc
+    finally:
+        engine.dispose()
+
+
+def _connectable(url: str) -> Any:
+    """The engine for ``url``; :class:`ConfigError` for a URL SQLAlchemy cannot use."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from nnunet_node.storage.db import make_engine
+
+    try:
+        return make_engine(url)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(
+            f"NNUNET_NODE_DB_URL: {safe_url(url)!s} is not a database URL SQLAlchemy knows "
+            f"({exc}); for PostgreSQL: postgresql+psycopg://user:password@host/database"
+        ) from None
+    except ImportError as exc:
+        raise ConfigError(
+            f"NNUNET_NODE_DB_URL: the database driver for {safe_url(url)} is not installed "
+            f"({exc}); for PostgreSQL use psycopg 3 (pip install 'nnunet-node[postgresql]') "
+            "and postgresql+psycopg://user:password@host/database"
+        ) from None
+
+
+def _unreachable(url: str, exc: BaseException) -> ConfigError:
+    reason = getattr(exc, "orig", None) or exc
+    text = " ".join(str(reason).split()) or type(reason).__name__
+    return ConfigError(f"NNUNET_NODE_DB_URL: cannot use the database {safe_url(url)}: {text}")
 
 
 def head() -> str | None:
@@ -77,7 +134,13 @@ def head() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (for logs and messages); a string that is no
+    URL comes back as it is."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url

@@ -190,6 +190,46 @@ def test_worker_without_a_broker_and_a_downgrade_below_base_say_so_in_one_line(
     ), err
 
 
+@pytest.mark.parametrize(
+    ("command", "url", "says"),
+    [
+        ("db upgrade", "postgresql+psycopg://node:s3cret@/nnunet?host={tmp}&port=1", "cannot use"),
+        ("serve", "postgresql+psycopg://node:s3cret@/nnunet?host={tmp}&port=1", "cannot use"),
+        ("worker", "postgresql+psycopg://node:s3cret@/nnunet?host={tmp}&port=1", "cannot use"),
+        ("dicom", "postgres://node:s3cret@db-host/nnunet", "is not a database URL"),
+        ("db upgrade", "postgresql+psycopg2://node:s3cret@db-host/nnunet", "not installed"),
+    ],
+)
+def test_a_database_that_cannot_be_used_stops_with_one_line_without_the_password(
+    command: str, url: str, says: str, tmp_path: Path
+) -> None:
+    # PostgreSQL down, a mistyped dialect (`postgres://`) or a driver that is not installed gave
+    # SQLAlchemy's traceback (130-190 lines; `serve` exit status 3), and `db upgrade` printed the
+    # URL with its password.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "NNUNET_NODE_DATA": str(tmp_path / "data"),
+        "NNUNET_NODE_DB_URL": url.format(tmp=tmp_path),
+        "NNUNET_NODE_BROKER_URL": "redis://127.0.0.1:1/0",
+        "NNUNET_SERVE_PORT": str(free_port()),
+        "NNUNET_NODE_DICOM_PORT": str(free_port()),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "nnunet_node.cli", *command.split()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    out = done.stderr + done.stdout
+    assert "Traceback" not in out and "s3cret" not in out, out
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("nnunet-node: NNUNET_NODE_DB_URL: ") and says in last, out
+    assert "node:***@" in last, last
+
+
 @pytest.mark.parametrize("peer", ["nothing listens", "an SCP that rejects the demo"])
 def test_demo_without_a_node_says_so_in_one_line_and_writes_nothing(
     peer: str, tmp_path: Path
