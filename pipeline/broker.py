@@ -50,6 +50,14 @@ FORGET_WORKERS_AFTER_S = 86400.0
 """Rows of workers silent for a day are removed (a killed worker never removes its own)."""
 
 
+def safe_broker_url(url: str | None) -> str:
+    """``url`` with its password shown as ``**`` (kombu's ``maybe_sanitize_url``, as Celery's
+    own banner shows it): ``redis://:**@broker-host:6379/0``. For logs."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url or ""))
+
+
 def make_celery(settings: Settings, *, broker_url: str | None = None) -> Celery:
     """The Celery app of the node and of its workers, configured for at-least-once delivery of
     job ids (see the module). No result backend: outcomes are in the job rows.
@@ -146,7 +154,9 @@ class BrokerQueue:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="broker-sweep", daemon=True)
         self._thread.start()
-        LOGGER.info("jobs go to the broker; %s runs none here", self.settings.broker_url)
+        LOGGER.info(
+            "jobs go to the broker; %s runs none here", safe_broker_url(self.settings.broker_url)
+        )
 
     def stop(self, timeout: float | None = 30.0) -> None:
         self._stop.set()

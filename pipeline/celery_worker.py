@@ -32,7 +32,7 @@ from celery import Celery
 from nnunet_node.core.clock import utcnow
 from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.settings import Settings
-from nnunet_node.pipeline.broker import RUN_JOB_TASK, make_celery
+from nnunet_node.pipeline.broker import RUN_JOB_TASK, make_celery, safe_broker_url
 from nnunet_node.pipeline.context import NodeContext, build_context
 from nnunet_node.storage.migrations import current, head
 from nnunet_node.storage.models import JobStatus
@@ -213,7 +213,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
         options.name,
         ",".join(options.queues),
         options.device,
-        settings.broker_url,
+        safe_broker_url(settings.broker_url),
     )
     try:
         app.worker_main(

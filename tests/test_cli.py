@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from nnunet_node.cli import build_parser, main
 from nnunet_node.core.settings import Settings
 from tests.node.peers import free_port
+from tests.support.cluster import REDIS_SERVER, RedisServer
 from tests.tls_certs import make_pki
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,6 +230,67 @@ def test_a_database_that_cannot_be_used_stops_with_one_line_without_the_password
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("nnunet-node: NNUNET_NODE_DB_URL: ") and says in last, out
     assert "node:***@" in last, last
+
+
+def _log_until(command: list[str], env: dict[str, str], marker: str) -> tuple[str, str]:
+    """Run ``nnunet-node <command>`` until a line holding ``marker`` appears (at most 180 s),
+    then stop it with SIGINT; (that line, everything it wrote)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nnunet_node.cli", *command],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watchdog = threading.Timer(180, process.kill)
+    watchdog.start()
+    seen = ""
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if marker in line:
+                seen = line
+                break
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            rest = process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            rest = process.communicate()[0]
+        watchdog.cancel()
+    return seen, "".join(lines) + (rest or "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (.ci/run does)")
+def test_a_broker_password_is_never_logged(tmp_path: Path) -> None:
+    # The node's and the worker's start-up lines gave NNUNET_NODE_BROKER_URL as it was, password
+    # included (Celery's own banner already hid it).
+    redis = RedisServer(tmp_path / "redis", password="s3cret-broker")
+    redis.start()
+    try:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "NNUNET_NODE_DATA": str(tmp_path / "data"),
+            "MODEL_SERVE_SPEC": str(REPO / "model-serve-spec.yaml"),
+            "NNUNET_NODE_BROKER_URL": redis.url,
+            "NNUNET_NODE_DICOM_PORT": str(free_port()),
+            "NNUNET_NODE_DICOM_PROCESSES": "1",
+            "NNUNET_NODE_DEVICE": "cpu",
+        }
+        hidden = f"redis://:**@127.0.0.1:{redis.port}/0"
+        line, out = _log_until(["dicom"], env, "jobs go to the broker")
+        assert hidden in line and "s3cret" not in out, out
+        # the worker connects with the password (Celery's "ready") and logs it hidden
+        line, out = _log_until(["worker", "--device", "cpu", "--name", "w@test"], env, " ready.")
+        assert "w@test ready." in line, out
+        assert f"broker {hidden}" in out and "s3cret" not in out, out
+    finally:
+        redis.stop()
 
 
 @pytest.mark.parametrize("peer", ["nothing listens", "an SCP that rejects the demo"])

@@ -23,12 +23,15 @@ REDIS_SERVER = shutil.which("redis-server")
 
 class RedisServer:
     """A throw-away ``redis-server`` on a loopback port, no persistence: a restart loses every
-    message it held (the hard case for the node). Its log and working files go to ``folder``."""
+    message it held (the hard case for the node). Its log and working files go to ``folder``.
+    With ``password`` it asks for it (``--requirepass``) and ``url`` carries it."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, password: str | None = None) -> None:
         self.folder = folder
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        secret = f":{password}@" if password else ""
+        self.url = f"redis://{secret}127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
@@ -53,6 +56,7 @@ class RedisServer:
                     "no",
                     "--dir",
                     str(self.folder),
+                    *(["--requirepass", self.password] if self.password else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -61,8 +65,10 @@ class RedisServer:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                    sock.sendall(auth + b"PING\r\n")
+                    answer = sock.recv(32)
+                    if answer.startswith(b"+OK\r\n+PONG" if auth else b"+PONG"):
                         return
             except OSError:
                 time.sleep(0.05)
