@@ -3,9 +3,9 @@
 The process-wide counters and histograms (:mod:`nnunet_node.core.metrics`) come first; then what
 describes this node's state now, read at each scrape by :class:`NodeCollector`: jobs by status
 (the queue depth and running jobs among them), free disk under the data folder, the size of the
-DICOM index, the model cache (hits, loads, entries) and the memory in use on each GPU (none on a
-CPU-only node: the metric is listed without samples). Behind the API key unless
-``NNUNET_NODE_METRICS_PUBLIC`` is set.
+DICOM index and the archive's bytes, the model cache (hits, loads, entries) and the memory in
+use on each GPU (none on a CPU-only node: the metric is listed without samples). Behind the
+API key unless ``NNUNET_NODE_METRICS_PUBLIC`` is set.
 """
 
 from __future__ import annotations
@@ -62,15 +62,22 @@ class NodeCollector:
         )
         with unit_of_work(ctx.archive.read_sessions) as session:
             index = index_counts(session)
+        # Bytes apart from the row counts: one metric, one unit, so that a sum over its labels
+        # means something (Prometheus' naming guide).
+        archived = index.pop("bytes")
         entries = GaugeMetricFamily(
             metrics.INDEX_SIZE,
-            "Rows of the DICOM index by level (patients, studies, series, instances) and the "
-            "archived bytes (level 'bytes').",
+            "Rows of the DICOM index by level (patients, studies, series, instances).",
             labels=["level"],
         )
         for level, n in index.items():
             entries.add_metric([level], n)
         yield entries
+        yield GaugeMetricFamily(
+            metrics.ARCHIVE_BYTES,
+            "Bytes of the instances in the archive (their Part 10 files), as indexed.",
+            value=archived,
+        )
         cache = ctx.inference_engine.cache
         yield CounterMetricFamily(
             metrics.MODEL_CACHE_HITS, "Predictor requests served from the cache.", cache.stats.hits

@@ -214,10 +214,12 @@ def test_state_read_at_scrape_time(traffic: dict[str, Any]) -> None:
     # 32 CT slices, the job's SEG and RTSTRUCT, the STOW instance
     assert value(after, "nnunet_node_index_entries", level="instances") == 32 + 2 + 1
     assert value(after, "nnunet_node_index_entries", level="studies") == 2
-    assert value(after, "nnunet_node_index_entries", level="bytes") > 0
+    # one unit per metric: the archive's bytes are their own gauge, not an "index entries" level
+    assert value(after, "nnunet_node_archive_bytes") > 32 * 1000
+    text = traffic["node"].client.get("/metrics").text
+    assert 'nnunet_node_index_entries{level="bytes"}' not in text
     assert value(after, "nnunet_node_model_cache_loads_total") == 1
     assert value(after, "nnunet_node_model_cache_entries") == 1
     assert value(after, "nnunet_node_data_free_bytes") > 0
-    text = traffic["node"].client.get("/metrics").text
     # the GPU gauges exist even where there is no GPU (no samples then)
     assert "# TYPE nnunet_node_gpu_memory_used_bytes gauge" in text
