@@ -78,18 +78,20 @@ class UnknownPduFilter(logging.Filter):
     that says what the bytes look like. pynetdicom logs the line for every 6 bytes a connection
     sends that are no DICOM PDU (PS3.8 9.3: types 0x01-0x07) until it closes: five ERROR lines
     for one TLS ClientHello sent to the plain DICOM port, more for an HTTP request. It is the
-    peer's mistake, not the node's. The association's thread (pynetdicom's DUL reader, one per
-    connection) carries the mark of a connection already reported."""
+    peer's mistake, not the node's, and so is what pynetdicom logs of that connection after it
+    (its peer closing or resetting it mid-"PDU": "Connection closed before the entire PDU was
+    received", "[Errno 104] Connection reset by peer"), which is dropped. The association's thread
+    (pynetdicom's DUL reader, one per connection) carries the mark of a connection reported."""
 
     PREFIX = "Unknown PDU type received '0x"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith(self.PREFIX):
-            return True
         thread = threading.current_thread()
         if getattr(thread, "_nnunet_node_unknown_pdu", False):
             return False
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
         thread._nnunet_node_unknown_pdu = True  # type: ignore[attr-defined]
         try:
             first = int(message[len(self.PREFIX) : len(self.PREFIX) + 2], 16)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -199,6 +200,18 @@ def test_tls_or_http_sent_to_the_plain_port_is_one_warning_saying_so(
     assert not [r.getMessage() for r in records if r.levelno >= logging.ERROR]
     warnings = [r.getMessage() for r in records if "no DICOM PDU" in r.getMessage()]
     assert len(warnings) == 1 and "first 0x47, an HTTP request?" in warnings[0], warnings
+    # A TLS client that resets the connection mid-"PDU" (as echoscu may, once refused): what
+    # pynetdicom logs of it after the first line ("Connection closed before the entire PDU was
+    # received", "Connection reset by peer") is no ERROR either.
+    caplog.clear()
+    with socket.create_connection(("127.0.0.1", tls_node.port), timeout=10) as tls:
+        tls.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64))
+        records = _records_settle(caplog, "a TLS handshake")
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    time.sleep(0.5)
+    records = list(caplog.records)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    assert len([r for r in records if "no DICOM PDU" in r.getMessage()]) == 1
     echo = dcmtk("echoscu", "-aec", "NNUNET_NODE", "localhost", str(tls_node.port))
     assert echo.returncode == 0, echo.stdout
 
