@@ -81,6 +81,8 @@ class JobSubmitter:
             raise InvalidRequest("study_path: field required")
         plan = normalise(effective, self.spec.registry)
         self.paths.check(plan, trusted_study=study_path)
+        if output_dir is None and plan.output_dir is not None:
+            self.paths.check_requested_output(plan.output_dir)
         study = study_path or (Path(plan.study_path) if plan.study_path else None)
         if study is not None and study.is_dir():
             check_plan(plan, study)  # a refused series answers 400 before it is queued

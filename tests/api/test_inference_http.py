@@ -257,6 +257,31 @@ def test_post_jobs_answers_at_once_then_reports(node: Any, study: Any) -> None:
     finished = node.client.post(f"/jobs/{job['job_id']}/cancel")
     assert finished.status_code == 409
     assert node.client.get(f"/jobs/{job['job_id']}").json()["status"] == "done"
+    # Another request cannot write into this job's folder, nor into any other folder the node
+    # manages: a request naming the job's folder as its output_dir replaced its run record and
+    # stage folders (its DICOM outputs were gone from it) while its row still named them.
+    folder = node.settings.jobs_dir / job["job_id"]
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    settings = node.settings
+    targets = {
+        folder: f"in the folder of job {job['job_id']}",
+        folder / "stage_0": f"in the folder of job {job['job_id']}",
+        settings.data_dir: "the node's data folder",
+        settings.jobs_dir: "the node's jobs folder",
+        settings.archive_dir / "out": "in the node's archive folder",
+        settings.uploads_dir: "in the node's uploads folder",
+    }
+    jobs_before = node.client.get("/jobs").json()["total"]
+    for target, words in targets.items():
+        for path in ("/infer", "/jobs"):
+            refused = node.client.post(path, json={**body, "output_dir": str(target)})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"] == (
+                f"output_dir: {str(target)!r} is {words}, which the node manages: choose another "
+                "folder, or leave output_dir out (outputs then go to the job's own folder)"
+            )
+    assert node.client.get("/jobs").json()["total"] == jobs_before
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 def test_archive_job_downloads_and_history_filters(node: Any, study: Any) -> None:
