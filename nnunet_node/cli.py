@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import errno
 import gc
+import logging
 import socket
 import sys
 import textwrap
@@ -109,6 +110,22 @@ class _StartErrorInOneLine:
         await self.app(scope, receive, send_without_traceback)
 
 
+class _StartFailureLine(logging.Filter):
+    """Drops uvicorn's ERROR "Application startup failed. Exiting." when the start-up failed on
+    a ConfigError (``app.state.start_error``): :func:`main` says what failed in one line, and an
+    ERROR line before it read as a second, unexplained failure."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            self.app.state.start_error is not None
+            and record.getMessage().startswith("Application startup failed")
+        )
+
+
 def _graceful_server(config: Any, app: Any) -> Any:
     """uvicorn's server for ``app`` (the node's, :mod:`nnunet_node.app`), which also stops the
     DICOM node gracefully (node/service.py): when a signal ends the main loop (checked every
@@ -165,6 +182,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         ),
         app,
     )
+    logging.getLogger("uvicorn.error").addFilter(_StartFailureLine(app))
     _freeze_start_up_objects()
     try:
         server.run()

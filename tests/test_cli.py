@@ -106,6 +106,7 @@ def test_a_bad_spec_or_data_folder_stops_with_one_line_and_no_traceback(
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert "ERROR" not in done.stderr, done.stderr  # uvicorn's "Application startup failed"
     last = done.stderr.strip().splitlines()[-1]
     if problem == "spec":
         assert last.startswith("nnunet-node: model-serve spec: model 'x': unknown key(s) 'bogus'")
@@ -150,6 +151,7 @@ def test_a_second_node_on_a_data_folder_in_use_stops_with_one_line(tmp_path: Pat
         )
         assert second.returncode == 2, second.stderr
         assert "Traceback" not in second.stderr, second.stderr
+        assert "ERROR" not in second.stderr, second.stderr  # uvicorn's "startup failed" too
         assert second.stderr.strip().splitlines()[-1] == (
             f"nnunet-node: NNUNET_NODE_DATA: the folder {data} is in use by another node "
             f"(pid {first.pid}): stop it, or give this node a data folder of its own"
