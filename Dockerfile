@@ -3,12 +3,14 @@
 #   docker build -t nnunet-node .
 #   docker run --gpus all -p 12345:12345 -p 11112:11112 \
 #       -v /srv/nnunet/models:/models -v /srv/nnunet/data:/data \
-#       -e NNUNET_NODE_API_KEY=change-me nnunet-node
+#       -e MODEL_SERVE_SPEC=/models/model-serve-spec.yaml -e NNUNET_NODE_API_KEY=change-me nnunet-node
 #
 # The image brings the CUDA build of torch from its base (it runs on the CPU too, more slowly).
 # Mount your models at /models with a model-serve-spec.yaml there (its model_folder relative to
-# it), or point MODEL_SERVE_SPEC elsewhere. Everything the node writes (archive, jobs, uploads,
-# SQLite database) goes to /data. Without a mounted spec the bundled demo models are served.
+# it) and set MODEL_SERVE_SPEC=/models/model-serve-spec.yaml: until it is set the bundled demo
+# spec and models are served, whatever /models holds. Everything the node writes (archive, jobs,
+# uploads, SQLite database) goes to /data, as user nnunet (uid 1000): a host folder mounted
+# there must be writable by that uid (chown 1000 /srv/nnunet/data).
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -64,7 +66,10 @@ ENV NNUNET_NODE_HOST=0.0.0.0 \
 VOLUME ["/models", "/data"]
 EXPOSE 12345 11112
 
+# GET /healthz on loopback, over HTTPS when NNUNET_NODE_HTTPS is set (the node's certificate is not
+# checked: it names the host, not 127.0.0.1). A worker container (`nnunet-node worker`) serves no
+# HTTP: docker-compose.yml turns this check off for it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('NNUNET_SERVE_PORT', '12345'), timeout=4)"
+    CMD python -c "import os, ssl, urllib.request; e = os.environ; tls = e.get('NNUNET_NODE_HTTPS', '').strip().lower() in ('1', 'true', 't', 'yes', 'y', 'on'); c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; urllib.request.urlopen(('https' if tls else 'http') + '://127.0.0.1:' + e.get('NNUNET_SERVE_PORT', '12345') + '/healthz', timeout=4, context=c if tls else None)"
 
 CMD ["nnunet-node", "serve"]

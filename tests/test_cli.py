@@ -347,6 +347,33 @@ def test_settings_name_the_missing_tls_files(tmp_path: Path) -> None:
         Settings(data_dir=tmp_path, tls_ca=tmp_path / "absent.crt")
 
 
+def docker_healthcheck(env: dict[str, str]) -> int:
+    """Run the Dockerfile's ``HEALTHCHECK`` command as Docker would (``/bin/sh -c``), with
+    ``env`` as the container's environment and this interpreter as its ``python`` (the check
+    uses the standard library only); its exit status (0: healthy)."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("HEALTHCHECK "))
+    command = line.split(" CMD ", 1)[1].strip()
+    assert command.startswith("python ")
+    command = f"'{sys.executable}' " + command.removeprefix("python ")
+    done = subprocess.run(
+        ["/bin/sh", "-c", command], env={"PATH": os.environ["PATH"], **env}, capture_output=True
+    )
+    return done.returncode
+
+
+def test_the_compose_worker_does_not_inherit_the_http_health_check() -> None:
+    # The worker runs the node's image, whose HEALTHCHECK asks the HTTP API that a worker does
+    # not serve: docker compose showed it unhealthy forever.
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert services["worker"]["command"][:2] == ["nnunet-node", "worker"]
+    assert services["worker"]["healthcheck"] == {"disable": True}
+    assert "healthcheck" not in services["node"]  # the image's own, which the worker waits for
+    assert services["worker"]["depends_on"]["node"] == {"condition": "service_healthy"}
+
+
 @contextmanager
 def https_node(tmp: Path) -> Iterator[tuple[str, ssl.SSLContext, list[str]]]:
     """``nnunet-node serve`` in a subprocess: HTTPS, JSON logs, no DICOM port; yields its URL,
@@ -418,6 +445,12 @@ def test_serve_over_https_with_json_logs_and_offline_docs(tmp_path: Path) -> Non
             assert client.get("/jobs").status_code == 200
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on the port
             httpx.get(url.replace("https", "http") + "/healthz", timeout=5)
+        # The Docker image's health check passes against a node serving HTTPS (it asked
+        # http:// whatever NNUNET_NODE_HTTPS said, so such a container was never healthy)
+        port = url.rsplit(":", 1)[1]
+        assert docker_healthcheck({"NNUNET_SERVE_PORT": port, "NNUNET_NODE_HTTPS": "true"}) == 0
+        assert docker_healthcheck({"NNUNET_SERVE_PORT": port}) != 0  # http:// to the TLS port
+    assert docker_healthcheck({"NNUNET_SERVE_PORT": port, "NNUNET_NODE_HTTPS": "true"}) != 0
     records = [json.loads(line) for line in lines if line.strip()]  # every line is JSON
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     messages = [str(r["message"]) for r in records]
