@@ -20,7 +20,8 @@ Hooks (the "Public replacement" line of each docstring names what would retire i
   ``msg_queue``).
 - An accepted association drives its DUL in its own thread (:func:`_drive_inline`, one turn of
   the DUL's loop in :func:`_pump`: ``_process_recv_primitive``, ``_is_transport_event``,
-  ``event_queue``, ``state_machine``, ``artim_timer``, ``_idle_timer``, ``_kill_thread``), the
+  ``event_queue``, ``state_machine``, ``artim_timer``, ``_idle_timer``, ``_kill_thread``,
+  ``fsm.TRANSITION_TABLE`` to drop an A-ABORT request the state machine has no action for), the
   DUL thread never started (``Association._started_dul`` / ``_dul_ready``), and its reactor is
   :func:`_serve_until_ended` (``Association._run_reactor``); :func:`cancel_requested` reads a
   C-CANCEL while a handler runs.
@@ -83,6 +84,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_FIND, C_MOVE, C_STORE
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -460,6 +462,17 @@ def _pump(dul: Any, sock: EventDrivenSocket, timeout: float) -> bool:
             event = dul.event_queue.get(block=False)
         except queue.Empty:
             break
+        state = dul.state_machine.current_state
+        if event == "Evt15" and (event, state) not in TRANSITION_TABLE:
+            # an A-ABORT asked for (the node stopping) where PS3.8 Table 9-10 has no action:
+            # Sta2 (no A-ASSOCIATE-RQ yet) and Sta13 (an A-ASSOCIATE-RJ or A-RELEASE-RP sent,
+            # awaiting the close), where no A-ABORT PDU may be sent; close the connection as
+            # an expired ARTIM timer does there (AA-2, the action of Sta4 + Evt15). pynetdicom
+            # raised InvalidEventError in this thread, seen as a reject was being sent
+            if state == "Sta1":
+                continue
+            LOGGER.debug("A-ABORT request in %s: the connection is closed", state)
+            event = "Evt18"
         dul.state_machine.do_action(event)
     return not dul._kill_thread
 
@@ -500,11 +513,11 @@ def _drive_inline(assoc: Any, sock: EventDrivenSocket) -> threading.Event:
 
     Hooks: ``Association._started_dul`` / ``_dul_ready`` (the DUL thread is never started),
     ``DULServiceProvider.to_user_queue``, ``to_provider_queue``, ``event_queue``,
-    ``state_machine``, ``artim_timer``, ``_idle_timer``, ``_kill_thread``,
-    ``_process_recv_primitive``, ``_is_transport_event``, ``is_alive`` and ``stop_dul``
-    (called by ``Association.kill``), ``DIMSEServiceProvider.get_msg`` / ``msg_queue``, and
-    :func:`_serve_until_ended` as the reactor. Public replacement: a DUL that can be driven
-    by its caller (a selector-based transport in pynetdicom)."""
+    ``state_machine`` and ``fsm.TRANSITION_TABLE``, ``artim_timer``, ``_idle_timer``,
+    ``_kill_thread``, ``_process_recv_primitive``, ``_is_transport_event``, ``is_alive``
+    and ``stop_dul`` (called by ``Association.kill``), ``DIMSEServiceProvider.get_msg`` /
+    ``msg_queue``, and :func:`_serve_until_ended` as the reactor. Public replacement: a DUL
+    that can be driven by its caller (a selector-based transport in pynetdicom)."""
     dul, dimse = assoc.dul, assoc.dimse
     done = threading.Event()
 

@@ -57,19 +57,34 @@ class RawAssociation:
     def open(
         cls, port: int, sop_class: str, transfer_syntax: str, called: str = "NNUNET_NODE"
     ) -> RawAssociation:
+        sock, kind = cls.request(port, sop_class, transfer_syntax, called)
+        if kind != 0x02:
+            sock.close()
+            raise Aborted(f"association not accepted (PDU type 0x{kind:02X})")
+        return cls(sock)
+
+    @classmethod
+    def request(
+        cls,
+        port: int,
+        sop_class: str,
+        transfer_syntax: str,
+        called: str = "NNUNET_NODE",
+        calling: str = "FUZZER",
+    ) -> tuple[socket.socket, int]:
+        """Send an A-ASSOCIATE-RQ; the open socket and the type of the PDU that answered it
+        (0x02 A-ASSOCIATE-AC, 0x03 -RJ, 0x07 A-ABORT)."""
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         context = struct.pack(">BBBB", 1, 0, 0, 0) + _item(0x30, _uid(sop_class))
         context += _item(0x40, _uid(transfer_syntax))
         user = _item(0x51, struct.pack(">I", 65536)) + _item(0x52, _uid("1.2.3.4.5.6"))
-        body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + b"FUZZER".ljust(16)
+        body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode()
         body += b"\x00" * 32 + _item(0x10, APPLICATION_CONTEXT) + _item(0x20, context)
         body += _item(0x50, user)
         sock.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
         kind, _ = cls._read_pdu(sock)
-        if kind != 0x02:
-            raise Aborted(f"association not accepted (PDU type 0x{kind:02X})")
-        return cls(sock)
+        return sock, kind
 
     @staticmethod
     def _read_exact(sock: socket.socket, n: int) -> bytes:

@@ -4,13 +4,15 @@ say what it needs: a C-STORE on a C-GET association, a chosen source address).""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE, build_role
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     Verification,
@@ -25,6 +27,7 @@ from nnunet_node.pipeline.routing import RoutingTable
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance
 from tests.node.peers import free_port, received, storescp
+from tests.node.raw_dimse import RawAssociation
 from tests.support.dcmtk import dcmtk, retrieve
 from tests.support.dimse import NodeFactory
 
@@ -206,6 +209,47 @@ def test_check_host_recognises_a_peer_only_from_its_address(start_node: NodeFact
 
     assert echo("127.0.0.1")
     assert not echo("127.0.0.2")  # same AE title, another address
+
+
+def test_an_abort_asked_for_as_a_reject_is_sent_closes_the_connection(
+    start_node: NodeFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node stopping (an A-ABORT asked for from another thread) just as it refuses a peer:
+    the abort is read once the A-ASSOCIATE-RJ is sent (PS3.8 Sta13, awaiting the close), where
+    the state machine has no action for it; pynetdicom raised InvalidEventError in the
+    association's thread (an intermittent teardown error of the test above). Now the node
+    closes the connection, and nothing is logged at ERROR."""
+    thread_errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    node = start_node(routing=PEERS, dicom_access="peers")
+    aborts: list[threading.Thread] = []
+
+    def abort_as_the_reject_goes(event: Any) -> None:
+        """Runs in the association's thread, as the state machine enters Sta13."""
+        if event.next_state == "Sta13" and not aborts:
+            assoc = event.assoc
+            aborts.append(threading.Thread(target=assoc.abort))
+            aborts[0].start()
+            deadline = time.monotonic() + 10
+            while not assoc.is_aborted and time.monotonic() < deadline:  # A-ABORT queued
+                time.sleep(0.001)
+
+    node._server.bind(evt.EVT_FSM_TRANSITION, abort_as_the_reject_goes)  # type: ignore[union-attr]
+    with caplog.at_level("ERROR"):
+        sock, kind = RawAssociation.request(
+            node.port, Verification, ImplicitVRLittleEndian, calling="STRANGER"
+        )
+        try:
+            assert kind == 0x03  # A-ASSOCIATE-RJ: not a declared peer
+            sock.settimeout(10)
+            assert sock.recv(1) == b""  # then the connection closed
+        finally:
+            sock.close()
+        assert len(aborts) == 1
+        aborts[0].join(10)
+        assert not aborts[0].is_alive()
+    assert thread_errors == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
 
 
 @pytest.mark.parametrize("mode", ["peers", "open-store"])

@@ -218,6 +218,11 @@ def test_what_driving_the_dul_inline_relies_on() -> None:
     assert "self.to_user_queue.get(block=wait, timeout=timeout)" in receive
     assert "self.to_user_queue.queue[0]" in _source(DULServiceProvider.peek_next_pdu)
     assert "dul.kill_dul()" in _source(pynetdicom_fsm)  # how the state machine ends the DUL
+    # an A-ABORT request where PS3.8 has no action for it becomes an ARTIM expiry (AA-2)
+    table = pynetdicom_fsm.TRANSITION_TABLE
+    assert [state for state in ("Sta1", "Sta2", "Sta13") if ("Evt15", state) in table] == []
+    assert table[("Evt18", "Sta2")] == table[("Evt18", "Sta13")] == table[("Evt15", "Sta4")]
+    assert table[("Evt15", "Sta4")] == "AA-2"
     assert "self._kill_thread = True" in _source(DULServiceProvider.kill_dul)
     reactor = _source(Association.run_reactor)
     for step in (
