@@ -19,6 +19,7 @@ universal matching (an empty value, or a lone ``*``: C.2.2.2.3 and C.2.2.2.4). T
 
 from __future__ import annotations
 
+import datetime
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,10 +92,16 @@ def parse_range(value: str) -> tuple[str | None, str | None] | None:
 
 
 def normalise_date(value: str) -> str:
-    """YYYYMMDD; the ACR-NEMA form YYYY.MM.DD is accepted."""
+    """YYYYMMDD, a date of the calendar (PS3.5 6.2 DA); the ACR-NEMA form YYYY.MM.DD is
+    accepted. Raises InvalidRequest otherwise (20261301 too: it would match nothing, and a
+    query that cannot match is the requester's mistake, as QIDO-RS answers it)."""
     text = value.strip().replace(".", "")
     if not (len(text) == 8 and text.isdigit()):
         raise InvalidRequest(f"{value!r} is not a date (YYYYMMDD)")
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError as exc:
+        raise InvalidRequest(f"{value!r} is not a calendar date") from exc
     return text
 
 

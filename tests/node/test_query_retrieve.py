@@ -131,6 +131,26 @@ def test_study_root_refuses_patient_level(stored: Stored) -> None:
     assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # 0xA900
 
 
+def test_a_date_that_is_not_in_the_calendar_is_refused(stored: Stored) -> None:
+    """StudyDate 20261301 (month 13) is an error of the requester, 0xA900 as QIDO-RS's 400,
+    not a Success that matched nothing."""
+    result = dcmtk(
+        "findscu",
+        "-v",
+        "-S",
+        "-aec",
+        "NNUNET_NODE",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyDate=20261301",
+        "127.0.0.1",
+        str(stored.node.port),
+    )
+    assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # 0xA900
+    assert "20261301" in result.stdout  # the Error Comment names the value
+
+
 def _moves(outcome: str) -> float:
     """The node's count of C-MOVE requests with ``outcome`` (``/metrics``' counter)."""
     sample = REGISTRY.get_sample_value(

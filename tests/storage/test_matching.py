@@ -55,7 +55,8 @@ def test_normalise_date_and_time() -> None:
     assert normalise_date("2024.01.02") == "20240102"
     assert normalise_time("10:15:30") == "101530"
     assert normalise_time("101530.25") == "101530.25"
-    for bad in ("2024", "abc", "2024013"):
+    assert normalise_date("20240229") == "20240229"
+    for bad in ("2024", "abc", "2024013", "20261301", "20230229", "20240000"):
         with pytest.raises(InvalidRequest):
             normalise_date(bad)
     with pytest.raises(InvalidRequest):
