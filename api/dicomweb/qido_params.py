@@ -62,13 +62,25 @@ def _int(name: str, value: str, *, maximum: int) -> int:
     return number
 
 
+_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+"""Value representations of bulk data: never a matching key (PS3.4 C.2.2.2) nor a QIDO-RS
+result attribute (PS3.18 10.6.1.2.3 returns none of them; WADO-RS serves them)."""
+
+
 def _keyword(key: str) -> tuple[str, str]:
-    """A query key to (keyword, VR), or 400 naming it."""
+    """A query key to (keyword, VR), or 400 naming it (also for bulk data: PixelData,
+    whose VR "OB or OW" would be no valid VR of a DICOM JSON result, PS3.18 F.2.2)."""
     tag: BaseTag | None = keyword_or_tag(key)
     keyword = keyword_for_tag(tag) if tag is not None else ""
     if tag is None or not keyword:
         raise InvalidRequest(f"{key[:80]!r} is not a DICOM attribute keyword or tag")
-    return keyword, dictionary_VR(tag)
+    vr = dictionary_VR(tag)
+    if _BULK_VRS.intersection(vr.split(" or ")):
+        raise InvalidRequest(
+            f"{keyword} is bulk data (VR {vr}): QIDO-RS neither matches nor returns it; "
+            "WADO-RS serves it"
+        )
+    return keyword, vr
 
 
 def _check_date_part(keyword: str, vr: str, part: str) -> None:

@@ -105,10 +105,16 @@ def test_malformed_queries_are_400(node: Node, stored: PhantomStudy) -> None:
         ("/series", {"includefield": "NotAnAttribute"}),
         (f"/studies/{stored.study_uid}/series", {"SeriesInstanceUID": "1.2.x"}),
         ("/studies/not-a-uid/series", {}),
+        # bulk data: its VR ("OB or OW") is no DICOM JSON VR; it was echoed in every result
+        ("/studies", {"PixelData": "1"}),
+        ("/instances", {"7FE00010": ""}),
+        ("/instances", {"includefield": "PixelData"}),
     ):
         response = session.get(node.dicomweb + path, params=params)
         assert response.status_code == 400, (path, params)
         assert response.json()["status"] == "failed"
+    response = session.get(f"{node.dicomweb}/studies", params={"PixelData": "1"})
+    assert response.json()["error"].startswith("PixelData is bulk data (VR OB or OW)")
     # a real attribute the index does not hold: ignored, with a warning
     response = session.get(f"{node.dicomweb}/studies", params={"Manufacturer": "ACME"})
     assert response.status_code == 200
