@@ -175,3 +175,47 @@ def install_filter(logger_name: str, kind: type[logging.Filter]) -> None:
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, kind) for f in logger.filters):
         logger.addFilter(kind())
+
+
+class LoopFailures:
+    """The log of a background loop that retries what failed (a database that went away): the
+    first failure of a run of them is logged with its traceback (ERROR), the next ones only as
+    a one-line reminder once every ``remind_s`` seconds, and the first pass that works again
+    says so (INFO) with how many passes failed. A database that stays down for an hour then
+    costs about 60 lines per loop instead of a traceback every second.
+
+    ``what`` names the loop in each line (``"dispatcher pass"``). Thread-safe for one loop
+    thread; several threads of one loop share it under its lock."""
+
+    def __init__(self, logger: logging.Logger, what: str, *, remind_s: float = 60.0) -> None:
+        self._logger = logger
+        self._what = what
+        self._remind_s = remind_s
+        self._lock = threading.Lock()
+        self._failed = 0
+        self._reminded_at = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        """Record a failed pass (call from the ``except`` block)."""
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            self._failed += 1
+            first = self._failed == 1
+            remind = not first and now - self._reminded_at >= self._remind_s
+            if first or remind:
+                self._reminded_at = now
+            count = self._failed
+        if first:
+            self._logger.error("%s failed; trying again", self._what, exc_info=exc)
+        elif remind:
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            self._logger.error("%s still failing (%d passes so far): %s", self._what, count, reason)
+
+    def succeeded(self) -> None:
+        """Record a pass that worked: ends a run of failures (one INFO line)."""
+        with self._lock:
+            count, self._failed = self._failed, 0
+        if count:
+            self._logger.info("%s works again after %d failed pass(es)", self._what, count)

@@ -30,6 +30,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core.logging import LoopFailures
 from nnunet_node.core.settings import Settings
 from nnunet_node.storage.workers import JobLeases, WorkerInfo, WorkerStore
 
@@ -231,11 +232,14 @@ class BrokerQueue:
         return {"requeued": requeued, "failed": failed, "sent": sent, "forgotten": forgotten}
 
     def _loop(self) -> None:
+        failures = LoopFailures(LOGGER, "broker sweep")
         while not self._stop.is_set():
             try:
                 self.sweep()
-            except Exception:  # the database is away: try again
-                LOGGER.exception("broker sweep failed; trying again")
+            except Exception as exc:  # the database is away: try again
+                failures.failed(exc)
+            else:
+                failures.succeeded()
             self._stop.wait(self.sweep_s)
 
 

@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.clock import utcnow
 from nnunet_node.core.errors import ClientError, NodeError
+from nnunet_node.core.logging import LoopFailures
 from nnunet_node.pipeline.routing import Route, RoutingTable, series_attributes
 from nnunet_node.storage.arrivals import (
     SeriesArrival,
@@ -283,8 +284,11 @@ class CompletionWatcher:
             self._thread = None
 
     def _loop(self) -> None:
+        failures = LoopFailures(LOGGER, "series completion pass")
         while not self._stop.wait(self._poll_s):
             try:
                 self.check()
-            except Exception:
-                LOGGER.exception("series completion pass failed; trying again")
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from nnunet_node.core import metrics
 from nnunet_node.core.clock import utcnow
 from nnunet_node.core.errors import SendError
-from nnunet_node.core.logging import ConnectFailureFilter, install_filter
+from nnunet_node.core.logging import ConnectFailureFilter, LoopFailures, install_filter
 from nnunet_node.core.tls import client_context
 from nnunet_node.pipeline.pynetdicom_internals import RequestingAE
 from nnunet_node.pipeline.routing import Destination, RoutingTable
@@ -368,12 +368,19 @@ class Dispatcher:
         self._wake.set()
 
     def _loop(self) -> None:
+        failures = LoopFailures(LOGGER, "dispatcher pass")
         while not self._stop.is_set():
+            # The database may be away: whatever fails is retried after poll_s, and the thread
+            # never ends but on stop() (its wait, a query too, once ended it for good).
+            wait = self._poll_s
             try:
                 self.run_due()
-            except Exception:
-                LOGGER.exception("dispatcher pass failed; trying again")
-            self._wake.wait(self._next_wait())
+                wait = self._next_wait()
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _next_wait(self) -> float:

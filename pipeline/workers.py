@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nnunet_node.core.clock import utcnow
+from nnunet_node.core.logging import LoopFailures
 from nnunet_node.pipeline.execution import JobExecutor
 from nnunet_node.storage.workers import WorkerInfo
 
@@ -50,6 +51,7 @@ class WorkerPool:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._claim_failures = LoopFailures(LOGGER, "claiming a job")
 
     # --- JobQueue ----------------------------------------------------------------------------
     def submit(self, job_id: str) -> None:
@@ -117,9 +119,11 @@ class WorkerPool:
         while not self._stopping.is_set():
             try:
                 job = self.executor.store.claim_next()
-            except Exception:  # the database is away: try again later
-                LOGGER.exception("claiming a job failed")
+            except Exception as exc:  # the database is away: try again later
+                self._claim_failures.failed(exc)
                 job = None
+            else:
+                self._claim_failures.succeeded()
             if job is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()

@@ -3,12 +3,13 @@ database, a destination that stays down, a manual retry, and the dispatcher thre
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from nnunet_node.core.errors import Conflict, SendError
@@ -180,6 +181,46 @@ def test_dispatcher_thread_sends_on_its_own(
         finally:
             dispatcher.stop()
     assert len(received(tmp_path / "pacs")) == len(results)
+
+
+def test_dispatcher_thread_outlives_a_database_that_went_away(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    results: list[Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While its table cannot be read (here renamed away: the same OperationalError as a
+    PostgreSQL that went down) the dispatcher's passes fail; once it is back, a new job's
+    results are sent. Its wait's query ran outside the pass's ``try``, so one failure ended
+    the thread and every later dispatch stayed pending until a restart. The outage is logged
+    once with its traceback, not every pass, and its end in one line."""
+    caplog.set_level(logging.INFO, logger="nnunet_node.pipeline.dispatch")
+    with storescp(tmp_path / "pacs") as port:
+        dispatcher = Dispatcher(
+            sessions, _routing(port), calling_ae="NNUNET_NODE", archive_dir=tmp_path, poll_s=0.1
+        )
+        dispatcher.start()
+        try:
+            with sessions() as session:
+                session.execute(text("ALTER TABLE dispatches RENAME TO dispatches_away"))
+                session.commit()
+            time.sleep(1.0)  # about ten failed passes
+            with sessions() as session:
+                session.execute(text("ALTER TABLE dispatches_away RENAME TO dispatches"))
+                session.commit()
+            dispatcher.on_job_done(_done_job(sessions, results))
+            dispatcher.wake()
+            deadline = time.monotonic() + 15
+            while _dispatch(sessions).status != DispatchStatus.SENT:
+                assert time.monotonic() < deadline, "the dispatcher thread is gone"
+                time.sleep(0.05)
+        finally:
+            dispatcher.stop()
+    assert len(received(tmp_path / "pacs")) == len(results)
+    failed = [r for r in caplog.records if "dispatcher pass failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    back = [r.getMessage() for r in caplog.records if "works again" in r.getMessage()]
+    assert len(back) == 1 and "dispatcher pass works again after" in back[0], back
 
 
 def test_job_without_route_destinations_makes_no_dispatch(
