@@ -15,6 +15,9 @@ InvalidDicom   0xC000             0xC000          Error: cannot understand
 StorageFull    0xA700             0xA700          Refused: out of resources (the disk floor)
 OSError        0xA701             0xA701          Refused: out of resources (disk or database
                                                   input/output)
+(PEP 249)      0xA701             0xA701          Refused: out of resources: the database cannot
+Operational-                                      be used now (server down, connection lost,
+Error                                             locked, pool exhausted): the sender may retry
 anything else  0xC001             0x0110          Error: unable to process / processing
                                                   failure
 =============  =================  ==============  ============================================
@@ -30,6 +33,8 @@ Table B.2-1 (0xC001 in "Error: cannot understand", Cxxx), while STOW-RS answers 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from nnunet_node.core.errors import InvalidDicom, PayloadTooLarge, StorageFull, WrongStudy
 
@@ -68,10 +73,28 @@ REFUSALS: tuple[tuple[type[BaseException], Refusal], ...] = (
 UNEXPECTED = Refusal(0xC001, 0x0110, "processing failure", False)
 """Any other exception: a failure of the node's own."""
 
+DATABASE_AWAY = Refusal(0xA701, 0xA701, "out of resources (the database cannot be used)", True)
+"""The database cannot be used now (server down, connection lost, locked, pool exhausted): an
+outage for the sender to retry, not a failure of the instance (0xC001 told it not to send it
+again) nor a bug to log with a traceback per instance."""
+
 
 def refusal_for(exc: BaseException) -> Refusal:
-    """The row of :data:`REFUSALS` for ``exc`` (:data:`UNEXPECTED` when none matches)."""
+    """The row of :data:`REFUSALS` for ``exc``; :data:`DATABASE_AWAY` for a database that
+    cannot be used (:func:`database_unavailable`); else :data:`UNEXPECTED`."""
     for kind, refusal in REFUSALS:
         if isinstance(exc, kind):
             return refusal
+    if database_unavailable(exc):
+        return DATABASE_AWAY
     return UNEXPECTED
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be used now: PEP 249's ``OperationalError``
+    (every driver defines one under that name: ``sqlite3``, ``psycopg``; the ingest's index
+    writer raises the driver's own, the ORM SQLAlchemy's wrapper of it), or SQLAlchemy's pool
+    timeout."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    return any(kind.__name__ == "OperationalError" for kind in type(exc).__mro__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from nnunet_node.core.errors import InvalidDicom, InvalidRequest, StorageFull
 from nnunet_node.node.status import dimse_service, status_for
@@ -16,6 +17,7 @@ from nnunet_node.node.status import dimse_service, status_for
         ("C-STORE", StorageFull("full"), 0xA700),
         ("C-STORE", InvalidDicom("bad"), 0xC000),
         ("C-STORE", OSError("disk"), 0xA701),
+        ("C-STORE", OperationalError("SELECT 1", {}, Exception("server closed")), 0xA701),
         ("C-STORE", RuntimeError("bug"), 0xC001),
         ("C-FIND", InvalidRequest("level"), 0xA900),
         ("C-FIND", RuntimeError("bug"), 0xC001),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import requests
 from pynetdicom import AE
+from sqlalchemy import text
 
 from nnunet_node.api.dicomweb.multipart import encode_parts
 from nnunet_node.storage.models import Instance
@@ -75,8 +76,26 @@ def test_the_same_failure_gets_the_same_code_both_ways(tmp_path: Path) -> None:
         assert io_error == 0xA701
         assert _stow(node, third) == (409, io_error)
 
+        # The database cannot be used (its instance table renamed away: the OperationalError a
+        # PostgreSQL that went down also raises): refused, out of resources, for the sender to
+        # retry; both answered 0xC001/0x0110, a failure of the node's own, with a traceback.
+        (archive.root / study.study_uid).unlink()
+        fourth = pydicom.dcmread(study.files[3])
         with node.context.session_factory() as session:
-            assert session.query(Instance).count() == 0
+            session.execute(text("ALTER TABLE instances RENAME TO instances_away"))
+            session.commit()
+        try:
+            db_away = _c_store(port, fourth)
+            assert db_away == 0xA701
+            assert _stow(node, fourth) == (409, db_away)
+        finally:
+            with node.context.session_factory() as session:
+                session.execute(text("ALTER TABLE instances_away RENAME TO instances"))
+                session.commit()
+        assert _c_store(port, fourth) == 0x0000  # once it is back, the retry is stored
+
+        with node.context.session_factory() as session:
+            assert session.query(Instance).count() == 1
     finally:
         node.stop()
 
