@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from nnunet_node.pipeline.broker import safe_broker_url
 from nnunet_node.storage.db import ping
 
 LOGGER = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ def _readiness(request: Request) -> tuple[bool, dict[str, Any]]:
         "cache": engine.cache.snapshot(),
         "workers": context.settings.workers,
     }
+    if context.settings.broker_url:
+        # The node runs no job itself: what runs them is the worker processes alive now (their
+        # heartbeat at most one lease old), which may be none; jobs still queue meanwhile.
+        body["broker"] = safe_broker_url(context.settings.broker_url)
+        body["workers"] = len(context.job_service.workers()) if database["reachable"] else None
     if problems:
         body["error"] = "; ".join(problems)
     return not problems, body

@@ -301,6 +301,9 @@ def test_a_second_job_for_the_same_model_does_not_load_it_again(cluster: Cluster
         assert [m["model"] for m in worker["models"]] == ["phantom"]
         assert worker["device"] == "cpu"
     assert alive["a@loopback"]["queues"] == ["default", "cube"]
+    ready = cluster.client.get("/readyz").json()  # the worker processes, not the node's threads
+    assert (ready["status"], ready["workers"]) == ("ok", 2)
+    assert ready["broker"] == cluster.redis.url  # (no password in this one to hide)
     page = cluster.client.get("/ui/workers")  # the dashboard lists them too
     assert page.status_code == 200
     assert 'data-worker="a@loopback"' in page.text and 'data-worker="b@loopback"' in page.text
