@@ -108,7 +108,7 @@ _RECEIVED_MAX = 10_000
 
 Event = tuple[Any, ...]
 """A recorded event, as :func:`replay` takes it: ``("instance", source, calling_ae,
-transfer_syntax, size)`` or ``("dimse", service, outcome, seconds)``."""
+transfer_syntax, size)``, ``("dimse", service, outcome, seconds)`` or ``("refused", service)``."""
 
 _forwarded: list[Event] | None = None
 _forward_lock = threading.Lock()
@@ -142,6 +142,8 @@ def replay(events: list[Event]) -> None:
             _count_instance(*event[1:])
         elif event[0] == "dimse":
             _count_dimse(*event[1:])
+        elif event[0] == "refused":
+            _count_refused(*event[1:])
 
 
 def _keep(event: Event) -> bool:
@@ -164,6 +166,18 @@ def dimse_request(service: str, outcome: str, seconds: float) -> None:
 def _count_dimse(service: str, outcome: str, seconds: float) -> None:
     DIMSE_REQUESTS.labels(service, outcome).inc()
     DIMSE_SECONDS.labels(service).observe(seconds)
+
+
+def dimse_refused(service: str) -> None:
+    """Count one DIMSE request of ``service`` refused before its handler ran (an invalid
+    request, a peer not allowed the service): ``outcome="failure"``, no duration. Forwarded
+    from a receiver process like :func:`dimse_request`."""
+    if not _keep(("refused", service)):
+        _count_refused(service)
+
+
+def _count_refused(service: str) -> None:
+    DIMSE_REQUESTS.labels(service, "failure").inc()
 
 
 def instance_received(source: str, calling_ae: str, transfer_syntax: str, size: int) -> None:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from nnunet_node.core import metrics
 from nnunet_node.node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, QUERY_RETRIEVE
 from nnunet_node.pipeline.pynetdicom_internals import check_before_negotiation
 from nnunet_node.pipeline.routing import SERVICES, Peer
@@ -208,6 +209,7 @@ class AccessPolicy:
                     str(requestor.ae_title).strip(),
                     requestor.address,
                 )
+                metrics.dimse_refused("C-STORE")
                 return NOT_AUTHORISED
             return on_store(event)
 

@@ -106,7 +106,7 @@ def refused_before_handler(service: str, status: int, reason: str, assoc: Any) -
     except AttributeError:
         peer = "?"
     LOGGER.warning("%s from %s: 0x%04X: %s", service, peer, status, reason)
-    metrics.DIMSE_REQUESTS.labels(service, "failure").inc()
+    metrics.dimse_refused(service)
 
 
 def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -183,12 +183,23 @@ def test_a_peer_allowed_to_get_but_not_store_is_refused_a_store(
     role = build_role(CTImageStorage, scp_role=True, scu_role=True)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="NNUNET_NODE", ext_neg=[role])
     assert assoc.is_established
+    refused_before = _refused_stores()
     try:
         status = assoc.send_c_store(phantom_series[0])
         assert status.Status == 0x0124  # Refused: Not authorised
     finally:
         assoc.release()
     assert _instances(sessions) == 0
+    assert _refused_stores() - refused_before == 1  # /metrics counts it a failed C-STORE
+
+
+def _refused_stores() -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "nnunet_node_dimse_requests_total", {"service": "C-STORE", "outcome": "failure"}
+    )
+    return value or 0.0
 
 
 def test_check_host_recognises_a_peer_only_from_its_address(start_node: NodeFactory) -> None:

@@ -438,3 +438,41 @@ def test_the_spec_is_logged_once_by_the_node_not_again_by_each_receiver(tmp_path
     assert len([ln for ln in lines if "nnunet_node.pipeline.spec: spec " in ln]) == 1, lines
     assert any("2 DICOM receiver process(es) serving associations" in ln for ln in lines), lines
     assert not [ln for ln in lines if "Traceback" in ln or " ERROR " in ln], lines
+
+
+def test_requests_refused_in_either_process_are_counted_by_the_node(node: Node) -> None:
+    """A request refused before its handler (here a SERIES-level C-GET without its unique key,
+    0xA900) is counted in the node's /metrics whichever process served it: a receiver's refusal
+    was counted in the receiver only, so the node's figure missed it."""
+    from prometheus_client import REGISTRY
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelGet as GetModel,
+    )
+
+    def refused() -> float:
+        value = REGISTRY.get_sample_value(
+            "nnunet_node_dimse_requests_total", {"service": "C-GET", "outcome": "failure"}
+        )
+        return value or 0.0
+
+    until(lambda: node.receivers.loads() == [0, 0])
+    before = refused()
+    ae = AE(ae_title="REFUSED")
+    ae.add_requested_context(GetModel)
+    held = [ae.associate("127.0.0.1", node.port, ae_title="NNUNET_NODE") for _ in range(2)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        assert node.receivers.loads() == [1, 1]  # one association in each process
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = "1.2.3.4"  # no SeriesInstanceUID
+        for assoc in held:
+            statuses = [s.Status for s, _ in assoc.send_c_get(query, GetModel) if s]
+            assert statuses == [0xA900]
+    finally:
+        for assoc in held:
+            assoc.release()
+    until(lambda: refused() - before >= 2)
+    time.sleep(0.5)  # a receiver sends its counts every 0.25 s: nothing more comes
+    assert refused() - before == 2
