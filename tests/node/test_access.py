@@ -272,3 +272,22 @@ def test_start_up_log_says_how_open_the_node_is(
     line = next(r.getMessage() for r in caplog.records if "listening on" in r.getMessage())
     assert "PACS1" in line and "VIEWER" in line
     assert ("any calling AE may store" in line) == (mode == "open-store")
+
+
+def test_allowed_aes_filter_the_peers_and_add_none(start_node: NodeFactory) -> None:
+    """``NNUNET_NODE_ALLOWED_AES`` is a filter before access control, as the README's table says:
+    a declared peer that it does not list is rejected, and an AE it lists that is not a declared
+    peer is still rejected in ``peers`` mode."""
+    node = start_node(routing=PEERS, dicom_access="peers", allowed_calling_aes=["CT1", "OTHER"])
+
+    def echo(calling: str) -> bool:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="NNUNET_NODE")
+        try:
+            return bool(assoc.is_established)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    assert [echo(ae) for ae in ("CT1", "VIEWER", "OTHER")] == [True, False, False]
