@@ -114,41 +114,30 @@ def test_findscu_patient_root_patient_level(stored: Stored) -> None:
     assert len(patients) == 1 and "PHANTOM" in patients[0]
 
 
+def _find_refused(port: int, *keys: str) -> str:
+    """Run findscu (Study Root) where the node must answer 0xA900; its output."""
+    args = ["findscu", "-v", "-S", "-aec", "NNUNET_NODE"]
+    for key in keys:
+        args += ["-k", key]
+    result = dcmtk(*args, "127.0.0.1", str(port))
+    assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # 0xA900
+    return result.stdout
+
+
 def test_study_root_refuses_patient_level(stored: Stored) -> None:
-    result = dcmtk(
-        "findscu",
-        "-v",
-        "-S",
-        "-aec",
-        "NNUNET_NODE",
-        "-k",
-        "QueryRetrieveLevel=PATIENT",
-        "-k",
-        "PatientID",
-        "127.0.0.1",
-        str(stored.node.port),
-    )
-    assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # 0xA900
+    _find_refused(stored.node.port, "QueryRetrieveLevel=PATIENT", "PatientID")
 
 
-def test_a_date_that_is_not_in_the_calendar_is_refused(stored: Stored) -> None:
+def test_a_date_that_is_not_in_the_calendar_is_refused(
+    stored: Stored, caplog: pytest.LogCaptureFixture
+) -> None:
     """StudyDate 20261301 (month 13) is an error of the requester, 0xA900 as QIDO-RS's 400,
-    not a Success that matched nothing."""
-    result = dcmtk(
-        "findscu",
-        "-v",
-        "-S",
-        "-aec",
-        "NNUNET_NODE",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        "StudyDate=20261301",
-        "127.0.0.1",
-        str(stored.node.port),
-    )
-    assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # 0xA900
-    assert "20261301" in result.stdout  # the Error Comment names the value
+    not a Success that matched nothing; the node's warning names the value."""
+    with caplog.at_level("WARNING", logger="nnunet_node.node.status"):
+        _find_refused(stored.node.port, "QueryRetrieveLevel=STUDY", "StudyDate=20261301")
+    assert [r.getMessage() for r in caplog.records if r.name == "nnunet_node.node.status"] == [
+        "C-FIND from FINDSCU@127.0.0.1: 0xA900: '20261301' is not a calendar date"
+    ]
 
 
 def _moves(outcome: str) -> float:
