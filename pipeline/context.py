@@ -30,7 +30,7 @@ from nnunet_node.pipeline.spec import NodeSpec
 from nnunet_node.storage import locks
 from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.db import make_engine, make_sessionmaker
-from nnunet_node.storage.migrations import upgrade
+from nnunet_node.storage.migrations import check_database, safe_url, upgrade
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class NodeContext:
     thread; the dashboard lists the waiting series through it, whether or not it runs here)."""
     data_lock: locks.DataFolderLock | None = None
     """Held while this process is the node of the data folder (built with ``recover``)."""
+    database_lock: locks.DatabaseLock | None = None
+    """Held while this process is the node of its PostgreSQL database (built with ``recover``)."""
 
     def close(self) -> None:
         """Stop the workers (if started), empty the model cache and close the database pool."""
@@ -63,6 +65,8 @@ class NodeContext:
             cache.stop()
             cache.clear()
         self.archive.close()
+        if self.database_lock is not None:
+            self.database_lock.release()
         self.engine_sql.dispose()
         if self.data_lock is not None:
             self.data_lock.release()
@@ -82,8 +86,12 @@ def build_context(
     storage.locks.DataFolderLock`, released by :meth:`NodeContext.close`): recovery and the
     requeueing of running jobs are safe only where no other node works in it.
 
+    With ``recover`` it is also the node of its PostgreSQL database (:class:`~nnunet_node.
+    storage.locks.DatabaseLock`): another node with a data folder of its own on the same
+    database would recover this one's live state just the same.
+
     Raises ConfigError when the data folder cannot be made or written, is in use by another node,
-    or the spec is wrong."""
+    the database is in use by another node, or the spec is wrong."""
     for folder in (settings.data_dir, settings.jobs_dir):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -95,14 +103,18 @@ def build_context(
             raise ConfigError(f"NNUNET_NODE_DATA: the folder {folder} is not writable")
     data_lock = locks.DataFolderLock.acquire(settings.data_dir) if recover else None
     try:
-        if migrate:
-            upgrade(settings.database_url)
+        check_database(settings.database_url)  # one line naming the setting, else a traceback
         engine_sql = make_engine(settings.database_url)
     except BaseException:
         if data_lock is not None:
             data_lock.release()
         raise
+    database_lock = None
     try:
+        if recover:  # before migrating: never change the schema under another node
+            database_lock = locks.DatabaseLock.acquire(engine_sql, safe_url(settings.database_url))
+        if migrate:
+            upgrade(settings.database_url)
         sessions = make_sessionmaker(engine_sql)
         archive = Archive(
             settings.archive_dir,
@@ -142,6 +154,8 @@ def build_context(
             ),
         )
     except BaseException:
+        if database_lock is not None:
+            database_lock.release()
         engine_sql.dispose()
         if data_lock is not None:
             data_lock.release()
@@ -164,4 +178,5 @@ def build_context(
             default_quiet_s=settings.series_quiet_s,
         ),
         data_lock=data_lock,
+        database_lock=database_lock,
     )

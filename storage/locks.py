@@ -1,5 +1,6 @@
 """Locks shared by the processes that write one archive (the node's receiver processes), and the
-lock that keeps a data folder to one node (:class:`DataFolderLock`).
+locks that keep a data folder and a PostgreSQL database to one node (:class:`DataFolderLock`,
+:class:`DatabaseLock`).
 
 :class:`ProcessLocks` holds advisory byte-range locks (fcntl(2) open file description locks, one
 byte each) on one lock file: every process that opens the same file and locks the same byte
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from nnunet_node.core.errors import ConfigError
 
@@ -125,3 +127,77 @@ class DataFolderLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+class DatabaseLock:
+    """The one node on a PostgreSQL database: a session-level advisory lock
+    (``pg_try_advisory_lock``, PostgreSQL manual "Advisory Lock Functions") taken on a
+    connection of its own and held until :meth:`release`; the server drops it when that session
+    ends, so a node that died (or lost its connection) leaves none behind. Advisory locks are
+    local to a database, so other databases on the server are not concerned.
+
+    Two nodes with data folders of their own but one database would each recover the other's
+    live state: put its running jobs back in the queue (they run twice), send its dispatches
+    with their own spec and fire its routing rules. Job workers on other hosts
+    (``nnunet-node worker``) share the database without this lock. SQLite needs none: its file
+    lives in the data folder, which :class:`DataFolderLock` keeps to one node.
+
+    :meth:`acquire` raises ConfigError naming ``NNUNET_NODE_DB_URL`` (the URL without its
+    password) when another session holds the lock.
+    """
+
+    KEY = 0x6E6E754E6F646501
+    """The lock's 64-bit key ("nnuNode" and 1), unlikely to be another program's."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection: Any = connection
+
+    @classmethod
+    def acquire(cls, engine: Any, shown_url: str) -> DatabaseLock | None:
+        """Take the lock on ``engine``'s database (None for any other database than
+        PostgreSQL); ``shown_url`` names the database in the error."""
+        if engine.dialect.name != "postgresql":
+            return None
+        connection = engine.connect()
+        try:
+            taken = connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({cls.KEY})").scalar()
+            holder = None if taken else cls._holder(connection)
+            connection.commit()  # a session-level lock outlives the transaction
+        except BaseException:
+            connection.invalidate()
+            connection.close()
+            raise
+        if not taken:
+            connection.close()
+            by = f" ({holder})" if holder else ""
+            raise ConfigError(
+                f"NNUNET_NODE_DB_URL: the database {shown_url} is in use by another node{by}: "
+                "stop it, or give this node a database of its own (`nnunet-node worker` "
+                "processes share it)"
+            )
+        return cls(connection)
+
+    @classmethod
+    def _holder(cls, connection: Any) -> str | None:
+        """Where the session holding the lock comes from, for the message."""
+        row = connection.exec_driver_sql(
+            "SELECT a.pid, host(a.client_addr) FROM pg_locks l JOIN pg_stat_activity a "
+            "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            f"AND l.classid = {cls.KEY >> 32} AND l.objid = {cls.KEY & 0xFFFFFFFF} "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).first()
+        if row is None:
+            return None
+        pid, address = row
+        return f"server process {pid}" + (f", client {address}" if address else "")
+
+    def release(self) -> None:
+        """Let another node use the database; idempotent. The connection is closed, not given
+        back to the pool (its session would keep the lock)."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.invalidate()
+        finally:
+            connection.close()
