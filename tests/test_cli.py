@@ -25,6 +25,7 @@ from nnunet_node.cli import build_parser, main
 from nnunet_node.core.settings import Settings
 from tests.node.peers import free_port
 from tests.support.cluster import REDIS_SERVER, RedisServer
+from tests.support.node_process import end_process
 from tests.tls_certs import make_pki
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,12 +159,7 @@ def test_a_second_node_on_a_data_folder_in_use_stops_with_one_line(tmp_path: Pat
         )
         assert first.poll() is None  # the first node runs on
     finally:
-        first.send_signal(signal.SIGTERM)
-        try:
-            first.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            first.kill()
-            first.communicate()
+        end_process(first, signal.SIGTERM)
 
 
 def test_db_with_an_unknown_revision_says_so_without_a_traceback(
@@ -256,14 +252,9 @@ def _log_until(command: list[str], env: dict[str, str], marker: str) -> tuple[st
                 seen = line
                 break
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            rest = process.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            process.kill()
-            rest = process.communicate()[0]
+        rest = end_process(process)
         watchdog.cancel()
-    return seen, "".join(lines) + (rest or "")
+    return seen, "".join(lines) + rest
 
 
 @pytest.mark.slow
@@ -418,13 +409,7 @@ def https_node(tmp: Path) -> Iterator[tuple[str, ssl.SSLContext, list[str]]]:
             time.sleep(0.5)
         yield url, trust, lines
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            out, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, _ = process.communicate()
-        lines.extend(out.splitlines())
+        lines.extend(end_process(process).splitlines())
 
 
 @pytest.mark.slow

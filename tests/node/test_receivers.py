@@ -35,6 +35,7 @@ from nnunet_node.storage.models import Instance, Job, Series
 from tests.node.peers import free_port
 from tests.peer_tools import tool
 from tests.support.dcmtk import DCMTK_ENV, dcmtk, get_series
+from tests.support.node_process import end_process
 from tests.tls_certs import make_pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -427,12 +428,7 @@ def test_the_spec_is_logged_once_by_the_node_not_again_by_each_receiver(tmp_path
         assert assoc.send_c_echo().Status == 0
         assoc.release()
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process)
     lines = log.read_text().splitlines()
     assert len([ln for ln in lines if "nnunet_node.pipeline.routing: routing: " in ln]) == 1, lines
     assert len([ln for ln in lines if "nnunet_node.pipeline.spec: spec " in ln]) == 1, lines

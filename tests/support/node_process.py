@@ -12,6 +12,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def end_process(
+    process: subprocess.Popen[str], signum: int = signal.SIGINT, timeout: float = 60.0
+) -> str:
+    """Send ``signum`` to ``process`` and wait up to ``timeout`` seconds for it to exit, then
+    kill it; what it wrote on a piped stdout since (\"\" when stdout is not a pipe)."""
+    process.send_signal(signum)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    return out or ""
+
+
 class NodeProcess:
     """``nnunet-node dicom`` in a subprocess, configured through the environment."""
 
