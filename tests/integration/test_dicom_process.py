@@ -9,11 +9,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from nnunet_node.storage.archive import LOCK_FILE
@@ -21,31 +18,10 @@ from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.models import Instance
 from tests.node.peers import DCMTK_ENV, free_port
 from tests.peer_tools import tool
+from tests.support.datasets import write_ct_series
 from tests.support.node_process import NodeProcess
 
 STARTUP_S = 120
-
-
-def write_ct(folder: Path, count: int) -> list[Path]:
-    folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    pixels = np.zeros((512, 512), dtype=np.int16).tobytes()
-    paths = []
-    for i in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID, ds.Modality, ds.InstanceNumber = "KILL", "CT", i + 1
-        ds.Rows = ds.Columns = 512
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = pixels
-        path = folder / f"{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture
@@ -61,7 +37,8 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(
 ) -> None:
     """With one receiving process and with two (NNUNET_NODE_DICOM_PROCESSES): all are killed."""
     node_process.env["NNUNET_NODE_DICOM_PROCESSES"] = str(processes)
-    files = write_ct(tmp_path / "ct", 150)
+    folder = tmp_path / "ct"
+    files = [folder / name for name in write_ct_series(folder, 150, size=512, patient_id="KILL")]
     node_process.start()
     port = node_process.env["NNUNET_NODE_DICOM_PORT"]
     storescu = subprocess.Popen(

@@ -19,10 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
@@ -31,30 +28,8 @@ from nnunet_node.storage.db import make_engine, make_sessionmaker
 from nnunet_node.storage.models import Instance
 from tests.node.peers import DCMTK_ENV, free_port
 from tests.peer_tools import tool
+from tests.support.datasets import write_ct_series
 from tests.support.node_process import REPO, NodeProcess
-
-
-def write_series(folder: Path, count: int, size: int = 128) -> dict[str, str]:
-    """``count`` small CT instances of one series in ``folder``: file name -> SOP Instance UID."""
-    folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    pixels = np.zeros((size, size), dtype=np.int16).tobytes()
-    uids = {}
-    for i in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID, ds.Modality, ds.InstanceNumber = "DRAIN", "CT", i + 1
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = pixels
-        name = f"{i:04d}.dcm"
-        ds.save_as(folder / name, enforce_file_format=True)
-        uids[name] = str(ds.SOPInstanceUID)
-    return uids
 
 
 def refused(port: int) -> bool:
@@ -130,7 +105,7 @@ def test_a_series_in_flight_at_sigterm_is_stored_whole_and_released(
     before its grace is over, with no association aborted."""
     grace = 20
     node.env["NNUNET_NODE_DICOM_STOP_GRACE_S"] = str(grace)
-    series = [write_series(tmp_path / f"series-{k}", 300) for k in range(2)]
+    series = [write_ct_series(tmp_path / f"series-{k}", 300, patient_id="DRAIN") for k in range(2)]
     node.start()
     port = port_of(node)
     logs = [tmp_path / f"storescu-{k}.log" for k in range(2)]

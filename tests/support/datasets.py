@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,3 +96,29 @@ def with_raw_uid(data: bytes, keyword: str, value: bytes) -> bytes:
     (length,) = struct.unpack_from("<H", data, at + 6)
     padded = value + b"\x00" * (len(value) % 2)
     return data[:at] + head + struct.pack("<H", len(padded)) + padded + data[at + 8 + length :]
+
+
+def write_ct_series(
+    folder: Path, count: int, *, size: int = 128, patient_id: str = "SERIES"
+) -> dict[str, str]:
+    """``count`` CT instances of ``size`` x ``size`` zeros (int16) in one new series, written to
+    the new ``folder`` as ``0000.dcm``, ``0001.dcm``...: file name -> SOP Instance UID."""
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    pixels = np.zeros((size, size), dtype=np.int16).tobytes()
+    uids = {}
+    for i in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientID, ds.Modality, ds.InstanceNumber = patient_id, "CT", i + 1
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = pixels
+        name = f"{i:04d}.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
+        uids[name] = str(ds.SOPInstanceUID)
+    return uids
