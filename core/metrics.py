@@ -19,6 +19,7 @@ Names follow the Prometheus conventions (base units: seconds and bytes; ``_total
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -33,7 +34,8 @@ _JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800
 INSTANCES_RECEIVED = Counter(
     f"{PREFIX}_instances_received",
     "Instances filed in the archive, by how they came (dimse, stow, job, import), the calling "
-    "AE title and the transfer syntax UID.",
+    "AE title (declared peers, and the first 32 others; later others as '(other calling AEs)') "
+    "and the transfer syntax UID.",
     ["source", "calling_ae", "transfer_syntax"],
 )
 BYTES_RECEIVED = Counter(
@@ -104,6 +106,36 @@ GPU_MEMORY_TOTAL = f"{PREFIX}_gpu_memory_total_bytes"
 
 _RECEIVED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _RECEIVED_MAX = 10_000
+
+UNDECLARED_CALLING_AE_LABELS = 32
+"""How many calling AE titles that are not declared peers get a ``calling_ae`` label of their
+own; the rest are counted under :data:`OTHER_CALLING_AE`. In ``open`` or ``open-store`` access
+any title may call, and each new label value is a new series for Prometheus to keep for ever
+(an unbounded label: https://prometheus.io/docs/practices/naming/#labels)."""
+OTHER_CALLING_AE = "(other calling AEs)"
+"""The ``calling_ae`` label of undeclared calling AEs past :data:`UNDECLARED_CALLING_AE_LABELS`:
+19 characters, so never an AE title (16 at most, PS3.5 6.2)."""
+_declared_calling_aes: frozenset[str] = frozenset()
+_undeclared_calling_aes: set[str] = set()
+_labels_lock = threading.Lock()
+
+
+def declare_calling_aes(titles: Iterable[str]) -> None:
+    """The AE titles of the declared peers (the spec's ``peers`` and ``destinations``): each
+    always gets a ``calling_ae`` label of its own (see :data:`UNDECLARED_CALLING_AE_LABELS`)."""
+    global _declared_calling_aes
+    _declared_calling_aes = frozenset(title.strip() for title in titles)
+
+
+def _calling_ae_label(calling_ae: str) -> str:
+    title = calling_ae.strip()
+    if title in _declared_calling_aes or title in _undeclared_calling_aes:
+        return title
+    with _labels_lock:
+        if len(_undeclared_calling_aes) < UNDECLARED_CALLING_AE_LABELS:
+            _undeclared_calling_aes.add(title)
+            return title
+    return OTHER_CALLING_AE
 
 
 Event = tuple[Any, ...]
@@ -192,6 +224,7 @@ def _count_instance(source: str, calling_ae: str, transfer_syntax: str, size: in
     key = (source, calling_ae, transfer_syntax)
     children = _RECEIVED.get(key)
     if children is None:
+        calling_ae = _calling_ae_label(calling_ae)
         children = (
             INSTANCES_RECEIVED.labels(source, calling_ae, transfer_syntax),
             BYTES_RECEIVED.labels(source, calling_ae),

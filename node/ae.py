@@ -31,6 +31,7 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from nnunet_node.core import metrics
 from nnunet_node.core.errors import ConfigError
 from nnunet_node.core.settings import Settings
 from nnunet_node.core.tls import client_context, server_context
@@ -191,6 +192,7 @@ class DicomNode:
             list(routing.peers),
             check_host=settings.dicom_check_host,
         )
+        metrics.declare_calling_aes(peer.ae_title for peer in routing.peers)
         self.ae = NodeServerAE(ae_title=settings.ae_title, event_driven=event_driven)
         self.listening = listening
         self.ae.store_sink = self.access.guard_store_sink(self.handlers.open_store_sink)

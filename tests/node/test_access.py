@@ -11,6 +11,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from prometheus_client import REGISTRY
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -20,6 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from nnunet_node.core import metrics
 from nnunet_node.core.settings import Settings
 from nnunet_node.node.access import effective_mode
 from nnunet_node.node.ae import DicomNode
@@ -28,6 +30,7 @@ from nnunet_node.storage.archive import Archive
 from nnunet_node.storage.models import Instance
 from tests.node.peers import free_port, received, storescp
 from tests.node.raw_dimse import RawAssociation
+from tests.support.datasets import build_dataset
 from tests.support.dcmtk import dcmtk, retrieve
 from tests.support.dimse import NodeFactory
 
@@ -291,3 +294,43 @@ def test_allowed_aes_filter_the_peers_and_add_none(start_node: NodeFactory) -> N
                 assoc.release()
 
     assert [echo(ae) for ae in ("CT1", "VIEWER", "OTHER")] == [True, False, False]
+
+
+def test_calling_ae_labels_of_undeclared_aes_are_bounded(
+    start_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In open access any AE title may store, and each one became a ``calling_ae`` label value
+    of /metrics' counters for ever (unbounded cardinality, the operator's trial): declared
+    peers keep a label each; past the first few undeclared titles, the rest are counted under
+    one label."""
+    monkeypatch.setattr(metrics, "UNDECLARED_CALLING_AE_LABELS", 2)
+    monkeypatch.setattr(metrics, "_undeclared_calling_aes", set())
+    monkeypatch.setattr(metrics, "_RECEIVED", {})
+    node = start_node(routing=PEERS, dicom_access="open")
+    callers = ["PACS1", "STRANGER1", "STRANGER2", "STRANGER3", "STRANGER4"]
+    before = {ae: _received(ae) for ae in [*callers, metrics.OTHER_CALLING_AE]}
+    for calling in callers:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="NNUNET_NODE")
+        try:
+            assert assoc.send_c_store(build_dataset(size=8)).Status == 0x0000
+        finally:
+            assoc.release()
+    counted = {ae: _received(ae) - before[ae] for ae in before}
+    assert counted == {
+        "PACS1": 1,  # a declared peer
+        "STRANGER1": 1,
+        "STRANGER2": 1,
+        "STRANGER3": 0,
+        "STRANGER4": 0,
+        metrics.OTHER_CALLING_AE: 2,
+    }
+
+
+def _received(calling_ae: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "nnunet_node_instances_received_total",
+        {"source": "dimse", "calling_ae": calling_ae, "transfer_syntax": ExplicitVRLittleEndian},
+    )
+    return value or 0.0
