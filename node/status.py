@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from nnunet_node.core import metrics
 from nnunet_node.core.errors import ClientError
 from nnunet_node.storage.refusals import refusal_for
@@ -64,6 +66,20 @@ def status_for(service: str, exc: BaseException) -> int:
     if isinstance(exc, ClientError):
         return IDENTIFIER_DOES_NOT_MATCH
     return UNABLE_TO_PROCESS
+
+
+def _final_status(service: str, status: int, exc: BaseException) -> int | Dataset:
+    """A C-FIND's final status for ``exc``: with an Error Comment saying what is wrong with
+    the request when the requester is at fault (PS3.4 C.4.1.1.4: 0xA900 may carry (0000,0902);
+    LO, 64 characters at most), as the C-GET and C-MOVE request screen answers; the bare
+    status otherwise (the node's own failures are in its log, not the requester's business).
+    pynetdicom's service classes and the node's C-FIND path both take a status Dataset."""
+    if service != "C-FIND" or not isinstance(exc, ClientError):
+        return status
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = str(exc)[:64]
+    return answer
 
 
 def _log(service: str, status: int | None, exc: BaseException, event: Any) -> None:
@@ -145,7 +161,7 @@ def dimse_service(service: str) -> Callable[[Callable[..., Any]], Callable[..., 
                                 _log(service, None, exc, event)
                                 raise
                             _log(service, status, exc, event)
-                            yield status, None
+                            yield _final_status(service, status, exc), None
                             return
                         yielded += 1
                         if _is_failure_item(item):

@@ -1309,10 +1309,11 @@ def on_move_association_failed(event: Any, refuse: Callable[[Any, Any], None]) -
 
 # --- C-FIND answered with identifiers encoded by the node ---------------------------------------
 
-FindResponses = Callable[[Any], Iterator[tuple[int, bytes | None]]]
+FindResponses = Callable[[Any], Iterator[tuple[int | Dataset, bytes | None]]]
 """Given a C-FIND request's ``evt.Event`` (``request``, ``context``, ``identifier``,
 ``is_cancelled``, ``assoc``): each response's status and, for a pending one, its identifier
-already encoded in the context's transfer syntax."""
+already encoded in the context's transfer syntax; a final status may be a Dataset of Status and
+Error Comment, as pynetdicom's handlers yield it."""
 
 _PENDING = (0xFF00, 0xFF01)
 _UNABLE_TO_PROCESS_HANDLER = 0xC311  # pynetdicom's: the handler raised
@@ -1464,6 +1465,9 @@ def _answer_find(assoc: Any, request: Any, context: Any, find: FindResponses) ->
         for status, identifier in find(event):
             if not assoc.is_established:
                 return
+            if isinstance(status, Dataset):  # a final status with its Error Comment
+                response.ErrorComment = status.get("ErrorComment")
+                status = status.Status
             pending = status in _PENDING
             if pending and not identifier:
                 status, pending = _UNABLE_TO_ENCODE, False

@@ -14,7 +14,10 @@ from prometheus_client import REGISTRY
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
 from nnunet_node.core.logging import install_library_filters
 from nnunet_node.node.ae import DicomNode
@@ -132,12 +135,27 @@ def test_a_date_that_is_not_in_the_calendar_is_refused(
     stored: Stored, caplog: pytest.LogCaptureFixture
 ) -> None:
     """StudyDate 20261301 (month 13) is an error of the requester, 0xA900 as QIDO-RS's 400,
-    not a Success that matched nothing; the node's warning names the value."""
+    not a Success that matched nothing; the response's Error Comment (PS3.4 C.4.1.1.4; findscu
+    does not print it) and the node's warning name the value."""
     with caplog.at_level("WARNING", logger="nnunet_node.node.status"):
         _find_refused(stored.node.port, "QueryRetrieveLevel=STUDY", "StudyDate=20261301")
     assert [r.getMessage() for r in caplog.records if r.name == "nnunet_node.node.status"] == [
         "C-FIND from FINDSCU@127.0.0.1: 0xA900: '20261301' is not a calendar date"
     ]
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", stored.node.port, ae_title="NNUNET_NODE")
+    try:
+        with pydicom.config.disable_value_validation():  # pydicom would not send it
+            query = Dataset()
+            query.QueryRetrieveLevel, query.StudyDate = "STUDY", "20261301"
+            ((status, identifier),) = list(
+                assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+            )
+    finally:
+        assoc.release()
+    assert (status.Status, identifier) == (0xA900, None)
+    assert status.ErrorComment == "'20261301' is not a calendar date"
 
 
 def _moves(outcome: str) -> float:
