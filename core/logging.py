@@ -106,6 +106,30 @@ class UnknownPduFilter(logging.Filter):
         return True
 
 
+class RequestSetupFilter(logging.Filter):
+    """Drops pynetdicom's ERROR lines for an association the node requested (a dispatch, a
+    C-MOVE's sub-operations) that ends before it is established: a peer that closes or resets
+    the connection at once (one that expects TLS, say) made three ("Connection closed before
+    the entire PDU was received", "[Errno 104] Connection reset by peer" with its traceback,
+    "Association Aborted"). The node reports that attempt itself, once, saying what it makes
+    of it (pipeline/dispatch.py: "closed the connection without answering (does it expect
+    TLS?)"; a C-MOVE's 0xA702). The DUL's records come from the requesting association's DUL
+    thread (``.assoc``); pynetdicom.acse logs "Association Aborted" at ERROR only there, in
+    the requester's negotiation. A rejection's lines, which give the peer's reason, are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pynetdicom.acse":
+            return not (
+                record.levelno >= logging.ERROR and record.getMessage() == "Association Aborted"
+            )
+        assoc = getattr(threading.current_thread(), "assoc", None)
+        return (
+            not getattr(assoc, "is_requestor", False)
+            or getattr(assoc, "is_established", True)
+            or getattr(assoc, "is_rejected", False)
+        )
+
+
 class UvicornNameFilter(logging.Filter):
     """Names uvicorn's general logger ``uvicorn``: it is called ``uvicorn.error`` and writes
     every start and stop line there (``INFO uvicorn.error: Application startup complete.``),
@@ -161,13 +185,15 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
 def install_library_filters() -> None:
     """The filters :func:`configure_logging` puts on library loggers (idempotent): probes out
     of uvicorn's access log, uvicorn's general logger named ``uvicorn``, and pynetdicom's ERROR
-    lines that repeat what the node logs, and its ERROR lines for a connection that sends no
-    DICOM made one WARNING."""
+    lines that repeat what the node logs (an outgoing connection or association that failed, a
+    refused C-MOVE), and its ERROR lines for a connection that sends no DICOM made one WARNING."""
     install_filter("uvicorn.access", ProbeFilter)
     install_filter("uvicorn.error", UvicornNameFilter)
     install_filter("pynetdicom.transport", ConnectFailureFilter)
     install_filter("pynetdicom.service_class", MoveRefusalFilter)
     install_filter("pynetdicom.dul", UnknownPduFilter)
+    install_filter("pynetdicom.dul", RequestSetupFilter)
+    install_filter("pynetdicom.acse", RequestSetupFilter)
 
 
 def install_filter(logger_name: str, kind: type[logging.Filter]) -> None:
