@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -159,9 +159,14 @@ async def jobs_page(request: Request) -> HTMLResponse:
 
 
 @pages.get("/jobs/rows", response_class=HTMLResponse)
-async def job_rows(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Response:
+async def job_rows(request: Request, limit: str = "50") -> Response:
+    """The jobs table's rows (an htmx fragment). A refused filter or ``limit`` is a row that
+    says why: htmx swaps no 4xx answer in, so the table would say "loading" for ever."""
     context = get_context(request)
     filters = _job_filters(request)
+    rows_wanted = int(limit) if limit.strip().isdigit() else 0
+    if not 1 <= rows_wanted <= 500:
+        return _error_row(f"limit must be a whole number from 1 to 500, not {limit[:40]!r}")
 
     def load() -> tuple[list[views.JobRow], int]:
         items, total = context.job_service.list(
@@ -171,17 +176,22 @@ async def job_rows(request: Request, limit: Annotated[int, Query(ge=1, le=500)] 
             patient_id=filters.get("patient_id"),
             study_instance_uid=filters.get("study_uid"),
             route_name=filters.get("route"),
-            limit=limit,
+            limit=rows_wanted,
         )
         return views.job_rows(context, items), total
 
     try:
         rows, total = await run_in_threadpool(load)
     except ClientError as exc:
-        # The message quotes the filter as given (``?status=...``): escaped, or a link to the
-        # dashboard could carry markup that runs in the page (reflected XSS).
-        return HTMLResponse(f'<tr><td colspan="9" class="error">{html.escape(str(exc))}</td></tr>')
+        return _error_row(str(exc))
     return _page(request, "_job_rows.html", rows=rows, total=total)
+
+
+def _error_row(message: str) -> HTMLResponse:
+    """A row of the jobs table that says what was refused. The message quotes what was given
+    (``?status=...``): escaped, or a link to the dashboard could carry markup that runs in the
+    page (reflected XSS)."""
+    return HTMLResponse(f'<tr><td colspan="9" class="error">{html.escape(message)}</td></tr>')
 
 
 @pages.get("/jobs/{job_id}", response_class=HTMLResponse)

@@ -135,6 +135,11 @@ def test_filters_quoted_in_errors_are_text_not_markup(node: Any) -> None:
         assert rows.status_code == 200 and 'class="error"' in rows.text
         assert "&lt;img src=x onerror=alert(1)&gt;" in rows.text
         assert "<img" not in rows.text
+        for limit in ("-4", "0", "501", "ten", markup):  # a row saying so, not a JSON 400
+            rows = client.get("/ui/jobs/rows", params={"limit": limit})
+            assert rows.status_code == 200 and 'class="error"' in rows.text, rows.text
+            assert "limit must be a whole number from 1 to 500" in rows.text
+            assert "<img" not in rows.text
         studies = client.get("/ui/studies", params={"date": markup})
         assert studies.status_code == 200
         assert "&lt;img src=x onerror=alert(1)&gt;" in studies.text
