@@ -190,7 +190,8 @@ def test_parameter_validation_and_a_body_that_is_no_json_object_are_400(guarded:
         if field not in ("created_after", "model"):
             assert body["details"][0]["loc"][:2] == ["query", field], body
     _assert_failed(guarded.client.post("/jobs/0123abcd/dispatches/0/retry"), 400, "dispatch_id")
-    _assert_failed(guarded.client.get("/ui/jobs/rows", params={"limit": -1}), 400, "limit")
+    # (the dashboard's rows fragment answers a refused limit with an error row that htmx shows,
+    # not a 400 it would not: tests/api/test_dashboard_http.py)
     # QIDO-RS keeps its own 400s (PS3.18 8.3.4.1: an invalid query parameter).
     for params in ({"limit": -1}, {"limit": "bogus"}, {"StudyDate": "yesterday"}):
         answer = guarded.client.get("/dicom-web/studies", params=params)
