@@ -8,7 +8,9 @@ The scripts live in the repository's ``alembic/`` folder, which the distribution
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
@@ -71,16 +73,8 @@ def current(url: str) -> str | None:
     Raises :class:`ConfigError` when the database cannot be reached (:func:`check_database`)."""
     from alembic.runtime.migration import MigrationContext
 
-    engine = _connectable(url)
-    try:
-        with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise _unreachable(url, exc) from exc
-    finally:
-        engine.dispose()
+    with _connection(url) as conn:
+        return MigrationContext.configure(conn).get_current_revision()
 
 
 def check_database(url: str) -> None:
@@ -90,10 +84,20 @@ def check_database(url: str) -> None:
     its password, when the URL cannot be parsed, names an unknown dialect or a driver that is
     not installed, or the server refuses or does not answer (the driver's reason, its first
     line): what an operator sees at start instead of SQLAlchemy's traceback."""
+    with _connection(url):
+        pass
+
+
+@contextlib.contextmanager
+def _connection(url: str) -> Iterator[Any]:
+    """One connection to the database at ``url``, its engine disposed of afterwards; whatever
+    fails on the way is :class:`ConfigError` in one line (:func:`check_database`)."""
     engine = _connectable(url)
     try:
-        with engine.connect():
-            pass
+        with engine.connect() as conn:
+            yield conn
+    except ConfigError:
+        raise
     except Exception as exc:
         raise _unreachable(url, exc) from exc
     finally:
