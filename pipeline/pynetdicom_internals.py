@@ -462,8 +462,9 @@ def _pump(dul: Any, sock: EventDrivenSocket, timeout: float) -> bool:
             event = dul.event_queue.get(block=False)
         except queue.Empty:
             break
-        state = dul.state_machine.current_state
-        if event == "Evt15" and (event, state) not in TRANSITION_TABLE:
+        if event == "Evt15" and (event, state := dul.state_machine.current_state) not in (
+            TRANSITION_TABLE
+        ):
             # an A-ABORT asked for (the node stopping) where PS3.8 Table 9-10 has no action:
             # Sta2 (no A-ASSOCIATE-RQ yet) and Sta13 (an A-ASSOCIATE-RJ or A-RELEASE-RP sent,
             # awaiting the close), where no A-ABORT PDU may be sent; close the connection as
